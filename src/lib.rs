@@ -1,0 +1,3 @@
+//! tcptap: a transparent TCP proxy with a traffic tap.
+
+pub mod tap;
