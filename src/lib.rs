@@ -1,3 +1,33 @@
 //! tcptap: a transparent TCP proxy with a traffic tap.
+//!
+//! A single-threaded `mio` event loop accepts downstream (client) connections, opens one upstream
+//! connection for each, and copies bytes both ways through bounded per-direction buffers, unmodified.
+//! EOF on one side becomes `shutdown(Write)` on the other once the buffered bytes are written (the
+//! other direction keeps flowing); a reset on one side resets the other. When a route has a tap, every
+//! chunk read is also handed, without blocking, to a writer thread that renders a live text log and/or
+//! a pcap file; when its queue is full, records are dropped and counted, never waited for.
+//!
+//! # Layout
+//! - [`config`]: `proxy.toml` and command-line overrides → checked [`config::Config`].
+//! - [`net`]: every socket option (socket2) and the listener/connect helpers; setup errors.
+//! - [`event_loop`]: the `Poll`, the slab of pairs, accepting, timers, signals, graceful shutdown.
+//! - [`pair`]: one downstream + upstream socket and their two pipes; why a pair closed.
+//! - [`pipe`]: one direction's state machine (`OPEN` → `READ-CLOSED` → `WRITE-SHUT`) over any Read/Write.
+//! - [`buffer`]: fixed-capacity buffers and the pool that lends them only while bytes are in flight.
+//! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
+//! - [`stats`]: process-wide counters.
 
+#![warn(rust_2018_idioms, missing_debug_implementations, missing_docs)]
+
+pub mod buffer;
+pub mod config;
+pub mod event_loop;
+pub mod net;
+pub mod pair;
+pub mod pipe;
+pub mod stats;
 pub mod tap;
+
+pub use config::{Config, ConfigError, Overrides};
+pub use event_loop::{Exit, Server, ShutdownHandle};
+pub use net::SetupError;

@@ -1,0 +1,710 @@
+//! Configuration: `proxy.toml` → [`RawConfig`] (serde, unknown keys rejected) → [`Config`] (typed, checked).
+//!
+//! # How values are chosen
+//! 1. Built-in defaults (listed on each field of [`Config`] and in the shipped `proxy.toml`).
+//! 2. The config file, when there is one (`--config FILE`, or `./proxy.toml` when no route is given on
+//!    the command line).
+//! 3. Command-line flags (`--listen`/`--upstream` replace the file's routes with one route; `--tap-log`,
+//!    `--tap-pcap` set the global tap).
+//!
+//! Every error names where the config came from (file path or `command line`), the key, and the problem.
+//! Upstream host names are resolved here, once, so the event loop never blocks on DNS.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tap::{LogTarget, PcapTarget, TapConfig};
+
+/// Default per-direction buffer size.
+pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
+/// Default tap queue budget.
+pub const DEFAULT_TAP_QUEUE: usize = 16 * 1024 * 1024;
+
+/// Something wrong with the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{origin}: cannot read the config file: {source}")]
+    Read {
+        /// The path.
+        origin: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The path.
+        origin: String,
+        /// The TOML parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value is well-formed TOML but not acceptable.
+    #[error("{origin}: `{key}`: {reason}")]
+    Invalid {
+        /// The path, or `command line`.
+        origin: String,
+        /// Dotted key, e.g. `route[0].listen`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// `proxy.toml` as written. Every field is optional; [`Config::from_raw`] fills defaults and checks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    buffer_size: Option<Size>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    listen_backlog: Option<i32>,
+    workers: Option<Workers>,
+    socket: Option<RawSocket>,
+    tap: Option<RawTap>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSocket {
+    nodelay: Option<bool>,
+    keepalive: Option<Toggle>,
+    keepalive_interval: Option<String>,
+    recv_buffer_size: Option<Size>,
+    send_buffer_size: Option<Size>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTap {
+    log: Option<String>,
+    pcap: Option<String>,
+    pcap_rotate_size: Option<Size>,
+    pcap_max_files: Option<u32>,
+    snaplen: Option<Size>,
+    queue_size: Option<Size>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    listen: Option<String>,
+    upstream: Option<String>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    tap: Option<RawTap>,
+}
+
+/// A byte size: an integer, or a string such as `"64 KiB"`, `"16MiB"`, `"512"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+/// `workers = 2` or `workers = "auto"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Workers {
+    Count(usize),
+    Text(String),
+}
+
+/// `keepalive = false` or `keepalive = "60s"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Toggle {
+    Flag(bool),
+    Text(String),
+}
+
+/// TCP keepalive settings applied to both sockets of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe (`TCP_KEEPIDLE`).
+    pub idle: Duration,
+    /// Time between probes (`TCP_KEEPINTVL`).
+    pub interval: Duration,
+}
+
+/// Socket options applied to every proxied socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `TCP_NODELAY` on both sockets (default on: a proxy must not add Nagle delays).
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE` with these timings, or off (default off).
+    pub keepalive: Option<Keepalive>,
+    /// `SO_RCVBUF`, or the kernel's default.
+    pub recv_buffer_size: Option<usize>,
+    /// `SO_SNDBUF`, or the kernel's default.
+    pub send_buffer_size: Option<usize>,
+}
+
+/// One listener and where its connections go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Name used in logs (default `route0`, `route1`, ...).
+    pub name: String,
+    /// Address to listen on (port 0 picks a free port; the log says which).
+    pub listen: SocketAddr,
+    /// The upstream as written (host name or address), for logs.
+    pub upstream_name: String,
+    /// The resolved upstream addresses, tried in order when a connect is refused.
+    pub upstream: Vec<SocketAddr>,
+    /// Connections this route may hold at once (default: the global limit).
+    pub max_connections: usize,
+    /// Time allowed for the upstream connect.
+    pub connect_timeout: Duration,
+    /// Close a pair after this long without a byte in either direction (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Tap for this route (its own `[route.tap]`, else the global `[tap]`), if any.
+    pub tap: Option<TapConfig>,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from, for messages.
+    pub origin: String,
+    /// Capacity of each per-direction buffer (default 64 KiB). Memory per connection is bounded by twice this.
+    pub buffer_size: NonZeroUsize,
+    /// Connections held at once over all routes (default 10000).
+    pub max_connections: usize,
+    /// Time allowed for graceful shutdown before remaining pairs are reset (default 30s).
+    pub drain_timeout: Duration,
+    /// `listen(2)` backlog (default 1024).
+    pub listen_backlog: i32,
+    /// Number of event loops (default 1).
+    pub workers: NonZeroUsize,
+    /// Socket options for proxied sockets.
+    pub socket: SocketOptions,
+    /// The routes; at least one.
+    pub routes: Vec<Route>,
+}
+
+/// Overrides given on the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`: with `upstream`, replaces the file's routes.
+    pub listen: Option<String>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--tap-log FILE|-`.
+    pub tap_log: Option<String>,
+    /// `--tap-pcap FILE`.
+    pub tap_pcap: Option<String>,
+    /// `--workers N|auto`.
+    pub workers: Option<String>,
+}
+
+struct Ctx<'a> {
+    origin: &'a str,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, key: impl fmt::Display, reason: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            self.invalid(
+                key,
+                format!("{text:?} is not a duration ({e}); write e.g. \"500ms\", \"5s\", \"2m\""),
+            )
+        })
+    }
+
+    fn positive_duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, text)?;
+        if d.is_zero() {
+            return Err(self.invalid(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    /// `"off"` or `"0s"` disables.
+    fn optional_duration(&self, key: &str, text: &str) -> Result<Option<Duration>, ConfigError> {
+        if text.trim().eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let d = self.duration(key, text)?;
+        Ok((!d.is_zero()).then_some(d))
+    }
+
+    fn size(&self, key: &str, size: &Size) -> Result<u64, ConfigError> {
+        match size {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(t) => parse_size(t).ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("{t:?} is not a size; write e.g. 65536, \"64 KiB\", \"16 MiB\""),
+                )
+            }),
+        }
+    }
+
+    fn usize_size(&self, key: &str, size: &Size) -> Result<usize, ConfigError> {
+        let n = self.size(key, size)?;
+        usize::try_from(n).map_err(|_| self.invalid(key, "too large"))
+    }
+}
+
+/// Parses `"64 KiB"`, `"16MiB"`, `"1G"`, `"512"`, `"512 B"` (binary multiples).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn resolve(ctx: &Ctx<'_>, key: &str, text: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if !text.contains(':') {
+        return Err(ctx.invalid(key, format!("{text:?} has no port; write host:port")));
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| ctx.invalid(key, format!("cannot resolve {text:?}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ctx.invalid(key, format!("{text:?} resolved to no address")));
+    }
+    Ok(addrs)
+}
+
+fn listen_addr(ctx: &Ctx<'_>, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        ctx.invalid(
+            key,
+            format!("{text:?} is not an IP address with a port (e.g. \"127.0.0.1:8080\", \"[::1]:8080\")"),
+        )
+    })
+}
+
+fn workers(ctx: &Ctx<'_>, key: &str, w: &Workers) -> Result<NonZeroUsize, ConfigError> {
+    match w {
+        Workers::Count(n) => {
+            NonZeroUsize::new(*n).ok_or_else(|| ctx.invalid(key, "must be at least 1"))
+        }
+        Workers::Text(t) if t.trim() == "auto" => {
+            Ok(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
+        }
+        Workers::Text(t) => match t.trim().parse::<usize>().ok().and_then(NonZeroUsize::new) {
+            Some(n) => Ok(n),
+            None => Err(ctx.invalid(key, format!("{t:?} is not a positive number or \"auto\""))),
+        },
+    }
+}
+
+fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, ConfigError> {
+    let log = raw.log.as_deref().map(|l| {
+        if l == "-" {
+            LogTarget::Stdout
+        } else {
+            LogTarget::File(PathBuf::from(l))
+        }
+    });
+    let rotate_bytes = match &raw.pcap_rotate_size {
+        Some(s) => {
+            let n = ctx.size(&format!("{prefix}.pcap_rotate_size"), s)?;
+            if n < 4096 {
+                return Err(ctx.invalid(
+                    format!("{prefix}.pcap_rotate_size"),
+                    "must be at least 4 KiB",
+                ));
+            }
+            Some(n)
+        }
+        None => None,
+    };
+    let max_files = raw.pcap_max_files.unwrap_or(10);
+    if max_files == 0 {
+        return Err(ctx.invalid(format!("{prefix}.pcap_max_files"), "must be at least 1"));
+    }
+    if raw.pcap.is_none() && (raw.pcap_rotate_size.is_some() || raw.pcap_max_files.is_some()) {
+        return Err(ctx.invalid(
+            format!("{prefix}.pcap"),
+            "pcap_rotate_size/pcap_max_files are set but no pcap file is",
+        ));
+    }
+    let pcap = raw.pcap.as_deref().map(|p| PcapTarget {
+        path: PathBuf::from(p),
+        rotate_bytes,
+        max_files,
+    });
+    let snaplen = match &raw.snaplen {
+        Some(s) => Some(ctx.size(&format!("{prefix}.snaplen"), s)?),
+        None => None,
+    };
+    let queue_bytes = match &raw.queue_size {
+        Some(s) => {
+            let n = ctx.usize_size(&format!("{prefix}.queue_size"), s)?;
+            if n < 4096 {
+                return Err(ctx.invalid(format!("{prefix}.queue_size"), "must be at least 4 KiB"));
+            }
+            n
+        }
+        None => DEFAULT_TAP_QUEUE,
+    };
+    if log.is_none() && pcap.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TapConfig {
+        log,
+        pcap,
+        snaplen,
+        queue_bytes,
+    }))
+}
+
+impl Config {
+    /// Parses and checks a config held in a string. `origin` names it in errors.
+    pub fn from_toml_str(
+        text: &str,
+        origin: &str,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Config::from_raw(raw, origin, overrides)
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            origin: origin.clone(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &origin, overrides)
+    }
+
+    /// Checks a parsed config, fills defaults, applies command-line overrides and resolves upstreams.
+    pub fn from_raw(
+        mut raw: RawConfig,
+        origin: &str,
+        ov: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let file_ctx = Ctx { origin };
+        let cli_ctx = Ctx {
+            origin: "command line",
+        };
+
+        let buffer_size = match &raw.buffer_size {
+            Some(s) => file_ctx.usize_size("buffer_size", s)?,
+            None => DEFAULT_BUFFER_SIZE,
+        };
+        let buffer_size = NonZeroUsize::new(buffer_size)
+            .filter(|n| n.get() >= 1024)
+            .ok_or_else(|| file_ctx.invalid("buffer_size", "must be at least 1 KiB"))?;
+        if buffer_size.get() > 64 << 20 {
+            return Err(file_ctx.invalid("buffer_size", "must be at most 64 MiB"));
+        }
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(file_ctx.invalid("max_connections", "must be at least 1"));
+        }
+        let connect_timeout = match &raw.connect_timeout {
+            Some(t) => file_ctx.positive_duration("connect_timeout", t)?,
+            None => Duration::from_secs(5),
+        };
+        let idle_timeout = match &raw.idle_timeout {
+            Some(t) => file_ctx.optional_duration("idle_timeout", t)?,
+            None => Some(Duration::from_secs(600)),
+        };
+        let drain_timeout = match &raw.drain_timeout {
+            Some(t) => file_ctx.duration("drain_timeout", t)?,
+            None => Duration::from_secs(30),
+        };
+        let listen_backlog = raw.listen_backlog.unwrap_or(1024);
+        if listen_backlog <= 0 {
+            return Err(file_ctx.invalid("listen_backlog", "must be at least 1"));
+        }
+        let workers = match (&ov.workers, &raw.workers) {
+            (Some(w), _) => workers(&cli_ctx, "--workers", &Workers::Text(w.clone()))?,
+            (None, Some(w)) => workers(&file_ctx, "workers", w)?,
+            (None, None) => NonZeroUsize::MIN,
+        };
+
+        let rs = raw.socket.take().unwrap_or_default();
+        let keepalive = match &rs.keepalive {
+            None | Some(Toggle::Flag(false)) => None,
+            Some(Toggle::Flag(true)) => Some(Duration::from_secs(60)),
+            Some(Toggle::Text(t)) => file_ctx.optional_duration("socket.keepalive", t)?,
+        };
+        let keepalive = match keepalive {
+            Some(idle) => Some(Keepalive {
+                idle,
+                interval: match &rs.keepalive_interval {
+                    Some(t) => file_ctx.positive_duration("socket.keepalive_interval", t)?,
+                    None => Duration::from_secs(10),
+                },
+            }),
+            None => None,
+        };
+        let socket = SocketOptions {
+            nodelay: rs.nodelay.unwrap_or(true),
+            keepalive,
+            recv_buffer_size: match &rs.recv_buffer_size {
+                Some(s) => Some(file_ctx.usize_size("socket.recv_buffer_size", s)?),
+                None => None,
+            },
+            send_buffer_size: match &rs.send_buffer_size {
+                Some(s) => Some(file_ctx.usize_size("socket.send_buffer_size", s)?),
+                None => None,
+            },
+        };
+
+        // The global tap: the file's [tap], with --tap-log / --tap-pcap on top.
+        let mut raw_tap = raw.tap.take().unwrap_or_default();
+        let tap_from_cli = ov.tap_log.is_some() || ov.tap_pcap.is_some();
+        if let Some(l) = &ov.tap_log {
+            raw_tap.log = Some(l.clone());
+        }
+        if let Some(p) = &ov.tap_pcap {
+            raw_tap.pcap = Some(p.clone());
+        }
+        let global_tap = tap(
+            if tap_from_cli { &cli_ctx } else { &file_ctx },
+            "tap",
+            &raw_tap,
+        )?;
+
+        let mut routes = Vec::new();
+        match (&ov.listen, &ov.upstream) {
+            (Some(listen), Some(upstream)) => {
+                routes.push(Route {
+                    name: "cli".to_string(),
+                    listen: listen_addr(&cli_ctx, "--listen", listen)?,
+                    upstream_name: upstream.clone(),
+                    upstream: resolve(&cli_ctx, "--upstream", upstream)?,
+                    max_connections,
+                    connect_timeout,
+                    idle_timeout,
+                    tap: global_tap.clone(),
+                });
+            }
+            (Some(_), None) => return Err(cli_ctx.invalid("--listen", "needs --upstream as well")),
+            (None, Some(_)) => return Err(cli_ctx.invalid("--upstream", "needs --listen as well")),
+            (None, None) => {
+                for (i, r) in raw.route.iter().enumerate() {
+                    let key = |k: &str| format!("route[{i}].{k}");
+                    let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
+                    let listen = r
+                        .listen
+                        .as_deref()
+                        .ok_or_else(|| file_ctx.invalid(key("listen"), "missing"))?;
+                    let upstream = r
+                        .upstream
+                        .as_deref()
+                        .ok_or_else(|| file_ctx.invalid(key("upstream"), "missing"))?;
+                    let route_max = r.max_connections.unwrap_or(max_connections);
+                    if route_max == 0 {
+                        return Err(file_ctx.invalid(key("max_connections"), "must be at least 1"));
+                    }
+                    let route_tap = match &r.tap {
+                        Some(t) => tap(&file_ctx, &key("tap"), t)?,
+                        None => global_tap.clone(),
+                    };
+                    routes.push(Route {
+                        name,
+                        listen: listen_addr(&file_ctx, &key("listen"), listen)?,
+                        upstream_name: upstream.to_string(),
+                        upstream: resolve(&file_ctx, &key("upstream"), upstream)?,
+                        max_connections: route_max,
+                        connect_timeout: match &r.connect_timeout {
+                            Some(t) => file_ctx.positive_duration(&key("connect_timeout"), t)?,
+                            None => connect_timeout,
+                        },
+                        idle_timeout: match &r.idle_timeout {
+                            Some(t) => file_ctx.optional_duration(&key("idle_timeout"), t)?,
+                            None => idle_timeout,
+                        },
+                        tap: route_tap,
+                    });
+                }
+            }
+        }
+        if routes.is_empty() {
+            return Err(file_ctx.invalid(
+                "route",
+                "no route: add a [[route]] with listen and upstream, or pass --listen and --upstream",
+            ));
+        }
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(j) = routes[..i]
+                .iter()
+                .position(|o| o.listen == r.listen && r.listen.port() != 0)
+            {
+                return Err(file_ctx.invalid(
+                    format!("route[{i}].listen"),
+                    format!("{} is already the listen address of route[{j}]", r.listen),
+                ));
+            }
+        }
+        Ok(Config {
+            origin: origin.to_string(),
+            buffer_size,
+            max_connections,
+            drain_timeout,
+            listen_backlog,
+            workers,
+            socket,
+            routes,
+        })
+    }
+
+    /// A config made only of command-line flags (no file).
+    pub fn from_overrides(ov: &Overrides) -> Result<Config, ConfigError> {
+        Config::from_raw(RawConfig::default(), "command line", ov)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, "test.toml", &Overrides::default())
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    const MINIMAL: &str = "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn minimal_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.buffer_size.get(), 64 * 1024);
+        assert_eq!(c.routes.len(), 1);
+        let r = &c.routes[0];
+        assert_eq!(r.name, "route0");
+        assert_eq!(r.connect_timeout, Duration::from_secs(5));
+        assert_eq!(r.idle_timeout, Some(Duration::from_secs(600)));
+        assert!(c.socket.nodelay);
+        assert!(r.tap.is_none());
+    }
+
+    #[test]
+    fn units_and_overrides() {
+        let c = parse(
+            "buffer_size = \"16 KiB\"\nidle_timeout = \"off\"\nconnect_timeout = \"250ms\"\n\
+             [socket]\nkeepalive = \"30s\"\n\
+             [[route]]\nlisten = \"[::1]:0\"\nupstream = \"localhost:9\"\nidle_timeout = \"2m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.buffer_size.get(), 16 * 1024);
+        let r = &c.routes[0];
+        assert_eq!(r.connect_timeout, Duration::from_millis(250));
+        assert_eq!(r.idle_timeout, Some(Duration::from_secs(120)));
+        assert!(r.listen.is_ipv6());
+        assert!(!r.upstream.is_empty());
+        assert_eq!(c.socket.keepalive.unwrap().idle, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("bufer_size = 10\n");
+        assert!(e.contains("test.toml") && e.contains("bufer_size"), "{e}");
+        let e =
+            err("[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nupstraem = 1\n");
+        assert!(e.contains("upstraem"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("buffer_size = 0\n", "buffer_size"),
+            ("buffer_size = \"12 parsecs\"\n", "buffer_size"),
+            ("connect_timeout = \"soon\"\n", "connect_timeout"),
+            ("connect_timeout = \"0s\"\n", "connect_timeout"),
+            ("max_connections = 0\n", "max_connections"),
+            ("workers = 0\n", "workers"),
+        ];
+        for (text, key) in cases {
+            let e = err(&format!("{text}{MINIMAL}"));
+            assert!(e.contains("test.toml") && e.contains(key), "{text}: {e}");
+        }
+        let e = err("[[route]]\nlisten = \"nowhere\"\nupstream = \"127.0.0.1:9\"\n");
+        assert!(
+            e.contains("route[0].listen") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = err("[[route]]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(
+            e.contains("route[0].upstream") && e.contains("missing"),
+            "{e}"
+        );
+        let e = err("[[route]]\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1\"\n");
+        assert!(e.contains("route[0].upstream") && e.contains("port"), "{e}");
+        let e = err("");
+        assert!(e.contains("no route"), "{e}");
+    }
+
+    #[test]
+    fn cli_routes_replace_file_routes() {
+        let ov = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: Some("127.0.0.1:7".into()),
+            tap_pcap: Some("x.pcap".into()),
+            ..Overrides::default()
+        };
+        let c = Config::from_toml_str(MINIMAL, "test.toml", &ov).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].upstream, vec!["127.0.0.1:7".parse().unwrap()]);
+        assert!(c.routes[0].tap.as_ref().unwrap().pcap.is_some());
+        let bad = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        };
+        let e = Config::from_overrides(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("command line") && e.contains("--upstream"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64 KiB"), Some(65536));
+        assert_eq!(parse_size("16MiB"), Some(16 << 20));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("1 G"), Some(1 << 30));
+        assert_eq!(parse_size("KiB"), None);
+        assert_eq!(parse_size("5 parsecs"), None);
+    }
+}

@@ -1,0 +1,790 @@
+//! The event loop: one `Poll`, one `Slab<Pair>`, listeners, timers, signals and the shutdown drain.
+//!
+//! Tokens: a pair's sockets use `key << 1 | side` (side 0 downstream, 1 upstream), so one slab entry
+//! serves both. Reserved tokens count down from `usize::MAX`: the waker, the signal pipe, then one per
+//! listener.
+//!
+//! Readiness is edge-triggered: each socket is registered once for READABLE|WRITABLE and the pair keeps
+//! what the kernel reported in [`Readiness`] until an operation returns `WouldBlock`. Work per pair per
+//! wake-up is capped (`budget`); a pair that used its budget is driven again before the loop sleeps,
+//! so one busy pair cannot starve the others.
+//!
+//! Pairs are closed only after the whole event batch was handled, and work items carry the
+//! connection id, so an event or work item can never land on a slab key that was reused.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, trace, warn};
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+
+use crate::buffer::BufferPool;
+use crate::config::{Config, Route};
+use crate::net::{self, SetupError};
+use crate::pair::{CloseReason, Drive, Pair, PairTap, Phase};
+use crate::pipe::{Pipe, Readiness};
+use crate::stats::Stats;
+use crate::tap::{self, ConnMeta, Direction, Side, TapGuard, TapHandle};
+
+const WAKER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+const FIRST_LISTENER: usize = usize::MAX - 2;
+
+fn listener_token(i: usize) -> Token {
+    Token(FIRST_LISTENER - i)
+}
+
+/// Longest pause of accepting after EMFILE/ENFILE.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What the owner of a [`Server`] asked for.
+const RUN: u8 = 0;
+const GRACEFUL: u8 = 1;
+const IMMEDIATE: u8 = 2;
+
+/// Asks a running server to stop, from any thread.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    request: Arc<AtomicU8>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Stops accepting at once, lets open connections finish for up to the drain timeout.
+    pub fn graceful(&self) {
+        let _ = self
+            .request
+            .compare_exchange(RUN, GRACEFUL, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Resets every connection and stops now.
+    pub fn immediate(&self) {
+        self.request.store(IMMEDIATE, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// How [`Server::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Graceful shutdown (every connection finished or the drain timeout reset the rest).
+    Graceful,
+    /// Immediate shutdown (a second SIGINT, or [`ShutdownHandle::immediate`]).
+    Immediate,
+}
+
+struct Listener {
+    socket: Option<TcpListener>,
+    local: SocketAddr,
+    /// Accepting stopped because a connection limit was reached; resume when a slot frees.
+    blocked_by_limit: bool,
+    /// Accepting paused after EMFILE/ENFILE until then.
+    paused_until: Option<Instant>,
+    backoff: Duration,
+    /// Last time the resource-exhaustion warning was logged.
+    last_warned: Option<Instant>,
+}
+
+struct RouteRt {
+    config: Route,
+    tap: Option<TapHandle>,
+    active: usize,
+}
+
+/// A bound, ready-to-run proxy.
+pub struct Server {
+    poll: Poll,
+    config: Config,
+    listeners: Vec<Listener>,
+    routes: Vec<RouteRt>,
+    taps: Vec<TapGuard>,
+    pairs: Slab<Pair>,
+    pool: BufferPool,
+    /// `(deadline, key, id)`: at most one live entry per pair; re-armed lazily when popped.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Pairs to drive in this round `(key, id)`.
+    work: Vec<(usize, u64)>,
+    /// Pairs that yielded and must be driven again before sleeping.
+    again: Vec<(usize, u64)>,
+    /// Pairs to close at the end of the batch.
+    closing: Vec<(usize, u64, CloseReason)>,
+    request: Arc<AtomicU8>,
+    waker: Arc<Waker>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    next_id: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    budget: usize,
+    draining: Option<Instant>,
+    sigints: u32,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.local_addrs())
+            .field("pairs", &self.pairs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds every route's listener and starts the taps. Nothing is accepted until [`run`](Server::run).
+    pub fn bind(config: Config) -> Result<Server, SetupError> {
+        let poll = Poll::new().map_err(SetupError::Poll)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?);
+        let mut listeners = Vec::new();
+        let mut routes = Vec::new();
+        let mut taps = Vec::new();
+        // Routes with the same tap config share one writer (and one output file).
+        let mut started: Vec<(tap::TapConfig, TapHandle)> = Vec::new();
+        for (i, route) in config.routes.iter().enumerate() {
+            let mut socket =
+                net::bind_listener(&route.name, route.listen, config.listen_backlog, false)?;
+            let local = socket.local_addr().map_err(|source| SetupError::Bind {
+                route: route.name.clone(),
+                addr: route.listen,
+                source,
+            })?;
+            poll.registry()
+                .register(&mut socket, listener_token(i), Interest::READABLE)
+                .map_err(SetupError::Poll)?;
+            let tap = match &route.tap {
+                None => None,
+                Some(tc) => match started.iter().find(|(c, _)| c == tc) {
+                    Some((_, h)) => Some(h.clone()),
+                    None => {
+                        let (handle, guard) = tap::start(tc).map_err(|source| SetupError::Tap {
+                            route: route.name.clone(),
+                            source,
+                        })?;
+                        started.push((tc.clone(), handle.clone()));
+                        taps.push(guard);
+                        Some(handle)
+                    }
+                },
+            };
+            listeners.push(Listener {
+                socket: Some(socket),
+                local,
+                blocked_by_limit: false,
+                paused_until: None,
+                backoff: Duration::from_millis(10),
+                last_warned: None,
+            });
+            routes.push(RouteRt {
+                config: route.clone(),
+                tap,
+                active: 0,
+            });
+        }
+        let buffer_size = config.buffer_size.get();
+        // Keep up to 32 MiB of idle buffers for reuse; beyond that, free them.
+        let max_free = ((32 << 20) / buffer_size).clamp(4, 4096);
+        Ok(Server {
+            poll,
+            listeners,
+            routes,
+            taps,
+            pairs: Slab::with_capacity(1024),
+            pool: BufferPool::new(buffer_size, max_free),
+            timers: BinaryHeap::new(),
+            work: Vec::new(),
+            again: Vec::new(),
+            closing: Vec::new(),
+            request: Arc::new(AtomicU8::new(RUN)),
+            waker,
+            signals: None,
+            next_id: Arc::new(AtomicU64::new(1)),
+            stats: Arc::new(Stats::default()),
+            budget: (4 * buffer_size).max(256 * 1024),
+            draining: None,
+            sigints: 0,
+            config,
+        })
+    }
+
+    /// The bound listen addresses, in route order (port 0 in the config becomes the real port here).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.local).collect()
+    }
+
+    /// A handle to stop the server from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            request: self.request.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Counters shared with whoever wants to read them.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Routes SIGTERM and SIGINT into the loop: the first starts a graceful shutdown, a second SIGINT
+    /// stops at once.
+    pub fn handle_signals(&mut self) -> Result<(), SetupError> {
+        let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT])
+            .map_err(SetupError::Signals)?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(SetupError::Signals)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs until shut down. Only a failing `poll(2)` is an error.
+    pub fn run(mut self) -> io::Result<Exit> {
+        for (l, r) in self.listeners.iter().zip(&self.routes) {
+            info!(
+                "route `{}`: listening on {} -> {} ({})",
+                r.config.name,
+                l.local,
+                r.config.upstream_name,
+                fmt_addrs(&r.config.upstream)
+            );
+        }
+        let mut events = Events::with_capacity(1024);
+        let exit = loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("poll failed: {e}");
+                return Err(e);
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                self.dispatch(event, now);
+            }
+            if let Some(exit) = self.control(now) {
+                break exit;
+            }
+            self.drive_work(now);
+            self.fire_timers(now);
+            self.close_pending();
+            self.resume_accepting(now);
+            if let Some(deadline) = self.draining {
+                if self.pairs.is_empty() {
+                    info!("shutdown: all connections finished");
+                    break Exit::Graceful;
+                }
+                if now >= deadline {
+                    warn!(
+                        "shutdown: drain timeout reached, resetting {} connection(s)",
+                        self.pairs.len()
+                    );
+                    self.abort_all();
+                    break Exit::Graceful;
+                }
+            }
+        };
+        if exit == Exit::Immediate {
+            self.abort_all();
+        }
+        self.finish_taps(exit);
+        info!("stopped: {}", self.stats.summary());
+        Ok(exit)
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut next: Option<Instant> = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for l in &self.listeners {
+            if let Some(t) = l.paused_until {
+                consider(t);
+            }
+        }
+        if let Some(t) = self.draining {
+            consider(t);
+        }
+        // Round up to a millisecond so a timer is never polled for a zero timeout in a busy loop.
+        next.map(|t| t.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    fn dispatch(&mut self, event: &Event, now: Instant) {
+        match event.token() {
+            WAKER => {}
+            SIGNALS => self.on_signals(now),
+            Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
+                let i = FIRST_LISTENER - t;
+                self.accept(i, now);
+            }
+            Token(t) => {
+                let key = t >> 1;
+                let side = if t & 1 == 0 {
+                    Side::Downstream
+                } else {
+                    Side::Upstream
+                };
+                let Some(pair) = self.pairs.get_mut(key) else {
+                    // Spurious or stale: the pair is gone.
+                    return;
+                };
+                let r = &mut pair.ready[side.index()];
+                r.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
+                r.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
+                if event.is_error() && pair.phase == Phase::Established {
+                    if let Some(reason) = pair.check_socket_error(side) {
+                        self.closing.push((key, pair.meta.id, reason));
+                        return;
+                    }
+                }
+                if !pair.scheduled {
+                    pair.scheduled = true;
+                    self.work.push((key, pair.meta.id));
+                }
+            }
+        }
+    }
+
+    fn on_signals(&mut self, now: Instant) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let mut graceful = false;
+        let mut immediate = false;
+        for sig in signals.pending() {
+            match sig {
+                libc::SIGINT => {
+                    self.sigints += 1;
+                    if self.sigints >= 2 || self.draining.is_some() {
+                        immediate = true;
+                    } else {
+                        graceful = true;
+                    }
+                }
+                _ => graceful = true,
+            }
+        }
+        if immediate {
+            info!("second interrupt: stopping now");
+            self.request.store(IMMEDIATE, Ordering::SeqCst);
+        } else if graceful {
+            let _ =
+                self.request
+                    .compare_exchange(RUN, GRACEFUL, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        let _ = now;
+    }
+
+    /// Acts on a shutdown request. Returns the exit when the loop must stop now.
+    fn control(&mut self, now: Instant) -> Option<Exit> {
+        match self.request.load(Ordering::SeqCst) {
+            IMMEDIATE => Some(Exit::Immediate),
+            GRACEFUL if self.draining.is_none() => {
+                self.draining = Some(now + self.config.drain_timeout);
+                for (i, l) in self.listeners.iter_mut().enumerate() {
+                    if let Some(mut s) = l.socket.take() {
+                        let _ = self.poll.registry().deregister(&mut s);
+                        // Dropping the socket closes it: new connections are refused from here on.
+                        debug!(
+                            "route `{}`: listener {} closed",
+                            self.routes[i].config.name, l.local
+                        );
+                    }
+                }
+                info!(
+                    "shutting down: listeners closed, {} connection(s) draining (up to {:?})",
+                    self.pairs.len(),
+                    self.config.drain_timeout
+                );
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn total_active(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn accept(&mut self, i: usize, now: Instant) {
+        loop {
+            let l = &mut self.listeners[i];
+            let Some(socket) = l.socket.as_ref() else {
+                return;
+            };
+            if l.paused_until.is_some_and(|t| now < t) {
+                return;
+            }
+            l.paused_until = None;
+            let route = &self.routes[i];
+            if self.pairs.len() >= self.config.max_connections
+                || route.active >= route.config.max_connections
+            {
+                // Leave connections in the kernel's backlog; resume when a slot frees.
+                if !l.blocked_by_limit {
+                    debug!(
+                        "route `{}`: connection limit reached, accepting paused",
+                        route.config.name
+                    );
+                }
+                l.blocked_by_limit = true;
+                return;
+            }
+            l.blocked_by_limit = false;
+            match socket.accept() {
+                Ok((stream, peer)) => {
+                    l.backoff = Duration::from_millis(10);
+                    self.start_pair(i, stream, peer, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if net::is_resource_exhaustion(&e) => {
+                    l.paused_until = Some(now + l.backoff);
+                    let warn_now = l
+                        .last_warned
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10));
+                    if warn_now {
+                        l.last_warned = Some(now);
+                        warn!(
+                            "route `{}`: accept failed: {e}; pausing accepts for {:?} ({} connections open)",
+                            self.routes[i].config.name,
+                            l.backoff,
+                            self.pairs.len()
+                        );
+                    }
+                    l.backoff = (l.backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and friends: that one client is gone; keep accepting.
+                    debug!("route `{}`: accept: {e}", self.routes[i].config.name);
+                    self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn start_pair(
+        &mut self,
+        route_idx: usize,
+        mut downstream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let route = &self.routes[route_idx];
+        if let Err(e) = net::configure_accepted(&downstream, &self.config.socket) {
+            debug!("#{id} {peer}: socket options: {e}");
+        }
+        let upstream_addr = route.config.upstream[0];
+        let upstream = match net::connect_upstream(upstream_addr, &self.config.socket) {
+            Ok(s) => s,
+            Err(e) => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.closed.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    "#{id} {peer} -> {upstream_addr}: upstream connect failed: {e} (route `{}`)",
+                    route.config.name
+                );
+                let _ = net::set_linger_zero(&downstream);
+                return;
+            }
+        };
+        let entry = self.pairs.vacant_entry();
+        let key = entry.key();
+        let registry = self.poll.registry();
+        let mut upstream = upstream;
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry
+            .register(&mut downstream, Token(key << 1), interest)
+            .and_then(|()| registry.register(&mut upstream, Token(key << 1 | 1), interest))
+        {
+            warn!("#{id} {peer}: cannot register sockets: {e}");
+            let _ = registry.deregister(&mut downstream);
+            let _ = net::set_linger_zero(&downstream);
+            self.stats.closed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let meta = Arc::new(ConnMeta {
+            id,
+            route: Arc::from(route.config.name.as_str()),
+            downstream: peer,
+            upstream: upstream_addr,
+        });
+        debug!(
+            "#{id} {peer}: accepted on route `{}`, connecting to {upstream_addr}",
+            route.config.name
+        );
+        let deadline = now + route.config.connect_timeout;
+        entry.insert(Pair {
+            meta,
+            route: route_idx,
+            downstream,
+            upstream,
+            upstream_idx: 0,
+            phase: Phase::Connecting { deadline },
+            pipes: [
+                Pipe::new(Direction::DownToUp),
+                Pipe::new(Direction::UpToDown),
+            ],
+            ready: [Readiness::default(); 2],
+            started: now,
+            last_active: now,
+            first_fin: None,
+            tap: route.tap.clone().map(|handle| PairTap {
+                handle,
+                dropped_records: 0,
+                dropped_bytes: 0,
+            }),
+            scheduled: false,
+        });
+        self.routes[route_idx].active += 1;
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.timers.push(Reverse((deadline, key, id)));
+    }
+
+    /// Drives every pair that had events or yielded, until the work list is empty or every pair is
+    /// waiting for the kernel.
+    fn drive_work(&mut self, now: Instant) {
+        self.work.append(&mut self.again);
+        let mut work = std::mem::take(&mut self.work);
+        for &(key, id) in &work {
+            match self.pairs.get_mut(key) {
+                Some(p) if p.meta.id == id => p.scheduled = false,
+                _ => continue,
+            }
+            if self.closing.iter().any(|(k, i, _)| *k == key && *i == id) {
+                continue;
+            }
+            match self.drive(key, now) {
+                Drive::Idle => {}
+                Drive::Yielded => {
+                    let p = &mut self.pairs[key];
+                    p.scheduled = true;
+                    self.again.push((key, id));
+                }
+                Drive::Close(reason) => self.closing.push((key, id, reason)),
+            }
+        }
+        work.clear();
+        self.work = work;
+    }
+
+    fn drive(&mut self, key: usize, now: Instant) -> Drive {
+        let pair = &mut self.pairs[key];
+        if let Phase::Connecting { .. } = pair.phase {
+            let up = pair.ready[Side::Upstream.index()];
+            if !up.writable && !up.readable {
+                return Drive::Idle;
+            }
+            match pair.check_connected() {
+                Ok(false) => {
+                    // Not yet: wait for the next writable edge.
+                    pair.ready[Side::Upstream.index()] = Readiness::default();
+                    return Drive::Idle;
+                }
+                Ok(true) => {
+                    debug!(
+                        "#{} {}: connected to {} in {:?}",
+                        pair.meta.id,
+                        pair.meta.downstream,
+                        pair.meta.upstream,
+                        now.duration_since(pair.started)
+                    );
+                    pair.last_active = now;
+                    pair.tap_open();
+                    let idle = self.routes[pair.route].config.idle_timeout;
+                    if let Some(t) = pair.deadline(idle) {
+                        self.timers.push(Reverse((t, key, pair.meta.id)));
+                    }
+                }
+                Err(e) => {
+                    if let Some(next) = self.next_upstream(key, &e) {
+                        return next;
+                    }
+                    return Drive::Close(CloseReason::ConnectFailed(e));
+                }
+            }
+        }
+        let pair = &mut self.pairs[key];
+        pair.pump(&mut self.pool, self.budget, now)
+    }
+
+    /// After a failed connect, tries the route's next resolved address (e.g. `localhost` resolving
+    /// to `[::1]` and `127.0.0.1`). Returns `None` when one was started.
+    fn next_upstream(&mut self, key: usize, err: &io::Error) -> Option<Drive> {
+        let pair = &mut self.pairs[key];
+        let addrs = &self.routes[pair.route].config.upstream;
+        let next_idx = pair.upstream_idx + 1;
+        let &addr = addrs.get(next_idx)?;
+        debug!(
+            "#{} {}: connect to {} failed ({err}); trying {addr}",
+            pair.meta.id, pair.meta.downstream, pair.meta.upstream
+        );
+        let mut stream = match net::connect_upstream(addr, &self.config.socket) {
+            Ok(s) => s,
+            Err(e) => return Some(Drive::Close(CloseReason::ConnectFailed(e))),
+        };
+        let registry: &Registry = self.poll.registry();
+        let _ = registry.deregister(&mut pair.upstream);
+        if let Err(e) = registry.register(
+            &mut stream,
+            Token(key << 1 | 1),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            return Some(Drive::Close(CloseReason::ConnectFailed(e)));
+        }
+        pair.upstream = stream;
+        pair.upstream_idx = next_idx;
+        pair.ready[Side::Upstream.index()] = Readiness::default();
+        let mut meta = (*pair.meta).clone();
+        meta.upstream = addr;
+        pair.meta = Arc::new(meta);
+        None
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, key, id))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(pair) = self.pairs.get(key).filter(|p| p.meta.id == id) else {
+                continue;
+            };
+            let idle = self.routes[pair.route].config.idle_timeout;
+            match pair.deadline(idle) {
+                Some(d) if d <= now => {
+                    let reason = match pair.phase {
+                        Phase::Connecting { .. } => CloseReason::ConnectTimeout,
+                        Phase::Established => CloseReason::IdleTimeout,
+                    };
+                    self.closing.push((key, id, reason));
+                }
+                Some(d) => self.timers.push(Reverse((d, key, id))),
+                None => {}
+            }
+        }
+    }
+
+    fn close_pending(&mut self) {
+        let mut closing = std::mem::take(&mut self.closing);
+        for (key, id, reason) in closing.drain(..) {
+            if self.pairs.get(key).is_none_or(|p| p.meta.id != id) {
+                continue; // closed twice in one batch (e.g. error event, then timer)
+            }
+            self.close(key, reason);
+        }
+        self.closing = closing;
+    }
+
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        let mut pair = self.pairs.remove(key);
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut pair.downstream);
+        let _ = registry.deregister(&mut pair.upstream);
+        let route = pair.route;
+        self.routes[route].active -= 1;
+        let stats = &self.stats;
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        stats.closed.fetch_add(1, Ordering::Relaxed);
+        match &reason {
+            CloseReason::Reset(_) | CloseReason::Error(..) => {
+                stats.resets.fetch_add(1, Ordering::Relaxed)
+            }
+            CloseReason::IdleTimeout => stats.timeouts.fetch_add(1, Ordering::Relaxed),
+            CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => {
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => 0,
+        };
+        let meta = pair.meta.clone();
+        let duration = pair.started.elapsed();
+        let (tap_records, tap_bytes) = pair.tap_drops();
+        let (discarded, offsets) = pair.finish(&reason, &mut self.pool);
+        stats.bytes_d2u.fetch_add(offsets[0], Ordering::Relaxed);
+        stats.bytes_u2d.fetch_add(offsets[1], Ordering::Relaxed);
+        stats.discarded.fetch_add(discarded, Ordering::Relaxed);
+        let mut extra = String::new();
+        if discarded > 0 {
+            extra.push_str(&format!(", {discarded} buffered bytes discarded"));
+        }
+        if tap_records > 0 {
+            extra.push_str(&format!(
+                ", tap dropped {tap_records} records ({tap_bytes} bytes)"
+            ));
+        }
+        let line = format!(
+            "#{} {} -> {}: {reason}; {} bytes to upstream, {} bytes to client, {:.3}s{extra}",
+            meta.id,
+            meta.downstream,
+            meta.upstream,
+            offsets[0],
+            offsets[1],
+            duration.as_secs_f64()
+        );
+        match reason {
+            CloseReason::Error(..) => warn!("{line}"),
+            _ => info!("{line}"),
+        }
+        trace!("pool: {} buffers lent", self.pool.lent());
+    }
+
+    fn resume_accepting(&mut self, now: Instant) {
+        for i in 0..self.listeners.len() {
+            let l = &self.listeners[i];
+            let paused_done = l.paused_until.is_some_and(|t| now >= t);
+            let route = &self.routes[i];
+            let slot_free = l.blocked_by_limit
+                && self.total_active() < self.config.max_connections
+                && route.active < route.config.max_connections;
+            if paused_done || slot_free {
+                self.accept(i, now);
+            }
+        }
+    }
+
+    /// Resets every remaining pair (end of the drain, or immediate stop).
+    fn abort_all(&mut self) {
+        let keys: Vec<usize> = self.pairs.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, CloseReason::Shutdown);
+        }
+    }
+
+    fn finish_taps(&mut self, exit: Exit) {
+        let timeout = match exit {
+            Exit::Graceful => self.config.drain_timeout.max(Duration::from_secs(2)),
+            Exit::Immediate => Duration::from_secs(1),
+        };
+        for guard in self.taps.drain(..) {
+            let s = guard.shutdown(timeout);
+            info!(
+                "tap: {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
+                s.records_written,
+                s.bytes_written,
+                s.dropped_records,
+                s.dropped_bytes,
+                s.write_errors
+            );
+        }
+    }
+}
+
+fn fmt_addrs(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

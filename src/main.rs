@@ -1,0 +1,117 @@
+//! The `tcptap` command: parse flags, load the config, run the proxy, map the outcome to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tcptap::{Config, Exit, Overrides, Server};
+
+/// A transparent TCP proxy with a traffic tap.
+///
+/// With no arguments, reads ./proxy.toml. `--listen` and `--upstream` proxy one route without a
+/// config file (or replace the routes of `--config FILE`). Log level: RUST_LOG (default info).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Config file (default: ./proxy.toml, unless --listen/--upstream are given).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:6380 or [::1]:6380 (needs --upstream).
+    #[arg(short, long, value_name = "ADDR", requires = "upstream")]
+    listen: Option<String>,
+    /// Where to forward, HOST:PORT (needs --listen).
+    #[arg(short, long, value_name = "HOST:PORT", requires = "listen")]
+    upstream: Option<String>,
+    /// Write the live conversation log to FILE, or to stdout with "-".
+    #[arg(long, value_name = "FILE|-")]
+    tap_log: Option<String>,
+    /// Write a pcap capture (Wireshark, tshark) to FILE.
+    #[arg(long, value_name = "FILE")]
+    tap_pcap: Option<String>,
+    /// Number of event loops (a number or "auto").
+    #[arg(long, value_name = "N|auto")]
+    workers: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn load(args: &Args) -> Result<Config, String> {
+    let overrides = Overrides {
+        listen: args.listen.clone(),
+        upstream: args.upstream.clone(),
+        tap_log: args.tap_log.clone(),
+        tap_pcap: args.tap_pcap.clone(),
+        workers: args.workers.clone(),
+    };
+    let config = match (&args.config, &args.listen) {
+        (Some(path), _) => Config::load(path, &overrides),
+        (None, Some(_)) => Config::from_overrides(&overrides),
+        (None, None) => {
+            let default = PathBuf::from("proxy.toml");
+            if !default.exists() {
+                return Err(
+                    "no configuration: ./proxy.toml not found; pass --config FILE, \
+                            or --listen ADDR --upstream HOST:PORT"
+                        .to_string(),
+                );
+            }
+            Config::load(&default, &overrides)
+        }
+    };
+    config.map_err(|e| error_chain(&e))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tcptap: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!(
+            "{}: configuration OK ({} route{})",
+            config.origin,
+            config.routes.len(),
+            if config.routes.len() == 1 { "" } else { "s" }
+        );
+        return ExitCode::SUCCESS;
+    }
+    let mut server = match Server::bind(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tcptap: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = server.handle_signals() {
+        eprintln!("tcptap: {}", error_chain(&e));
+        return ExitCode::FAILURE;
+    }
+    match server.run() {
+        Ok(Exit::Graceful) => ExitCode::SUCCESS,
+        Ok(Exit::Immediate) => ExitCode::from(130),
+        Err(e) => {
+            eprintln!("tcptap: event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Every socket option tcptap sets, in one place (socket2), and the setup errors they can raise.
+//!
+//! Listeners: `SO_REUSEADDR` (restart without waiting for TIME_WAIT), `IPV6_V6ONLY` on IPv6 listeners,
+//! optional `SO_REUSEPORT` (one listener per worker), non-blocking, a configurable backlog.
+//! Proxied sockets: `TCP_NODELAY`, optional keepalive and buffer sizes, set on the accepted socket and
+//! on the upstream socket before `connect(2)` (buffer sizes must be set before the handshake to take
+//! effect on the window scale).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::config::SocketOptions;
+
+/// A listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `socket(2)` failed.
+    #[error("route `{route}`: cannot create a socket for {addr}: {source}")]
+    Socket {
+        /// Route name.
+        route: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `bind(2)` failed (address in use, not local, permission).
+    #[error("route `{route}`: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Route name.
+        route: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `listen(2)` failed.
+    #[error("route `{route}`: listen({addr}) failed: {source}")]
+    Listen {
+        /// Route name.
+        route: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The event loop could not be created.
+    #[error("cannot create the event loop: {0}")]
+    Poll(#[source] io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    /// A tap output could not be opened.
+    #[error("route `{route}`: cannot start the tap: {source}")]
+    Tap {
+        /// Route name.
+        route: String,
+        /// Cause.
+        #[source]
+        source: crate::tap::TapError,
+    },
+}
+
+/// Binds a non-blocking listener with `SO_REUSEADDR` (and `SO_REUSEPORT` when `reuse_port`).
+pub fn bind_listener(
+    route: &str,
+    addr: SocketAddr,
+    backlog: i32,
+    reuse_port: bool,
+) -> Result<TcpListener, SetupError> {
+    let socket_err = |source| SetupError::Socket {
+        route: route.to_string(),
+        addr,
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(socket_err)?;
+    socket.set_reuse_address(true).map_err(socket_err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(socket_err)?;
+    }
+    if addr.is_ipv6() {
+        // One listener per family: "[::]:80" must not also grab the IPv4 port.
+        socket.set_only_v6(true).map_err(socket_err)?;
+    }
+    socket.set_nonblocking(true).map_err(socket_err)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|source| SetupError::Bind {
+            route: route.to_string(),
+            addr,
+            source,
+        })?;
+    socket
+        .listen(backlog)
+        .map_err(|source| SetupError::Listen {
+            route: route.to_string(),
+            addr,
+            source,
+        })?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Starts a non-blocking connect to `addr` with the options applied first.
+/// Completion is reported later by a writable event (see `Pair::check_connected`).
+pub fn connect_upstream(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    apply_options(&socket, opts)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        // Non-blocking connect: EINPROGRESS is the normal answer.
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// Applies `TCP_NODELAY`, keepalive (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`) and
+/// `SO_RCVBUF`/`SO_SNDBUF` to an accepted socket.
+pub fn configure_accepted(stream: &TcpStream, opts: &SocketOptions) -> io::Result<()> {
+    apply_options(&SockRef::from(stream), opts)
+}
+
+fn apply_options(socket: &Socket, opts: &SocketOptions) -> io::Result<()> {
+    if opts.nodelay {
+        socket.set_tcp_nodelay(true)?;
+    }
+    if let Some(k) = opts.keepalive {
+        let ka = TcpKeepalive::new()
+            .with_time(k.idle)
+            .with_interval(k.interval);
+        socket.set_tcp_keepalive(&ka)?;
+    }
+    if let Some(n) = opts.recv_buffer_size {
+        socket.set_recv_buffer_size(n)?;
+    }
+    if let Some(n) = opts.send_buffer_size {
+        socket.set_send_buffer_size(n)?;
+    }
+    Ok(())
+}
+
+/// Sets `SO_LINGER` to 0 so that closing the socket sends RST instead of FIN.
+pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
+/// Classifies an I/O error from a peer: true when it is the peer resetting or vanishing
+/// (`ECONNRESET`, `EPIPE`, `ECONNABORTED`, `ENOTCONN`, `ETIMEDOUT` from keepalive), which is routine for a proxy.
+pub fn is_peer_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::TimedOut
+    )
+}
+
+/// True for the accept(2) errors that mean "out of file descriptors or memory": back off, do not spin.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

@@ -1,0 +1,332 @@
+//! A pair: one accepted downstream socket, one upstream socket, and the two pipes between them.
+//!
+//! Lifecycle: `Connecting` (non-blocking upstream connect in flight; downstream bytes wait in the
+//! kernel) → `Established` (both pipes pump) → closed by the event loop with a [`CloseReason`]:
+//! - both pipes `WRITE-SHUT`: a clean close (half-close was propagated in each direction);
+//! - an error or reset on either socket: both are closed with RST (`SO_LINGER` 0), buffered bytes
+//!   are discarded and counted;
+//! - a timeout or the end of the shutdown drain: both are reset.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use crate::buffer::BufferPool;
+use crate::net;
+use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
+use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle};
+
+/// Why a pair ended; shown in the close log line and the tap.
+#[derive(Debug)]
+pub enum CloseReason {
+    /// Both directions ended with FIN; `first` sent its FIN first.
+    Finished {
+        /// The side whose EOF came first.
+        first: Side,
+    },
+    /// A peer reset (or vanished: EPIPE, ECONNABORTED); the other side was reset too.
+    Reset(Side),
+    /// An unexpected I/O error on one side.
+    Error(Side, io::Error),
+    /// No byte moved in either direction for the idle timeout.
+    IdleTimeout,
+    /// The upstream connect failed.
+    ConnectFailed(io::Error),
+    /// The upstream connect did not complete in time.
+    ConnectTimeout,
+    /// Still open when the shutdown drain period ended.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// True when the sockets must be closed with RST rather than FIN.
+    pub fn is_abort(&self) -> bool {
+        !matches!(self, CloseReason::Finished { .. })
+    }
+
+    /// The tap's view of this reason.
+    pub fn kind(&self) -> CloseKind {
+        match self {
+            CloseReason::Finished { .. } => CloseKind::Normal,
+            CloseReason::Reset(s) => CloseKind::Reset(*s),
+            CloseReason::Error(s, _) => CloseKind::Error(*s),
+            CloseReason::IdleTimeout => CloseKind::IdleTimeout,
+            CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => CloseKind::ConnectFailed,
+            CloseReason::Shutdown => CloseKind::Shutdown,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Finished { first } => write!(f, "{first} closed first"),
+            CloseReason::Reset(side) => write!(f, "reset by {side}"),
+            CloseReason::Error(side, e) => write!(f, "error on {side}: {e}"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::ConnectFailed(e) => write!(f, "upstream connect failed: {e}"),
+            CloseReason::ConnectTimeout => f.write_str("upstream connect timeout"),
+            CloseReason::Shutdown => f.write_str("aborted at end of shutdown drain"),
+        }
+    }
+}
+
+/// Where the upstream connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// `connect(2)` in flight; `deadline` is when it times out.
+    Connecting {
+        /// Connect timeout.
+        deadline: Instant,
+    },
+    /// Connected: bytes flow.
+    Established,
+}
+
+/// What driving a pair produced.
+#[derive(Debug)]
+pub enum Drive {
+    /// Waiting for events.
+    Idle,
+    /// Ran out of budget with work left: drive again before sleeping.
+    Yielded,
+    /// The pair is finished and must be closed.
+    Close(CloseReason),
+}
+
+/// Per-pair tap state: the handle, and what this connection lost.
+#[derive(Debug)]
+pub struct PairTap {
+    /// Where records go.
+    pub handle: TapHandle,
+    /// Records dropped because the queue was full.
+    pub dropped_records: u64,
+    /// Payload bytes dropped because the queue was full.
+    pub dropped_bytes: u64,
+}
+
+impl PairTap {
+    fn event(&mut self, meta: &Arc<ConnMeta>, event: TapEvent) {
+        if !self.handle.event(meta, event) {
+            self.dropped_records += 1;
+        }
+    }
+}
+
+/// One proxied connection.
+#[derive(Debug)]
+pub struct Pair {
+    /// Identity shown in logs (`#42`) and tap records.
+    pub meta: Arc<ConnMeta>,
+    /// Index of the route that accepted it.
+    pub route: usize,
+    /// The accepted client socket.
+    pub downstream: TcpStream,
+    /// The backend socket.
+    pub upstream: TcpStream,
+    /// Which of the route's resolved upstream addresses is being used.
+    pub upstream_idx: usize,
+    /// Connect state.
+    pub phase: Phase,
+    /// `[d→u, u→d]`.
+    pub pipes: [Pipe; 2],
+    /// Kernel readiness of `[downstream, upstream]`.
+    pub ready: [Readiness; 2],
+    /// When it was accepted.
+    pub started: Instant,
+    /// When a byte last moved (idle timeout).
+    pub last_active: Instant,
+    /// The side that sent the first EOF.
+    pub first_fin: Option<Side>,
+    /// Tap, when the route has one.
+    pub tap: Option<PairTap>,
+    /// True while the pair sits in the loop's work list (avoids queueing it twice).
+    pub scheduled: bool,
+}
+
+impl Pair {
+    /// The socket of one side.
+    pub fn stream(&self, side: Side) -> &TcpStream {
+        match side {
+            Side::Downstream => &self.downstream,
+            Side::Upstream => &self.upstream,
+        }
+    }
+
+    /// Bytes proxied `[d→u, u→d]` (read from the source).
+    pub fn offsets(&self) -> [u64; 2] {
+        [self.pipes[0].read_total(), self.pipes[1].read_total()]
+    }
+
+    /// When this pair times out, if ever.
+    pub fn deadline(&self, idle_timeout: Option<Duration>) -> Option<Instant> {
+        match self.phase {
+            Phase::Connecting { deadline } => Some(deadline),
+            Phase::Established => idle_timeout.map(|t| self.last_active + t),
+        }
+    }
+
+    /// Checks a socket's pending error (`SO_ERROR`) after an error event. A reset on a socket whose
+    /// read side is already closed is otherwise noticed only at the next write.
+    pub fn check_socket_error(&self, side: Side) -> Option<CloseReason> {
+        match self.stream(side).take_error() {
+            Ok(Some(e)) | Err(e) => Some(classify(side, e)),
+            Ok(None) => None,
+        }
+    }
+
+    /// After a writable or error event while connecting: done, still in progress, or failed.
+    /// (mio's recipe: writable, then `take_error()` is `None`, then `peer_addr()` succeeds.)
+    pub fn check_connected(&mut self) -> Result<bool, io::Error> {
+        if let Some(e) = self.upstream.take_error()? {
+            return Err(e);
+        }
+        match self.upstream.peer_addr() {
+            Ok(_) => {
+                self.phase = Phase::Established;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pumps both directions. `budget` caps the bytes read per direction in this call.
+    pub fn pump(&mut self, pool: &mut BufferPool, budget: usize, now: Instant) -> Drive {
+        let before = self.offsets();
+        let states = [self.pipes[0].state(), self.pipes[1].state()];
+        let mut yielded = false;
+        for dir in Direction::BOTH {
+            let [down_ready, up_ready] = &mut self.ready;
+            let (src, src_ready, dst, dst_ready) = match dir {
+                Direction::DownToUp => (&self.downstream, down_ready, &self.upstream, up_ready),
+                Direction::UpToDown => (&self.upstream, up_ready, &self.downstream, down_ready),
+            };
+            let meta = &self.meta;
+            let tap = &mut self.tap;
+            let mut on_read = |offset: u64, bytes: &[u8]| {
+                if let Some(t) = tap.as_mut() {
+                    if !t.handle.data(meta, dir, offset, bytes) {
+                        t.dropped_records += 1;
+                        t.dropped_bytes += bytes.len() as u64;
+                    }
+                }
+            };
+            let result = self.pipes[dir.index()].pump(
+                &mut { src },
+                src_ready,
+                &mut { dst },
+                dst_ready,
+                pool,
+                budget,
+                &mut on_read,
+            );
+            match result {
+                Ok(PumpStatus::Yielded) => yielded = true,
+                Ok(PumpStatus::Blocked) => {}
+                Err(PumpError::Read(e)) => return Drive::Close(classify(dir.source(), e)),
+                Err(PumpError::Write(e)) => return Drive::Close(classify(dir.source().other(), e)),
+            }
+        }
+        if self.offsets() != before {
+            self.last_active = now;
+        }
+        for dir in Direction::BOTH {
+            let state = self.pipes[dir.index()].state();
+            if state != states[dir.index()] {
+                self.on_state_change(dir, state);
+            }
+        }
+        if self.pipes.iter().all(|p| p.state() == PipeState::WriteShut) {
+            return Drive::Close(CloseReason::Finished {
+                first: self.first_fin.unwrap_or(Side::Downstream),
+            });
+        }
+        if yielded { Drive::Yielded } else { Drive::Idle }
+    }
+
+    fn on_state_change(&mut self, dir: Direction, state: PipeState) {
+        let from = dir.source();
+        if state != PipeState::Open && self.first_fin.is_none() {
+            self.first_fin = Some(from);
+        }
+        if state == PipeState::WriteShut {
+            log::debug!(
+                "#{} {} {dir}: FIN from {from} passed on after {} bytes",
+                self.meta.id,
+                self.meta.downstream,
+                self.pipes[dir.index()].written_total()
+            );
+            let offset = self.pipes[dir.index()].read_total();
+            let meta = self.meta.clone();
+            if let Some(t) = self.tap.as_mut() {
+                t.event(&meta, TapEvent::Fin { dir, offset });
+            }
+        }
+    }
+
+    /// Closes both sockets: with RST when `reason` is an abort. Returns the buffered bytes discarded.
+    pub fn finish(mut self, reason: &CloseReason, pool: &mut BufferPool) -> (u64, [u64; 2]) {
+        let discarded = (self.pipes[0].discard(pool) + self.pipes[1].discard(pool)) as u64;
+        if reason.is_abort() {
+            // SO_LINGER 0: close(2) sends RST, so the peer learns at once that the stream was cut.
+            let _ = net::set_linger_zero(&self.downstream);
+            let _ = net::set_linger_zero(&self.upstream);
+        }
+        let offsets = self.offsets();
+        let meta = self.meta.clone();
+        if let Some(t) = self.tap.as_mut() {
+            if let CloseReason::Reset(side) | CloseReason::Error(side, _) = reason {
+                t.event(
+                    &meta,
+                    TapEvent::Reset {
+                        side: *side,
+                        offsets,
+                    },
+                );
+            }
+            let close = TapEvent::Close {
+                kind: reason.kind(),
+                offsets,
+                dropped_records: t.dropped_records,
+                dropped_bytes: t.dropped_bytes,
+            };
+            t.event(&meta, close);
+        }
+        (discarded, offsets)
+    }
+
+    /// Tap drops of this pair `(records, bytes)`.
+    pub fn tap_drops(&self) -> (u64, u64) {
+        self.tap
+            .as_ref()
+            .map_or((0, 0), |t| (t.dropped_records, t.dropped_bytes))
+    }
+
+    /// Sends the tap's Open record.
+    pub fn tap_open(&mut self) {
+        let meta = self.meta.clone();
+        if let Some(t) = self.tap.as_mut() {
+            t.event(&meta, TapEvent::Open);
+        }
+    }
+
+    /// The client address.
+    pub fn downstream_addr(&self) -> SocketAddr {
+        self.meta.downstream
+    }
+}
+
+/// Sorts an I/O error on `side` into a reset (routine) or an error (worth a warning).
+pub fn classify(side: Side, e: io::Error) -> CloseReason {
+    if net::is_peer_reset(&e) {
+        CloseReason::Reset(side)
+    } else {
+        CloseReason::Error(side, e)
+    }
+}

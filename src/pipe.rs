@@ -1,0 +1,549 @@
+//! One direction of a pair: read from a source, buffer, write to a destination, propagate EOF.
+//!
+//! The pump is generic over `Read`/`Write` and knows nothing of mio, so the state machine is tested
+//! with fake streams that return `WouldBlock`, short writes, `EINTR`, EOF and resets.
+//!
+//! ```text
+//! OPEN         read src into buf, write buf to dst
+//! READ-CLOSED  src read returned Ok(0): stop reading, keep writing what is buffered
+//! WRITE-SHUT   buf drained after EOF: dst.shutdown(Write) done; this direction is finished
+//! ```
+//! A read or write error is returned to the pair, which aborts both directions.
+//!
+//! Invariants: a pipe holds at most one buffer of the pool's size (never grows); it holds it only
+//! while bytes are in flight; `shutdown(Write)` is called once, after every buffered byte was written.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use crate::buffer::{Buffer, BufferPool};
+use crate::tap::Direction;
+
+/// Where a pipe is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeState {
+    /// Reading and writing.
+    Open,
+    /// EOF read from the source; flushing the buffer before shutting the destination's write side.
+    ReadClosed,
+    /// FIN delivered to the destination: this direction is done.
+    WriteShut,
+}
+
+impl fmt::Display for PipeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PipeState::Open => "OPEN",
+            PipeState::ReadClosed => "READ-CLOSED",
+            PipeState::WriteShut => "WRITE-SHUT",
+        })
+    }
+}
+
+/// A stream whose write side can be shut (TCP `shutdown(SHUT_WR)`).
+pub trait ShutdownWrite {
+    /// Sends FIN after the bytes already written.
+    fn shutdown_write(&mut self) -> io::Result<()>;
+}
+
+impl ShutdownWrite for &mio::net::TcpStream {
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+/// What the kernel last told us about one socket. A flag is set by an event and cleared only when an
+/// operation returns `WouldBlock` (edge-triggered readiness must be drained).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// A read may make progress.
+    pub readable: bool,
+    /// A write may make progress.
+    pub writable: bool,
+}
+
+/// Why a pump stopped without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PumpStatus {
+    /// Nothing more can happen until the next readiness event.
+    Blocked,
+    /// The per-call byte budget ran out while the source was still readable: pump again soon.
+    Yielded,
+}
+
+/// An I/O error that ends the pair.
+#[derive(Debug)]
+pub enum PumpError {
+    /// Reading the source failed.
+    Read(io::Error),
+    /// Writing (or shutting) the destination failed.
+    Write(io::Error),
+}
+
+/// One direction of a pair.
+#[derive(Debug)]
+pub struct Pipe {
+    dir: Direction,
+    state: PipeState,
+    buf: Option<Buffer>,
+    /// Bytes read from the source (the tap offset of the next read).
+    read_total: u64,
+    /// Bytes written to the destination.
+    written_total: u64,
+}
+
+impl Pipe {
+    /// A new open pipe holding no buffer.
+    pub fn new(dir: Direction) -> Pipe {
+        Pipe {
+            dir,
+            state: PipeState::Open,
+            buf: None,
+            read_total: 0,
+            written_total: 0,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> PipeState {
+        self.state
+    }
+
+    /// Bytes read from the source so far.
+    pub fn read_total(&self) -> u64 {
+        self.read_total
+    }
+
+    /// Bytes written to the destination so far.
+    pub fn written_total(&self) -> u64 {
+        self.written_total
+    }
+
+    /// Bytes buffered and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.as_ref().map_or(0, Buffer::available_data)
+    }
+
+    /// True while the pipe wants to read more (used to decide whether a reset must be checked).
+    pub fn is_open(&self) -> bool {
+        self.state == PipeState::Open
+    }
+
+    fn set_state(&mut self, state: PipeState) {
+        log::trace!("{} {}=>{}", self.dir, self.state, state);
+        self.state = state;
+    }
+
+    /// Returns the buffer to the pool if it holds nothing.
+    fn release_if_empty(&mut self, pool: &mut BufferPool) {
+        if self.buf.as_ref().is_some_and(Buffer::is_empty) {
+            pool.give(self.buf.take().expect("checked above"));
+        }
+    }
+
+    /// Drops buffered bytes and returns the buffer (pair abort). Returns how many bytes were lost.
+    pub fn discard(&mut self, pool: &mut BufferPool) -> usize {
+        match self.buf.take() {
+            Some(mut b) => {
+                let n = b.clear();
+                pool.give(b);
+                n
+            }
+            None => 0,
+        }
+    }
+
+    /// Moves bytes from `src` to `dst` until both would block, EOF is propagated, or `budget` bytes
+    /// were read. `on_read(offset, bytes)` sees every chunk read, in order (the tap).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pump<R, W>(
+        &mut self,
+        src: &mut R,
+        src_ready: &mut Readiness,
+        dst: &mut W,
+        dst_ready: &mut Readiness,
+        pool: &mut BufferPool,
+        budget: usize,
+        on_read: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<PumpStatus, PumpError>
+    where
+        R: Read,
+        W: Write + ShutdownWrite,
+    {
+        let mut read_now = 0usize;
+        let status = loop {
+            if self.state == PipeState::WriteShut {
+                break PumpStatus::Blocked;
+            }
+            let mut progress = false;
+
+            // Write first: frees room so the read below can take a full chunk.
+            if let Some(buf) = self.buf.as_mut().filter(|b| !b.is_empty()) {
+                if dst_ready.writable {
+                    match dst.write(buf.data()) {
+                        Ok(0) => {
+                            return Err(PumpError::Write(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "write returned 0",
+                            )));
+                        }
+                        Ok(n) => {
+                            buf.consume(n);
+                            self.written_total += n as u64;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            dst_ready.writable = false
+                        }
+                        // EINTR: nothing happened, try again.
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(PumpError::Write(e)),
+                    }
+                }
+            }
+
+            if self.state == PipeState::ReadClosed && self.buffered() == 0 {
+                // Every byte before the EOF is written: now pass the EOF on.
+                dst.shutdown_write().map_err(PumpError::Write)?;
+                self.set_state(PipeState::WriteShut);
+                break PumpStatus::Blocked;
+            }
+
+            if self.state == PipeState::Open && src_ready.readable {
+                if read_now >= budget {
+                    break PumpStatus::Yielded;
+                }
+                let buf = self.buf.get_or_insert_with(|| pool.take());
+                let space = buf.space();
+                if !space.is_empty() {
+                    let room = space.len();
+                    match src.read(space) {
+                        Ok(0) => {
+                            self.set_state(PipeState::ReadClosed);
+                            progress = true;
+                        }
+                        Ok(n) => {
+                            debug_assert!(n <= room, "read more than the space offered");
+                            buf.fill(n);
+                            let data = buf.data();
+                            on_read(self.read_total, &data[data.len() - n..]);
+                            self.read_total += n as u64;
+                            read_now += n;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            src_ready.readable = false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(PumpError::Read(e)),
+                    }
+                }
+            }
+
+            if !progress {
+                break PumpStatus::Blocked;
+            }
+        };
+        self.release_if_empty(pool);
+        Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A scripted source: each read pops the next step.
+    #[derive(Default)]
+    struct FakeSrc {
+        steps: VecDeque<io::Result<Vec<u8>>>,
+    }
+
+    impl FakeSrc {
+        fn new(steps: Vec<io::Result<Vec<u8>>>) -> FakeSrc {
+            FakeSrc {
+                steps: steps.into(),
+            }
+        }
+    }
+
+    impl Read for FakeSrc {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            match self.steps.pop_front() {
+                None => Err(io::ErrorKind::WouldBlock.into()),
+                Some(Err(e)) => Err(e),
+                Some(Ok(mut bytes)) => {
+                    let n = bytes.len().min(out.len());
+                    out[..n].copy_from_slice(&bytes[..n]);
+                    if n < bytes.len() {
+                        self.steps.push_front(Ok(bytes.split_off(n)));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    /// A destination that accepts at most `limit` bytes per write and `room` bytes before blocking.
+    struct FakeDst {
+        got: Vec<u8>,
+        limit: usize,
+        room: usize,
+        fail: Option<io::ErrorKind>,
+        interrupts: usize,
+        shut: usize,
+    }
+
+    impl FakeDst {
+        fn new(limit: usize, room: usize) -> FakeDst {
+            FakeDst {
+                got: Vec::new(),
+                limit,
+                room,
+                fail: None,
+                interrupts: 0,
+                shut: 0,
+            }
+        }
+    }
+
+    impl Write for FakeDst {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            assert_eq!(self.shut, 0, "write after shutdown");
+            if self.interrupts > 0 {
+                self.interrupts -= 1;
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if let Some(k) = self.fail {
+                return Err(k.into());
+            }
+            let n = data.len().min(self.limit).min(self.room);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.room -= n;
+            self.got.extend_from_slice(&data[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ShutdownWrite for FakeDst {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.shut += 1;
+            Ok(())
+        }
+    }
+
+    fn ready() -> Readiness {
+        Readiness {
+            readable: true,
+            writable: true,
+        }
+    }
+
+    struct Rig {
+        pipe: Pipe,
+        pool: BufferPool,
+        src_ready: Readiness,
+        dst_ready: Readiness,
+        tapped: Vec<(u64, Vec<u8>)>,
+    }
+
+    fn rig(buf: usize) -> Rig {
+        Rig {
+            pipe: Pipe::new(Direction::DownToUp),
+            pool: BufferPool::new(buf, 4),
+            src_ready: ready(),
+            dst_ready: ready(),
+            tapped: Vec::new(),
+        }
+    }
+
+    impl Rig {
+        fn pump(
+            &mut self,
+            src: &mut FakeSrc,
+            dst: &mut FakeDst,
+            budget: usize,
+        ) -> Result<PumpStatus, PumpError> {
+            let tapped = &mut self.tapped;
+            self.pipe.pump(
+                src,
+                &mut self.src_ready,
+                dst,
+                &mut self.dst_ready,
+                &mut self.pool,
+                budget,
+                &mut |off, b| tapped.push((off, b.to_vec())),
+            )
+        }
+    }
+
+    #[test]
+    fn test_open_copies_and_taps_with_offsets() {
+        let mut r = rig(8);
+        let mut src = FakeSrc::new(vec![Ok(b"hello ".to_vec()), Ok(b"world".to_vec())]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        assert_eq!(
+            r.pump(&mut src, &mut dst, 1 << 20).unwrap(),
+            PumpStatus::Blocked
+        );
+        assert_eq!(dst.got, b"hello world");
+        assert!(!r.src_ready.readable, "WouldBlock clears readiness");
+        let offsets: Vec<u64> = r.tapped.iter().map(|t| t.0).collect();
+        assert_eq!(offsets, vec![0, 6]); // the buffer was drained after each read
+        let joined: Vec<u8> = r.tapped.iter().flat_map(|t| t.1.clone()).collect();
+        assert_eq!(joined, b"hello world");
+        assert_eq!(r.pool.lent(), 0, "idle pipe holds no buffer");
+        assert_eq!(r.pipe.state(), PipeState::Open);
+    }
+
+    #[test]
+    fn test_open_full_buffer_stops_reading() {
+        let mut r = rig(4);
+        let mut src = FakeSrc::new(vec![Ok(b"0123456789".to_vec())]);
+        let mut dst = FakeDst::new(usize::MAX, 0); // blocked destination
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(r.pipe.buffered(), 4, "stops at the buffer bound");
+        assert!(
+            r.src_ready.readable,
+            "source still readable: read again once drained"
+        );
+        assert!(!r.dst_ready.writable);
+        assert_eq!(r.pool.lent(), 1);
+        // The destination drains: the rest flows.
+        dst.room = usize::MAX;
+        r.dst_ready.writable = true;
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.got, b"0123456789");
+        assert_eq!(r.pool.lent(), 0);
+    }
+
+    #[test]
+    fn test_open_partial_writes_and_eintr() {
+        let mut r = rig(16);
+        let mut src = FakeSrc::new(vec![
+            Ok(b"abcdefgh".to_vec()),
+            Err(io::ErrorKind::Interrupted.into()),
+            Ok(b"ijkl".to_vec()),
+        ]);
+        let mut dst = FakeDst::new(3, usize::MAX);
+        dst.interrupts = 2;
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.got, b"abcdefghijkl");
+        assert_eq!(r.pipe.written_total(), 12);
+    }
+
+    #[test]
+    fn test_read_closed_flushes_then_shuts_once() {
+        let mut r = rig(4);
+        let mut src = FakeSrc::new(vec![Ok(b"abcdef".to_vec()), Ok(Vec::new())]);
+        let mut dst = FakeDst::new(usize::MAX, 2);
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.shut, 0, "no FIN while bytes are buffered");
+        dst.room = 1;
+        r.dst_ready.writable = true;
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.shut, 0);
+        dst.room = usize::MAX;
+        r.dst_ready.writable = true;
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.got, b"abcdef");
+        assert_eq!(dst.shut, 1);
+        assert_eq!(r.pipe.state(), PipeState::WriteShut);
+        // Further pumps (spurious events) do nothing.
+        r.src_ready.readable = true;
+        r.dst_ready.writable = true;
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.shut, 1);
+        assert_eq!(r.pool.lent(), 0);
+    }
+
+    #[test]
+    fn test_open_eof_without_data_shuts_at_once() {
+        let mut r = rig(4);
+        let mut src = FakeSrc::new(vec![Ok(Vec::new())]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        r.dst_ready.writable = false; // FIN does not need writability
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.shut, 1);
+        assert_eq!(r.pipe.state(), PipeState::WriteShut);
+    }
+
+    #[test]
+    fn test_open_budget_yields() {
+        let mut r = rig(4);
+        let mut src = FakeSrc::new(vec![Ok(vec![7u8; 100])]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        assert_eq!(r.pump(&mut src, &mut dst, 10).unwrap(), PumpStatus::Yielded);
+        assert!(dst.got.len() >= 10 && dst.got.len() < 100);
+        while r.pump(&mut src, &mut dst, 10).unwrap() == PumpStatus::Yielded {}
+        assert_eq!(dst.got.len(), 100);
+    }
+
+    #[test]
+    fn test_open_read_reset_is_error() {
+        let mut r = rig(4);
+        let mut src = FakeSrc::new(vec![
+            Ok(b"ab".to_vec()),
+            Err(io::ErrorKind::ConnectionReset.into()),
+        ]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        match r.pump(&mut src, &mut dst, 1 << 20) {
+            Err(PumpError::Read(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+            other => panic!("expected read error, got {other:?}"),
+        }
+        assert_eq!(dst.got, b"ab");
+        assert_eq!(r.pipe.discard(&mut r.pool), 0);
+    }
+
+    #[test]
+    fn test_open_write_epipe_is_error_and_discard_counts() {
+        let mut r = rig(8);
+        let mut src = FakeSrc::new(vec![Ok(b"abc".to_vec())]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        dst.fail = Some(io::ErrorKind::BrokenPipe);
+        assert!(matches!(
+            r.pump(&mut src, &mut dst, 1 << 20),
+            Err(PumpError::Write(_))
+        ));
+        assert_eq!(r.pipe.discard(&mut r.pool), 3);
+        assert_eq!(r.pool.lent(), 0);
+    }
+
+    #[test]
+    fn test_open_write_zero_is_error() {
+        struct Zero;
+        impl Write for Zero {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Ok(0)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        impl ShutdownWrite for Zero {
+            fn shutdown_write(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut pipe = Pipe::new(Direction::UpToDown);
+        let mut pool = BufferPool::new(8, 1);
+        let mut src = FakeSrc::new(vec![Ok(b"x".to_vec())]);
+        let (mut a, mut b) = (ready(), ready());
+        let res = pipe.pump(
+            &mut src,
+            &mut a,
+            &mut Zero,
+            &mut b,
+            &mut pool,
+            100,
+            &mut |_, _| {},
+        );
+        assert!(matches!(res, Err(PumpError::Write(e)) if e.kind() == io::ErrorKind::WriteZero));
+    }
+}

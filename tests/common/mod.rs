@@ -1,0 +1,554 @@
+//! Shared test fixtures: run the real `tcptap` binary, fake upstreams, deterministic byte streams,
+//! reads with deadlines, and /proc probes (RSS, open fds, CLOSE_WAIT sockets).
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Generous bound for anything that should happen "promptly" on a loaded 2-core machine.
+pub const PROMPT: Duration = Duration::from_secs(5);
+
+/// A deterministic byte stream: the receiver regenerates it to check every byte.
+#[derive(Clone)]
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        // splitmix64
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        Pattern::new(seed).fill(&mut v);
+        v
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tcptap-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real binary, running as a child process.
+pub struct Proxy {
+    pub child: Child,
+    pub addrs: Vec<SocketAddr>,
+    logs: Arc<Mutex<Vec<String>>>,
+    _dir: Option<TempDir>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tcptap")
+}
+
+impl Proxy {
+    /// Starts `tcptap` with `args` and waits for `routes` "listening on" lines.
+    pub fn start(args: &[&str], routes: usize) -> Proxy {
+        Proxy::start_in(args, routes, None, |_| {})
+    }
+
+    /// Starts `tcptap --config <file>` with `toml` as the file.
+    pub fn with_config(toml: &str, routes: usize) -> Proxy {
+        let dir = TempDir::new("cfg");
+        let path = dir.path("proxy.toml");
+        std::fs::write(&path, toml).expect("write config");
+        Proxy::start_in(
+            &["--config", path.to_str().unwrap()],
+            routes,
+            Some(dir),
+            |_| {},
+        )
+    }
+
+    /// Like `start`, with a hook to adjust the command (environment, limits).
+    pub fn start_in(
+        args: &[&str],
+        routes: usize,
+        dir: Option<TempDir>,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Proxy {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TCPTAP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn tcptap");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = logs.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("TCPTAP_TEST_ECHO").is_some() {
+                    eprintln!("proxy: {line}");
+                }
+                if let Some(pos) = line.find("listening on ") {
+                    let addr = line[pos + 13..].split(' ').next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut addrs = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while addrs.len() < routes {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(a) => addrs.push(a.parse().expect("listen address in log")),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "tcptap did not start; log:\n{}",
+                        logs.lock().unwrap().join("\n")
+                    );
+                }
+            }
+        }
+        Proxy {
+            child,
+            addrs,
+            logs,
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`; returns that line.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until exactly `n` log lines contain `needle` (fails if more appear or time runs out).
+    pub fn wait_count(&self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.count_log(needle);
+            if c == n {
+                return;
+            }
+            if c > n || Instant::now() > deadline {
+                panic!(
+                    "{c} log lines with {needle:?}, expected {n}; log:\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Counts log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of our own child.
+        let rc = unsafe { libc_kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "tcptap did not exit within {timeout:?}; log:\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// CPU time (user + system) consumed so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    }
+
+    /// Waits until the open fd count is at most `target`.
+    pub fn wait_fds_at_most(&self, target: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.fd_count();
+            if n <= target {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("proxy still has {n} fds open (expected <= {target})");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // Our own child, by PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub const SIGTERM: i32 = 15;
+pub const SIGINT: i32 = 2;
+
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// TCP sockets in CLOSE_WAIT whose local port is one of `ports` (from /proc/net/tcp and tcp6).
+pub fn close_wait_on(ports: &[u16]) -> usize {
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(s) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in s.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 4 || cols[3] != "08" {
+                continue;
+            }
+            let port = cols[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if port.is_some_and(|p| ports.contains(&p)) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, PROMPT).expect("connect through proxy");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Reads until EOF, failing the test after `timeout`.
+pub fn read_to_end(s: &mut TcpStream, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no EOF after {} bytes", out.len()),
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no EOF after {} bytes", out.len()),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads exactly `n` bytes or fails after `timeout`.
+pub fn read_n(s: &mut TcpStream, n: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut out = vec![0; n];
+    let mut got = 0;
+    while got < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("got {got} of {n} bytes"),
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut out[got..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {got} of {n}"),
+                ));
+            }
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // SO_RCVTIMEO expiring shows up as EAGAIN.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("got {got} of {n} bytes"),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until the peer ends the stream: Ok(bytes) on EOF, Err on reset; panics after `timeout`.
+pub fn wait_closed(s: &mut TcpStream, timeout: Duration) -> io::Result<Vec<u8>> {
+    read_to_end(s, timeout)
+}
+
+/// Sends `len` bytes of `Pattern(seed)` in chunks.
+pub fn send_pattern(s: &mut impl Write, seed: u64, len: usize) -> io::Result<()> {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        p.fill(&mut buf[..n]);
+        // fill() works in 8-byte steps: keep chunk sizes multiples of 8 except the last.
+        s.write_all(&buf[..n])?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Reads until EOF and checks every byte against `Pattern(seed)`; returns the count.
+pub fn expect_pattern(s: &mut impl Read, seed: u64, len: usize) -> io::Result<usize> {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0; 256 * 1024];
+    let mut expect = vec![0; 256 * 1024];
+    let mut exp_have = 0usize; // bytes of `expect` not yet compared
+    let mut exp_pos = 0usize;
+    let mut total = 0usize;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            if exp_have == 0 {
+                let chunk = (len - total - off).clamp(0, expect.len());
+                if chunk == 0 {
+                    return Err(io::Error::other(format!("more than {len} bytes received")));
+                }
+                p.fill(&mut expect[..chunk]);
+                exp_have = chunk;
+                exp_pos = 0;
+            }
+            let k = (n - off).min(exp_have);
+            if buf[off..off + k] != expect[exp_pos..exp_pos + k] {
+                return Err(io::Error::other(format!(
+                    "byte mismatch near offset {}",
+                    total + off
+                )));
+            }
+            off += k;
+            exp_pos += k;
+            exp_have -= k;
+        }
+        total += n;
+    }
+    if total != len {
+        return Err(io::Error::other(format!(
+            "got {total} bytes, expected {len}"
+        )));
+    }
+    Ok(total)
+}
+
+/// A fake upstream: a listener on 127.0.0.1:0 and a thread per connection running `handler`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicU64>,
+}
+
+impl Upstream {
+    pub fn start<F>(handler: F) -> Upstream
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        Upstream::start_on("127.0.0.1:0", handler)
+    }
+
+    pub fn start_on<F>(bind: &str, handler: F) -> Upstream
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(bind).expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let handler = Arc::new(handler);
+        thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(s) = s else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let h = handler.clone();
+                thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || h(s))
+                    .expect("spawn upstream handler");
+            }
+        });
+        Upstream { addr, accepted }
+    }
+
+    /// Echoes until EOF, then shuts its write side.
+    pub fn echo() -> Upstream {
+        Upstream::start(|mut s| {
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        })
+    }
+}
+
+/// An address where nothing listens (bound, then closed).
+pub fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A minimal config for one route.
+pub fn one_route(listen: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!("{extra}\n[[route]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n")
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write file");
+}

@@ -1,0 +1,457 @@
+//! The data path, end to end: the real binary between real loopback peers.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn bulk_both_directions_at_once_byte_exact() {
+    const LEN: usize = 24 << 20;
+    // Upstream sends its own stream while checking the client's; both then half-close.
+    let (tx, rx) = mpsc::channel();
+    let up = Upstream::start(move |s| {
+        let mut reader = s.try_clone().unwrap();
+        let mut writer = s;
+        let t = thread::spawn(move || {
+            send_pattern(&mut writer, 2, LEN).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let got = expect_pattern(&mut reader, 1, LEN);
+        t.join().unwrap();
+        tx.send(got.map_err(|e| e.to_string())).unwrap();
+    });
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ],
+        1,
+    );
+    let client = connect(proxy.addr());
+    let mut writer = client.try_clone().unwrap();
+    let t = thread::spawn(move || {
+        send_pattern(&mut writer, 1, LEN).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut reader = client;
+    assert_eq!(expect_pattern(&mut reader, 2, LEN).unwrap(), LEN);
+    t.join().unwrap();
+    assert_eq!(rx.recv_timeout(PROMPT).unwrap(), Ok(LEN));
+    let line = proxy.wait_log("bytes to upstream", PROMPT);
+    assert!(
+        line.contains(&format!("{LEN} bytes to upstream, {LEN} bytes to client")),
+        "{line}"
+    );
+}
+
+/// PITFALLS: "first EOF closes both directions". The reply comes well after the client's FIN.
+#[test]
+fn half_close_client_first_reply_after_eof() {
+    let reply = Pattern::bytes(7, 3 << 20);
+    let expected = reply.clone();
+    let (tx, rx) = mpsc::channel();
+    let up = Upstream::start(move |mut s| {
+        let got = read_to_end(&mut s, Duration::from_secs(20)).unwrap();
+        tx.send(got).unwrap();
+        thread::sleep(Duration::from_millis(700)); // longer than socat's 0.5 s half-close grace
+        s.write_all(&reply).unwrap();
+    });
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ],
+        1,
+    );
+    let mut c = connect(proxy.addr());
+    c.write_all(b"request body").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(rx.recv_timeout(PROMPT).unwrap(), b"request body");
+    let got = read_to_end(&mut c, Duration::from_secs(20)).unwrap();
+    assert!(
+        got == expected,
+        "reply differs: {} of {} bytes",
+        got.len(),
+        expected.len()
+    );
+    let line = proxy.wait_log("bytes to client", PROMPT);
+    assert!(line.contains("client closed first"), "{line}");
+}
+
+#[test]
+fn half_close_upstream_first_client_keeps_sending() {
+    let (tx, rx) = mpsc::channel();
+    let up = Upstream::start(move |mut s| {
+        s.write_all(b"greeting").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = expect_pattern(&mut s, 9, 2 << 20);
+        tx.send(got.map_err(|e| e.to_string())).unwrap();
+    });
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ],
+        1,
+    );
+    let mut c = connect(proxy.addr());
+    // The client sees the greeting, then EOF, and can still send.
+    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), b"greeting");
+    thread::sleep(Duration::from_millis(600));
+    send_pattern(&mut c, 9, 2 << 20).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)).unwrap(),
+        Ok(2 << 20)
+    );
+    let line = proxy.wait_log("bytes to client", PROMPT);
+    assert!(line.contains("upstream closed first"), "{line}");
+}
+
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+#[test]
+fn upstream_reset_resets_client() {
+    let up = Upstream::start(|mut s| {
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(b"partial").unwrap();
+        reset(s);
+    });
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ],
+        1,
+    );
+    let mut c = connect(proxy.addr());
+    c.write_all(b"hello").unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let err = loop {
+        match c.read(&mut buf) {
+            Ok(0) => panic!("clean EOF after {got:?}: a reset must not become a FIN"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert!(start.elapsed() < PROMPT);
+    assert!(b"partial".starts_with(&got));
+    let line = proxy.wait_log("reset by upstream", PROMPT);
+    assert!(line.contains("reset by upstream"), "{line}");
+}
+
+#[test]
+fn client_reset_resets_upstream() {
+    let (tx, rx) = mpsc::channel();
+    let up = Upstream::start(move |mut s| {
+        s.write_all(b"ready").unwrap();
+        let mut buf = [0u8; 64];
+        let res = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(_) => continue,
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        tx.send(res).unwrap();
+    });
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ],
+        1,
+    );
+    let mut c = connect(proxy.addr());
+    assert_eq!(read_n(&mut c, 5, PROMPT).unwrap(), b"ready");
+    c.write_all(b"some bytes").unwrap();
+    reset(c);
+    assert_eq!(
+        rx.recv_timeout(PROMPT).unwrap(),
+        Err(ErrorKind::ConnectionReset)
+    );
+    proxy.wait_log("reset by client", PROMPT);
+}
+
+#[test]
+fn upstream_refused_closes_client_and_keeps_serving() {
+    let echo = Upstream::echo();
+    let dead = dead_addr();
+    let config = format!(
+        "[[route]]\nname = \"dead\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{dead}\"\n\
+         [[route]]\nname = \"live\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr
+    );
+    let proxy = Proxy::with_config(&config, 2);
+    for _ in 0..20 {
+        let mut c = connect(proxy.addrs[0]);
+        let start = Instant::now();
+        let r = read_to_end(&mut c, PROMPT);
+        assert!(r.is_err() || r.as_ref().unwrap().is_empty(), "{r:?}");
+        assert!(start.elapsed() < PROMPT);
+    }
+    proxy.wait_count("connect failed", 20, PROMPT);
+    let mut c = connect(proxy.addrs[1]);
+    c.write_all(b"still alive").unwrap();
+    assert_eq!(read_n(&mut c, 11, PROMPT).unwrap(), b"still alive");
+}
+
+#[test]
+fn connect_timeout_closes_client() {
+    // A listener whose accept queue is full drops SYNs: connects to it hang.
+    let blackhole =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    blackhole.listen(0).unwrap();
+    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        fillers.push(s);
+    }
+    thread::sleep(Duration::from_millis(100)); // let the handshakes of the fillers settle
+    let config = one_route("127.0.0.1:0", addr, "connect_timeout = \"400ms\"");
+    let proxy = Proxy::with_config(&config, 1);
+    let mut c = connect(proxy.addr());
+    let start = Instant::now();
+    let _ = read_to_end(&mut c, Duration::from_secs(10));
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(350),
+        "closed after {took:?}, before the timeout"
+    );
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    proxy.wait_log("upstream connect timeout", PROMPT);
+}
+
+#[test]
+fn idle_timeout_closes_only_idle_pairs() {
+    let echo = Upstream::echo();
+    let config = one_route("127.0.0.1:0", echo.addr, "idle_timeout = \"600ms\"");
+    let proxy = Proxy::with_config(&config, 1);
+    let mut idle = connect(proxy.addr());
+    let mut busy = connect(proxy.addr());
+    let start = Instant::now();
+    // The busy pair talks every 150 ms for 1.5 s: it must survive.
+    for i in 0..10u8 {
+        busy.write_all(&[i]).unwrap();
+        assert_eq!(read_n(&mut busy, 1, PROMPT).unwrap(), [i]);
+        thread::sleep(Duration::from_millis(150));
+    }
+    // By now the idle pair is gone.
+    let r = read_to_end(&mut idle, Duration::from_millis(100));
+    assert!(r.is_err() || r.unwrap().is_empty());
+    assert!(start.elapsed() >= Duration::from_millis(600));
+    proxy.wait_count("idle timeout", 1, PROMPT);
+    // Then the busy one goes quiet and times out too, 600 ms after its last byte (150 ms ago).
+    let t = Instant::now();
+    let _ = read_to_end(&mut busy, Duration::from_secs(10));
+    assert!(t.elapsed() >= Duration::from_millis(400) && t.elapsed() < Duration::from_secs(4));
+    proxy.wait_count("idle timeout", 2, PROMPT);
+}
+
+/// A client that does not read must not make the proxy buffer without bound.
+#[test]
+fn slow_reader_keeps_memory_bounded() {
+    const LEN: usize = 256 << 20;
+    let (tx, rx) = mpsc::channel();
+    let up = Upstream::start(move |mut s| {
+        // Read the request first: closing with unread bytes would send RST instead of FIN.
+        let mut go = [0u8; 2];
+        s.read_exact(&mut go).unwrap();
+        tx.send(send_pattern(&mut s, 5, LEN).map_err(|e| e.to_string()))
+            .unwrap();
+    });
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ],
+        1,
+    );
+    let baseline = proxy.rss_kib();
+    let mut c = connect(proxy.addr());
+    c.write_all(b"go").unwrap();
+    // Wait until the data path is stalled: the client reads nothing, so the upstream blocks.
+    thread::sleep(Duration::from_millis(1500));
+    let stalled = proxy.rss_kib();
+    assert!(
+        rx.try_recv().is_err(),
+        "upstream finished 256 MiB into a client that reads nothing"
+    );
+    let growth = stalled.saturating_sub(baseline);
+    assert!(
+        growth < 4096,
+        "proxy RSS grew by {growth} KiB while the client did not read"
+    );
+    // Now read it all: every byte arrives, memory stays bounded.
+    assert_eq!(expect_pattern(&mut c, 5, LEN).unwrap(), LEN);
+    assert_eq!(rx.recv_timeout(PROMPT).unwrap(), Ok(()));
+    let growth = proxy.rss_kib().saturating_sub(baseline);
+    assert!(growth < 8192, "proxy RSS grew by {growth} KiB");
+}
+
+#[test]
+fn many_connections_no_fd_or_close_wait_leak() {
+    const N: usize = 1200;
+    let echo = Upstream::echo();
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &echo.addr.to_string(),
+        ],
+        1,
+    );
+    let baseline_fds = proxy.fd_count();
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        conns.push(connect(proxy.addr()));
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&(i as u32).to_le_bytes()).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(read_n(c, 4, PROMPT).unwrap(), (i as u32).to_le_bytes());
+    }
+    assert!(proxy.fd_count() >= baseline_fds + 2 * N);
+    // Every close order: client FIN first, client reset, client half-close then full read.
+    for (i, mut c) in conns.into_iter().enumerate() {
+        match i % 3 {
+            0 => drop(c),
+            1 => reset(c),
+            _ => {
+                c.shutdown(Shutdown::Write).unwrap();
+                assert!(read_to_end(&mut c, PROMPT).unwrap().is_empty());
+            }
+        }
+    }
+    proxy.wait_fds_at_most(baseline_fds, Duration::from_secs(15));
+    let ports = [proxy.addr().port(), echo.addr.port()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while close_wait_on(&ports) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(close_wait_on(&ports), 0, "sockets left in CLOSE_WAIT");
+}
+
+#[test]
+fn max_connections_queues_in_backlog() {
+    let echo = Upstream::echo();
+    let config = one_route("127.0.0.1:0", echo.addr, "max_connections = 2");
+    let proxy = Proxy::with_config(&config, 1);
+    let mut a = connect(proxy.addr());
+    let mut b = connect(proxy.addr());
+    for s in [&mut a, &mut b] {
+        s.write_all(b"x").unwrap();
+        assert_eq!(read_n(s, 1, PROMPT).unwrap(), b"x");
+    }
+    // The third completes the TCP handshake (kernel backlog) but is not served yet.
+    let mut c = connect(proxy.addr());
+    c.write_all(b"y").unwrap();
+    let r = read_n(&mut c, 1, Duration::from_millis(500));
+    assert_eq!(
+        r.unwrap_err().kind(),
+        ErrorKind::TimedOut,
+        "third connection served over the limit"
+    );
+    assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    drop(a);
+    assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), b"y");
+}
+
+#[test]
+fn ipv6_and_hostname_upstream() {
+    // [::1] on both sides.
+    let echo6 = Upstream::start_on("[::1]:0", |mut s| {
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(&b).unwrap();
+    });
+    let proxy = Proxy::start(
+        &["--listen", "[::1]:0", "--upstream", &echo6.addr.to_string()],
+        1,
+    );
+    assert!(proxy.addr().is_ipv6());
+    let mut c = connect(proxy.addr());
+    c.write_all(b"six!").unwrap();
+    assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"six!");
+    // "localhost" resolves to ::1 and 127.0.0.1; the upstream listens only on 127.0.0.1, so a
+    // refused ::1 must fall back to the next address.
+    let echo4 = Upstream::echo();
+    let up = format!("localhost:{}", echo4.addr.port());
+    let proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--upstream", &up], 1);
+    let mut c = connect(proxy.addr());
+    c.write_all(b"four").unwrap();
+    assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"four");
+}
+
+#[test]
+fn garbage_idlers_and_instant_closers_do_not_harm_others() {
+    let echo = Upstream::echo();
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &echo.addr.to_string(),
+        ],
+        1,
+    );
+    let mut good = connect(proxy.addr());
+    let mut idlers = Vec::new();
+    for i in 0..50 {
+        let mut s = connect(proxy.addr());
+        match i % 3 {
+            0 => idlers.push(s),
+            1 => {
+                let _ = s.write_all(&Pattern::bytes(i, 10_000));
+                reset(s);
+            }
+            _ => drop(s),
+        }
+    }
+    let data = Pattern::bytes(99, 1 << 20);
+    let mut w = good.try_clone().unwrap();
+    let d = data.clone();
+    let t = thread::spawn(move || w.write_all(&d).unwrap());
+    assert!(read_n(&mut good, data.len(), PROMPT).unwrap() == data);
+    t.join().unwrap();
+}
