@@ -76,6 +76,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Raises the soft open-file limit to the hard limit: each proxied connection needs two descriptors,
+/// and the common soft default of 1024 would cap a proxy at ~500 connections.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                log::debug!("open-file limit raised from {old} to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -95,6 +114,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    raise_fd_limit();
     let mut server = match Server::bind(config) {
         Ok(s) => s,
         Err(e) => {
