@@ -1,3 +1,4 @@
 //! tcptap: a transparent TCP proxy with a traffic tap.
 
+pub mod proxy_protocol;
 pub mod tap;
