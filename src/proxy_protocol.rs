@@ -14,8 +14,9 @@
 //! appends what it reads to a buffer and calls [`parse`] on the whole buffer again.
 //!
 //! Invariants of [`parse`]:
-//! - It never panics, never loops more than a bounded number of times (the input it looks at is
-//!   capped at [`MAX_HEADER_LEN`] bytes) and never allocates more than one v1 line.
+//! - It never panics, never allocates, and does work bounded by the input it looks at, which is
+//!   capped at [`MAX_HEADER_LEN`] bytes (a caller that keeps reading does re-parse the buffer
+//!   each time; headers are normally whole in the first segment).
 //! - [`Parsed::Incomplete`] is only returned while the buffer is shorter than the header it
 //!   announces: never at or beyond [`V1_MAX_LEN`] bytes for a v1 line, never at or beyond
 //!   [`MAX_HEADER_LEN`] bytes for anything. A caller therefore never needs to buffer more
