@@ -16,6 +16,8 @@
 //! - [`buffer`]: fixed-capacity buffers and the pool that lends them only while bytes are in flight.
 //! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
 //! - [`stats`]: process-wide counters.
+//! - [`proxy_protocol`]: HAProxy PROXY protocol v1/v2 encoder and bounded incremental parser.
+//! - [`orig_dst`]: the original destination of a redirected connection (`SO_ORIGINAL_DST`), TPROXY.
 
 #![warn(rust_2018_idioms, missing_debug_implementations, missing_docs)]
 
@@ -23,8 +25,10 @@ pub mod buffer;
 pub mod config;
 pub mod event_loop;
 pub mod net;
+pub mod orig_dst;
 pub mod pair;
 pub mod pipe;
+pub mod proxy_protocol;
 pub mod stats;
 pub mod tap;
 
