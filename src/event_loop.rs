@@ -42,6 +42,8 @@ fn listener_token(i: usize) -> Token {
     Token(FIRST_LISTENER - i)
 }
 
+/// First pause of accepting after EMFILE/ENFILE.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Longest pause of accepting after EMFILE/ENFILE.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -89,9 +91,6 @@ struct Listener {
     blocked_by_limit: bool,
     /// Accepting paused after EMFILE/ENFILE until then.
     paused_until: Option<Instant>,
-    backoff: Duration,
-    /// Last time the resource-exhaustion warning was logged.
-    last_warned: Option<Instant>,
 }
 
 struct RouteRt {
@@ -125,6 +124,11 @@ pub struct Server {
     budget: usize,
     draining: Option<Instant>,
     sigints: u32,
+    /// Current pause after running out of descriptors; reset once a pair starts fine.
+    accept_backoff: Duration,
+    last_fd_warning: Option<Instant>,
+    /// `max_connections`, lowered if the open-file limit cannot hold that many pairs.
+    max_connections: usize,
 }
 
 impl std::fmt::Debug for Server {
@@ -177,8 +181,6 @@ impl Server {
                 local,
                 blocked_by_limit: false,
                 paused_until: None,
-                backoff: Duration::from_millis(10),
-                last_warned: None,
             });
             routes.push(RouteRt {
                 config: route.clone(),
@@ -208,6 +210,9 @@ impl Server {
             budget: (4 * buffer_size).max(256 * 1024),
             draining: None,
             sigints: 0,
+            accept_backoff: MIN_ACCEPT_BACKOFF,
+            last_fd_warning: None,
+            max_connections: fd_capped_max_connections(config.max_connections),
             config,
         })
     }
@@ -425,7 +430,7 @@ impl Server {
             }
             l.paused_until = None;
             let route = &self.routes[i];
-            if self.pairs.len() >= self.config.max_connections
+            if self.pairs.len() >= self.max_connections
                 || route.active >= route.config.max_connections
             {
                 // Leave connections in the kernel's backlog; resume when a slot frees.
@@ -441,27 +446,12 @@ impl Server {
             l.blocked_by_limit = false;
             match socket.accept() {
                 Ok((stream, peer)) => {
-                    l.backoff = Duration::from_millis(10);
                     self.start_pair(i, stream, peer, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if net::is_resource_exhaustion(&e) => {
-                    l.paused_until = Some(now + l.backoff);
-                    let warn_now = l
-                        .last_warned
-                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10));
-                    if warn_now {
-                        l.last_warned = Some(now);
-                        warn!(
-                            "route `{}`: accept failed: {e}; pausing accepts for {:?} ({} connections open)",
-                            self.routes[i].config.name,
-                            l.backoff,
-                            self.pairs.len()
-                        );
-                    }
-                    l.backoff = (l.backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                    self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    self.pause_accepting(now, &e);
                     return;
                 }
                 Err(e) => {
@@ -471,6 +461,28 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Out of descriptors (or memory): stop accepting on every listener for a while, doubling the
+    /// pause up to [`MAX_ACCEPT_BACKOFF`], instead of spinning on accept(2). Pending clients wait
+    /// in the kernel's backlog. Warns at most once per 10 s.
+    fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
+        self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+        let backoff = self.accept_backoff;
+        for l in &mut self.listeners {
+            l.paused_until = Some(now + backoff);
+        }
+        if self
+            .last_fd_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            self.last_fd_warning = Some(now);
+            warn!(
+                "{e}: pausing accepts for {backoff:?} ({} connections open)",
+                self.pairs.len()
+            );
+        }
+        self.accept_backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
     }
 
     fn start_pair(
@@ -497,6 +509,9 @@ impl Server {
                     route.config.name
                 );
                 let _ = net::set_linger_zero(&downstream);
+                if net::is_resource_exhaustion(&e) {
+                    self.pause_accepting(now, &e);
+                }
                 return;
             }
         };
@@ -549,6 +564,7 @@ impl Server {
             scheduled: false,
         });
         self.routes[route_idx].active += 1;
+        self.accept_backoff = MIN_ACCEPT_BACKOFF;
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         self.timers.push(Reverse((deadline, key, id)));
     }
@@ -746,7 +762,7 @@ impl Server {
             let paused_done = l.paused_until.is_some_and(|t| now >= t);
             let route = &self.routes[i];
             let slot_free = l.blocked_by_limit
-                && self.total_active() < self.config.max_connections
+                && self.total_active() < self.max_connections
                 && route.active < route.config.max_connections;
             if paused_done || slot_free {
                 self.accept(i, now);
@@ -779,6 +795,36 @@ impl Server {
             );
         }
     }
+}
+
+/// Descriptors kept free for listeners, the poller, signals, tap and log files.
+const FD_RESERVE: u64 = 32;
+
+/// Each pair needs two descriptors: cap `configured` so that accepting stops (clients wait in the
+/// backlog) before accept(2) or socket(2) run out of descriptors.
+fn fd_capped_max_connections(configured: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer to a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return configured;
+    }
+    let cap = (lim.rlim_cur.saturating_sub(FD_RESERVE) / 2).max(1);
+    let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+    if configured > cap {
+        warn!(
+            "max_connections = {configured} needs {} descriptors but the open-file limit is {}; \
+             holding at most {cap} connections (raise `ulimit -n` for more)",
+            configured * 2 + FD_RESERVE as usize,
+            lim.rlim_cur
+        );
+        return cap;
+    }
+    configured
 }
 
 fn fmt_addrs(addrs: &[SocketAddr]) -> String {

@@ -1,0 +1,186 @@
+//! The command line as a user types it: the shipped config, flags, and clear errors for bad input.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn run(args: &[&str], cwd: &Path) -> Output {
+    Command::new(binary())
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run tcptap")
+}
+
+fn shipped_config() -> String {
+    format!("{}/proxy.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let dir = TempDir::new("cli");
+    let out = run(&["--config", &shipped_config(), "--check-config"], &dir.0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+}
+
+#[test]
+fn shipped_config_proxies_with_cli_route() {
+    // Every setting of the shipped file, with its route replaced by flags (no fixed ports in tests).
+    let echo = Upstream::echo();
+    let proxy = Proxy::start(
+        &[
+            "--config",
+            &shipped_config(),
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &echo.addr.to_string(),
+        ],
+        1,
+    );
+    let mut c = connect(proxy.addr());
+    c.write_all(b"shipped").unwrap();
+    assert_eq!(read_n(&mut c, 7, PROMPT).unwrap(), b"shipped");
+}
+
+#[test]
+fn help_and_version() {
+    let dir = TempDir::new("cli");
+    let out = run(&["--help"], &dir.0);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--config",
+        "--check-config",
+        "--tap-log",
+        "--tap-pcap",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let out = run(&["--version"], &dir.0);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn no_config_in_cwd_is_a_clear_error() {
+    let dir = TempDir::new("cli");
+    let out = run(&[], &dir.0);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("proxy.toml") && err.contains("--listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn default_config_file_is_read_from_cwd() {
+    let dir = TempDir::new("cli");
+    let echo = Upstream::echo();
+    write_file(
+        &dir.path("proxy.toml"),
+        &one_route("127.0.0.1:0", echo.addr, ""),
+    );
+    let out = run(&["--check-config"], &dir.0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("proxy.toml"));
+}
+
+#[test]
+fn bad_configs_name_file_key_and_problem() {
+    let dir = TempDir::new("cli");
+    let up = "upstream = \"127.0.0.1:9\"";
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("unknown.toml", "colour = \"blue\"\n", &["colour"]),
+        (
+            "addr.toml",
+            "[[route]]\nlisten = \"127.0.0.1\"\nupstream = \"127.0.0.1:9\"\n",
+            &["route[0].listen", "127.0.0.1"],
+        ),
+        (
+            "dur.toml",
+            &format!("idle_timeout = \"forever\"\n[[route]]\nlisten = \"127.0.0.1:0\"\n{up}\n"),
+            &["idle_timeout", "forever"],
+        ),
+        (
+            "zero.toml",
+            &format!("buffer_size = 0\n[[route]]\nlisten = \"127.0.0.1:0\"\n{up}\n"),
+            &["buffer_size"],
+        ),
+        (
+            "type.toml",
+            &format!("max_connections = \"many\"\n[[route]]\nlisten = \"127.0.0.1:0\"\n{up}\n"),
+            &["max_connections"],
+        ),
+        ("syntax.toml", "[[route]\nlisten = \n", &["line"]),
+        (
+            "upstream.toml",
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"no-such-host.invalid:80\"\n",
+            &["route[0].upstream", "no-such-host.invalid"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let path = dir.path(name);
+        write_file(&path, text);
+        for extra in [&[][..], &["--check-config"][..]] {
+            let mut args = vec!["--config", path.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            let out = run(&args, &dir.0);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+            assert!(
+                err.contains(name),
+                "{name}: error does not name the file: {err}"
+            );
+            for n in *needles {
+                assert!(err.contains(n), "{name}: error lacks {n:?}: {err}");
+            }
+        }
+    }
+    let out = run(
+        &["--config", dir.path("missing.toml").to_str().unwrap()],
+        &dir.0,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new("cli");
+    let out = run(&["--listen", &addr, "--upstream", "127.0.0.1:9"], &dir.0);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&addr) && err.to_lowercase().contains("in use"),
+        "{err}"
+    );
+}
+
+#[test]
+fn listen_without_upstream_is_rejected() {
+    let dir = TempDir::new("cli");
+    let out = run(&["--listen", "127.0.0.1:0"], &dir.0);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"));
+}

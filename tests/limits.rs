@@ -1,0 +1,122 @@
+//! File-descriptor limits: connections are capped so clients wait in the backlog instead of being
+//! rejected, and if descriptors run out anyway the proxy pauses accepting with backoff instead of
+//! spinning, then serves again once descriptors free up.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn set_nofile(pid: u32, limit: u64) -> libc::rlimit {
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: 20_000.max(limit),
+    };
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child with valid pointers.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+#[test]
+fn fd_limit_caps_connections_and_clients_wait() {
+    let echo = Upstream::echo();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &echo.addr.to_string(),
+    ];
+    let proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        // SAFETY: setrlimit is async-signal-safe; runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 40,
+                    rlim_max: 40,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    proxy.wait_log("holding at most 4 connections", PROMPT);
+    let mut clients: Vec<_> = (0..12).map(|_| connect(proxy.addr())).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.write_all(&[i as u8]).unwrap();
+    }
+    for (i, c) in clients.iter_mut().enumerate().take(4) {
+        assert_eq!(read_n(c, 1, PROMPT).unwrap(), [i as u8]);
+    }
+    assert_eq!(echo.accepted.load(Ordering::SeqCst), 4);
+    // Each client that leaves lets one more in; none is rejected.
+    for i in 4..12 {
+        clients.remove(0);
+        let c = &mut clients[3];
+        assert_eq!(
+            read_n(c, 1, PROMPT).unwrap(),
+            [i as u8],
+            "client {i} not served"
+        );
+    }
+    assert_eq!(proxy.count_log("connect failed"), 0, "{}", proxy.logs());
+}
+
+#[test]
+fn emfile_pauses_accepting_without_spinning() {
+    let echo = Upstream::echo();
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &echo.addr.to_string(),
+        ],
+        1,
+    );
+    // Lower the running proxy's limit behind its back: it believes it may hold 10000 pairs.
+    let old = set_nofile(proxy.pid(), 40);
+    let mut clients: Vec<_> = (0..60).map(|_| connect(proxy.addr())).collect();
+    for c in clients.iter_mut() {
+        let _ = c.write_all(b"?");
+    }
+    proxy.wait_log("pausing accepts", PROMPT);
+    // Saturated: measure CPU over a second. A spinning accept loop would burn ~1 s.
+    let cpu0 = proxy.cpu_time();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = proxy.cpu_time() - cpu0;
+    assert!(
+        used < t0.elapsed() / 3,
+        "proxy used {used:?} CPU in {:?} while out of descriptors",
+        t0.elapsed()
+    );
+    set_nofile(proxy.pid(), old.rlim_cur);
+    clients.clear();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut c = connect(proxy.addr());
+        c.write_all(b"ok").unwrap();
+        match read_n(&mut c, 2, Duration::from_secs(3)) {
+            Ok(b) => {
+                assert_eq!(b, b"ok");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => eprintln!("not served yet: {e}"),
+            Err(e) => panic!(
+                "proxy did not recover after descriptors were freed: {e}\n{}",
+                proxy.logs()
+            ),
+        }
+    }
+}

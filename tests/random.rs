@@ -1,0 +1,205 @@
+//! Many connections with random sizes, chunking, pauses and close orders; every byte checked.
+//! The seed is printed; set TCPTAP_SEED to replay a run.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+/// What one connection does, derived from its seed.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    seed: u64,
+    up_len: usize,
+    down_len: usize,
+    /// 0: upstream replies after the client's EOF; 1: both stream at once; 2: upstream sends and
+    /// closes its write side first, then reads.
+    order: u64,
+}
+
+impl Plan {
+    fn new(seed: u64) -> Plan {
+        let mut p = Pattern::new(seed);
+        let size = |p: &mut Pattern| match p.below(4) {
+            0 => p.below(16) as usize,
+            1 => p.below(4096) as usize,
+            2 => p.below(200_000) as usize,
+            _ => p.below(2_000_000) as usize,
+        };
+        Plan {
+            seed,
+            up_len: size(&mut p),
+            down_len: size(&mut p),
+            order: p.below(3),
+        }
+    }
+
+    fn encode(&self) -> [u8; 24] {
+        let mut h = [0u8; 24];
+        h[..8].copy_from_slice(&self.seed.to_le_bytes());
+        h[8..16].copy_from_slice(&(self.up_len as u64).to_le_bytes());
+        h[16..].copy_from_slice(&(self.down_len as u64).to_le_bytes());
+        h
+    }
+
+    fn decode(h: [u8; 24]) -> Plan {
+        let seed = u64::from_le_bytes(h[..8].try_into().unwrap());
+        let plan = Plan::new(seed);
+        assert_eq!(
+            plan.up_len as u64,
+            u64::from_le_bytes(h[8..16].try_into().unwrap())
+        );
+        assert_eq!(
+            plan.down_len as u64,
+            u64::from_le_bytes(h[16..].try_into().unwrap())
+        );
+        plan
+    }
+}
+
+/// Writes `len` pattern bytes in random chunks with occasional short pauses.
+fn send_chunked(s: &mut TcpStream, seed: u64, len: usize, rng: &mut Pattern) {
+    let data = Pattern::bytes(seed, len);
+    let mut off = 0;
+    while off < len {
+        let n = (1 + rng.below(65_536) as usize).min(len - off);
+        s.write_all(&data[off..off + n]).unwrap();
+        off += n;
+        if rng.below(16) == 0 {
+            thread::sleep(Duration::from_micros(rng.below(3000)));
+        }
+    }
+}
+
+fn recv_all(s: &mut TcpStream, seed: u64, len: usize) -> Result<(), String> {
+    let got = read_to_end(s, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    if got.len() != len {
+        return Err(format!("got {} bytes, expected {len}", got.len()));
+    }
+    if got != Pattern::bytes(seed, len) {
+        return Err("byte mismatch".into());
+    }
+    Ok(())
+}
+
+fn upstream_side(mut s: TcpStream) -> Result<(), String> {
+    let mut h = [0u8; 24];
+    s.read_exact(&mut h).map_err(|e| e.to_string())?;
+    let plan = Plan::decode(h);
+    let mut rng = Pattern::new(plan.seed ^ 0xAA);
+    match plan.order {
+        0 => {
+            recv_all(&mut s, plan.seed + 1, plan.up_len)?;
+            send_chunked(&mut s, plan.seed + 2, plan.down_len, &mut rng);
+            s.shutdown(Shutdown::Write).map_err(|e| e.to_string())
+        }
+        1 => {
+            let mut w = s.try_clone().unwrap();
+            let t = thread::spawn(move || {
+                send_chunked(&mut w, plan.seed + 2, plan.down_len, &mut rng);
+                w.shutdown(Shutdown::Write).unwrap();
+            });
+            let r = recv_all(&mut s, plan.seed + 1, plan.up_len);
+            t.join()
+                .map_err(|_| "upstream writer panicked".to_string())?;
+            r
+        }
+        _ => {
+            send_chunked(&mut s, plan.seed + 2, plan.down_len, &mut rng);
+            s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            recv_all(&mut s, plan.seed + 1, plan.up_len)
+        }
+    }
+}
+
+fn client_side(addr: std::net::SocketAddr, plan: Plan) -> Result<(), String> {
+    let mut s = connect(addr);
+    let mut rng = Pattern::new(plan.seed ^ 0x55);
+    s.write_all(&plan.encode()).unwrap();
+    match plan.order {
+        0 => {
+            send_chunked(&mut s, plan.seed + 1, plan.up_len, &mut rng);
+            s.shutdown(Shutdown::Write).unwrap();
+            recv_all(&mut s, plan.seed + 2, plan.down_len)
+        }
+        1 => {
+            let mut w = s.try_clone().unwrap();
+            let t = thread::spawn(move || {
+                send_chunked(&mut w, plan.seed + 1, plan.up_len, &mut rng);
+                w.shutdown(Shutdown::Write).unwrap();
+            });
+            let r = recv_all(&mut s, plan.seed + 2, plan.down_len);
+            t.join().map_err(|_| "client writer panicked".to_string())?;
+            r
+        }
+        _ => {
+            recv_all(&mut s, plan.seed + 2, plan.down_len)?;
+            send_chunked(&mut s, plan.seed + 1, plan.up_len, &mut rng);
+            s.shutdown(Shutdown::Write).unwrap();
+            // Wait for the proxy to close our socket: the pair is done.
+            read_to_end(&mut s, Duration::from_secs(30))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[test]
+fn random_connections_every_byte_checked() {
+    let seed: u64 = std::env::var("TCPTAP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("TCPTAP_SEED={seed}");
+    const CONNS: u64 = 240;
+    const PARALLEL: u64 = 24;
+    let (utx, urx) = mpsc::channel();
+    let up = Upstream::start(move |s| {
+        utx.send(upstream_side(s)).unwrap();
+    });
+    // A small buffer makes partial writes and backpressure common.
+    let config = one_route("127.0.0.1:0", up.addr, "buffer_size = \"4 KiB\"");
+    let proxy = Proxy::with_config(&config, 1);
+    let addr = proxy.addr();
+    let mut workers = Vec::new();
+    for w in 0..PARALLEL {
+        workers.push(thread::spawn(move || {
+            let mut failures = Vec::new();
+            for i in (w..CONNS).step_by(PARALLEL as usize) {
+                let plan = Plan::new(seed.wrapping_add(i * 1_000_003));
+                if let Err(e) = client_side(addr, plan) {
+                    failures.push(format!("{plan:?}: client: {e}"));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    for _ in 0..CONNS {
+        match urx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("upstream: {e}")),
+            Err(_) => failures.push("an upstream handler never finished".into()),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    proxy.wait_count("closed first", CONNS as usize, Duration::from_secs(30));
+}
