@@ -17,7 +17,7 @@ use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, trace, warn};
@@ -52,26 +52,49 @@ const RUN: u8 = 0;
 const GRACEFUL: u8 = 1;
 const IMMEDIATE: u8 = 2;
 
+/// While a connection limit blocks accepting, re-check this often (another worker may free a slot).
+const LIMIT_RETRY: Duration = Duration::from_millis(20);
+
+/// State every worker reads: the config, the shutdown request, ids, limits and counters.
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    request: AtomicU8,
+    next_id: AtomicU64,
+    stats: Stats,
+    /// Pairs open per route over all workers (for the route limits; the total is `stats.active`).
+    route_active: Vec<AtomicUsize>,
+    /// `max_connections`, lowered if the open-file limit cannot hold that many pairs.
+    max_connections: usize,
+}
+
 /// Asks a running server to stop, from any thread.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
-    request: Arc<AtomicU8>,
-    waker: Arc<Waker>,
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<Waker>>,
 }
 
 impl ShutdownHandle {
     /// Stops accepting at once, lets open connections finish for up to the drain timeout.
     pub fn graceful(&self) {
-        let _ = self
-            .request
-            .compare_exchange(RUN, GRACEFUL, Ordering::SeqCst, Ordering::SeqCst);
-        let _ = self.waker.wake();
+        let _ =
+            self.shared
+                .request
+                .compare_exchange(RUN, GRACEFUL, Ordering::SeqCst, Ordering::SeqCst);
+        self.wake_all();
     }
 
     /// Resets every connection and stops now.
     pub fn immediate(&self) {
-        self.request.store(IMMEDIATE, Ordering::SeqCst);
-        let _ = self.waker.wake();
+        self.shared.request.store(IMMEDIATE, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
     }
 }
 
@@ -96,19 +119,36 @@ struct Listener {
 struct RouteRt {
     config: Route,
     tap: Option<TapHandle>,
-    active: usize,
 }
 
-/// A bound, ready-to-run proxy.
+/// A bound, ready-to-run proxy: one or more workers (event loops) and the taps they share.
 pub struct Server {
+    workers: Vec<Worker>,
+    taps: Vec<TapGuard>,
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<Waker>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.local_addrs())
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One single-threaded event loop with its own listeners (`SO_REUSEPORT` when there are several).
+struct Worker {
+    index: usize,
     poll: Poll,
-    config: Config,
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<Waker>>,
     listeners: Vec<Listener>,
     routes: Vec<RouteRt>,
-    taps: Vec<TapGuard>,
     pairs: Slab<Pair>,
     pool: BufferPool,
-    /// `(deadline, key, id)`: at most one live entry per pair; re-armed lazily when popped.
+    /// `(deadline, key, id)`; the live entry of a pair is the one equal to its `timer_at`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Pairs to drive in this round `(key, id)`.
     work: Vec<(usize, u64)>,
@@ -116,51 +156,24 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     /// Pairs to close at the end of the batch.
     closing: Vec<(usize, u64, CloseReason)>,
-    request: Arc<AtomicU8>,
-    waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
-    next_id: Arc<AtomicU64>,
-    stats: Arc<Stats>,
     budget: usize,
     draining: Option<Instant>,
     sigints: u32,
     /// Current pause after running out of descriptors; reset once a pair starts fine.
     accept_backoff: Duration,
     last_fd_warning: Option<Instant>,
-    /// `max_connections`, lowered if the open-file limit cannot hold that many pairs.
-    max_connections: usize,
-}
-
-impl std::fmt::Debug for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("listeners", &self.local_addrs())
-            .field("pairs", &self.pairs.len())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Server {
-    /// Binds every route's listener and starts the taps. Nothing is accepted until [`run`](Server::run).
+    /// Binds every route's listener (once per worker) and starts the taps. Nothing is accepted
+    /// until [`run`](Server::run).
     pub fn bind(config: Config) -> Result<Server, SetupError> {
-        let poll = Poll::new().map_err(SetupError::Poll)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?);
-        let mut listeners = Vec::new();
-        let mut routes = Vec::new();
-        let mut taps = Vec::new();
         // Routes with the same tap config share one writer (and one output file).
+        let mut taps = Vec::new();
         let mut started: Vec<(tap::TapConfig, TapHandle)> = Vec::new();
-        for (i, route) in config.routes.iter().enumerate() {
-            let mut socket =
-                net::bind_listener(&route.name, route.listen, config.listen_backlog, false)?;
-            let local = socket.local_addr().map_err(|source| SetupError::Bind {
-                route: route.name.clone(),
-                addr: route.listen,
-                source,
-            })?;
-            poll.registry()
-                .register(&mut socket, listener_token(i), Interest::READABLE)
-                .map_err(SetupError::Poll)?;
+        let mut route_taps = Vec::new();
+        for route in &config.routes {
             let tap = match &route.tap {
                 None => None,
                 Some(tc) => match started.iter().find(|(c, _)| c == tc) {
@@ -176,89 +189,191 @@ impl Server {
                     }
                 },
             };
-            listeners.push(Listener {
-                socket: Some(socket),
-                local,
-                blocked_by_limit: false,
-                paused_until: None,
-            });
-            routes.push(RouteRt {
-                config: route.clone(),
-                tap,
-                active: 0,
-            });
+            route_taps.push(tap);
         }
-        let buffer_size = config.buffer_size.get();
-        // Keep up to 32 MiB of idle buffers for reuse; beyond that, free them.
-        let max_free = ((32 << 20) / buffer_size).clamp(4, 4096);
-        Ok(Server {
-            poll,
-            listeners,
-            routes,
-            taps,
-            pairs: Slab::with_capacity(1024),
-            pool: BufferPool::new(buffer_size, max_free),
-            timers: BinaryHeap::new(),
-            work: Vec::new(),
-            again: Vec::new(),
-            closing: Vec::new(),
-            request: Arc::new(AtomicU8::new(RUN)),
-            waker,
-            signals: None,
-            next_id: Arc::new(AtomicU64::new(1)),
-            stats: Arc::new(Stats::default()),
-            budget: (4 * buffer_size).max(256 * 1024),
-            draining: None,
-            sigints: 0,
-            accept_backoff: MIN_ACCEPT_BACKOFF,
-            last_fd_warning: None,
+        let n = config.workers.get();
+        let shared = Arc::new(Shared {
+            request: AtomicU8::new(RUN),
+            next_id: AtomicU64::new(1),
+            stats: Stats::default(),
+            route_active: config.routes.iter().map(|_| AtomicUsize::new(0)).collect(),
             max_connections: fd_capped_max_connections(config.max_connections),
             config,
+        });
+        let mut workers = Vec::with_capacity(n);
+        let mut wakers = Vec::with_capacity(n);
+        // Worker 0 binds the configured addresses (port 0 becomes a real port); the others bind
+        // the same real addresses with SO_REUSEPORT, and the kernel spreads connections.
+        let mut addrs: Vec<SocketAddr> = shared.config.routes.iter().map(|r| r.listen).collect();
+        for index in 0..n {
+            let poll = Poll::new().map_err(SetupError::Poll)?;
+            wakers.push(Arc::new(
+                Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?,
+            ));
+            let mut listeners = Vec::new();
+            for (i, route) in shared.config.routes.iter().enumerate() {
+                let mut socket =
+                    net::bind_listener(&route.name, addrs[i], shared.config.listen_backlog, n > 1)?;
+                let local = socket.local_addr().map_err(|source| SetupError::Bind {
+                    route: route.name.clone(),
+                    addr: route.listen,
+                    source,
+                })?;
+                addrs[i] = local;
+                poll.registry()
+                    .register(&mut socket, listener_token(i), Interest::READABLE)
+                    .map_err(SetupError::Poll)?;
+                listeners.push(Listener {
+                    socket: Some(socket),
+                    local,
+                    blocked_by_limit: false,
+                    paused_until: None,
+                });
+            }
+            let buffer_size = shared.config.buffer_size.get();
+            // Keep up to 32 MiB of idle buffers for reuse; beyond that, free them.
+            let max_free = ((32 << 20) / buffer_size / n).clamp(4, 4096);
+            workers.push(Worker {
+                index,
+                poll,
+                shared: shared.clone(),
+                wakers: Vec::new(),
+                listeners,
+                routes: shared
+                    .config
+                    .routes
+                    .iter()
+                    .zip(&route_taps)
+                    .map(|(r, t)| RouteRt {
+                        config: r.clone(),
+                        tap: t.clone(),
+                    })
+                    .collect(),
+                pairs: Slab::with_capacity(1024),
+                pool: BufferPool::new(buffer_size, max_free),
+                timers: BinaryHeap::new(),
+                work: Vec::new(),
+                again: Vec::new(),
+                closing: Vec::new(),
+                signals: None,
+                budget: (4 * buffer_size).max(256 * 1024),
+                draining: None,
+                sigints: 0,
+                accept_backoff: MIN_ACCEPT_BACKOFF,
+                last_fd_warning: None,
+            });
+        }
+        for w in &mut workers {
+            w.wakers = wakers.clone();
+        }
+        Ok(Server {
+            workers,
+            taps,
+            shared,
+            wakers,
         })
     }
 
     /// The bound listen addresses, in route order (port 0 in the config becomes the real port here).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.local).collect()
+        self.workers[0].listeners.iter().map(|l| l.local).collect()
     }
 
     /// A handle to stop the server from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            request: self.request.clone(),
-            waker: self.waker.clone(),
+            shared: self.shared.clone(),
+            wakers: self.wakers.clone(),
         }
     }
 
-    /// Counters shared with whoever wants to read them.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
-    /// Routes SIGTERM and SIGINT into the loop: the first starts a graceful shutdown, a second SIGINT
-    /// stops at once.
+    /// Routes SIGTERM and SIGINT into the first worker's loop: the first starts a graceful shutdown
+    /// of every worker, a second SIGINT stops at once.
     pub fn handle_signals(&mut self) -> Result<(), SetupError> {
         let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT])
             .map_err(SetupError::Signals)?;
-        self.poll
+        let w = &mut self.workers[0];
+        w.poll
             .registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(SetupError::Signals)?;
-        self.signals = Some(signals);
+        w.signals = Some(signals);
         Ok(())
     }
 
-    /// Runs until shut down. Only a failing `poll(2)` is an error.
+    /// Runs every worker until shut down (worker 0 on this thread). Only a failing `poll(2)` is an
+    /// error.
     pub fn run(mut self) -> io::Result<Exit> {
-        for (l, r) in self.listeners.iter().zip(&self.routes) {
+        let n = self.workers.len();
+        for (i, r) in self.shared.config.routes.iter().enumerate() {
             info!(
-                "route `{}`: listening on {} -> {} ({})",
-                r.config.name,
-                l.local,
-                r.config.upstream_name,
-                fmt_addrs(&r.config.upstream)
+                "route `{}`: listening on {} -> {} ({}){}",
+                r.name,
+                self.workers[0].listeners[i].local,
+                r.upstream_name,
+                fmt_addrs(&r.upstream),
+                if n > 1 {
+                    format!(", {n} workers")
+                } else {
+                    String::new()
+                }
             );
         }
+        let handle = self.shutdown_handle();
+        let mut threads = Vec::new();
+        for w in self.workers.drain(1..) {
+            let h = handle.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("tcptap-worker-{}", w.index))
+                .spawn(move || {
+                    let r = w.run();
+                    if r.is_err() {
+                        // A dead worker takes the process down cleanly rather than silently.
+                        h.immediate();
+                    }
+                    r
+                })?;
+            threads.push(t);
+        }
+        let first = self.workers.pop().expect("at least one worker").run();
+        if first.is_err() {
+            handle.immediate();
+        }
+        let mut exit = first;
+        for t in threads {
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("worker thread panicked")));
+            exit = match (exit, r) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(Exit::Immediate), _) | (_, Ok(Exit::Immediate)) => Ok(Exit::Immediate),
+                _ => Ok(Exit::Graceful),
+            };
+        }
+        let graceful = matches!(exit, Ok(Exit::Graceful));
+        let timeout = if graceful {
+            self.shared.config.drain_timeout.max(Duration::from_secs(2))
+        } else {
+            Duration::from_secs(1)
+        };
+        for guard in self.taps.drain(..) {
+            let s = guard.shutdown(timeout);
+            info!(
+                "tap: {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
+                s.records_written,
+                s.bytes_written,
+                s.dropped_records,
+                s.dropped_bytes,
+                s.write_errors
+            );
+        }
+        info!("stopped: {}", self.shared.stats.summary());
+        exit
+    }
+}
+
+impl Worker {
+    fn run(mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
         let exit = loop {
             let timeout = self.poll_timeout();
@@ -266,7 +381,8 @@ impl Server {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                error!("poll failed: {e}");
+                error!("worker {}: poll failed: {e}", self.index);
+                self.abort_all();
                 return Err(e);
             }
             let now = Instant::now();
@@ -298,8 +414,6 @@ impl Server {
         if exit == Exit::Immediate {
             self.abort_all();
         }
-        self.finish_taps(exit);
-        info!("stopped: {}", self.stats.summary());
         Ok(exit)
     }
 
@@ -318,6 +432,9 @@ impl Server {
         if let Some(t) = self.draining {
             consider(t);
         }
+        if self.wakers.len() > 1 && self.listeners.iter().any(|l| l.blocked_by_limit) {
+            consider(now + LIMIT_RETRY);
+        }
         // Round up to a millisecond so a timer is never polled for a zero timeout in a busy loop.
         next.map(|t| t.saturating_duration_since(now) + Duration::from_millis(1))
     }
@@ -325,7 +442,7 @@ impl Server {
     fn dispatch(&mut self, event: &Event, now: Instant) {
         match event.token() {
             WAKER => {}
-            SIGNALS => self.on_signals(now),
+            SIGNALS => self.on_signals(),
             Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
                 let i = FIRST_LISTENER - t;
                 self.accept(i, now);
@@ -358,7 +475,7 @@ impl Server {
         }
     }
 
-    fn on_signals(&mut self, now: Instant) {
+    fn on_signals(&mut self) {
         let Some(signals) = self.signals.as_mut() else {
             return;
         };
@@ -379,21 +496,31 @@ impl Server {
         }
         if immediate {
             info!("second interrupt: stopping now");
-            self.request.store(IMMEDIATE, Ordering::SeqCst);
+            self.shared.request.store(IMMEDIATE, Ordering::SeqCst);
         } else if graceful {
-            let _ =
-                self.request
-                    .compare_exchange(RUN, GRACEFUL, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = self.shared.request.compare_exchange(
+                RUN,
+                GRACEFUL,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
-        let _ = now;
+        if immediate || graceful {
+            // The other workers learn through their wakers.
+            for (i, w) in self.wakers.iter().enumerate() {
+                if i != self.index {
+                    let _ = w.wake();
+                }
+            }
+        }
     }
 
     /// Acts on a shutdown request. Returns the exit when the loop must stop now.
     fn control(&mut self, now: Instant) -> Option<Exit> {
-        match self.request.load(Ordering::SeqCst) {
+        match self.shared.request.load(Ordering::SeqCst) {
             IMMEDIATE => Some(Exit::Immediate),
             GRACEFUL if self.draining.is_none() => {
-                self.draining = Some(now + self.config.drain_timeout);
+                self.draining = Some(now + self.shared.config.drain_timeout);
                 for (i, l) in self.listeners.iter_mut().enumerate() {
                     if let Some(mut s) = l.socket.take() {
                         let _ = self.poll.registry().deregister(&mut s);
@@ -407,7 +534,7 @@ impl Server {
                 info!(
                     "shutting down: listeners closed, {} connection(s) draining (up to {:?})",
                     self.pairs.len(),
-                    self.config.drain_timeout
+                    self.shared.config.drain_timeout
                 );
                 None
             }
@@ -415,35 +542,36 @@ impl Server {
         }
     }
 
-    fn total_active(&self) -> usize {
-        self.pairs.len()
+    /// True when the global or the route's connection limit is reached.
+    fn at_limit(&self, route: usize) -> bool {
+        // Workers check and count separately, so N workers may overshoot by at most N - 1.
+        self.shared.stats.active.load(Ordering::Relaxed) as usize >= self.shared.max_connections
+            || self.shared.route_active[route].load(Ordering::Relaxed)
+                >= self.routes[route].config.max_connections
     }
 
     fn accept(&mut self, i: usize, now: Instant) {
         loop {
             let l = &mut self.listeners[i];
-            let Some(socket) = l.socket.as_ref() else {
-                return;
-            };
-            if l.paused_until.is_some_and(|t| now < t) {
+            if l.socket.is_none() || l.paused_until.is_some_and(|t| now < t) {
                 return;
             }
             l.paused_until = None;
-            let route = &self.routes[i];
-            if self.pairs.len() >= self.max_connections
-                || route.active >= route.config.max_connections
-            {
+            if self.at_limit(i) {
                 // Leave connections in the kernel's backlog; resume when a slot frees.
-                if !l.blocked_by_limit {
+                if !self.listeners[i].blocked_by_limit {
                     debug!(
                         "route `{}`: connection limit reached, accepting paused",
-                        route.config.name
+                        self.routes[i].config.name
                     );
                 }
-                l.blocked_by_limit = true;
+                self.listeners[i].blocked_by_limit = true;
                 return;
             }
-            l.blocked_by_limit = false;
+            self.listeners[i].blocked_by_limit = false;
+            let Some(socket) = self.listeners[i].socket.as_ref() else {
+                return;
+            };
             match socket.accept() {
                 Ok((stream, peer)) => {
                     self.start_pair(i, stream, peer, now);
@@ -457,7 +585,10 @@ impl Server {
                 Err(e) => {
                     // ECONNABORTED and friends: that one client is gone; keep accepting.
                     debug!("route `{}`: accept: {e}", self.routes[i].config.name);
-                    self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .accept_errors
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -467,7 +598,10 @@ impl Server {
     /// pause up to [`MAX_ACCEPT_BACKOFF`], instead of spinning on accept(2). Pending clients wait
     /// in the kernel's backlog. Warns at most once per 10 s.
     fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
-        self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .accept_errors
+            .fetch_add(1, Ordering::Relaxed);
         let backoff = self.accept_backoff;
         for l in &mut self.listeners {
             l.paused_until = Some(now + backoff);
@@ -492,18 +626,21 @@ impl Server {
         peer: SocketAddr,
         now: Instant,
     ) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let route = &self.routes[route_idx];
-        if let Err(e) = net::configure_accepted(&downstream, &self.config.socket) {
+        if let Err(e) = net::configure_accepted(&downstream, &self.shared.config.socket) {
             debug!("#{id} {peer}: socket options: {e}");
         }
         let upstream_addr = route.config.upstream[0];
-        let upstream = match net::connect_upstream(upstream_addr, &self.config.socket) {
+        let upstream = match net::connect_upstream(upstream_addr, &self.shared.config.socket) {
             Ok(s) => s,
             Err(e) => {
-                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                self.stats.closed.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
                 info!(
                     "#{id} {peer} -> {upstream_addr}: upstream connect failed: {e} (route `{}`)",
                     route.config.name
@@ -527,7 +664,7 @@ impl Server {
             warn!("#{id} {peer}: cannot register sockets: {e}");
             let _ = registry.deregister(&mut downstream);
             let _ = net::set_linger_zero(&downstream);
-            self.stats.closed.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let meta = Arc::new(ConnMeta {
@@ -562,10 +699,11 @@ impl Server {
                 dropped_bytes: 0,
             }),
             scheduled: false,
+            timer_at: Some(deadline),
         });
-        self.routes[route_idx].active += 1;
+        self.shared.route_active[route_idx].fetch_add(1, Ordering::Relaxed);
         self.accept_backoff = MIN_ACCEPT_BACKOFF;
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
         self.timers.push(Reverse((deadline, key, id)));
     }
 
@@ -621,7 +759,12 @@ impl Server {
                     pair.tap_open();
                     let idle = self.routes[pair.route].config.idle_timeout;
                     if let Some(t) = pair.deadline(idle) {
-                        self.timers.push(Reverse((t, key, pair.meta.id)));
+                        // Arm the idle timer now only if it is due before the connect timer
+                        // still in the heap (which re-arms itself when it fires).
+                        if pair.timer_at.is_none_or(|at| t < at) {
+                            pair.timer_at = Some(t);
+                            self.timers.push(Reverse((t, key, pair.meta.id)));
+                        }
                     }
                 }
                 Err(e) => {
@@ -647,7 +790,7 @@ impl Server {
             "#{} {}: connect to {} failed ({err}); trying {addr}",
             pair.meta.id, pair.meta.downstream, pair.meta.upstream
         );
-        let mut stream = match net::connect_upstream(addr, &self.config.socket) {
+        let mut stream = match net::connect_upstream(addr, &self.shared.config.socket) {
             Ok(s) => s,
             Err(e) => return Some(Drive::Close(CloseReason::ConnectFailed(e))),
         };
@@ -675,9 +818,13 @@ impl Server {
                 break;
             }
             self.timers.pop();
-            let Some(pair) = self.pairs.get(key).filter(|p| p.meta.id == id) else {
+            let Some(pair) = self.pairs.get_mut(key).filter(|p| p.meta.id == id) else {
                 continue;
             };
+            if pair.timer_at != Some(t) {
+                continue; // superseded by an earlier entry
+            }
+            pair.timer_at = None;
             let idle = self.routes[pair.route].config.idle_timeout;
             match pair.deadline(idle) {
                 Some(d) if d <= now => {
@@ -687,7 +834,10 @@ impl Server {
                     };
                     self.closing.push((key, id, reason));
                 }
-                Some(d) => self.timers.push(Reverse((d, key, id))),
+                Some(d) => {
+                    pair.timer_at = Some(d);
+                    self.timers.push(Reverse((d, key, id)));
+                }
                 None => {}
             }
         }
@@ -710,8 +860,8 @@ impl Server {
         let _ = registry.deregister(&mut pair.downstream);
         let _ = registry.deregister(&mut pair.upstream);
         let route = pair.route;
-        self.routes[route].active -= 1;
-        let stats = &self.stats;
+        self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
+        let stats = &self.shared.stats;
         stats.active.fetch_sub(1, Ordering::Relaxed);
         stats.closed.fetch_add(1, Ordering::Relaxed);
         match &reason {
@@ -760,10 +910,7 @@ impl Server {
         for i in 0..self.listeners.len() {
             let l = &self.listeners[i];
             let paused_done = l.paused_until.is_some_and(|t| now >= t);
-            let route = &self.routes[i];
-            let slot_free = l.blocked_by_limit
-                && self.total_active() < self.max_connections
-                && route.active < route.config.max_connections;
+            let slot_free = l.blocked_by_limit && !self.at_limit(i);
             if paused_done || slot_free {
                 self.accept(i, now);
             }
@@ -775,24 +922,6 @@ impl Server {
         let keys: Vec<usize> = self.pairs.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.close(key, CloseReason::Shutdown);
-        }
-    }
-
-    fn finish_taps(&mut self, exit: Exit) {
-        let timeout = match exit {
-            Exit::Graceful => self.config.drain_timeout.max(Duration::from_secs(2)),
-            Exit::Immediate => Duration::from_secs(1),
-        };
-        for guard in self.taps.drain(..) {
-            let s = guard.shutdown(timeout);
-            info!(
-                "tap: {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
-                s.records_written,
-                s.bytes_written,
-                s.dropped_records,
-                s.dropped_bytes,
-                s.write_errors
-            );
         }
     }
 }

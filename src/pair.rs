@@ -146,6 +146,8 @@ pub struct Pair {
     pub tap: Option<PairTap>,
     /// True while the pair sits in the loop's work list (avoids queueing it twice).
     pub scheduled: bool,
+    /// The deadline of this pair's live timer entry; other entries for it are stale.
+    pub timer_at: Option<Instant>,
 }
 
 impl Pair {
