@@ -1,5 +1,249 @@
 //! The traffic tap: records handed off the data path to a writer thread.
+//!
+//! The event loop calls [`start`] once, then feeds records through a [`TapHandle`]; at exit it
+//! calls [`TapGuard::shutdown`]. The writer thread renders records to a live text log
+//! ([`LogTarget`]) and/or a Wireshark-ready pcap file ([`PcapTarget`]).
+//!
+//! Invariants:
+//! - The data path never stalls: [`TapHandle::data`] and [`TapHandle::event`] never block and
+//!   never do I/O. The queue is bounded by cost (`queue_bytes`, plus a small reserve for control
+//!   records); what does not fit is dropped and counted, and the writer reports drops with
+//!   rate-limited warnings. Drops show up as "not captured" gaps in the log and as missing
+//!   segments in the pcap.
+//! - Snaplen is applied on the loop side: only the first `snaplen` bytes of each direction of each
+//!   connection are ever queued.
+//! - The writer thread is the only one doing tap I/O; a sink that blocks forever blocks only it,
+//!   and [`TapGuard::shutdown`] gives up after its timeout.
+//! - Pcap rotation (see `rotate.rs`): the current file is always the configured path; older ones
+//!   are `PATH.1` (newest) .. `PATH.<max_files - 1>` (oldest); each file is a standalone pcap.
+//!
+//! Layout: `queue.rs` (loop side), `writer.rs` (thread and outputs), `text.rs` (log format),
+//! `pcap.rs` (packet synthesis), `rotate.rs` (pcap files), `record.rs` (the record types).
 
+mod pcap;
+mod queue;
 mod record;
+mod rotate;
+mod text;
+mod writer;
 
+use std::io::{self, IsTerminal};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::warn;
+
+pub use queue::TapHandle;
 pub use record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
+
+use pcap::PcapSink;
+use queue::{Msg, Shared};
+use text::TextSink;
+use writer::{LogFile, NamedText, StdoutSink, Writer, open_output};
+
+/// Where the text log goes. `-` on the command line means [`LogTarget::Stdout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard output; coloured when it is a terminal.
+    Stdout,
+    /// A file, appended to (a FIFO works too).
+    File(PathBuf),
+}
+
+/// Where the pcap goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PcapTarget {
+    /// The current capture file; rotated files get `.1`, `.2`, … appended.
+    pub path: PathBuf,
+    /// Start a new file before the current one would exceed this many bytes.
+    pub rotate_bytes: Option<u64>,
+    /// Most files kept, the current one included (at least 1).
+    pub max_files: u32,
+}
+
+/// Tap configuration.
+#[derive(Clone, Debug)]
+pub struct TapConfig {
+    /// Text log target, if any.
+    pub log: Option<LogTarget>,
+    /// Pcap target, if any.
+    pub pcap: Option<PcapTarget>,
+    /// Capture only the first N bytes of each direction of each connection.
+    pub snaplen: Option<u64>,
+    /// Queue budget: bytes of payload plus a fixed per-record overhead.
+    pub queue_bytes: usize,
+}
+
+/// Tap totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapStats {
+    /// Records admitted into the queue.
+    pub records_queued: u64,
+    /// Payload bytes admitted into the queue.
+    pub bytes_queued: u64,
+    /// Records written to every sink without error.
+    pub records_written: u64,
+    /// Payload bytes of those records.
+    pub bytes_written: u64,
+    /// Records dropped because the queue was full (or the tap was shut down).
+    pub dropped_records: u64,
+    /// Payload bytes of the dropped records.
+    pub dropped_bytes: u64,
+    /// Failed batch writes (one per batch and sink).
+    pub write_errors: u64,
+}
+
+/// Why the tap could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The text log file could not be opened.
+    #[error("cannot open tap log {}: {source}", path.display())]
+    Log {
+        /// The log path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The pcap file could not be opened or its header written.
+    #[error("cannot open pcap file {}: {source}", path.display())]
+    Pcap {
+        /// The pcap path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The writer thread could not be spawned.
+    #[error("cannot start the tap writer thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// Owns the writer thread; call [`TapGuard::shutdown`] at exit (dropping it shuts down with a
+/// short timeout).
+#[derive(Debug)]
+pub struct TapGuard {
+    inner: Option<GuardInner>,
+}
+
+#[derive(Debug)]
+struct GuardInner {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    done: Receiver<()>,
+    thread: JoinHandle<()>,
+}
+
+/// Timeout used when a guard is dropped without [`TapGuard::shutdown`].
+const DROP_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl TapGuard {
+    /// Stops accepting records, lets the writer drain what is queued and flush, and joins it;
+    /// gives up after `timeout` (the writer is then left behind, blocked in its sink).
+    /// Returns the final totals.
+    pub fn shutdown(mut self, timeout: Duration) -> TapStats {
+        match self.inner.take() {
+            Some(inner) => inner.shutdown(timeout),
+            None => TapStats::default(),
+        }
+    }
+}
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.shutdown(DROP_TIMEOUT);
+        }
+    }
+}
+
+impl GuardInner {
+    fn shutdown(self, timeout: Duration) -> TapStats {
+        self.shared.closed.store(true, Ordering::Release);
+        let _ = self.tx.send(Msg::Stop);
+        match self.done.recv_timeout(timeout) {
+            Ok(()) => {
+                if self.thread.join().is_err() {
+                    warn!("tap writer thread panicked");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // The thread ended without signalling: it panicked.
+                let _ = self.thread.join();
+                warn!("tap writer thread panicked; the capture may be incomplete");
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                warn!(
+                    "tap writer did not finish within {timeout:?} (blocked sink?); {} bytes of queued records abandoned",
+                    self.shared.queued_cost.load(Ordering::Relaxed)
+                );
+            }
+        }
+        self.shared.stats()
+    }
+}
+
+/// Opens the configured files (errors name the path) and spawns the writer thread.
+pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
+    let text = match &cfg.log {
+        None => None,
+        Some(LogTarget::Stdout) => Some(NamedText {
+            name: "stdout".to_owned(),
+            sink: TextSink::new(
+                Box::new(StdoutSink),
+                io::stdout().is_terminal(),
+                cfg.snaplen,
+            ),
+        }),
+        Some(LogTarget::File(path)) => {
+            let file = open_output(path, true).map_err(|source| TapError::Log {
+                path: path.clone(),
+                source,
+            })?;
+            Some(NamedText {
+                name: path.display().to_string(),
+                sink: TextSink::new(
+                    Box::new(LogFile::new(path.clone(), file)),
+                    false,
+                    cfg.snaplen,
+                ),
+            })
+        }
+    };
+    let pcap = match &cfg.pcap {
+        None => None,
+        Some(target) => Some(PcapSink::open(target).map_err(|source| TapError::Pcap {
+            path: target.path.clone(),
+            source,
+        })?),
+    };
+    spawn(cfg, text, pcap)
+}
+
+/// Spawns the writer thread over already opened sinks.
+fn spawn(
+    cfg: &TapConfig,
+    text: Option<NamedText>,
+    pcap: Option<PcapSink>,
+) -> Result<(TapHandle, TapGuard), TapError> {
+    let shared = Arc::new(Shared::new(cfg.queue_bytes));
+    let (tx, rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let writer = Writer::new(rx, Arc::clone(&shared), text, pcap);
+    let thread = std::thread::Builder::new()
+        .name("tap-writer".to_owned())
+        .spawn(move || writer.run(done_tx))
+        .map_err(TapError::Spawn)?;
+    let handle = TapHandle::new(Arc::clone(&shared), tx.clone(), cfg.snaplen);
+    let guard = TapGuard {
+        inner: Some(GuardInner {
+            tx,
+            shared,
+            done: done_rx,
+            thread,
+        }),
+    };
+    Ok((handle, guard))
+}
