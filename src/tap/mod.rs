@@ -247,3 +247,75 @@ fn spawn(
     };
     Ok((handle, guard))
 }
+
+/// Helpers shared by the tap's unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::{ConnMeta, TapEvent, TapRecord};
+
+    /// A directory under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let path = std::env::temp_dir().join(format!(
+                "tcptap-{tag}-{}-{nanos}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            TempDir(path)
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub(crate) fn conn(id: u64, down: &str, up: &str) -> Arc<ConnMeta> {
+        Arc::new(ConnMeta {
+            id,
+            route: Arc::from("test"),
+            downstream: down.parse().expect("downstream address"),
+            upstream: up.parse().expect("upstream address"),
+        })
+    }
+
+    /// A record at a fixed time plus `micros`.
+    pub(crate) fn record(conn: &Arc<ConnMeta>, micros: u64, event: TapEvent) -> TapRecord {
+        TapRecord {
+            time: UNIX_EPOCH + Duration::from_micros(1_714_564_800_000_000 + micros),
+            conn: Arc::clone(conn),
+            event,
+        }
+    }
+
+    /// Deterministic pseudo-random bytes.
+    pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+}

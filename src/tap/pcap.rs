@@ -13,8 +13,8 @@
 //!   at stream offset `o` of direction `d` is `isn[d] + 1 + o`, so bytes that were not captured
 //!   (queue drops, snaplen) simply leave a hole, which Wireshark reports as "previous segment not
 //!   captured"; nothing is ever invented to fill it.
-//! - A connection gets a three-way handshake (SYN and SYN/ACK with window scale 14, so a window
-//!   is never "full") at its Open record, or at the first record seen if Open was lost.
+//! - A connection gets a three-way handshake (SYN and SYN/ACK with MSS 65495 and window scale 14,
+//!   so a window is never "full") at its Open record, or at the first record seen if Open was lost.
 //!   Every later packet carries ACK with the next sequence number of the other direction, i.e.
 //!   it acknowledges only what was written. The receiver sends a pure ACK whenever
 //!   `ACK_EVERY` bytes are unacknowledged, and after the last FIN at Close.
@@ -44,6 +44,8 @@ pub(crate) const MAX_SEGMENT: usize = 65_000;
 const ACK_EVERY: u64 = 256 * 1024;
 /// Window scale shift offered in the SYNs.
 const WSCALE: u8 = 14;
+/// Options of both SYNs: MSS 65495, NOP, window scale 14.
+const SYN_OPTIONS: [u8; 8] = [2, 4, 0xff, 0xd7, 1, 3, 3, WSCALE];
 /// Advertised (unscaled) window.
 const WINDOW: u16 = 0xffff;
 
@@ -386,7 +388,7 @@ impl PcapSink {
         let src = seg.dir.source().index();
         let dst = 1 - src;
         let syn = seg.flags & SYN != 0;
-        let options: &[u8] = if syn { &[1, 3, 3, WSCALE] } else { &[] };
+        let options: &[u8] = if syn { &SYN_OPTIONS } else { &[] };
         let tcp_len = 20 + options.len() + seg.payload.len();
         let (ip_len, ethertype) = match flow.addrs[0] {
             IpAddr::V4(_) => (20, 0x0800u16),
@@ -481,4 +483,574 @@ fn checksum(mut sum: u64) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tap::testutil::{TempDir, bytes, conn, record};
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    use pcap_file::DataLink;
+    use pcap_file::pcap::PcapReader;
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::process::Command;
+    use std::sync::Arc;
+
+    /// One parsed packet.
+    #[derive(Debug)]
+    struct Pkt {
+        src: SocketAddr,
+        dst: SocketAddr,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: Vec<u8>,
+    }
+
+    /// Reads a pcap written by the sink, verifying the format and every checksum.
+    fn read(path: &Path) -> Vec<Pkt> {
+        let file = std::fs::File::open(path).expect("open pcap");
+        let mut reader = PcapReader::new(file).expect("pcap header");
+        let header = reader.header();
+        assert_eq!(header.datalink, DataLink::ETHERNET);
+        assert_eq!((header.version_major, header.version_minor), (2, 4));
+        let mut out = Vec::new();
+        while let Some(packet) = reader.next_packet() {
+            let packet = packet.expect("pcap record");
+            assert_eq!(packet.orig_len as usize, packet.data.len());
+            let sliced = SlicedPacket::from_ethernet(&packet.data).expect("ethernet frame");
+            let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
+                panic!("not TCP");
+            };
+            let (src, dst): (IpAddr, IpAddr) = match &sliced.net {
+                Some(NetSlice::Ipv4(ip)) => {
+                    let h = ip.header();
+                    assert_eq!(h.to_header().calc_header_checksum(), h.header_checksum());
+                    assert_eq!(
+                        tcp.calc_checksum_ipv4(h.source(), h.destination()).unwrap(),
+                        tcp.checksum(),
+                        "IPv4 TCP checksum"
+                    );
+                    (h.source_addr().into(), h.destination_addr().into())
+                }
+                Some(NetSlice::Ipv6(ip)) => {
+                    let h = ip.header();
+                    assert_eq!(
+                        tcp.calc_checksum_ipv6(h.source(), h.destination()).unwrap(),
+                        tcp.checksum(),
+                        "IPv6 TCP checksum"
+                    );
+                    (h.source_addr().into(), h.destination_addr().into())
+                }
+                other => panic!("unexpected network layer {other:?}"),
+            };
+            let flags = u8::from(tcp.fin())
+                | u8::from(tcp.syn()) << 1
+                | u8::from(tcp.rst()) << 2
+                | u8::from(tcp.psh()) << 3
+                | u8::from(tcp.ack()) << 4;
+            out.push(Pkt {
+                src: SocketAddr::new(src, tcp.source_port()),
+                dst: SocketAddr::new(dst, tcp.destination_port()),
+                seq: tcp.sequence_number(),
+                ack: tcp.acknowledgment_number(),
+                flags,
+                payload: tcp.payload().to_vec(),
+            });
+        }
+        out
+    }
+
+    /// What one conversation looked like in the capture.
+    #[derive(Debug, Default)]
+    struct Conversation {
+        /// Per direction (client first): payload by stream offset.
+        data: [BTreeMap<u64, Vec<u8>>; 2],
+        /// Per direction: whether every data segment started where the previous one ended.
+        contiguous: [bool; 2],
+        fins: [bool; 2],
+        rsts: [bool; 2],
+        /// Flags of the last packet and whether it came from the client.
+        last: (u8, bool),
+    }
+
+    impl Conversation {
+        /// The reassembled bytes of a direction (holes are not filled).
+        fn bytes(&self, dir: usize) -> Vec<u8> {
+            self.data[dir].values().flatten().copied().collect()
+        }
+    }
+
+    /// Checks the TCP logic of the conversation between `client` and `server` and reassembles it.
+    fn conversation(pkts: &[Pkt], client: SocketAddr, server: SocketAddr) -> Conversation {
+        let pkts: Vec<&Pkt> = pkts
+            .iter()
+            .filter(|p| {
+                (p.src == client && p.dst == server) || (p.src == server && p.dst == client)
+            })
+            .collect();
+        assert!(pkts.len() >= 3, "no handshake for {client} -> {server}");
+        assert_eq!((pkts[0].src, pkts[0].flags), (client, SYN));
+        assert_eq!((pkts[1].src, pkts[1].flags), (server, SYN | ACK));
+        assert_eq!((pkts[2].src, pkts[2].flags), (client, ACK));
+        let isn = [pkts[0].seq, pkts[1].seq];
+        assert_eq!(pkts[1].ack, isn[0].wrapping_add(1));
+        assert_eq!(pkts[2].ack, isn[1].wrapping_add(1));
+        let mut conv = Conversation {
+            contiguous: [true; 2],
+            ..Conversation::default()
+        };
+        // Highest stream position (FIN included) seen per direction.
+        let mut seen = [0u64; 2];
+        let mut last_ack = [0u64; 2];
+        for p in &pkts[3..] {
+            let d = usize::from(p.src != client);
+            let o = 1 - d;
+            let offset = u64::from(p.seq.wrapping_sub(isn[d]).wrapping_sub(1));
+            if !p.payload.is_empty() {
+                if offset != seen[d] {
+                    conv.contiguous[d] = false;
+                }
+                assert!(offset >= seen[d], "data goes backwards");
+                conv.data[d].insert(offset, p.payload.clone());
+                seen[d] = offset + p.payload.len() as u64;
+            } else if p.flags & (FIN | RST) != 0 {
+                if offset != seen[d] {
+                    conv.contiguous[d] = false;
+                }
+                seen[d] = seen[d].max(offset);
+            } else {
+                assert_eq!(offset, seen[d], "pure ACK with odd sequence number");
+            }
+            if p.flags & FIN != 0 {
+                assert!(!conv.fins[d], "two FINs");
+                conv.fins[d] = true;
+                seen[d] += 1;
+            }
+            if p.flags & RST != 0 {
+                conv.rsts[d] = true;
+            }
+            assert!(
+                p.flags & ACK != 0,
+                "every packet after the handshake has ACK"
+            );
+            let acked = u64::from(p.ack.wrapping_sub(isn[o]).wrapping_sub(1));
+            assert!(acked <= seen[o], "acks unseen data: {acked} > {}", seen[o]);
+            assert!(acked >= last_ack[d], "ack goes backwards");
+            last_ack[d] = acked;
+            conv.last = (p.flags, d == 0);
+        }
+        conv
+    }
+
+    fn sink(path: &Path, rotate_bytes: Option<u64>, max_files: u32) -> PcapSink {
+        PcapSink::open(&PcapTarget {
+            path: path.to_path_buf(),
+            rotate_bytes,
+            max_files,
+        })
+        .expect("open pcap sink")
+    }
+
+    fn data(dir: Direction, offset: u64, bytes: &[u8]) -> TapEvent {
+        TapEvent::Data {
+            dir,
+            offset,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    use Direction::{DownToUp as C2U, UpToDown as U2C};
+
+    /// A complete connection: handshake, data both ways (one record larger than a segment and
+    /// more than `ACK_EVERY`), both FINs, Close.
+    fn complete(
+        id: u64,
+        down: &str,
+        up: &str,
+        t: u64,
+    ) -> (Arc<ConnMeta>, Vec<TapRecord>, [Vec<u8>; 2]) {
+        let c = conn(id, down, up);
+        let req = b"HELLO tcptap\r\nmode: test\r\n\r\n".to_vec();
+        let resp = bytes(id, 300_000);
+        let tail = b"bye\n".to_vec();
+        let n = resp.len() as u64;
+        let records = vec![
+            record(&c, t, TapEvent::Open),
+            record(&c, t + 1, data(C2U, 0, &req)),
+            record(&c, t + 2, data(U2C, 0, &resp[..1000])),
+            record(&c, t + 3, data(U2C, 1000, &resp[1000..])),
+            record(&c, t + 4, data(C2U, req.len() as u64, &tail)),
+            record(
+                &c,
+                t + 5,
+                TapEvent::Fin {
+                    dir: C2U,
+                    offset: (req.len() + tail.len()) as u64,
+                },
+            ),
+            record(
+                &c,
+                t + 6,
+                TapEvent::Fin {
+                    dir: U2C,
+                    offset: n,
+                },
+            ),
+            record(
+                &c,
+                t + 7,
+                TapEvent::Close {
+                    kind: CloseKind::Normal,
+                    offsets: [(req.len() + tail.len()) as u64, n],
+                    dropped_records: 0,
+                    dropped_bytes: 0,
+                },
+            ),
+        ];
+        let up_bytes = [req, tail].concat();
+        (c, records, [up_bytes, resp])
+    }
+
+    /// The addresses the capture uses for a connection.
+    fn addrs(c: &ConnMeta) -> (SocketAddr, SocketAddr) {
+        let flow = Flow::new(c);
+        (
+            SocketAddr::new(flow.addrs[0], flow.ports[0]),
+            SocketAddr::new(flow.addrs[1], flow.ports[1]),
+        )
+    }
+
+    /// Runs `tshark -qz follow,tcp,raw,N` and returns (node 0 address, bytes from node 0, bytes
+    /// from node 1); `None` if tshark is not installed.
+    fn tshark_follow(path: &Path, stream: usize) -> Option<(String, Vec<u8>, Vec<u8>)> {
+        let output = Command::new("tshark")
+            .arg("-r")
+            .arg(path)
+            .arg("-qz")
+            .arg(format!("follow,tcp,raw,{stream}"))
+            .output()
+            .ok()?;
+        assert!(output.status.success(), "tshark failed: {output:?}");
+        let text = String::from_utf8(output.stdout).expect("tshark output");
+        let mut node0 = String::new();
+        let (mut from0, mut from1) = (Vec::new(), Vec::new());
+        let mut in_body = false;
+        for line in text.lines() {
+            if let Some(addr) = line.strip_prefix("Node 0: ") {
+                node0 = addr.to_owned();
+            } else if line.starts_with("Node 1: ") {
+                in_body = true;
+            } else if line.starts_with("=====") {
+                in_body = false;
+            } else if in_body {
+                let (target, hex) = match line.strip_prefix('\t') {
+                    Some(hex) => (&mut from1, hex),
+                    None => (&mut from0, line),
+                };
+                target.extend(
+                    (0..hex.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")),
+                );
+            }
+        }
+        Some((node0, from0, from1))
+    }
+
+    fn tshark_installed() -> bool {
+        let found = Command::new("tshark").arg("--version").output().is_ok();
+        if !found {
+            eprintln!("tshark not installed: skipping the tshark checks");
+        }
+        found
+    }
+
+    #[test]
+    fn complete_connections_reassemble_and_tshark_agrees() {
+        let dir = TempDir::new("pcap-complete");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, None, 1);
+        let conns = [
+            complete(1, "10.0.0.1:50000", "10.0.0.2:38001", 0),
+            complete(2, "[2001:db8::1]:50001", "[2001:db8::2]:38002", 100),
+            // Dual-stack listener: IPv4-mapped client, IPv4 upstream => plain IPv4.
+            complete(3, "[::ffff:10.0.0.5]:40000", "10.0.0.6:38003", 200),
+            // Mixed families => IPv6 with the IPv4 side mapped.
+            complete(4, "10.0.0.7:40001", "[2001:db8::9]:38004", 300),
+        ];
+        // Interleave the connections' records, in a few batches.
+        let mut all: Vec<TapRecord> = conns.iter().flat_map(|(_, r, _)| r.clone()).collect();
+        all.sort_by_key(|r| r.time);
+        for batch in all.chunks(5) {
+            s.write_batch(batch).expect("write batch");
+        }
+        assert!(s.flows.is_empty(), "state is forgotten at Close");
+
+        let pkts = read(&path);
+        for (c, _, expected) in &conns {
+            let (client, server) = addrs(c);
+            let conv = conversation(&pkts, client, server);
+            assert_eq!(conv.bytes(0), expected[0], "#{} client bytes", c.id);
+            assert_eq!(conv.bytes(1), expected[1], "#{} upstream bytes", c.id);
+            assert_eq!(conv.contiguous, [true, true]);
+            assert_eq!(conv.fins, [true, true]);
+            assert_eq!(conv.rsts, [false, false]);
+            // The last packet acknowledges the upstream's FIN.
+            assert_eq!(conv.last, (ACK, true));
+            assert!(conv.data[1].values().all(|seg| seg.len() <= MAX_SEGMENT));
+        }
+        // Mixed families became IPv6.
+        assert!(
+            pkts.iter()
+                .any(|p| p.src.ip() == "::ffff:10.0.0.7".parse::<IpAddr>().unwrap())
+        );
+
+        if !tshark_installed() {
+            return;
+        }
+        for (stream, (c, _, expected)) in conns.iter().enumerate() {
+            let (node0, from0, from1) = tshark_follow(&path, stream).expect("tshark");
+            let (client, _) = addrs(c);
+            // Older tshark versions print IPv6 endpoints without brackets.
+            let bare = format!("{}:{}", client.ip(), client.port());
+            assert!(
+                node0 == client.to_string() || node0 == bare,
+                "stream {stream}: {node0}"
+            );
+            assert!(from0 == expected[0], "stream {stream}: client bytes differ");
+            assert!(
+                from1 == expected[1],
+                "stream {stream}: upstream bytes differ"
+            );
+        }
+        let expert = Command::new("tshark")
+            .arg("-r")
+            .arg(&path)
+            .arg("-qz")
+            .arg("expert")
+            .output()
+            .expect("tshark expert");
+        let text = String::from_utf8_lossy(&expert.stdout);
+        eprintln!("{text}");
+        // Sections are "Errors (n)", "Warns (n)", "Notes (n)", "Chats (n)"; no TCP line may sit in
+        // the first two.
+        let mut severe = false;
+        for line in text.lines() {
+            if line.starts_with("Errors") || line.starts_with("Warns") {
+                severe = true;
+            } else if line.starts_with("Notes") || line.starts_with("Chats") {
+                severe = false;
+            } else if severe {
+                assert!(
+                    !line.split_whitespace().any(|w| w == "TCP"),
+                    "tshark reports a TCP problem in a complete capture:\n{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gaps_resets_and_lost_opens() {
+        let dir = TempDir::new("pcap-gaps");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, None, 1);
+        // #10: Open lost; a gap of 100 bytes client -> upstream, FIN after a snaplen cut.
+        let a = conn(10, "192.0.2.1:1000", "192.0.2.2:2000");
+        // #11: IPv6, data both ways, reset by the upstream.
+        let b = conn(11, "[2001:db8::a]:1001", "[2001:db8::b]:2001");
+        // #12: upstream connect failed.
+        let f = conn(12, "192.0.2.3:1002", "192.0.2.4:2002");
+        let batch = vec![
+            record(&a, 0, data(C2U, 0, b"first")),
+            record(&b, 1, TapEvent::Open),
+            record(&a, 2, data(C2U, 105, b"second")),
+            record(&b, 3, data(C2U, 0, b"ping")),
+            record(&b, 4, data(U2C, 0, b"pong")),
+            record(&a, 5, data(U2C, 0, b"reply")),
+            record(
+                &a,
+                6,
+                TapEvent::Fin {
+                    dir: C2U,
+                    offset: 500,
+                },
+            ),
+            record(
+                &b,
+                7,
+                TapEvent::Reset {
+                    side: Side::Upstream,
+                    offsets: [4, 4],
+                },
+            ),
+            record(
+                &b,
+                8,
+                TapEvent::Close {
+                    kind: CloseKind::Reset(Side::Upstream),
+                    offsets: [4, 4],
+                    dropped_records: 0,
+                    dropped_bytes: 0,
+                },
+            ),
+            record(
+                &a,
+                9,
+                TapEvent::Fin {
+                    dir: U2C,
+                    offset: 5,
+                },
+            ),
+            record(
+                &a,
+                10,
+                TapEvent::Close {
+                    kind: CloseKind::Normal,
+                    offsets: [500, 5],
+                    dropped_records: 1,
+                    dropped_bytes: 100,
+                },
+            ),
+            record(
+                &f,
+                11,
+                TapEvent::Close {
+                    kind: CloseKind::ConnectFailed,
+                    offsets: [0, 0],
+                    dropped_records: 0,
+                    dropped_bytes: 0,
+                },
+            ),
+        ];
+        s.write_batch(&batch).expect("write");
+        assert!(s.flows.is_empty());
+        let pkts = read(&path);
+
+        let (client, server) = addrs(&a);
+        let conv = conversation(&pkts, client, server);
+        assert_eq!(
+            conv.data[0]
+                .iter()
+                .map(|(o, b)| (*o, b.as_slice()))
+                .collect::<Vec<_>>(),
+            vec![(0, &b"first"[..]), (105, &b"second"[..])]
+        );
+        assert_eq!(conv.bytes(1), b"reply");
+        assert_eq!(conv.contiguous, [false, true]);
+        assert_eq!(conv.fins, [true, true]);
+        // The FIN after the snaplen cut sits at stream offset 500.
+        let fin = pkts
+            .iter()
+            .find(|p| p.src == client && p.flags & FIN != 0)
+            .unwrap();
+        let syn = pkts
+            .iter()
+            .find(|p| p.src == client && p.flags == SYN)
+            .unwrap();
+        assert_eq!(fin.seq, syn.seq.wrapping_add(501));
+
+        let (client, server) = addrs(&b);
+        let conv = conversation(&pkts, client, server);
+        assert_eq!(
+            (conv.bytes(0), conv.bytes(1)),
+            (b"ping".to_vec(), b"pong".to_vec())
+        );
+        assert_eq!(conv.rsts, [false, true], "one RST, from the upstream");
+        assert!(
+            pkts.iter()
+                .all(|p| !p.src.is_ipv4() || p.src.port() != 1001)
+        );
+
+        let (client, server) = addrs(&f);
+        let failed: Vec<&Pkt> = pkts
+            .iter()
+            .filter(|p| p.src == client || p.src == server)
+            .collect();
+        assert_eq!(failed.len(), 2);
+        assert_eq!((failed[0].flags, failed[1].flags), (SYN, RST | ACK));
+        assert_eq!(failed[1].ack, failed[0].seq.wrapping_add(1));
+
+        if tshark_installed() {
+            // Stream 0 is #10 (first packet); tshark shows the captured bytes only.
+            let (_, from0, from1) = tshark_follow(&path, 0).expect("tshark");
+            // tshark marks the hole itself ("[100 bytes missing in capture file]").
+            let text = String::from_utf8_lossy(&from0);
+            assert!(
+                text.starts_with("first") && text.ends_with("second"),
+                "{text}"
+            );
+            assert!(text.contains("100 bytes missing"), "{text}");
+            assert_eq!(from1, b"reply");
+            let (_, from0, from1) = tshark_follow(&path, 1).expect("tshark");
+            assert_eq!((from0, from1), (b"ping".to_vec(), b"pong".to_vec()));
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_max_files_each_a_valid_pcap() {
+        let dir = TempDir::new("pcap-rotate");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, Some(4096), 3);
+        let c = conn(20, "10.1.0.1:5000", "10.1.0.2:80");
+        let mut records = vec![record(&c, 0, TapEvent::Open)];
+        let mut offset = 0;
+        for i in 0..200u64 {
+            let chunk = bytes(i, 300);
+            records.push(record(&c, i + 1, data(C2U, offset, &chunk)));
+            offset += chunk.len() as u64;
+        }
+        for batch in records.chunks(7) {
+            s.write_batch(batch).expect("write");
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["cap.pcap", "cap.pcap.1", "cap.pcap.2"]);
+        for name in &names {
+            let file = dir.path().join(name);
+            let len = std::fs::metadata(&file).unwrap().len();
+            assert!(len <= 4096, "{name} has {len} bytes");
+            assert!(!read(&file).is_empty(), "{name} has packets");
+        }
+    }
+
+    #[test]
+    fn max_files_one_truncates_in_place() {
+        let dir = TempDir::new("pcap-rotate-one");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, Some(2000), 1);
+        let c = conn(21, "10.1.0.1:5001", "10.1.0.2:80");
+        let mut offset = 0;
+        for i in 0..50u64 {
+            let r = record(&c, i, data(C2U, offset, &bytes(i, 200)));
+            offset += 200;
+            s.write_batch(&[r]).expect("write");
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        assert!(!read(&path).is_empty());
+    }
+
+    #[test]
+    fn dev_full_gives_errors_not_panics() {
+        let mut s = sink(Path::new("/dev/full"), Some(1000), 2);
+        let c = conn(30, "10.2.0.1:5000", "10.2.0.2:80");
+        for i in 0..3 {
+            let r = record(&c, i, data(C2U, i * 10, &[b'x'; 10]));
+            assert!(s.write_batch(&[r]).is_err());
+        }
+    }
+
+    #[test]
+    fn checksum_matches_rfc1071_example() {
+        // RFC 1071 section 3 example words.
+        let sum = sum_words(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]);
+        assert_eq!(checksum(sum), !0xddf2);
+        assert_eq!(sum_words(0, &[0xab]), 0xab00);
+    }
 }
