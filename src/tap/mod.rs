@@ -319,3 +319,254 @@ pub(crate) mod testutil {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{TempDir, conn};
+    use super::*;
+    use std::ffi::CString;
+    use std::fs::OpenOptions;
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::mpsc::Receiver;
+    use std::time::Instant;
+
+    fn config(queue_bytes: usize) -> TapConfig {
+        TapConfig {
+            log: None,
+            pcap: None,
+            snaplen: None,
+            queue_bytes,
+        }
+    }
+
+    /// A sink whose writes block until the test drops the other end of `gate`.
+    struct BlockingWriter {
+        gate: Receiver<()>,
+    }
+
+    impl Write for BlockingWriter {
+        fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+            let _ = self.gate.recv();
+            Err(io::Error::other("unblocked"))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn blocked_sink_never_stalls_the_data_path() {
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let text = NamedText {
+            name: "blocking".to_owned(),
+            sink: TextSink::new(Box::new(BlockingWriter { gate: gate_rx }), false, None),
+        };
+        let budget = 4096;
+        let (tap, guard) = spawn(&config(budget), Some(text), None).expect("spawn");
+        let c = conn(1, "10.0.0.1:1000", "10.0.0.2:2000");
+        let payload = [b'a'; 100];
+
+        let calls = 100_000u64;
+        let started = Instant::now();
+        let mut admitted = 0u64;
+        for i in 0..calls {
+            if tap.data(&c, Direction::DownToUp, i * 100, &payload) {
+                admitted += 1;
+            }
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{calls} calls took {elapsed:?}"
+        );
+        let per_record = (payload.len() + queue::RECORD_OVERHEAD) as u64;
+        assert!(
+            admitted <= budget as u64 / per_record + 1,
+            "admitted {admitted}"
+        );
+        let stats = tap.stats();
+        assert_eq!(stats.dropped_records, calls - admitted);
+        assert_eq!(stats.dropped_bytes, (calls - admitted) * 100);
+        assert_eq!(stats.records_queued, admitted);
+
+        // Control records still get through, within the reserve, then are dropped too.
+        assert!(tap.event(&c, TapEvent::Open));
+        let mut control = 1;
+        while tap.event(&c, TapEvent::Open) {
+            control += 1;
+            // The reserve, plus what the data records left unused of the budget.
+            let limit = (queue::CONTROL_RESERVE + per_record as usize) / queue::RECORD_OVERHEAD;
+            assert!(control <= limit, "{control} control records admitted");
+        }
+        assert!(tap.queued_cost() <= budget + queue::CONTROL_RESERVE);
+
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let stats = guard.shutdown(timeout);
+        assert!(started.elapsed() < timeout + Duration::from_secs(2));
+        assert_eq!(stats.records_written, 0);
+        assert!(stats.dropped_records > calls - admitted);
+        // After shutdown nothing is admitted.
+        assert!(!tap.data(&c, Direction::DownToUp, 0, b"late"));
+        drop(gate_tx); // lets the abandoned writer finish
+    }
+
+    #[test]
+    fn fifo_without_reader_blocks_only_the_writer() {
+        let dir = TempDir::new("fifo");
+        let fifo = dir.path().join("log.fifo");
+        let name = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `name` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let mut cfg = config(1 << 20);
+        cfg.log = Some(LogTarget::File(fifo.clone()));
+        let started = Instant::now();
+        let (tap, guard) = start(&cfg).expect("start does not block on a FIFO");
+        let c = conn(2, "10.0.0.1:1000", "10.0.0.2:2000");
+        assert!(tap.event(&c, TapEvent::Open));
+        assert!(tap.data(&c, Direction::DownToUp, 0, b"hello"));
+        let stats = guard.shutdown(Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(stats.records_written, 0);
+        // Give the writer its reader so the thread can finish.
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("open fifo for reading");
+        std::thread::sleep(Duration::from_millis(100));
+        drop(reader);
+    }
+
+    #[test]
+    fn dev_full_only_counts_errors() {
+        let mut cfg = config(1 << 20);
+        cfg.log = Some(LogTarget::File(PathBuf::from("/dev/full")));
+        cfg.pcap = Some(PcapTarget {
+            path: PathBuf::from("/dev/full"),
+            rotate_bytes: Some(1000),
+            max_files: 3,
+        });
+        let (tap, guard) = start(&cfg).expect("start");
+        let c = conn(3, "10.0.0.1:1000", "10.0.0.2:2000");
+        assert!(tap.event(&c, TapEvent::Open));
+        for i in 0..10 {
+            assert!(tap.data(&c, Direction::UpToDown, i * 4, b"data"));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let stats = guard.shutdown(Duration::from_secs(5));
+        assert!(stats.write_errors >= 2, "{stats:?}");
+        assert_eq!(stats.records_written, 0);
+        assert_eq!(stats.records_queued, 11);
+    }
+
+    #[test]
+    fn start_names_the_path_it_cannot_open() {
+        let mut cfg = config(1 << 20);
+        cfg.pcap = Some(PcapTarget {
+            path: PathBuf::from("/nonexistent-dir/cap.pcap"),
+            rotate_bytes: None,
+            max_files: 1,
+        });
+        let err = start(&cfg).expect_err("no such directory");
+        assert!(
+            err.to_string().contains("/nonexistent-dir/cap.pcap"),
+            "{err}"
+        );
+        cfg.pcap = None;
+        cfg.log = Some(LogTarget::File(PathBuf::from("/nonexistent-dir/log")));
+        let err = start(&cfg).expect_err("no such directory");
+        assert!(err.to_string().contains("/nonexistent-dir/log"), "{err}");
+    }
+
+    #[test]
+    fn end_to_end_with_snaplen() {
+        let dir = TempDir::new("e2e");
+        let log = dir.path().join("tap.log");
+        let pcap = dir.path().join("cap.pcap");
+        let cfg = TapConfig {
+            log: Some(LogTarget::File(log.clone())),
+            pcap: Some(PcapTarget {
+                path: pcap.clone(),
+                rotate_bytes: None,
+                max_files: 1,
+            }),
+            snaplen: Some(10),
+            queue_bytes: 1 << 20,
+        };
+        let (tap, guard) = start(&cfg).expect("start");
+        let c = conn(4, "10.0.0.1:1000", "10.0.0.2:2000");
+        assert!(tap.event(&c, TapEvent::Open));
+        assert!(tap.data(&c, Direction::DownToUp, 0, b"0123456789abcdefghij"));
+        // Entirely beyond snaplen: accepted, nothing queued.
+        assert!(tap.data(&c, Direction::DownToUp, 20, b"klmno"));
+        // The Data variant of `event` is clipped the same way.
+        assert!(tap.event(
+            &c,
+            TapEvent::Data {
+                dir: Direction::UpToDown,
+                offset: 0,
+                bytes: b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b".to_vec(),
+            }
+        ));
+        assert!(tap.event(
+            &c,
+            TapEvent::Fin {
+                dir: Direction::DownToUp,
+                offset: 25
+            }
+        ));
+        assert!(tap.event(
+            &c,
+            TapEvent::Fin {
+                dir: Direction::UpToDown,
+                offset: 12
+            }
+        ));
+        assert!(tap.event(
+            &c,
+            TapEvent::Close {
+                kind: CloseKind::Normal,
+                offsets: [25, 12],
+                dropped_records: 0,
+                dropped_bytes: 0,
+            }
+        ));
+        let stats = guard.shutdown(Duration::from_secs(5));
+        assert_eq!(
+            stats,
+            TapStats {
+                records_queued: 6,
+                bytes_queued: 20,
+                records_written: 6,
+                bytes_written: 20,
+                dropped_records: 0,
+                dropped_bytes: 0,
+                write_errors: 0,
+            }
+        );
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert!(!text.contains('\x1b'), "no colour in files");
+        assert!(text.contains("#4 10.0.0.1:1000 -> 10.0.0.2:2000 open (route test)"));
+        assert!(text.contains("client -> upstream 10 bytes\n  > 0123456789\n"));
+        assert!(text.contains("upstream -> client 10 bytes\n  < 00000000  00 01 02"));
+        assert!(text.contains("client -> upstream [... 15 bytes not captured (snaplen) ...]"));
+        assert!(text.contains("upstream -> client [... 2 bytes not captured (snaplen) ...]"));
+        assert!(text.contains("FIN from client after 25 bytes"));
+        assert!(text.contains("FIN from upstream after 12 bytes"));
+        assert!(text.contains("close: closed, client -> upstream 25 bytes"));
+        let capture = std::fs::read(&pcap).expect("pcap");
+        assert_eq!(&capture[..4], &0xa1b2_c3d4u32.to_le_bytes());
+        // Handshake, two data segments, two FINs, final ACK.
+        let mut reader = pcap_file::pcap::PcapReader::new(&capture[..]).expect("pcap");
+        let mut packets = 0;
+        while let Some(p) = reader.next_packet() {
+            p.expect("packet");
+            packets += 1;
+        }
+        assert_eq!(packets, 8);
+    }
+}

@@ -179,6 +179,12 @@ impl TapHandle {
         self.shared.stats()
     }
 
+    /// Cost currently queued (for tests).
+    #[cfg(test)]
+    pub(crate) fn queued_cost(&self) -> usize {
+        self.shared.queued_cost.load(Ordering::Acquire)
+    }
+
     fn push(&self, conn: &Arc<ConnMeta>, event: TapEvent, cost: usize, payload: usize) -> bool {
         let record = TapRecord {
             time: SystemTime::now(),
