@@ -723,49 +723,56 @@ mod tests {
         )
     }
 
-    /// Runs `tshark -qz follow,tcp,raw,N` and returns (node 0 address, bytes from node 0, bytes
-    /// from node 1); `None` if tshark is not installed.
-    fn tshark_follow(path: &Path, stream: usize) -> Option<(String, Vec<u8>, Vec<u8>)> {
-        let output = Command::new("tshark")
-            .arg("-r")
-            .arg(path)
-            .arg("-qz")
-            .arg(format!("follow,tcp,raw,{stream}"))
-            .output()
-            .ok()?;
+    /// One `follow,tcp,raw` result: node 0 address, bytes from node 0, bytes from node 1.
+    type Follow = (String, Vec<u8>, Vec<u8>);
+
+    /// Runs tshark once with `-z follow,tcp,raw,N` for streams `0..streams` and `-z expert`.
+    /// Returns the follows by stream index and the whole output; `None` (and a note) if tshark
+    /// is not installed.
+    fn tshark(path: &Path, streams: usize) -> Option<(Vec<Follow>, String)> {
+        let mut cmd = Command::new("tshark");
+        cmd.arg("-r").arg(path).arg("-q");
+        for stream in 0..streams {
+            cmd.arg("-z").arg(format!("follow,tcp,raw,{stream}"));
+        }
+        let output = match cmd.arg("-z").arg("expert").output() {
+            Ok(output) => output,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("tshark not installed: skipping the tshark checks");
+                return None;
+            }
+            Err(err) => panic!("cannot run tshark: {err}"),
+        };
         assert!(output.status.success(), "tshark failed: {output:?}");
         let text = String::from_utf8(output.stdout).expect("tshark output");
-        let mut node0 = String::new();
-        let (mut from0, mut from1) = (Vec::new(), Vec::new());
+        let mut follows: Vec<Follow> = vec![Default::default(); streams];
+        let mut current: Option<usize> = None;
         let mut in_body = false;
         for line in text.lines() {
-            if let Some(addr) = line.strip_prefix("Node 0: ") {
-                node0 = addr.to_owned();
+            if let Some(n) = line.strip_prefix("Filter: tcp.stream eq ") {
+                current = n.trim().parse().ok();
+            } else if let Some(addr) = line.strip_prefix("Node 0: ") {
+                if let Some(i) = current {
+                    follows[i].0 = addr.to_owned();
+                }
             } else if line.starts_with("Node 1: ") {
-                in_body = true;
+                in_body = current.is_some();
             } else if line.starts_with("=====") {
                 in_body = false;
-            } else if in_body {
-                let (target, hex) = match line.strip_prefix('\t') {
-                    Some(hex) => (&mut from1, hex),
-                    None => (&mut from0, line),
+                current = None;
+            } else if let (true, Some(i)) = (in_body, current) {
+                let (hex, from) = match line.strip_prefix('\t') {
+                    Some(hex) => (hex, &mut follows[i].2),
+                    None => (line, &mut follows[i].1),
                 };
-                target.extend(
+                from.extend(
                     (0..hex.len())
                         .step_by(2)
                         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")),
                 );
             }
         }
-        Some((node0, from0, from1))
-    }
-
-    fn tshark_installed() -> bool {
-        let found = Command::new("tshark").arg("--version").output().is_ok();
-        if !found {
-            eprintln!("tshark not installed: skipping the tshark checks");
-        }
-        found
+        Some((follows, text))
     }
 
     #[test]
@@ -808,33 +815,27 @@ mod tests {
                 .any(|p| p.src.ip() == "::ffff:10.0.0.7".parse::<IpAddr>().unwrap())
         );
 
-        if !tshark_installed() {
+        let Some((follows, text)) = tshark(&path, conns.len()) else {
             return;
-        }
+        };
         for (stream, (c, _, expected)) in conns.iter().enumerate() {
-            let (node0, from0, from1) = tshark_follow(&path, stream).expect("tshark");
+            let (node0, from0, from1) = &follows[stream];
             let (client, _) = addrs(c);
             // Older tshark versions print IPv6 endpoints without brackets.
             let bare = format!("{}:{}", client.ip(), client.port());
             assert!(
-                node0 == client.to_string() || node0 == bare,
+                *node0 == client.to_string() || *node0 == bare,
                 "stream {stream}: {node0}"
             );
-            assert!(from0 == expected[0], "stream {stream}: client bytes differ");
             assert!(
-                from1 == expected[1],
+                *from0 == expected[0],
+                "stream {stream}: client bytes differ"
+            );
+            assert!(
+                *from1 == expected[1],
                 "stream {stream}: upstream bytes differ"
             );
         }
-        let expert = Command::new("tshark")
-            .arg("-r")
-            .arg(&path)
-            .arg("-qz")
-            .arg("expert")
-            .output()
-            .expect("tshark expert");
-        let text = String::from_utf8_lossy(&expert.stdout);
-        eprintln!("{text}");
         // Sections are "Errors (n)", "Warns (n)", "Notes (n)", "Chats (n)"; no TCP line may sit in
         // the first two.
         let mut severe = false;
@@ -973,19 +974,25 @@ mod tests {
         assert_eq!((failed[0].flags, failed[1].flags), (SYN, RST | ACK));
         assert_eq!(failed[1].ack, failed[0].seq.wrapping_add(1));
 
-        if tshark_installed() {
-            // Stream 0 is #10 (first packet); tshark shows the captured bytes only.
-            let (_, from0, from1) = tshark_follow(&path, 0).expect("tshark");
-            // tshark marks the hole itself ("[100 bytes missing in capture file]").
-            let text = String::from_utf8_lossy(&from0);
+        if let Some((follows, text)) = tshark(&path, 2) {
+            eprintln!("{text}");
+            assert!(
+                text.contains("Previous segment"),
+                "the hole is reported:\n{text}"
+            );
+            // Stream 0 is #10 (first packet); tshark shows the captured bytes only and marks the
+            // hole itself ("[100 bytes missing in capture file]").
+            let text = String::from_utf8_lossy(&follows[0].1);
             assert!(
                 text.starts_with("first") && text.ends_with("second"),
                 "{text}"
             );
             assert!(text.contains("100 bytes missing"), "{text}");
-            assert_eq!(from1, b"reply");
-            let (_, from0, from1) = tshark_follow(&path, 1).expect("tshark");
-            assert_eq!((from0, from1), (b"ping".to_vec(), b"pong".to_vec()));
+            assert_eq!(follows[0].2, b"reply");
+            assert_eq!(
+                (&follows[1].1[..], &follows[1].2[..]),
+                (&b"ping"[..], &b"pong"[..])
+            );
         }
     }
 
