@@ -54,6 +54,18 @@ pub enum LogTarget {
     File(PathBuf),
 }
 
+impl std::str::FromStr for LogTarget {
+    type Err = std::convert::Infallible;
+
+    /// `-` is stdout, anything else a file path (usable as a `clap` value parser).
+    fn from_str(s: &str) -> Result<LogTarget, Self::Err> {
+        Ok(match s {
+            "-" => LogTarget::Stdout,
+            path => LogTarget::File(PathBuf::from(path)),
+        })
+    }
+}
+
 /// Where the pcap goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PcapTarget {
@@ -461,6 +473,15 @@ mod tests {
         assert!(stats.write_errors >= 2, "{stats:?}");
         assert_eq!(stats.records_written, 0);
         assert_eq!(stats.records_queued, 11);
+    }
+
+    #[test]
+    fn log_target_from_cli() {
+        assert_eq!("-".parse::<LogTarget>(), Ok(LogTarget::Stdout));
+        assert_eq!(
+            "tap.log".parse::<LogTarget>(),
+            Ok(LogTarget::File(PathBuf::from("tap.log")))
+        );
     }
 
     #[test]
