@@ -2,8 +2,8 @@
 //!
 //! Invariants:
 //! - `data` and `event` never block and never do I/O: they take the clock, do a few atomic
-//!   operations and at most one allocation (the copy of an admitted payload), and push onto an
-//!   unbounded `mpsc` channel. They never log either (a logger may write to a blocked stderr);
+//!   operations, copy an admitted payload, and push onto an unbounded `mpsc` channel (which
+//!   allocates, but never waits). They never log either (a logger may write to a blocked stderr);
 //!   the writer thread reports drops.
 //! - Every queued record has a cost (`payload len + RECORD_OVERHEAD`). `Shared::queued_cost` is
 //!   the sum of the costs of the records admitted and not yet written (the writer releases a
