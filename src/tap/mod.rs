@@ -1,100 +1,593 @@
 //! The traffic tap: records handed off the data path to a writer thread.
-//! (Interface placeholder: the writer lands with the tap module.)
+//!
+//! The event loop calls [`start`] once, then feeds records through a [`TapHandle`]; at exit it
+//! calls [`TapGuard::shutdown`]. The writer thread renders records to a live text log
+//! ([`LogTarget`]) and/or a Wireshark-ready pcap file ([`PcapTarget`]).
+//!
+//! Invariants:
+//! - The data path never stalls: [`TapHandle::data`] and [`TapHandle::event`] never block and
+//!   never do I/O. The queue is bounded by cost (`queue_bytes`, plus a small reserve for control
+//!   records); what does not fit is dropped and counted, and the writer reports drops with
+//!   rate-limited warnings. Drops show up as "not captured" gaps in the log and as missing
+//!   segments in the pcap.
+//! - Snaplen is applied on the loop side: only the first `snaplen` bytes of each direction of each
+//!   connection are ever queued.
+//! - The writer thread is the only one doing tap I/O; a sink that blocks forever blocks only it,
+//!   and [`TapGuard::shutdown`] gives up after its timeout.
+//! - Pcap rotation (see `rotate.rs`): the current file is always the configured path; older ones
+//!   are `PATH.1` (newest) .. `PATH.<max_files - 1>` (oldest); each file is a standalone pcap.
+//!
+//! Layout: `queue.rs` (loop side), `writer.rs` (thread and outputs), `text.rs` (log format),
+//! `pcap.rs` (packet synthesis), `rotate.rs` (pcap files), `record.rs` (the record types).
 
+mod pcap;
+mod queue;
 mod record;
+mod rotate;
+mod text;
+mod writer;
 
+use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use log::warn;
+
+pub use queue::TapHandle;
 pub use record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
 
-/// Where the human-readable log goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use pcap::PcapSink;
+use queue::{Msg, Shared};
+use text::TextSink;
+use writer::{LogFile, NamedText, StdoutSink, Writer, open_output};
+
+/// Where the text log goes. `-` on the command line means [`LogTarget::Stdout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogTarget {
-    /// Standard output (`-`).
+    /// Standard output; coloured when it is a terminal.
     Stdout,
-    /// A file.
+    /// A file, appended to (a FIFO works too).
     File(PathBuf),
 }
 
-/// The pcap output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl std::str::FromStr for LogTarget {
+    type Err = std::convert::Infallible;
+
+    /// `-` is stdout, anything else a file path (usable as a `clap` value parser).
+    fn from_str(s: &str) -> Result<LogTarget, Self::Err> {
+        Ok(match s {
+            "-" => LogTarget::Stdout,
+            path => LogTarget::File(PathBuf::from(path)),
+        })
+    }
+}
+
+/// Where the pcap goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PcapTarget {
-    /// File path.
+    /// The current capture file; rotated files get `.1`, `.2`, … appended.
     pub path: PathBuf,
-    /// Rotate after this many bytes.
+    /// Start a new file before the current one would exceed this many bytes.
     pub rotate_bytes: Option<u64>,
-    /// Files kept.
+    /// Most files kept, the current one included (at least 1).
     pub max_files: u32,
 }
 
-/// Tap settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Tap configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TapConfig {
-    /// Text log.
+    /// Text log target, if any.
     pub log: Option<LogTarget>,
-    /// Pcap.
+    /// Pcap target, if any.
     pub pcap: Option<PcapTarget>,
-    /// Capture cap per direction.
+    /// Capture only the first N bytes of each direction of each connection.
     pub snaplen: Option<u64>,
-    /// Queue budget.
+    /// Queue budget: bytes of payload plus a fixed per-record overhead.
     pub queue_bytes: usize,
 }
 
-/// Tap setup error.
-#[derive(Debug, thiserror::Error)]
-#[error("tap not available")]
-pub struct TapError;
-
-/// Loop-side handle.
-#[derive(Debug, Clone)]
-pub struct TapHandle;
-
-impl TapHandle {
-    /// Data record.
-    pub fn data(
-        &self,
-        _conn: &Arc<ConnMeta>,
-        _dir: Direction,
-        _offset: u64,
-        _bytes: &[u8],
-    ) -> bool {
-        true
-    }
-    /// Event record.
-    pub fn event(&self, _conn: &Arc<ConnMeta>, _event: TapEvent) -> bool {
-        true
-    }
-}
-
-/// Totals.
-#[derive(Debug, Clone, Default)]
+/// Tap totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TapStats {
-    /// Records written.
+    /// Records admitted into the queue.
+    pub records_queued: u64,
+    /// Payload bytes admitted into the queue.
+    pub bytes_queued: u64,
+    /// Records written to every sink without error.
     pub records_written: u64,
-    /// Bytes written.
+    /// Payload bytes of those records.
     pub bytes_written: u64,
-    /// Records dropped.
+    /// Records dropped because the queue was full (or the tap was shut down).
     pub dropped_records: u64,
-    /// Bytes dropped.
+    /// Payload bytes of the dropped records.
     pub dropped_bytes: u64,
-    /// Write errors.
+    /// Failed batch writes (one per batch and sink).
     pub write_errors: u64,
 }
 
-/// Writer guard.
+/// Why the tap could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The text log file could not be opened.
+    #[error("cannot open tap log {}: {source}", path.display())]
+    Log {
+        /// The log path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The pcap file could not be opened or its header written.
+    #[error("cannot open pcap file {}: {source}", path.display())]
+    Pcap {
+        /// The pcap path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The writer thread could not be spawned.
+    #[error("cannot start the tap writer thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// Owns the writer thread; call [`TapGuard::shutdown`] at exit (dropping it shuts down with a
+/// short timeout).
 #[derive(Debug)]
-pub struct TapGuard;
+pub struct TapGuard {
+    inner: Option<GuardInner>,
+}
+
+#[derive(Debug)]
+struct GuardInner {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    done: Receiver<()>,
+    thread: JoinHandle<()>,
+}
+
+/// Timeout used when a guard is dropped without [`TapGuard::shutdown`].
+const DROP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl TapGuard {
-    /// Flush and stop.
-    pub fn shutdown(self, _timeout: Duration) -> TapStats {
-        TapStats::default()
+    /// Stops accepting records, lets the writer drain what is queued and flush, and joins it;
+    /// gives up after `timeout` (the writer is then left behind, blocked in its sink).
+    /// Returns the final totals.
+    pub fn shutdown(mut self, timeout: Duration) -> TapStats {
+        match self.inner.take() {
+            Some(inner) => inner.shutdown(timeout),
+            None => TapStats::default(),
+        }
     }
 }
 
-/// Starts a tap.
-pub fn start(_cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
-    Err(TapError)
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.shutdown(DROP_TIMEOUT);
+        }
+    }
+}
+
+impl GuardInner {
+    fn shutdown(self, timeout: Duration) -> TapStats {
+        self.shared.closed.store(true, Ordering::Release);
+        let _ = self.tx.send(Msg::Stop);
+        match self.done.recv_timeout(timeout) {
+            Ok(()) => {
+                if self.thread.join().is_err() {
+                    warn!("tap writer thread panicked");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // The thread ended without signalling: it panicked.
+                let _ = self.thread.join();
+                warn!("tap writer thread panicked; the capture may be incomplete");
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                warn!(
+                    "tap writer did not finish within {timeout:?} (blocked sink?); {} bytes of queued records abandoned",
+                    self.shared.queued_cost.load(Ordering::Relaxed)
+                );
+            }
+        }
+        self.shared.stats()
+    }
+}
+
+/// Opens the configured files (errors name the path) and spawns the writer thread.
+pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
+    let text = match &cfg.log {
+        None => None,
+        Some(LogTarget::Stdout) => Some(NamedText {
+            name: "stdout".to_owned(),
+            sink: TextSink::new(
+                Box::new(StdoutSink),
+                io::stdout().is_terminal(),
+                cfg.snaplen,
+            ),
+        }),
+        Some(LogTarget::File(path)) => {
+            let file = open_output(path, true).map_err(|source| TapError::Log {
+                path: path.clone(),
+                source,
+            })?;
+            Some(NamedText {
+                name: path.display().to_string(),
+                sink: TextSink::new(
+                    Box::new(LogFile::new(path.clone(), file)),
+                    false,
+                    cfg.snaplen,
+                ),
+            })
+        }
+    };
+    let pcap = match &cfg.pcap {
+        None => None,
+        Some(target) => Some(PcapSink::open(target).map_err(|source| TapError::Pcap {
+            path: target.path.clone(),
+            source,
+        })?),
+    };
+    spawn(cfg, text, pcap)
+}
+
+/// Spawns the writer thread over already opened sinks.
+fn spawn(
+    cfg: &TapConfig,
+    text: Option<NamedText>,
+    pcap: Option<PcapSink>,
+) -> Result<(TapHandle, TapGuard), TapError> {
+    let shared = Arc::new(Shared::new(cfg.queue_bytes));
+    let (tx, rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let writer = Writer::new(rx, Arc::clone(&shared), text, pcap);
+    let thread = std::thread::Builder::new()
+        .name("tap-writer".to_owned())
+        .spawn(move || writer.run(done_tx))
+        .map_err(TapError::Spawn)?;
+    let handle = TapHandle::new(Arc::clone(&shared), tx.clone(), cfg.snaplen);
+    let guard = TapGuard {
+        inner: Some(GuardInner {
+            tx,
+            shared,
+            done: done_rx,
+            thread,
+        }),
+    };
+    Ok((handle, guard))
+}
+
+/// Helpers shared by the tap's unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::{ConnMeta, TapEvent, TapRecord};
+
+    /// A directory under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let path = std::env::temp_dir().join(format!(
+                "tcptap-{tag}-{}-{nanos}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            TempDir(path)
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub(crate) fn conn(id: u64, down: &str, up: &str) -> Arc<ConnMeta> {
+        Arc::new(ConnMeta {
+            id,
+            route: Arc::from("test"),
+            downstream: down.parse().expect("downstream address"),
+            upstream: up.parse().expect("upstream address"),
+        })
+    }
+
+    /// A record at a fixed time plus `micros`.
+    pub(crate) fn record(conn: &Arc<ConnMeta>, micros: u64, event: TapEvent) -> TapRecord {
+        TapRecord {
+            time: UNIX_EPOCH + Duration::from_micros(1_714_564_800_000_000 + micros),
+            conn: Arc::clone(conn),
+            event,
+        }
+    }
+
+    /// Deterministic pseudo-random bytes.
+    pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{TempDir, conn};
+    use super::*;
+    use std::ffi::CString;
+    use std::fs::OpenOptions;
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::mpsc::Receiver;
+    use std::time::Instant;
+
+    fn config(queue_bytes: usize) -> TapConfig {
+        TapConfig {
+            log: None,
+            pcap: None,
+            snaplen: None,
+            queue_bytes,
+        }
+    }
+
+    /// A sink whose writes block until the test drops the other end of `gate`.
+    struct BlockingWriter {
+        gate: Receiver<()>,
+    }
+
+    impl Write for BlockingWriter {
+        fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+            let _ = self.gate.recv();
+            Err(io::Error::other("unblocked"))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn blocked_sink_never_stalls_the_data_path() {
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let text = NamedText {
+            name: "blocking".to_owned(),
+            sink: TextSink::new(Box::new(BlockingWriter { gate: gate_rx }), false, None),
+        };
+        let budget = 4096;
+        let (tap, guard) = spawn(&config(budget), Some(text), None).expect("spawn");
+        let c = conn(1, "10.0.0.1:1000", "10.0.0.2:2000");
+        let payload = [b'a'; 100];
+
+        let calls = 100_000u64;
+        let started = Instant::now();
+        let mut admitted = 0u64;
+        for i in 0..calls {
+            if tap.data(&c, Direction::DownToUp, i * 100, &payload) {
+                admitted += 1;
+            }
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{calls} calls took {elapsed:?}"
+        );
+        let per_record = (payload.len() + queue::RECORD_OVERHEAD) as u64;
+        assert!(
+            admitted <= budget as u64 / per_record + 1,
+            "admitted {admitted}"
+        );
+        let stats = tap.stats();
+        assert_eq!(stats.dropped_records, calls - admitted);
+        assert_eq!(stats.dropped_bytes, (calls - admitted) * 100);
+        assert_eq!(stats.records_queued, admitted);
+
+        // Control records still get through, within the reserve, then are dropped too.
+        assert!(tap.event(&c, TapEvent::Open));
+        let mut control = 1;
+        while tap.event(&c, TapEvent::Open) {
+            control += 1;
+            // The reserve, plus what the data records left unused of the budget.
+            let limit = (queue::CONTROL_RESERVE + per_record as usize) / queue::RECORD_OVERHEAD;
+            assert!(control <= limit, "{control} control records admitted");
+        }
+        assert!(tap.queued_cost() <= budget + queue::CONTROL_RESERVE);
+
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let stats = guard.shutdown(timeout);
+        assert!(started.elapsed() < timeout + Duration::from_secs(2));
+        assert_eq!(stats.records_written, 0);
+        assert!(stats.dropped_records > calls - admitted);
+        // After shutdown nothing is admitted.
+        assert!(!tap.data(&c, Direction::DownToUp, 0, b"late"));
+        drop(gate_tx); // lets the abandoned writer finish
+    }
+
+    #[test]
+    fn fifo_without_reader_blocks_only_the_writer() {
+        let dir = TempDir::new("fifo");
+        let fifo = dir.path().join("log.fifo");
+        let name = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `name` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let mut cfg = config(1 << 20);
+        cfg.log = Some(LogTarget::File(fifo.clone()));
+        let started = Instant::now();
+        let (tap, guard) = start(&cfg).expect("start does not block on a FIFO");
+        let c = conn(2, "10.0.0.1:1000", "10.0.0.2:2000");
+        assert!(tap.event(&c, TapEvent::Open));
+        assert!(tap.data(&c, Direction::DownToUp, 0, b"hello"));
+        let stats = guard.shutdown(Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(stats.records_written, 0);
+        // Give the writer its reader so the thread can finish.
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("open fifo for reading");
+        std::thread::sleep(Duration::from_millis(100));
+        drop(reader);
+    }
+
+    #[test]
+    fn dev_full_only_counts_errors() {
+        let mut cfg = config(1 << 20);
+        cfg.log = Some(LogTarget::File(PathBuf::from("/dev/full")));
+        cfg.pcap = Some(PcapTarget {
+            path: PathBuf::from("/dev/full"),
+            rotate_bytes: Some(1000),
+            max_files: 3,
+        });
+        let (tap, guard) = start(&cfg).expect("start");
+        let c = conn(3, "10.0.0.1:1000", "10.0.0.2:2000");
+        assert!(tap.event(&c, TapEvent::Open));
+        for i in 0..10 {
+            assert!(tap.data(&c, Direction::UpToDown, i * 4, b"data"));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let stats = guard.shutdown(Duration::from_secs(5));
+        assert!(stats.write_errors >= 2, "{stats:?}");
+        assert_eq!(stats.records_written, 0);
+        assert_eq!(stats.records_queued, 11);
+    }
+
+    #[test]
+    fn log_target_from_cli() {
+        assert_eq!("-".parse::<LogTarget>(), Ok(LogTarget::Stdout));
+        assert_eq!(
+            "tap.log".parse::<LogTarget>(),
+            Ok(LogTarget::File(PathBuf::from("tap.log")))
+        );
+    }
+
+    #[test]
+    fn start_names_the_path_it_cannot_open() {
+        let mut cfg = config(1 << 20);
+        cfg.pcap = Some(PcapTarget {
+            path: PathBuf::from("/nonexistent-dir/cap.pcap"),
+            rotate_bytes: None,
+            max_files: 1,
+        });
+        let err = start(&cfg).expect_err("no such directory");
+        assert!(
+            err.to_string().contains("/nonexistent-dir/cap.pcap"),
+            "{err}"
+        );
+        cfg.pcap = None;
+        cfg.log = Some(LogTarget::File(PathBuf::from("/nonexistent-dir/log")));
+        let err = start(&cfg).expect_err("no such directory");
+        assert!(err.to_string().contains("/nonexistent-dir/log"), "{err}");
+    }
+
+    #[test]
+    fn end_to_end_with_snaplen() {
+        let dir = TempDir::new("e2e");
+        let log = dir.path().join("tap.log");
+        let pcap = dir.path().join("cap.pcap");
+        let cfg = TapConfig {
+            log: Some(LogTarget::File(log.clone())),
+            pcap: Some(PcapTarget {
+                path: pcap.clone(),
+                rotate_bytes: None,
+                max_files: 1,
+            }),
+            snaplen: Some(10),
+            queue_bytes: 1 << 20,
+        };
+        let (tap, guard) = start(&cfg).expect("start");
+        let c = conn(4, "10.0.0.1:1000", "10.0.0.2:2000");
+        assert!(tap.event(&c, TapEvent::Open));
+        assert!(tap.data(&c, Direction::DownToUp, 0, b"0123456789abcdefghij"));
+        // Entirely beyond snaplen: accepted, nothing queued.
+        assert!(tap.data(&c, Direction::DownToUp, 20, b"klmno"));
+        // The Data variant of `event` is clipped the same way.
+        assert!(tap.event(
+            &c,
+            TapEvent::Data {
+                dir: Direction::UpToDown,
+                offset: 0,
+                bytes: b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b".to_vec(),
+            }
+        ));
+        assert!(tap.event(
+            &c,
+            TapEvent::Fin {
+                dir: Direction::DownToUp,
+                offset: 25
+            }
+        ));
+        assert!(tap.event(
+            &c,
+            TapEvent::Fin {
+                dir: Direction::UpToDown,
+                offset: 12
+            }
+        ));
+        assert!(tap.event(
+            &c,
+            TapEvent::Close {
+                kind: CloseKind::Normal,
+                offsets: [25, 12],
+                dropped_records: 0,
+                dropped_bytes: 0,
+            }
+        ));
+        let stats = guard.shutdown(Duration::from_secs(5));
+        assert_eq!(
+            stats,
+            TapStats {
+                records_queued: 6,
+                bytes_queued: 20,
+                records_written: 6,
+                bytes_written: 20,
+                dropped_records: 0,
+                dropped_bytes: 0,
+                write_errors: 0,
+            }
+        );
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert!(!text.contains('\x1b'), "no colour in files");
+        assert!(text.contains("#4 10.0.0.1:1000 -> 10.0.0.2:2000 open (route test)"));
+        assert!(text.contains("client -> upstream 10 bytes\n  > 0123456789\n"));
+        assert!(text.contains("upstream -> client 10 bytes\n  < 00000000  00 01 02"));
+        assert!(text.contains("client -> upstream [... 15 bytes not captured (snaplen) ...]"));
+        assert!(text.contains("upstream -> client [... 2 bytes not captured (snaplen) ...]"));
+        assert!(text.contains("FIN from client after 25 bytes"));
+        assert!(text.contains("FIN from upstream after 12 bytes"));
+        assert!(text.contains("close: closed, client -> upstream 25 bytes"));
+        let capture = std::fs::read(&pcap).expect("pcap");
+        assert_eq!(&capture[..4], &0xa1b2_c3d4u32.to_le_bytes());
+        // Handshake, two data segments, two FINs, final ACK.
+        let mut reader = pcap_file::pcap::PcapReader::new(&capture[..]).expect("pcap");
+        let mut packets = 0;
+        while let Some(p) = reader.next_packet() {
+            p.expect("packet");
+            packets += 1;
+        }
+        assert_eq!(packets, 8);
+    }
 }

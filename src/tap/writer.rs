@@ -1,0 +1,340 @@
+//! The writer thread: drains the queue in batches and hands each batch to the sinks.
+//!
+//! Invariants:
+//! - The thread blocks only for the first record of a batch (or in a sink's write); the rest of
+//!   the batch is taken with `try_recv`, up to `MAX_BATCH_COST` / `MAX_BATCH_RECORDS`. Each sink
+//!   renders a batch into a reused buffer and writes it with one write call and one flush
+//!   (a pcap rotation inside a batch adds the writes of the file switch).
+//! - The queue cost of a batch is released only after the batch was written, so the loop-side
+//!   budget also bounds what the writer holds.
+//! - Write errors are counted (one per failed batch and sink), reported with `warn!` at most once
+//!   per `WARN_INTERVAL`, and never stop the thread: it keeps consuming so the queue keeps
+//!   draining. A sink that blocks forever blocks only this thread.
+//! - Drops counted by the loop side are reported from here (the loop side must not log), at most
+//!   once per `WARN_INTERVAL`, plus a final report at exit.
+//! - After `Msg::Stop` the thread writes whatever is still queued and exits; it signals the guard
+//!   through `done` after its last flush.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+use super::pcap::PcapSink;
+use super::queue::{Msg, Shared};
+use super::record::{TapEvent, TapRecord};
+use super::text::TextSink;
+
+/// Largest queue cost taken into one batch.
+const MAX_BATCH_COST: usize = 1 << 20;
+/// Most records taken into one batch.
+const MAX_BATCH_RECORDS: usize = 4096;
+/// Minimum time between two warnings of the same kind.
+const WARN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often an idle writer looks at the drop counters.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Lets a warning through at most once per interval and counts the ones held back.
+pub(crate) struct RateLimit {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub(crate) fn new(interval: Duration) -> RateLimit {
+        RateLimit {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(number of warnings held back since the last one)` if a warning may be issued now.
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// A text log sink and the name used in messages about it.
+pub(crate) struct NamedText {
+    pub(crate) name: String,
+    pub(crate) sink: TextSink,
+}
+
+/// The writer thread's state.
+pub(crate) struct Writer {
+    pub(crate) rx: Receiver<Msg>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) text: Option<NamedText>,
+    pub(crate) pcap: Option<PcapSink>,
+    error_warnings: RateLimit,
+    drop_warnings: RateLimit,
+    /// Drops already reported: (records, bytes).
+    reported_drops: (u64, u64),
+}
+
+impl Writer {
+    pub(crate) fn new(
+        rx: Receiver<Msg>,
+        shared: Arc<Shared>,
+        text: Option<NamedText>,
+        pcap: Option<PcapSink>,
+    ) -> Writer {
+        Writer {
+            rx,
+            shared,
+            text,
+            pcap,
+            error_warnings: RateLimit::new(WARN_INTERVAL),
+            drop_warnings: RateLimit::new(WARN_INTERVAL),
+            reported_drops: (0, 0),
+        }
+    }
+
+    /// The thread body. Returns after `Msg::Stop` once the queue is empty, or when every sender
+    /// is gone; sends on `done` right before returning.
+    pub(crate) fn run(mut self, done: Sender<()>) {
+        let mut batch: Vec<TapRecord> = Vec::new();
+        let mut stopping = false;
+        loop {
+            let first = if stopping {
+                match self.rx.try_recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
+            } else {
+                match self.rx.recv_timeout(IDLE_TICK) {
+                    Ok(msg) => msg,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.report_drops(false);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut cost = 0usize;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Record(record, c) => {
+                        batch.push(record);
+                        cost += c;
+                    }
+                    Msg::Stop => stopping = true,
+                }
+                if cost < MAX_BATCH_COST && batch.len() < MAX_BATCH_RECORDS {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.write(&batch);
+            }
+            batch.clear();
+            self.shared.release(cost);
+            self.report_drops(false);
+        }
+        self.report_drops(true);
+        let _ = done.send(());
+    }
+
+    /// Writes one batch to every sink and updates the counters.
+    fn write(&mut self, batch: &[TapRecord]) {
+        let mut failures: Vec<(String, io::Error)> = Vec::new();
+        if let Some(text) = &mut self.text
+            && let Err(err) = text.sink.write_batch(batch)
+        {
+            failures.push((text.name.clone(), err));
+        }
+        if let Some(pcap) = &mut self.pcap
+            && let Err(err) = pcap.write_batch(batch)
+        {
+            failures.push((pcap.name(), err));
+        }
+        if failures.is_empty() {
+            let payload: u64 = batch
+                .iter()
+                .map(|r| match &r.event {
+                    TapEvent::Data { bytes, .. } => bytes.len() as u64,
+                    _ => 0,
+                })
+                .sum();
+            self.shared
+                .records_written
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.shared
+                .bytes_written
+                .fetch_add(payload, Ordering::Relaxed);
+            return;
+        }
+        self.shared
+            .write_errors
+            .fetch_add(failures.len() as u64, Ordering::Relaxed);
+        if let Some(held_back) = self.error_warnings.allow(Instant::now()) {
+            for (name, err) in failures {
+                if held_back > 0 {
+                    warn!(
+                        "tap: cannot write to {name}: {err} ({held_back} similar warnings suppressed)"
+                    );
+                } else {
+                    warn!("tap: cannot write to {name}: {err}");
+                }
+            }
+        }
+    }
+
+    /// Warns about drops since the last report (rate-limited unless `last`).
+    fn report_drops(&mut self, last: bool) {
+        let records = self.shared.dropped_records.load(Ordering::Relaxed);
+        let bytes = self.shared.dropped_bytes.load(Ordering::Relaxed);
+        let (seen_records, seen_bytes) = self.reported_drops;
+        if records == seen_records {
+            return;
+        }
+        if !last && self.drop_warnings.allow(Instant::now()).is_none() {
+            return;
+        }
+        warn!(
+            "tap queue full: dropped {} records ({} payload bytes) since the last report, {} records in total; the capture has gaps",
+            records - seen_records,
+            bytes - seen_bytes,
+            records
+        );
+        self.reported_drops = (records, bytes);
+    }
+}
+
+/// Opens `path` for writing without blocking the caller.
+///
+/// Returns `Ok(None)` for a FIFO that has no reader yet: opening it for writing would block, so
+/// the writer thread opens it later with [`open_blocking`]. The returned file is in blocking mode.
+pub(crate) fn open_output(path: &Path, append: bool) -> io::Result<Option<File>> {
+    let mut options = options(append);
+    options.custom_flags(libc::O_NONBLOCK);
+    match options.open(path) {
+        Ok(file) => {
+            set_blocking(&file)?;
+            Ok(Some(file))
+        }
+        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Opens `path` for writing; may block (a FIFO waits for a reader). Only for the writer thread.
+pub(crate) fn open_blocking(path: &Path, append: bool) -> io::Result<File> {
+    options(append).open(path)
+}
+
+fn options(append: bool) -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true);
+    if append {
+        options.append(true);
+    } else {
+        options.truncate(true);
+    }
+    options
+}
+
+fn set_blocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is a valid open descriptor owned by `file` for the duration of these calls;
+    // F_GETFL/F_SETFL only read and change its status flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A log file, opened up front or (for a FIFO without reader) on the first write.
+pub(crate) struct LogFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl LogFile {
+    pub(crate) fn new(path: PathBuf, file: Option<File>) -> LogFile {
+        LogFile { path, file }
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        match &mut self.file {
+            Some(file) => Ok(file),
+            none => Ok(none.insert(open_blocking(&self.path, true)?)),
+        }
+    }
+}
+
+impl Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file()?.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file()?.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Standard output, locked once per batch.
+pub(crate) struct StdoutSink;
+
+impl Write for StdoutSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::stdout().lock().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_counts_suppressed() {
+        let mut r = RateLimit::new(Duration::from_secs(5));
+        let t = Instant::now();
+        assert_eq!(r.allow(t), Some(0));
+        assert_eq!(r.allow(t + Duration::from_secs(1)), None);
+        assert_eq!(r.allow(t + Duration::from_secs(2)), None);
+        assert_eq!(r.allow(t + Duration::from_secs(6)), Some(2));
+    }
+}
