@@ -66,6 +66,10 @@ struct Shared {
     route_active: Vec<AtomicUsize>,
     /// `max_connections`, lowered if the open-file limit cannot hold that many pairs.
     max_connections: usize,
+    /// Workers whose listeners are still open.
+    workers_listening: AtomicUsize,
+    /// Workers whose loop is still running (the one handling signals stays until it is the last).
+    workers_running: AtomicUsize,
 }
 
 /// Asks a running server to stop, from any thread.
@@ -198,6 +202,8 @@ impl Server {
             stats: Stats::default(),
             route_active: config.routes.iter().map(|_| AtomicUsize::new(0)).collect(),
             max_connections: fd_capped_max_connections(config.max_connections),
+            workers_listening: AtomicUsize::new(n),
+            workers_running: AtomicUsize::new(n),
             config,
         });
         let mut workers = Vec::with_capacity(n);
@@ -351,6 +357,9 @@ impl Server {
             };
         }
         let graceful = matches!(exit, Ok(Exit::Graceful));
+        if graceful && self.shared.stats.shutdown_aborts.load(Ordering::Relaxed) == 0 {
+            info!("shutdown: all connections finished");
+        }
         let timeout = if graceful {
             self.shared.config.drain_timeout.max(Duration::from_secs(2))
         } else {
@@ -374,6 +383,14 @@ impl Server {
 
 impl Worker {
     fn run(mut self) -> io::Result<Exit> {
+        let r = self.run_loop();
+        self.shared.workers_running.fetch_sub(1, Ordering::SeqCst);
+        // The signal-handling worker waits for the others: tell it one is gone.
+        let _ = self.wakers[0].wake();
+        r
+    }
+
+    fn run_loop(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
         let exit = loop {
             let timeout = self.poll_timeout();
@@ -397,8 +414,11 @@ impl Worker {
             self.close_pending();
             self.resume_accepting(now);
             if let Some(deadline) = self.draining {
-                if self.pairs.is_empty() {
-                    info!("shutdown: all connections finished");
+                // The worker that handles signals stays until the others are done, so that a
+                // second SIGINT still works while they drain.
+                let others_done = self.signals.is_none()
+                    || self.shared.workers_running.load(Ordering::SeqCst) == 1;
+                if self.pairs.is_empty() && others_done {
                     break Exit::Graceful;
                 }
                 if now >= deadline {
@@ -531,11 +551,14 @@ impl Worker {
                         );
                     }
                 }
-                info!(
-                    "shutting down: listeners closed, {} connection(s) draining (up to {:?})",
-                    self.pairs.len(),
-                    self.shared.config.drain_timeout
-                );
+                // The last worker to close its listeners tells: from then on every connect is refused.
+                if self.shared.workers_listening.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    info!(
+                        "shutting down: listeners closed, {} connection(s) draining (up to {:?})",
+                        self.shared.stats.active.load(Ordering::Relaxed),
+                        self.shared.config.drain_timeout
+                    );
+                }
                 None
             }
             _ => None,
@@ -869,6 +892,7 @@ impl Worker {
                 stats.resets.fetch_add(1, Ordering::Relaxed)
             }
             CloseReason::IdleTimeout => stats.timeouts.fetch_add(1, Ordering::Relaxed),
+            CloseReason::Shutdown => stats.shutdown_aborts.fetch_add(1, Ordering::Relaxed),
             CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed)
             }
@@ -945,7 +969,7 @@ fn fd_capped_max_connections(configured: usize) -> usize {
     let cap = (lim.rlim_cur.saturating_sub(FD_RESERVE) / 2).max(1);
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
     if configured > cap {
-        warn!(
+        info!(
             "max_connections = {configured} needs {} descriptors but the open-file limit is {}; \
              holding at most {cap} connections (raise `ulimit -n` for more)",
             configured * 2 + FD_RESERVE as usize,

@@ -23,6 +23,8 @@ pub struct Stats {
     pub bytes_d2u: AtomicU64,
     /// Bytes proxied upstream → client (counted when a pair closes).
     pub bytes_u2d: AtomicU64,
+    /// Pairs reset at the end of the shutdown drain (or by an immediate stop).
+    pub shutdown_aborts: AtomicU64,
     /// Buffered bytes thrown away because a pair was reset.
     pub discarded: AtomicU64,
 }

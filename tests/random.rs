@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use common::*;
 
+also_with_two_workers!(random_connections_every_byte_checked);
+
 /// What one connection does, derived from its seed.
 #[derive(Debug, Clone, Copy)]
 struct Plan {

@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+also_with_two_workers!(
+    sigterm_drains_inflight_transfer_and_refuses_new_connections,
+    drain_timeout_resets_stragglers_and_exits_zero,
+    second_sigint_stops_at_once,
+    idle_proxy_exits_zero_on_sigterm,
+);
+
 #[test]
 fn sigterm_drains_inflight_transfer_and_refuses_new_connections() {
     const LEN: usize = 48 << 20;

@@ -81,6 +81,34 @@ impl Drop for TempDir {
     }
 }
 
+thread_local! {
+    /// `--workers` for proxies started on this thread (each test runs on its own thread).
+    static WORKERS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every proxy it starts using `n` event loops.
+pub fn with_workers<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    WORKERS.with(|w| w.set(Some(n)));
+    let r = f();
+    WORKERS.with(|w| w.set(None));
+    r
+}
+
+/// Declares, in a module `workers2`, a copy of each named test that runs with two workers.
+#[macro_export]
+macro_rules! also_with_two_workers {
+    ($($name:ident),* $(,)?) => {
+        mod workers2 {
+            $(
+                #[test]
+                fn $name() {
+                    $crate::common::with_workers(2, super::$name)
+                }
+            )*
+        }
+    };
+}
+
 /// The real binary, running as a child process.
 pub struct Proxy {
     pub child: Child,
@@ -120,14 +148,17 @@ impl Proxy {
         adjust: impl FnOnce(&mut Command),
     ) -> Proxy {
         let mut cmd = Command::new(binary());
-        cmd.args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("TCPTAP_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(args);
+        if let Some(n) = WORKERS.with(|w| w.get()) {
+            cmd.args(["--workers", &n.to_string()]);
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("TCPTAP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn tcptap");
         let stderr = child.stderr.take().unwrap();
