@@ -24,6 +24,7 @@
 pub mod buffer;
 pub mod config;
 pub mod event_loop;
+pub mod metrics;
 pub mod net;
 pub mod orig_dst;
 pub mod pair;
