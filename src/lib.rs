@@ -21,6 +21,7 @@
 
 #![warn(rust_2018_idioms, missing_debug_implementations, missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod buffer;
 pub mod config;
