@@ -19,9 +19,9 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -174,9 +174,8 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     /// Called at each scrape for numbers owned by other components (tap, access log).
     pub extra: Box<dyn Fn() -> ExtraGauges + Send + Sync>,
-    /// Where snapshot requests go (see [`snapshot_channel`]). A mutex because `SyncSender` is
-    /// cloned per use only in this thread; it is uncontended.
-    pub snapshots: Mutex<SyncSender<SnapshotRequest>>,
+    /// Where snapshot requests go; the loop holds the receiver (see [`snapshot_channel`]).
+    pub snapshots: SyncSender<SnapshotRequest>,
     /// Wakes the event loop after a snapshot request was queued (`mio::Waker::wake` in the loop).
     pub wake: Arc<dyn Fn() + Send + Sync>,
     /// How long `/connections` waits for the loop's answer before giving 503.
@@ -506,11 +505,7 @@ fn metrics(state: &AdminState) -> Response {
 
 fn connections(state: &AdminState) -> Response {
     let (reply, answer) = mpsc::sync_channel(1);
-    let queued = match state.snapshots.lock() {
-        Ok(tx) => tx.try_send(SnapshotRequest { reply }),
-        Err(_) => return Response::text(500, "internal error\n"),
-    };
-    match queued {
+    match state.snapshots.try_send(SnapshotRequest { reply }) {
         Ok(()) => (state.wake)(),
         Err(TrySendError::Full(_)) => {
             return Response::text(503, "too many connection listings pending\n");
@@ -622,7 +617,7 @@ mod tests {
                 tap_records_written: 42,
                 ..ExtraGauges::default()
             }),
-            snapshots: Mutex::new(tx),
+            snapshots: tx,
             wake: {
                 let wakes = wakes.clone();
                 Arc::new(move || {
@@ -886,7 +881,7 @@ mod tests {
             routes: Vec::new(),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),
-            snapshots: Mutex::new(tx),
+            snapshots: tx,
             wake: Arc::new(|| {}),
             snapshot_timeout: DEFAULT_SNAPSHOT_TIMEOUT,
         });
