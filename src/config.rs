@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access_log::Format as AccessLogFormat;
 use crate::tap::{LogTarget, PcapTarget, TapConfig};
 
 /// Default per-direction buffer size.
@@ -70,8 +71,25 @@ pub struct RawConfig {
     workers: Option<Workers>,
     socket: Option<RawSocket>,
     tap: Option<RawTap>,
+    admin: Option<RawAdmin>,
+    access_log: Option<RawAccessLog>,
     #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+/// `[admin]`: the HTTP endpoint for metrics, health and the connection list.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+/// `[access_log]`: one line per finished connection.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +192,15 @@ pub struct Route {
     pub tap: Option<TapConfig>,
 }
 
+/// Where and how the access log is written (`[access_log]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// The file, created if missing and appended to; reopened on SIGUSR1.
+    pub path: PathBuf,
+    /// Line format (default JSON).
+    pub format: AccessLogFormat,
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -193,6 +220,10 @@ pub struct Config {
     pub socket: SocketOptions,
     /// The routes; at least one.
     pub routes: Vec<Route>,
+    /// Address of the admin HTTP endpoint (`[admin] listen`), off unless set.
+    pub admin: Option<SocketAddr>,
+    /// The access log (`[access_log]`), off unless set.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// Overrides given on the command line.
@@ -322,6 +353,58 @@ fn workers(ctx: &Ctx<'_>, key: &str, w: &Workers) -> Result<NonZeroUsize, Config
             None => Err(ctx.invalid(key, format!("{t:?} is not a positive number or \"auto\""))),
         },
     }
+}
+
+/// Checks `[admin]` (its address must not be a route's) and `[access_log]`.
+fn ops_sections(
+    ctx: &Ctx<'_>,
+    admin: Option<&RawAdmin>,
+    access_log: Option<&RawAccessLog>,
+    routes: &[Route],
+) -> Result<(Option<SocketAddr>, Option<AccessLogConfig>), ConfigError> {
+    let admin = match admin {
+        Some(a) => {
+            let text = a
+                .listen
+                .as_deref()
+                .ok_or_else(|| ctx.invalid("admin.listen", "missing"))?;
+            let addr = listen_addr(ctx, "admin.listen", text)?;
+            if let Some(i) = routes
+                .iter()
+                .position(|r| r.listen == addr && addr.port() != 0)
+            {
+                return Err(ctx.invalid(
+                    "admin.listen",
+                    format!("{addr} is already the listen address of route[{i}]"),
+                ));
+            }
+            Some(addr)
+        }
+        None => None,
+    };
+    let access_log = match access_log {
+        Some(l) => {
+            let path = match l.path.as_deref() {
+                None => return Err(ctx.invalid("access_log.path", "missing")),
+                Some(p) if p.trim().is_empty() => {
+                    return Err(ctx.invalid("access_log.path", "must not be empty"));
+                }
+                Some(p) => PathBuf::from(p),
+            };
+            let format = match l.format.as_deref() {
+                None => AccessLogFormat::Json,
+                Some(f) => AccessLogFormat::from_name(f).ok_or_else(|| {
+                    ctx.invalid(
+                        "access_log.format",
+                        format!("{f:?} is not a format; write \"json\" or \"text\""),
+                    )
+                })?,
+            };
+            Some(AccessLogConfig { path, format })
+        }
+        None => None,
+    };
+    Ok((admin, access_log))
 }
 
 fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, ConfigError> {
@@ -572,6 +655,12 @@ impl Config {
                 ));
             }
         }
+        let (admin, access_log) = ops_sections(
+            &file_ctx,
+            raw.admin.as_ref(),
+            raw.access_log.as_ref(),
+            &routes,
+        )?;
         Ok(Config {
             origin: origin.to_string(),
             buffer_size,
@@ -581,6 +670,8 @@ impl Config {
             workers,
             socket,
             routes,
+            admin,
+            access_log,
         })
     }
 
@@ -696,6 +787,70 @@ mod tests {
             e.contains("command line") && e.contains("--upstream"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_and_access_log_sections() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.admin, c.access_log), (None, None));
+        let c = parse(&format!(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n\
+             [access_log]\npath = \"/var/log/tcptap/access.log\"\nformat = \"text\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.admin, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(
+            c.access_log,
+            Some(AccessLogConfig {
+                path: PathBuf::from("/var/log/tcptap/access.log"),
+                format: AccessLogFormat::Text,
+            })
+        );
+        let c = parse(&format!("[access_log]\npath = \"a.log\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.access_log.unwrap().format, AccessLogFormat::Json);
+    }
+
+    #[test]
+    fn admin_and_access_log_errors_are_named() {
+        let cases = [
+            ("[admin]\n", "admin.listen", "missing"),
+            (
+                "[admin]\nlisten = \"localhost\"\n",
+                "admin.listen",
+                "localhost",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:1\"\nport = 2\n",
+                "port",
+                "unknown",
+            ),
+            (
+                "[access_log]\nformat = \"json\"\n",
+                "access_log.path",
+                "missing",
+            ),
+            ("[access_log]\npath = \" \"\n", "access_log.path", "empty"),
+            (
+                "[access_log]\npath = \"a.log\"\nformat = \"xml\"\n",
+                "access_log.format",
+                "xml",
+            ),
+            (
+                "[access_log]\npath = \"a.log\"\nrotate = true\n",
+                "rotate",
+                "unknown",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = err(&format!("{text}{MINIMAL}"));
+            assert!(
+                e.contains("test.toml") && e.contains(key) && e.contains(reason),
+                "{text}: {e}"
+            );
+        }
+        let e = err("[admin]\nlisten = \"127.0.0.1:7000\"\n\
+             [[route]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:9\"\n");
+        assert!(e.contains("admin.listen") && e.contains("route[0]"), "{e}");
     }
 
     #[test]
