@@ -93,6 +93,10 @@ pub enum DirEnd {
     ConnectTimeout,
     /// Cut at the end of the shutdown drain.
     Shutdown,
+    /// Refused before an upstream was chosen.
+    Refused,
+    /// The client's PROXY protocol header was malformed or missing.
+    ProxyHeader,
     /// Had not ended when the entry was made.
     Open,
 }
@@ -110,6 +114,8 @@ impl DirEnd {
             DirEnd::ConnectFailed => "connect_failed",
             DirEnd::ConnectTimeout => "connect_timeout",
             DirEnd::Shutdown => "shutdown",
+            DirEnd::Refused => "refused",
+            DirEnd::ProxyHeader => "proxy_header_error",
             DirEnd::Open => "open",
         }
     }
@@ -135,6 +141,8 @@ impl DirEnd {
             CloseReason::ConnectFailed(_) => DirEnd::ConnectFailed,
             CloseReason::ConnectTimeout => DirEnd::ConnectTimeout,
             CloseReason::Shutdown => DirEnd::Shutdown,
+            CloseReason::Refused(_) => DirEnd::Refused,
+            CloseReason::BadProxyHeader(_) | CloseReason::ProxyHeaderTimeout => DirEnd::ProxyHeader,
         }
     }
 }

@@ -51,11 +51,15 @@ pub enum CloseCause {
     ConnectTimeout,
     /// Still open when the shutdown drain ended.
     Shutdown,
+    /// Refused: no usable original destination, a loop, or not in allowed_destinations.
+    Refused,
+    /// The client's PROXY protocol header was malformed or missing.
+    ProxyHeader,
 }
 
 impl CloseCause {
     /// Every cause, in rendering order.
-    pub const ALL: [CloseCause; 9] = [
+    pub const ALL: [CloseCause; 11] = [
         CloseCause::ClientClosedFirst,
         CloseCause::UpstreamClosedFirst,
         CloseCause::ResetByClient,
@@ -65,6 +69,8 @@ impl CloseCause {
         CloseCause::ConnectFailed,
         CloseCause::ConnectTimeout,
         CloseCause::Shutdown,
+        CloseCause::Refused,
+        CloseCause::ProxyHeader,
     ];
 
     /// The label value, e.g. `client_closed_first`.
@@ -79,6 +85,8 @@ impl CloseCause {
             CloseCause::ConnectFailed => "connect_failed",
             CloseCause::ConnectTimeout => "connect_timeout",
             CloseCause::Shutdown => "shutdown",
+            CloseCause::Refused => "refused",
+            CloseCause::ProxyHeader => "proxy_header_error",
         }
     }
 
@@ -98,6 +106,10 @@ impl CloseCause {
             CloseReason::ConnectFailed(_) => CloseCause::ConnectFailed,
             CloseReason::ConnectTimeout => CloseCause::ConnectTimeout,
             CloseReason::Shutdown => CloseCause::Shutdown,
+            CloseReason::Refused(_) => CloseCause::Refused,
+            CloseReason::BadProxyHeader(_) | CloseReason::ProxyHeaderTimeout => {
+                CloseCause::ProxyHeader
+            }
         }
     }
 
