@@ -16,7 +16,7 @@
 //! Run: `cargo bench --bench proxy`. Environment:
 //! - `TCPTAP_BENCH_QUICK=1`: one short round (under 30 s).
 //! - `TCPTAP_BENCH_ROUNDS` (default 3), `TCPTAP_BENCH_SECS` (measured window
-//!   per row and target, default 1.0), `TCPTAP_BENCH_IDLE_CONNS` (10000).
+//!   per row and target, default 0.6), `TCPTAP_BENCH_IDLE_CONNS` (10000).
 //! - `TCPTAP_BENCH_TARGETS=direct,tcptap,...` and
 //!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis` to select.
 //! - `TCPTAP_BENCH_BIN`: the tcptap binary to use instead of Cargo's.
@@ -101,9 +101,9 @@ impl Config {
         let (rounds, secs, idle, iperf_secs, redis_n): (usize, f64, usize, u32, u32) = if smoke {
             (1, 0.1, 100, 1, 1000)
         } else if quick {
-            (1, 0.25, 1000, 1, 5000)
+            (1, 0.2, 1000, 1, 5000)
         } else {
-            (3, 1.0, 10_000, 3, 50_000)
+            (3, 0.6, 10_000, 3, 50_000)
         };
         let rounds = env_parse("TCPTAP_BENCH_ROUNDS")
             .unwrap_or(rounds)
@@ -361,8 +361,16 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             r.check_alive().map_err(e)?;
             let (rss1, pss1) = after.ok_or("cannot read /proc memory")?;
             let n = cfg.idle_conns as f64;
-            out.push(("idle RSS".into(), KIB_CONN, (rss1 as f64 - rss0 as f64) / n));
-            out.push(("idle PSS".into(), KIB_CONN, (pss1 as f64 - pss0 as f64) / n));
+            out.push((
+                format!("idle RSS, {} conns", cfg.idle_conns),
+                KIB_CONN,
+                (rss1 as f64 - rss0 as f64) / n,
+            ));
+            out.push((
+                format!("idle PSS, {} conns", cfg.idle_conns),
+                KIB_CONN,
+                (pss1 as f64 - pss0 as f64) / n,
+            ));
         }
         Scenario::Iperf3 => {
             let bin = env.iperf3.as_ref().ok_or("iperf3 not installed")?;
@@ -495,7 +503,9 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
     if want_tcptap {
         match tcptap_bin() {
             Ok(bin) => {
-                versions.push(format!("tcptap: {}", bin.display()));
+                let level =
+                    std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
+                versions.push(format!("tcptap: {} (RUST_LOG={level})", bin.display()));
                 for (name, args) in TCPTAP_VARIANTS {
                     ts.push(Target {
                         name: (*name).into(),
