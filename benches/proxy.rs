@@ -189,30 +189,35 @@ const MS_GIB: Unit = Unit {
 struct Results {
     /// Metric names in first-seen order.
     order: Vec<(String, Unit)>,
-    /// (metric, target) → one value per successful round.
-    values: BTreeMap<(String, String), Vec<f64>>,
+    /// (metric, target) → one slot per round (None: that round failed).
+    values: BTreeMap<(String, String), Vec<Option<f64>>>,
     notes: Vec<String>,
     errors: Vec<String>,
 }
 
 impl Results {
-    fn add(&mut self, metric: &str, unit: Unit, target: &str, v: f64) {
+    fn add(&mut self, metric: &str, unit: Unit, target: &str, round: usize, v: f64) {
         if !self.order.iter().any(|(m, _)| m == metric) {
             self.order.push((metric.to_owned(), unit));
         }
-        if v.is_finite() {
-            self.values
-                .entry((metric.to_owned(), target.to_owned()))
-                .or_default()
-                .push(v);
+        let slots = self
+            .values
+            .entry((metric.to_owned(), target.to_owned()))
+            .or_default();
+        if slots.len() <= round {
+            slots.resize(round + 1, None);
         }
+        slots[round] = v.is_finite().then_some(v);
     }
 
     fn median(&self, metric: &str, target: &str) -> Option<f64> {
-        let mut v = self
+        let mut v: Vec<f64> = self
             .values
             .get(&(metric.to_owned(), target.to_owned()))?
-            .clone();
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
         if v.is_empty() {
             return None;
         }
@@ -779,6 +784,8 @@ fn write_results(
             let mut medians = serde_json::Map::new();
             for t in targets {
                 if let Some(v) = res.values.get(&(name.clone(), t.name.clone())) {
+                    let mut v = v.clone();
+                    v.resize(cfg.rounds.max(v.len()), None);
                     rounds.insert(t.name.clone(), serde_json::json!(v));
                 }
                 if let Some(v) = res.median(name, &t.name) {
@@ -955,7 +962,7 @@ fn main() {
                             );
                         }
                         for (m, u, v) in ms {
-                            res.add(&m, u, &t.name, v);
+                            res.add(&m, u, &t.name, round, v);
                         }
                     }
                     Err(msg) if msg.starts_with("skipped:") => {
