@@ -510,7 +510,11 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
             Ok(bin) => {
                 let level =
                     std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
-                versions.push(format!("tcptap: {} (RUST_LOG={level})", bin.display()));
+                versions.push(format!(
+                    "{} at {} (RUST_LOG={level})",
+                    peers::version_line(&bin, &["--version"]),
+                    bin.display()
+                ));
                 for (name, args) in TCPTAP_VARIANTS {
                     ts.push(Target {
                         name: (*name).into(),
