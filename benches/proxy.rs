@@ -1,0 +1,1007 @@
+//! Proxy benchmark: tcptap against a direct connection and against the
+//! established TCP proxies (haproxy, socat, nginx stream) that are installed.
+//!
+//! Why: the numbers only mean something relative to the cost of no proxy at
+//! all and to what people would otherwise deploy, measured on the same machine
+//! in the same run. So every target runs in every round (round r runs all
+//! targets before round r+1, in a rotating order) against the same in-process
+//! upstreams and load generators, and the table reports medians over rounds
+//! plus tcptap/peer ratios.
+//!
+//! Rows: bulk throughput (1 and 8 connections; d→u, u→d, both), 64-byte
+//! request/response (1 and 64 connections; req/s, p50, p99), connection churn,
+//! idle memory per connection, proxy CPU per GiB, and iperf3 / redis-benchmark
+//! through each target when those are installed.
+//!
+//! Run: `cargo bench --bench proxy`. Environment:
+//! - `TCPTAP_BENCH_QUICK=1`: one short round (under 30 s).
+//! - `TCPTAP_BENCH_ROUNDS` (default 3), `TCPTAP_BENCH_SECS` (measured window
+//!   per row and target, default 0.6), `TCPTAP_BENCH_IDLE_CONNS` (10000).
+//! - `TCPTAP_BENCH_TARGETS=direct,tcptap,...` and
+//!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis` to select.
+//! - `TCPTAP_BENCH_BIN`: the tcptap binary to use instead of Cargo's.
+//! - `TCPTAP_BENCH_RUST_LOG`: RUST_LOG for tcptap (default `info`).
+//!
+//! Without `--bench` on the command line (`cargo test --benches`), it runs a
+//! smoke test of the harness: direct and tcptap only, tiny durations, no
+//! result files.
+//!
+//! Results: printed, and written to `benches/results/latest.md` (medians)
+//! and `benches/results/latest.json` (every round).
+
+mod loadgen;
+mod peers;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use loadgen::{BulkLoad, BulkUpstream, Dir, EchoUpstream};
+use peers::{Kind, Target};
+
+/// tcptap variants to compare: (column name, extra arguments). `{tmp}` is
+/// replaced by a private directory of the run. Adding a variant (e.g. a tap
+/// mode) is one line here; every variant after the first also gets a
+/// `variant/tcptap` ratio column.
+const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
+    ("tcptap", &[]),
+    // ("tcptap+pcap", &["--tap-pcap", "{tmp}/tap.pcap"]),
+    // ("tcptap+log", &["--tap-log", "/dev/null"]),
+];
+
+/// File descriptors kept back from the idle-connection budget.
+const FD_RESERVE: usize = 512;
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+struct Config {
+    smoke: bool,
+    quick: bool,
+    rounds: usize,
+    window: Duration,
+    warmup: Duration,
+    idle_conns: usize,
+    churn_clients: usize,
+    churn_max: u64,
+    iperf_secs: u32,
+    redis_n: u32,
+    targets: Option<Vec<String>>,
+    groups: Option<Vec<String>>,
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse() {
+        Ok(x) => Some(x),
+        Err(_) => {
+            eprintln!("warning: ignoring {name}={v:?} (cannot parse)");
+            None
+        }
+    }
+}
+
+fn env_list(name: &str) -> Option<Vec<String>> {
+    let v = std::env::var(name).ok()?;
+    let l: Vec<String> = v
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!l.is_empty()).then_some(l)
+}
+
+impl Config {
+    fn from_env() -> Self {
+        let smoke = !std::env::args().any(|a| a == "--bench");
+        let quick = !smoke && std::env::var("TCPTAP_BENCH_QUICK").is_ok_and(|v| v != "0");
+        let (rounds, secs, idle, iperf_secs, redis_n): (usize, f64, usize, u32, u32) = if smoke {
+            (1, 0.1, 100, 1, 1000)
+        } else if quick {
+            (1, 0.2, 1000, 1, 5000)
+        } else {
+            (3, 0.6, 10_000, 3, 50_000)
+        };
+        let rounds = env_parse("TCPTAP_BENCH_ROUNDS")
+            .unwrap_or(rounds)
+            .clamp(1, 100);
+        let secs: f64 = env_parse("TCPTAP_BENCH_SECS")
+            .unwrap_or(secs)
+            .clamp(0.05, 60.0);
+        let window = Duration::from_secs_f64(secs);
+        Config {
+            smoke,
+            quick,
+            rounds,
+            window,
+            warmup: (window / 4).clamp(Duration::from_millis(50), Duration::from_millis(250)),
+            idle_conns: env_parse("TCPTAP_BENCH_IDLE_CONNS")
+                .unwrap_or(idle)
+                .clamp(1, 100_000),
+            churn_clients: 4,
+            churn_max: 200_000,
+            iperf_secs,
+            redis_n,
+            targets: if smoke {
+                Some(vec!["direct".into(), "tcptap".into()])
+            } else {
+                env_list("TCPTAP_BENCH_TARGETS")
+            },
+            groups: if smoke {
+                Some(["bulk", "rr", "churn", "idle"].map(String::from).to_vec())
+            } else {
+                env_list("TCPTAP_BENCH_ONLY")
+            },
+        }
+    }
+
+    fn group_on(&self, g: &str) -> bool {
+        self.groups
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|x| x == g))
+    }
+
+    fn target_on(&self, t: &str) -> bool {
+        self.targets
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|x| x == t))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Results
+
+#[derive(Clone, Copy)]
+struct Unit {
+    name: &'static str,
+    higher_is_better: bool,
+}
+
+const GBPS: Unit = Unit {
+    name: "Gbit/s",
+    higher_is_better: true,
+};
+const REQS: Unit = Unit {
+    name: "req/s",
+    higher_is_better: true,
+};
+const CONNS: Unit = Unit {
+    name: "conns/s",
+    higher_is_better: true,
+};
+const MICROS: Unit = Unit {
+    name: "µs",
+    higher_is_better: false,
+};
+const KIB_CONN: Unit = Unit {
+    name: "KiB/conn",
+    higher_is_better: false,
+};
+const MS_GIB: Unit = Unit {
+    name: "CPU ms/GiB",
+    higher_is_better: false,
+};
+
+#[derive(Default)]
+struct Results {
+    /// Metric names in first-seen order.
+    order: Vec<(String, Unit)>,
+    /// (metric, target) → one slot per round (None: that round failed).
+    values: BTreeMap<(String, String), Vec<Option<f64>>>,
+    notes: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl Results {
+    fn add(&mut self, metric: &str, unit: Unit, target: &str, round: usize, v: f64) {
+        if !self.order.iter().any(|(m, _)| m == metric) {
+            self.order.push((metric.to_owned(), unit));
+        }
+        let slots = self
+            .values
+            .entry((metric.to_owned(), target.to_owned()))
+            .or_default();
+        if slots.len() <= round {
+            slots.resize(round + 1, None);
+        }
+        slots[round] = v.is_finite().then_some(v);
+    }
+
+    fn median(&self, metric: &str, target: &str) -> Option<f64> {
+        let mut v: Vec<f64> = self
+            .values
+            .get(&(metric.to_owned(), target.to_owned()))?
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    fn note(&mut self, s: String) {
+        println!("note: {s}");
+        self.notes.push(s);
+    }
+}
+
+type Measured = Vec<(String, Unit, f64)>;
+
+// ---------------------------------------------------------------------------
+// Scenarios
+
+#[derive(Clone, Copy, Debug)]
+enum Scenario {
+    Bulk { conns: usize, dir: Dir },
+    PingPong { conns: usize },
+    Churn { clients: usize },
+    Idle,
+    Iperf3,
+    Redis,
+}
+
+impl Scenario {
+    fn label(&self) -> String {
+        match self {
+            Scenario::Bulk { conns, dir } => format!("bulk {conns}c {}", dir.label()),
+            Scenario::PingPong { conns } => format!("rr 64B {conns}c"),
+            Scenario::Churn { clients } => format!("churn {clients} clients"),
+            Scenario::Idle => "idle memory".into(),
+            Scenario::Iperf3 => "iperf3".into(),
+            Scenario::Redis => "redis-benchmark".into(),
+        }
+    }
+}
+
+/// Shared servers that live for the whole run.
+struct Env {
+    bulk: BulkUpstream,
+    echo: EchoUpstream,
+    tmp: peers::TempDir,
+    iperf3: Option<PathBuf>,
+    redis: Option<(PathBuf, peers::ProcGuard, u16)>,
+    /// Connection limit passed to peers that have one.
+    max_conns: usize,
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Measured, String> {
+    let e = |x: std::io::Error| x.to_string();
+    let mut out = Measured::new();
+    match sc {
+        Scenario::Bulk { conns, dir } => {
+            let mut r = t.start(env.bulk.addr, env.max_conns).map_err(e)?;
+            let pid = r.pid();
+            let load = BulkLoad::start(r.addr, conns, dir).map_err(e)?;
+            std::thread::sleep(cfg.warmup);
+            let sample = || {
+                let up = env.bulk.rx_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                let down = load.client_rx.load(std::sync::atomic::Ordering::Relaxed);
+                let bytes = match dir {
+                    Dir::Up => up,
+                    Dir::Down => down,
+                    Dir::Both => up + down,
+                };
+                (bytes, pid.map(peers::cpu_ms_tree), Instant::now())
+            };
+            let (b0, c0, t0) = sample();
+            std::thread::sleep(cfg.window);
+            let (b1, c1, t1) = sample();
+            load.stop();
+            r.check_alive().map_err(e)?;
+            let bytes = (b1 - b0) as f64;
+            if bytes == 0.0 {
+                return Err("no bytes moved".into());
+            }
+            let label = sc.label();
+            out.push((label.clone(), GBPS, bytes * 8.0 / secs(t1 - t0) / 1e9));
+            if let (Some(c0), Some(c1)) = (c0, c1) {
+                if conns == 1 {
+                    let gib = bytes / (1u64 << 30) as f64;
+                    out.push((format!("cpu {}", label), MS_GIB, (c1 - c0) / gib));
+                }
+            }
+        }
+        Scenario::PingPong { conns } => {
+            let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
+            let res = loadgen::ping_pong(r.addr, conns, cfg.warmup, cfg.window).map_err(e)?;
+            r.check_alive().map_err(e)?;
+            if res.requests == 0 {
+                return Err("no request completed".into());
+            }
+            let label = sc.label();
+            let us = |q| {
+                res.hist
+                    .quantile(q)
+                    .map_or(f64::NAN, |ns| ns as f64 / 1000.0)
+            };
+            out.push((label.clone(), REQS, res.requests as f64 / secs(res.elapsed)));
+            out.push((format!("{label} p50"), MICROS, us(0.50)));
+            out.push((format!("{label} p99"), MICROS, us(0.99)));
+        }
+        Scenario::Churn { clients } => {
+            let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
+            let res = loadgen::churn(r.addr, clients, cfg.warmup, cfg.window, cfg.churn_max);
+            r.check_alive().map_err(e)?;
+            if res.errors > 0 {
+                println!(
+                    "    {}: {} failed connections in the window",
+                    t.name, res.errors
+                );
+            }
+            if res.conns == 0 {
+                return Err(format!("no connection completed ({} errors)", res.errors));
+            }
+            out.push((sc.label(), CONNS, res.conns as f64 / secs(res.elapsed)));
+        }
+        Scenario::Idle => {
+            if matches!(t.kind, Kind::Direct) {
+                return Ok(out);
+            }
+            if let Some(why) = t.idle_unsupported() {
+                return Err(format!("skipped: {why}"));
+            }
+            let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
+            let pid = r.pid().ok_or("no pid")?;
+            std::thread::sleep(Duration::from_millis(100));
+            let (rss0, pss0) = peers::mem_kib(pid).ok_or("cannot read /proc memory")?;
+            let conns = loadgen::open_idle(r.addr, cfg.idle_conns).map_err(e)?;
+            std::thread::sleep(Duration::from_millis(200));
+            let after = peers::mem_kib(pid);
+            loadgen::close_all(conns);
+            r.check_alive().map_err(e)?;
+            let (rss1, pss1) = after.ok_or("cannot read /proc memory")?;
+            let n = cfg.idle_conns as f64;
+            out.push((
+                format!("idle RSS, {} conns", cfg.idle_conns),
+                KIB_CONN,
+                (rss1 as f64 - rss0 as f64) / n,
+            ));
+            out.push((
+                format!("idle PSS, {} conns", cfg.idle_conns),
+                KIB_CONN,
+                (pss1 as f64 - pss0 as f64) / n,
+            ));
+        }
+        Scenario::Iperf3 => {
+            let bin = env.iperf3.as_ref().ok_or("iperf3 not installed")?;
+            let (port, _server) = peers::start_iperf3_server(bin, &env.tmp.0).map_err(e)?;
+            let mut r = t
+                .start(SocketAddr::from(([127, 0, 0, 1], port)), env.max_conns)
+                .map_err(e)?;
+            let mut cmd = Command::new(bin);
+            cmd.args(["-c", "127.0.0.1", "-p"])
+                .arg(r.addr.port().to_string())
+                .args(["-t", &cfg.iperf_secs.to_string(), "-J"]);
+            let json = peers::run_bounded(
+                "iperf3 -c",
+                cmd,
+                &env.tmp.0.join("iperf3-c.json"),
+                Duration::from_secs(cfg.iperf_secs as u64 + 20),
+            )
+            .map_err(e)?;
+            r.check_alive().map_err(e)?;
+            let v: serde_json::Value =
+                serde_json::from_str(&json).map_err(|x| format!("iperf3 JSON: {x}"))?;
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .ok_or_else(|| format!("iperf3: no end.sum_received ({})", v["error"]))?;
+            out.push((format!("iperf3 -t {}", cfg.iperf_secs), GBPS, bps / 1e9));
+        }
+        Scenario::Redis => {
+            let (_, _, port) = env.redis.as_ref().ok_or("redis not installed")?;
+            let bench = peers::which("redis-benchmark").ok_or("redis-benchmark not installed")?;
+            let mut r = t
+                .start(SocketAddr::from(([127, 0, 0, 1], *port)), env.max_conns)
+                .map_err(e)?;
+            let mut cmd = Command::new(bench);
+            cmd.args(["-h", "127.0.0.1", "-p"])
+                .arg(r.addr.port().to_string())
+                .args(["-t", "get,set", "-n", &cfg.redis_n.to_string()])
+                .args(["-c", "50", "--csv"]);
+            let csv = peers::run_bounded(
+                "redis-benchmark",
+                cmd,
+                &env.tmp.0.join("redis-benchmark.csv"),
+                Duration::from_secs(120),
+            )
+            .map_err(e)?;
+            r.check_alive().map_err(e)?;
+            for test in ["SET", "GET"] {
+                let rps = parse_redis_csv(&csv, test)
+                    .ok_or_else(|| format!("redis-benchmark: no {test} row in {csv:?}"))?;
+                out.push((format!("redis {test} -c 50"), REQS, rps));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `"SET","81234.56",...` → 81234.56 (redis-benchmark --csv, any version).
+fn parse_redis_csv(csv: &str, test: &str) -> Option<f64> {
+    csv.lines().find_map(|l| {
+        let mut f = l.split(',').map(|x| x.trim().trim_matches('"'));
+        let name = f.next()?;
+        if name.eq_ignore_ascii_case(test) || name.starts_with(&format!("{test} ")) {
+            f.next()?.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Targets
+
+fn tcptap_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("TCPTAP_BENCH_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("TCPTAP_BENCH_BIN={} does not exist", p.display()))
+        };
+    }
+    // Set by Cargo for benches when the package has a `tcptap` binary target.
+    if let Some(p) = option_env!("CARGO_BIN_EXE_tcptap") {
+        return Ok(PathBuf::from(p));
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let p = target_dir.join("release").join("tcptap");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "tcptap binary not found: no `tcptap` bin target in this build and no {} \
+             (build it with `cargo build --release`, set TCPTAP_BENCH_BIN, or exclude it \
+             with TCPTAP_BENCH_TARGETS=direct,haproxy,...)",
+            p.display()
+        ))
+    }
+}
+
+fn nginx_stream_module() -> Result<Option<PathBuf>, String> {
+    let bin = peers::which("nginx").ok_or("not installed")?;
+    let out = Command::new(&bin)
+        .arg("-V")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let v = String::from_utf8_lossy(&out.stderr);
+    if v.split_whitespace().any(|f| f == "--with-stream") {
+        return Ok(None); // Built in.
+    }
+    for d in [
+        "/usr/lib/nginx/modules",
+        "/usr/lib64/nginx/modules",
+        "/usr/share/nginx/modules",
+    ] {
+        let p = Path::new(d).join("ngx_stream_module.so");
+        if p.is_file() {
+            return Ok(Some(p));
+        }
+    }
+    Err("stream module not found (install libnginx-mod-stream)".into())
+}
+
+fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>) -> Vec<Target> {
+    let mut ts = vec![Target {
+        name: "direct".into(),
+        kind: Kind::Direct,
+    }];
+    let want_tcptap = TCPTAP_VARIANTS.iter().any(|(n, _)| cfg.target_on(n));
+    if want_tcptap {
+        match tcptap_bin() {
+            Ok(bin) => {
+                let level =
+                    std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
+                versions.push(format!(
+                    "{} at {} (RUST_LOG={level})",
+                    peers::version_line(&bin, &["--version"]),
+                    bin.display()
+                ));
+                for (name, args) in TCPTAP_VARIANTS {
+                    ts.push(Target {
+                        name: (*name).into(),
+                        kind: Kind::Tcptap {
+                            bin: bin.clone(),
+                            args: args.iter().map(|s| (*s).to_owned()).collect(),
+                        },
+                    });
+                }
+            }
+            Err(msg) if cfg.smoke => res.note(format!("tcptap skipped: {msg}")),
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                std::process::exit(2);
+            }
+        }
+    }
+    match peers::which("haproxy") {
+        Some(bin) => {
+            versions.push(peers::version_line(&bin, &["-v"]));
+            ts.push(Target {
+                name: "haproxy".into(),
+                kind: Kind::Haproxy { bin },
+            });
+        }
+        None => res.note("haproxy not installed: column skipped".into()),
+    }
+    match peers::which("socat") {
+        Some(bin) => {
+            let v = Command::new(&bin).arg("-V").output();
+            let v = v
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .find(|l| l.contains("socat version"))
+                        .unwrap_or("socat")
+                        .trim()
+                        .to_owned()
+                })
+                .unwrap_or_else(|_| "socat".into());
+            versions.push(v);
+            ts.push(Target {
+                name: "socat".into(),
+                kind: Kind::Socat { bin },
+            });
+        }
+        None => res.note("socat not installed: column skipped".into()),
+    }
+    match nginx_stream_module() {
+        Ok(module) => {
+            let bin = peers::which("nginx").expect("checked above");
+            versions.push(peers::version_line(&bin, &["-v"]));
+            ts.push(Target {
+                name: "nginx".into(),
+                kind: Kind::Nginx { bin, module },
+            });
+        }
+        Err(why) => res.note(format!("nginx (stream) skipped: {why}")),
+    }
+    ts.retain(|t| cfg.target_on(&t.name));
+    ts
+}
+
+// ---------------------------------------------------------------------------
+// File descriptors
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
+/// Children inherit it.
+fn raise_nofile() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 1024;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                rl.rlim_cur = rl.rlim_max;
+            }
+        }
+    }
+    usize::try_from(rl.rlim_cur)
+        .unwrap_or(usize::MAX)
+        .min(1 << 20)
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio_columns(targets: &[Target]) -> Vec<(String, String)> {
+    let base = TCPTAP_VARIANTS[0].0;
+    let has_base = targets.iter().any(|t| t.name == base);
+    let mut cols = Vec::new();
+    if !has_base {
+        return cols;
+    }
+    for t in targets {
+        if !t.is_tcptap() {
+            cols.push((base.to_owned(), t.name.clone()));
+        }
+    }
+    for t in targets {
+        if t.is_tcptap() && t.name != base {
+            cols.push((t.name.clone(), base.to_owned()));
+        }
+    }
+    cols
+}
+
+fn markdown_table(res: &Results, targets: &[Target]) -> String {
+    let ratios = ratio_columns(targets);
+    let mut s = String::from("| metric | unit | better |");
+    for t in targets {
+        let _ = write!(s, " {} |", t.name);
+    }
+    for (a, b) in &ratios {
+        let _ = write!(s, " {a}/{b} |");
+    }
+    s.push_str("\n|---|---|---|");
+    for _ in 0..targets.len() + ratios.len() {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for (m, unit) in &res.order {
+        let _ = write!(
+            s,
+            "| {m} | {} | {} |",
+            unit.name,
+            if unit.higher_is_better { "↑" } else { "↓" }
+        );
+        for t in targets {
+            match res.median(m, &t.name) {
+                Some(v) => {
+                    let _ = write!(s, " {} |", fmt_num(v));
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        for (a, b) in &ratios {
+            match (res.median(m, a), res.median(m, b)) {
+                (Some(x), Some(y)) if y != 0.0 => {
+                    let _ = write!(s, " {:.2} |", x / y);
+                }
+                _ => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn utc_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, sod) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+struct Machine {
+    date: String,
+    kernel: String,
+    cpu: String,
+    nproc: usize,
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        date: utc_now(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into()),
+        cpu,
+        nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+fn write_results(
+    cfg: &Config,
+    m: &Machine,
+    res: &Results,
+    targets: &[Target],
+    versions: &[String],
+    table: &str,
+) -> std::io::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    std::fs::create_dir_all(&dir)?;
+    let mut md = String::from("# tcptap proxy benchmark: latest run\n\n");
+    let _ = writeln!(md, "- date: {}", m.date);
+    let _ = writeln!(md, "- kernel (`uname -r`): {}", m.kernel);
+    let _ = writeln!(md, "- CPU: {} × {} (nproc)", m.cpu, m.nproc);
+    let _ = writeln!(
+        md,
+        "- rounds: {}, measured window per row: {:.2} s after {:.2} s warm-up{}",
+        cfg.rounds,
+        secs(cfg.window),
+        secs(cfg.warmup),
+        if cfg.quick { " (quick mode)" } else { "" }
+    );
+    for v in versions {
+        let _ = writeln!(md, "- {v}");
+    }
+    let _ = writeln!(
+        md,
+        "\nMedians over rounds; ratio columns divide the medians (for ↓ rows, \
+         below 1 means tcptap is better). `–`: not measured or failed.\n"
+    );
+    md.push_str(table);
+    if !res.notes.is_empty() {
+        md.push_str("\nNotes:\n");
+        for n in &res.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    if !res.errors.is_empty() {
+        md.push_str("\nErrors:\n");
+        for e in &res.errors {
+            let _ = writeln!(md, "- {}", e.lines().next().unwrap_or(""));
+        }
+    }
+    std::fs::write(dir.join("latest.md"), md)?;
+
+    let metrics: Vec<serde_json::Value> = res
+        .order
+        .iter()
+        .map(|(name, unit)| {
+            let mut rounds = serde_json::Map::new();
+            let mut medians = serde_json::Map::new();
+            for t in targets {
+                if let Some(v) = res.values.get(&(name.clone(), t.name.clone())) {
+                    let mut v = v.clone();
+                    v.resize(cfg.rounds.max(v.len()), None);
+                    rounds.insert(t.name.clone(), serde_json::json!(v));
+                }
+                if let Some(v) = res.median(name, &t.name) {
+                    medians.insert(t.name.clone(), serde_json::json!(v));
+                }
+            }
+            serde_json::json!({
+                "metric": name,
+                "unit": unit.name,
+                "higher_is_better": unit.higher_is_better,
+                "rounds": rounds,
+                "median": medians,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "date": m.date,
+        "kernel": m.kernel,
+        "cpu": m.cpu,
+        "nproc": m.nproc,
+        "config": {
+            "rounds": cfg.rounds,
+            "window_s": secs(cfg.window),
+            "warmup_s": secs(cfg.warmup),
+            "quick": cfg.quick,
+            "idle_conns": cfg.idle_conns,
+            "churn_clients": cfg.churn_clients,
+            "iperf3_secs": cfg.iperf_secs,
+            "redis_requests": cfg.redis_n,
+        },
+        "targets": targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        "versions": versions,
+        "metrics": metrics,
+        "notes": res.notes,
+        "errors": res.errors,
+    });
+    let text = serde_json::to_string_pretty(&json).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("latest.json"), text + "\n")?;
+    Ok(dir)
+}
+
+// ---------------------------------------------------------------------------
+
+fn main() {
+    let mut cfg = Config::from_env();
+    let started = Instant::now();
+    if cfg.smoke {
+        println!("proxy bench: smoke run (pass --bench, as `cargo bench` does, for the suite)");
+        loadgen::histogram_self_check();
+    }
+    let mut res = Results::default();
+    let mut versions = Vec::new();
+    let targets = discover_targets(&cfg, &mut res, &mut versions);
+
+    // Idle connections: client and upstream ends both live in this process.
+    let nofile = raise_nofile();
+    let budget = nofile.saturating_sub(FD_RESERVE) / 2;
+    if cfg.idle_conns > budget {
+        res.note(format!(
+            "idle connections lowered from {} to {budget} (RLIMIT_NOFILE {nofile}; \
+             each connection costs this process two descriptors)",
+            cfg.idle_conns
+        ));
+        cfg.idle_conns = budget.max(1);
+    }
+    res.note(format!(
+        "idle memory uses {} connections; churn closes each client connection with \
+         SO_LINGER 0 (RST), so the client side leaves no TIME_WAIT",
+        cfg.idle_conns
+    ));
+
+    let env = {
+        let tmp = peers::TempDir::new("tcptap-bench").expect("temp dir");
+        let iperf3 = if cfg.group_on("iperf3") {
+            let p = peers::which("iperf3");
+            if p.is_none() {
+                res.note("iperf3 not installed: iperf3 row skipped".into());
+            }
+            p
+        } else {
+            None
+        };
+        let redis = if cfg.group_on("redis") {
+            match (
+                peers::which("redis-server"),
+                peers::which("redis-benchmark"),
+            ) {
+                (Some(srv), Some(_)) => match peers::start_redis_server(&srv, &tmp.0) {
+                    Ok((port, g)) => Some((srv, g, port)),
+                    Err(e) => {
+                        res.note(format!("redis-server failed to start: {e}"));
+                        None
+                    }
+                },
+                _ => {
+                    res.note(
+                        "redis-server/redis-benchmark not installed: redis rows skipped".into(),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Env {
+            bulk: BulkUpstream::start().expect("bulk upstream"),
+            echo: EchoUpstream::start().expect("echo upstream"),
+            tmp,
+            iperf3,
+            redis,
+            max_conns: cfg.idle_conns + 64,
+        }
+    };
+
+    let mut scenarios = Vec::new();
+    if cfg.group_on("bulk") {
+        for conns in [1, 8] {
+            for dir in [Dir::Up, Dir::Down, Dir::Both] {
+                scenarios.push(Scenario::Bulk { conns, dir });
+            }
+        }
+    }
+    if cfg.group_on("rr") {
+        scenarios.push(Scenario::PingPong { conns: 1 });
+        scenarios.push(Scenario::PingPong { conns: 64 });
+    }
+    if cfg.group_on("churn") {
+        scenarios.push(Scenario::Churn {
+            clients: cfg.churn_clients,
+        });
+    }
+    if cfg.group_on("idle") {
+        scenarios.push(Scenario::Idle);
+    }
+    if env.iperf3.is_some() {
+        scenarios.push(Scenario::Iperf3);
+    }
+    if env.redis.is_some() {
+        scenarios.push(Scenario::Redis);
+    }
+
+    println!(
+        "targets: {}; {} rounds, {:.2} s window + {:.2} s warm-up",
+        targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.rounds,
+        secs(cfg.window),
+        secs(cfg.warmup)
+    );
+    let mut skipped_once = std::collections::BTreeSet::new();
+    for round in 0..cfg.rounds {
+        println!("round {}/{}", round + 1, cfg.rounds);
+        for &sc in &scenarios {
+            // Rotate the target order each round so no target always goes first.
+            let n = targets.len();
+            for i in 0..n {
+                let t = &targets[(i + round) % n];
+                let began = Instant::now();
+                match run_scenario(&cfg, &env, sc, t) {
+                    Ok(ms) => {
+                        let shown: Vec<String> = ms
+                            .iter()
+                            .map(|(m, u, v)| format!("{m} = {} {}", fmt_num(*v), u.name))
+                            .collect();
+                        if !shown.is_empty() {
+                            println!(
+                                "  {:<8} {:.1}s  {}",
+                                t.name,
+                                secs(began.elapsed()),
+                                shown.join(", ")
+                            );
+                        }
+                        for (m, u, v) in ms {
+                            res.add(&m, u, &t.name, round, v);
+                        }
+                    }
+                    Err(msg) if msg.starts_with("skipped:") => {
+                        if skipped_once.insert((sc.label(), t.name.clone())) {
+                            res.note(format!("{} / {}: {msg}", sc.label(), t.name));
+                        }
+                    }
+                    Err(msg) => {
+                        let line =
+                            format!("round {} {} / {}: {msg}", round + 1, sc.label(), t.name);
+                        eprintln!("  error: {line}");
+                        res.errors.push(line);
+                    }
+                }
+            }
+        }
+    }
+    drop(env);
+
+    let table = markdown_table(&res, &targets);
+    println!("\n{table}");
+    println!("total time: {:.1} s", secs(started.elapsed()));
+    if cfg.smoke {
+        if !res.errors.is_empty() {
+            eprintln!("smoke run: {} errors", res.errors.len());
+            std::process::exit(1);
+        }
+        return;
+    }
+    let m = machine();
+    match write_results(&cfg, &m, &res, &targets, &versions, &table) {
+        Ok(dir) => println!("wrote {}/latest.md and latest.json", dir.display()),
+        Err(e) => {
+            eprintln!("error: cannot write results: {e}");
+            std::process::exit(1);
+        }
+    }
+}
