@@ -11,13 +11,14 @@
 //! Upstream host names are resolved here, once, so the event loop never blocks on DNS.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access_log::Format as AccessLogFormat;
 use crate::tap::{LogTarget, PcapTarget, TapConfig};
 
 /// Default per-direction buffer size.
@@ -70,8 +71,25 @@ pub struct RawConfig {
     workers: Option<Workers>,
     socket: Option<RawSocket>,
     tap: Option<RawTap>,
+    admin: Option<RawAdmin>,
+    access_log: Option<RawAccessLog>,
     #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+/// `[admin]`: the HTTP endpoint for metrics, health and the connection list.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+/// `[access_log]`: one line per finished connection.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +123,11 @@ struct RawRoute {
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
     tap: Option<RawTap>,
+    transparent: Option<bool>,
+    allowed_destinations: Option<Vec<String>>,
+    send_proxy_protocol: Option<String>,
+    accept_proxy_protocol: Option<bool>,
+    proxy_protocol_timeout: Option<String>,
 }
 
 /// A byte size: an integer, or a string such as `"64 KiB"`, `"16MiB"`, `"512"`.
@@ -172,6 +195,180 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// Tap for this route (its own `[route.tap]`, else the global `[tap]`), if any.
     pub tap: Option<TapConfig>,
+    /// `upstream = "original-destination"`: connect to each connection's original destination
+    /// (`SO_ORIGINAL_DST` after an iptables REDIRECT, or the local address with `transparent`).
+    pub original_destination: bool,
+    /// TPROXY listener (`IP_TRANSPARENT`): the accepted socket's local address is the original
+    /// destination.
+    pub transparent: bool,
+    /// With `original_destination`, the destinations allowed (empty: any but the proxy itself).
+    pub allowed_destinations: Vec<DestinationRule>,
+    /// Prefix the upstream stream with a PROXY protocol header of this version.
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// Expect a PROXY protocol header (v1 or v2) from each client before anything else.
+    pub accept_proxy_protocol: bool,
+    /// Time a client has to send its PROXY protocol header.
+    pub proxy_protocol_timeout: Duration,
+}
+
+/// What `upstream = "original-destination"` is spelled as.
+pub const ORIGINAL_DESTINATION: &str = "original-destination";
+
+pub use crate::proxy_protocol::Version as ProxyProtocolVersion;
+
+/// An `allowed_destinations` entry: a network, and optionally a port (`"10.0.0.0/8"`,
+/// `"127.0.0.1/32:8000"`, `"[fd00::]/8:443"`, `"10.1.2.3"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestinationRule {
+    /// Network address.
+    pub network: IpAddr,
+    /// Prefix length in bits.
+    pub prefix: u8,
+    /// Port, or any.
+    pub port: Option<u16>,
+}
+
+impl DestinationRule {
+    /// Parses one entry; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<DestinationRule, String> {
+        let t = text.trim();
+        let bad = || {
+            format!(
+                "{t:?} is not a network like \"10.0.0.0/8\", \"10.1.2.3/32:443\" or \"[fd00::]/8:443\""
+            )
+        };
+        let (net_part, port) = if let Some(rest) = t.strip_prefix('[') {
+            // "[fd00::]/8:443", "[fd00::/8]:443", "[::1]"
+            let (inside, after) = rest.split_once(']').ok_or_else(bad)?;
+            let (len, port) = match after.split_once(':') {
+                Some((l, p)) => (l, Some(p)),
+                None => (after, None),
+            };
+            (format!("{inside}{len}"), port)
+        } else {
+            match t.rsplit_once(':') {
+                Some((n, p)) if !n.contains(':') => (n.to_string(), Some(p)),
+                _ => (t.to_string(), None),
+            }
+        };
+        let port = match port {
+            Some(p) => Some(p.parse::<u16>().map_err(|_| bad())?),
+            None => None,
+        };
+        let (addr, prefix) = match net_part.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (net_part.as_str(), None),
+        };
+        let network: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(l) => l.parse::<u8>().ok().filter(|&l| l <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(DestinationRule {
+            network,
+            prefix,
+            port,
+        })
+    }
+
+    /// True when `addr` is inside the network (and has the port, if one is set).
+    pub fn matches(&self, addr: SocketAddr) -> bool {
+        if self.port.is_some_and(|p| p != addr.port()) {
+            return false;
+        }
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The transparent-mode and PROXY protocol keys of a route.
+struct RouteModes {
+    transparent: bool,
+    allowed_destinations: Vec<DestinationRule>,
+    send_proxy_protocol: Option<ProxyProtocolVersion>,
+    accept_proxy_protocol: bool,
+    proxy_protocol_timeout: Duration,
+}
+
+impl RouteModes {
+    fn plain() -> RouteModes {
+        RouteModes {
+            transparent: false,
+            allowed_destinations: Vec::new(),
+            send_proxy_protocol: None,
+            accept_proxy_protocol: false,
+            proxy_protocol_timeout: Duration::from_secs(3),
+        }
+    }
+
+    fn from_raw(
+        ctx: &Ctx<'_>,
+        key: &dyn Fn(&str) -> String,
+        r: &RawRoute,
+        orig: bool,
+    ) -> Result<RouteModes, ConfigError> {
+        let mut allowed = Vec::new();
+        for (j, text) in r.allowed_destinations.iter().flatten().enumerate() {
+            allowed.push(
+                DestinationRule::parse(text)
+                    .map_err(|e| ctx.invalid(key(&format!("allowed_destinations[{j}]")), e))?,
+            );
+        }
+        if !allowed.is_empty() && !orig {
+            return Err(ctx.invalid(
+                key("allowed_destinations"),
+                format!("only applies with upstream = \"{ORIGINAL_DESTINATION}\""),
+            ));
+        }
+        let send_proxy_protocol = match r.send_proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(ProxyProtocolVersion::V1),
+            Some("v2") => Some(ProxyProtocolVersion::V2),
+            Some(other) => {
+                return Err(ctx.invalid(
+                    key("send_proxy_protocol"),
+                    format!("{other:?} is not \"v1\" or \"v2\""),
+                ));
+            }
+        };
+        Ok(RouteModes {
+            transparent: r.transparent.unwrap_or(false),
+            allowed_destinations: allowed,
+            send_proxy_protocol,
+            accept_proxy_protocol: r.accept_proxy_protocol.unwrap_or(false),
+            proxy_protocol_timeout: match &r.proxy_protocol_timeout {
+                Some(t) => ctx.positive_duration(&key("proxy_protocol_timeout"), t)?,
+                None => Duration::from_secs(3),
+            },
+        })
+    }
+}
+
+/// Where and how the access log is written (`[access_log]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// The file, created if missing and appended to; reopened on SIGUSR1.
+    pub path: PathBuf,
+    /// Line format (default JSON).
+    pub format: AccessLogFormat,
 }
 
 /// The checked configuration.
@@ -193,6 +390,10 @@ pub struct Config {
     pub socket: SocketOptions,
     /// The routes; at least one.
     pub routes: Vec<Route>,
+    /// Address of the admin HTTP endpoint (`[admin] listen`), off unless set.
+    pub admin: Option<SocketAddr>,
+    /// The access log (`[access_log]`), off unless set.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// Overrides given on the command line.
@@ -322,6 +523,58 @@ fn workers(ctx: &Ctx<'_>, key: &str, w: &Workers) -> Result<NonZeroUsize, Config
             None => Err(ctx.invalid(key, format!("{t:?} is not a positive number or \"auto\""))),
         },
     }
+}
+
+/// Checks `[admin]` (its address must not be a route's) and `[access_log]`.
+fn ops_sections(
+    ctx: &Ctx<'_>,
+    admin: Option<&RawAdmin>,
+    access_log: Option<&RawAccessLog>,
+    routes: &[Route],
+) -> Result<(Option<SocketAddr>, Option<AccessLogConfig>), ConfigError> {
+    let admin = match admin {
+        Some(a) => {
+            let text = a
+                .listen
+                .as_deref()
+                .ok_or_else(|| ctx.invalid("admin.listen", "missing"))?;
+            let addr = listen_addr(ctx, "admin.listen", text)?;
+            if let Some(i) = routes
+                .iter()
+                .position(|r| r.listen == addr && addr.port() != 0)
+            {
+                return Err(ctx.invalid(
+                    "admin.listen",
+                    format!("{addr} is already the listen address of route[{i}]"),
+                ));
+            }
+            Some(addr)
+        }
+        None => None,
+    };
+    let access_log = match access_log {
+        Some(l) => {
+            let path = match l.path.as_deref() {
+                None => return Err(ctx.invalid("access_log.path", "missing")),
+                Some(p) if p.trim().is_empty() => {
+                    return Err(ctx.invalid("access_log.path", "must not be empty"));
+                }
+                Some(p) => PathBuf::from(p),
+            };
+            let format = match l.format.as_deref() {
+                None => AccessLogFormat::Json,
+                Some(f) => AccessLogFormat::from_name(f).ok_or_else(|| {
+                    ctx.invalid(
+                        "access_log.format",
+                        format!("{f:?} is not a format; write \"json\" or \"text\""),
+                    )
+                })?,
+            };
+            Some(AccessLogConfig { path, format })
+        }
+        None => None,
+    };
+    Ok((admin, access_log))
 }
 
 fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, ConfigError> {
@@ -503,15 +756,27 @@ impl Config {
         let mut routes = Vec::new();
         match (&ov.listen, &ov.upstream) {
             (Some(listen), Some(upstream)) => {
+                let orig = upstream == ORIGINAL_DESTINATION;
+                let modes = RouteModes::plain();
                 routes.push(Route {
                     name: "cli".to_string(),
                     listen: listen_addr(&cli_ctx, "--listen", listen)?,
                     upstream_name: upstream.clone(),
-                    upstream: resolve(&cli_ctx, "--upstream", upstream)?,
+                    upstream: if orig {
+                        Vec::new()
+                    } else {
+                        resolve(&cli_ctx, "--upstream", upstream)?
+                    },
                     max_connections,
                     connect_timeout,
                     idle_timeout,
                     tap: global_tap.clone(),
+                    original_destination: orig,
+                    transparent: modes.transparent,
+                    allowed_destinations: modes.allowed_destinations,
+                    send_proxy_protocol: modes.send_proxy_protocol,
+                    accept_proxy_protocol: modes.accept_proxy_protocol,
+                    proxy_protocol_timeout: modes.proxy_protocol_timeout,
                 });
             }
             (Some(_), None) => return Err(cli_ctx.invalid("--listen", "needs --upstream as well")),
@@ -536,11 +801,23 @@ impl Config {
                         Some(t) => tap(&file_ctx, &key("tap"), t)?,
                         None => global_tap.clone(),
                     };
+                    let orig = upstream == ORIGINAL_DESTINATION;
+                    let modes = RouteModes::from_raw(&file_ctx, &key, r, orig)?;
                     routes.push(Route {
                         name,
                         listen: listen_addr(&file_ctx, &key("listen"), listen)?,
                         upstream_name: upstream.to_string(),
-                        upstream: resolve(&file_ctx, &key("upstream"), upstream)?,
+                        upstream: if orig {
+                            Vec::new()
+                        } else {
+                            resolve(&file_ctx, &key("upstream"), upstream)?
+                        },
+                        original_destination: orig,
+                        transparent: modes.transparent,
+                        allowed_destinations: modes.allowed_destinations,
+                        send_proxy_protocol: modes.send_proxy_protocol,
+                        accept_proxy_protocol: modes.accept_proxy_protocol,
+                        proxy_protocol_timeout: modes.proxy_protocol_timeout,
                         max_connections: route_max,
                         connect_timeout: match &r.connect_timeout {
                             Some(t) => file_ctx.positive_duration(&key("connect_timeout"), t)?,
@@ -572,6 +849,12 @@ impl Config {
                 ));
             }
         }
+        let (admin, access_log) = ops_sections(
+            &file_ctx,
+            raw.admin.as_ref(),
+            raw.access_log.as_ref(),
+            &routes,
+        )?;
         Ok(Config {
             origin: origin.to_string(),
             buffer_size,
@@ -581,6 +864,8 @@ impl Config {
             workers,
             socket,
             routes,
+            admin,
+            access_log,
         })
     }
 
@@ -695,6 +980,114 @@ mod tests {
         assert!(
             e.contains("command line") && e.contains("--upstream"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_and_access_log_sections() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.admin, c.access_log), (None, None));
+        let c = parse(&format!(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n\
+             [access_log]\npath = \"/var/log/tcptap/access.log\"\nformat = \"text\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.admin, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(
+            c.access_log,
+            Some(AccessLogConfig {
+                path: PathBuf::from("/var/log/tcptap/access.log"),
+                format: AccessLogFormat::Text,
+            })
+        );
+        let c = parse(&format!("[access_log]\npath = \"a.log\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.access_log.unwrap().format, AccessLogFormat::Json);
+    }
+
+    #[test]
+    fn admin_and_access_log_errors_are_named() {
+        let cases = [
+            ("[admin]\n", "admin.listen", "missing"),
+            (
+                "[admin]\nlisten = \"localhost\"\n",
+                "admin.listen",
+                "localhost",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:1\"\nport = 2\n",
+                "port",
+                "unknown",
+            ),
+            (
+                "[access_log]\nformat = \"json\"\n",
+                "access_log.path",
+                "missing",
+            ),
+            ("[access_log]\npath = \" \"\n", "access_log.path", "empty"),
+            (
+                "[access_log]\npath = \"a.log\"\nformat = \"xml\"\n",
+                "access_log.format",
+                "xml",
+            ),
+            (
+                "[access_log]\npath = \"a.log\"\nrotate = true\n",
+                "rotate",
+                "unknown",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = err(&format!("{text}{MINIMAL}"));
+            assert!(
+                e.contains("test.toml") && e.contains(key) && e.contains(reason),
+                "{text}: {e}"
+            );
+        }
+        let e = err("[admin]\nlisten = \"127.0.0.1:7000\"\n\
+             [[route]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:9\"\n");
+        assert!(e.contains("admin.listen") && e.contains("route[0]"), "{e}");
+    }
+
+    #[test]
+    fn transparent_and_proxy_protocol_keys() {
+        let c = parse(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"original-destination\"\n\
+             allowed_destinations = [\"10.0.0.0/8\", \"127.0.0.1/32:8000\", \"[fd00::]/8:443\"]\n\
+             send_proxy_protocol = \"v2\"\naccept_proxy_protocol = true\nproxy_protocol_timeout = \"1s\"\n",
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        assert!(r.original_destination && r.upstream.is_empty());
+        assert_eq!(r.send_proxy_protocol, Some(ProxyProtocolVersion::V2));
+        assert!(r.accept_proxy_protocol);
+        assert_eq!(r.proxy_protocol_timeout, Duration::from_secs(1));
+        let a = &r.allowed_destinations;
+        assert!(a[0].matches("10.9.8.7:1".parse().unwrap()));
+        assert!(!a[0].matches("11.0.0.1:1".parse().unwrap()));
+        assert!(a[1].matches("127.0.0.1:8000".parse().unwrap()));
+        assert!(!a[1].matches("127.0.0.1:8001".parse().unwrap()));
+        assert!(a[2].matches("[fd00::5]:443".parse().unwrap()));
+        assert!(!a[2].matches("[fe00::5]:443".parse().unwrap()));
+        assert!(
+            a[0].matches("[::ffff:10.1.1.1]:80".parse().unwrap()),
+            "v4-mapped"
+        );
+        let e = err(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"original-destination\"\nallowed_destinations = [\"10.0.0.0/33\"]\n",
+        );
+        assert!(e.contains("route[0].allowed_destinations[0]"), "{e}");
+        let e = err(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nallowed_destinations = [\"10.0.0.0/8\"]\n",
+        );
+        assert!(e.contains("original-destination"), "{e}");
+        let e = err(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nsend_proxy_protocol = \"v3\"\n",
+        );
+        assert!(e.contains("route[0].send_proxy_protocol"), "{e}");
+        assert_eq!(DestinationRule::parse("0.0.0.0/0").unwrap().prefix, 0);
+        assert!(
+            DestinationRule::parse("0.0.0.0/0")
+                .unwrap()
+                .matches("1.2.3.4:5".parse().unwrap())
         );
     }
 

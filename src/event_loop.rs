@@ -27,12 +27,16 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
 use crate::buffer::BufferPool;
-use crate::config::{Config, Route};
+use crate::config::{Config, ProxyProtocolVersion, Route};
 use crate::net::{self, SetupError};
+use crate::orig_dst;
+use crate::pair;
 use crate::pair::{CloseReason, Drive, Pair, PairTap, Phase};
 use crate::pipe::{Pipe, Readiness};
+use crate::proxy_protocol::{self, Parsed};
 use crate::stats::Stats;
 use crate::tap::{self, ConnMeta, Direction, Side, TapGuard, TapHandle};
+use std::io::Read;
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -218,8 +222,13 @@ impl Server {
             ));
             let mut listeners = Vec::new();
             for (i, route) in shared.config.routes.iter().enumerate() {
-                let mut socket =
-                    net::bind_listener(&route.name, addrs[i], shared.config.listen_backlog, n > 1)?;
+                let mut socket = net::bind_listener(
+                    &route.name,
+                    addrs[i],
+                    shared.config.listen_backlog,
+                    n > 1,
+                    route.transparent,
+                )?;
                 let local = socket.local_addr().map_err(|source| SetupError::Bind {
                     route: route.name.clone(),
                     addr: route.listen,
@@ -655,37 +664,17 @@ impl Worker {
         if let Err(e) = net::configure_accepted(&downstream, &self.shared.config.socket) {
             debug!("#{id} {peer}: socket options: {e}");
         }
-        let upstream_addr = route.config.upstream[0];
-        let upstream = match net::connect_upstream(upstream_addr, &self.shared.config.socket) {
-            Ok(s) => s,
-            Err(e) => {
-                self.shared
-                    .stats
-                    .connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-                info!(
-                    "#{id} {peer} -> {upstream_addr}: upstream connect failed: {e} (route `{}`)",
-                    route.config.name
-                );
-                let _ = net::set_linger_zero(&downstream);
-                if net::is_resource_exhaustion(&e) {
-                    self.pause_accepting(now, &e);
-                }
-                return;
-            }
-        };
+        let local = downstream
+            .local_addr()
+            .unwrap_or(self.listeners[route_idx].local);
         let entry = self.pairs.vacant_entry();
         let key = entry.key();
-        let registry = self.poll.registry();
-        let mut upstream = upstream;
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = registry
-            .register(&mut downstream, Token(key << 1), interest)
-            .and_then(|()| registry.register(&mut upstream, Token(key << 1 | 1), interest))
-        {
-            warn!("#{id} {peer}: cannot register sockets: {e}");
-            let _ = registry.deregister(&mut downstream);
+        if let Err(e) = self.poll.registry().register(
+            &mut downstream,
+            Token(key << 1),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("#{id} {peer}: cannot register socket: {e}");
             let _ = net::set_linger_zero(&downstream);
             self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -694,20 +683,29 @@ impl Worker {
             id,
             route: Arc::from(route.config.name.as_str()),
             downstream: peer,
-            upstream: upstream_addr,
+            // Until the destination is known (original destination, PROXY header), the address
+            // the client connected to stands in.
+            upstream: route.config.upstream.first().copied().unwrap_or(local),
         });
         debug!(
-            "#{id} {peer}: accepted on route `{}`, connecting to {upstream_addr}",
+            "#{id} {peer}: accepted on route `{}` ({local})",
             route.config.name
         );
-        let deadline = now + route.config.connect_timeout;
+        let (phase, deadline) = if route.config.accept_proxy_protocol {
+            let deadline = now + route.config.proxy_protocol_timeout;
+            (Phase::AwaitingHeader { deadline }, deadline)
+        } else {
+            let deadline = now + route.config.connect_timeout;
+            (Phase::Connecting { deadline }, deadline)
+        };
         entry.insert(Pair {
             meta,
             route: route_idx,
             downstream,
-            upstream,
+            upstream: None,
+            local,
             upstream_idx: 0,
-            phase: Phase::Connecting { deadline },
+            phase,
             pipes: [
                 Pipe::new(Direction::DownToUp),
                 Pipe::new(Direction::UpToDown),
@@ -723,11 +721,214 @@ impl Worker {
             }),
             scheduled: false,
             timer_at: Some(deadline),
+            header: Vec::new(),
         });
         self.shared.route_active[route_idx].fetch_add(1, Ordering::Relaxed);
-        self.accept_backoff = MIN_ACCEPT_BACKOFF;
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
         self.timers.push(Reverse((deadline, key, id)));
+        if let Phase::Connecting { .. } = phase {
+            if let Some(reason) = self.begin_connect(key, None, now) {
+                self.closing.push((key, id, reason));
+            } else {
+                self.accept_backoff = MIN_ACCEPT_BACKOFF;
+            }
+        }
+    }
+
+    /// Chooses the pair's destination and starts the upstream connect. `header_dst` is the
+    /// destination from the client's PROXY protocol header, if any.
+    fn begin_connect(
+        &mut self,
+        key: usize,
+        header_dst: Option<SocketAddr>,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let route_idx = self.pairs[key].route;
+        let dst = if self.routes[route_idx].config.original_destination {
+            match self.original_destination(key, header_dst) {
+                Ok(d) => d,
+                Err(reason) => return Some(reason),
+            }
+        } else {
+            self.routes[route_idx].config.upstream[0]
+        };
+        let route = &self.routes[route_idx].config;
+        let pair = &mut self.pairs[key];
+        if pair.meta.upstream != dst {
+            let mut meta = (*pair.meta).clone();
+            meta.upstream = dst;
+            pair.meta = Arc::new(meta);
+        }
+        let mut stream = match net::connect_upstream(dst, &self.shared.config.socket) {
+            Ok(s) => s,
+            Err(e) => {
+                if net::is_resource_exhaustion(&e) {
+                    self.pause_accepting(now, &e);
+                }
+                return Some(CloseReason::ConnectFailed(e));
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key << 1 | 1),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            return Some(CloseReason::ConnectFailed(e));
+        }
+        debug!(
+            "#{} {}: connecting to {dst}",
+            pair.meta.id, pair.meta.downstream
+        );
+        pair.upstream = Some(stream);
+        let deadline = now + route.connect_timeout;
+        pair.phase = Phase::Connecting { deadline };
+        pair.timer_at = Some(deadline);
+        self.timers.push(Reverse((deadline, key, pair.meta.id)));
+        if let Some(version) = route.send_proxy_protocol {
+            // The backend learns who the client really was and where it was going.
+            let proxy_dst = header_dst.unwrap_or(if route.original_destination {
+                dst
+            } else {
+                pair.local
+            });
+            let mut header = Vec::with_capacity(64);
+            match version {
+                ProxyProtocolVersion::V1 => {
+                    proxy_protocol::encode_v1(pair.meta.downstream, proxy_dst, &mut header)
+                }
+                ProxyProtocolVersion::V2 => {
+                    proxy_protocol::encode_v2(pair.meta.downstream, proxy_dst, &mut header)
+                }
+            }
+            pair.pipes[Direction::DownToUp.index()].prefix(&mut self.pool, &header);
+        }
+        None
+    }
+
+    /// Where a connection on an `original-destination` route was going, or why it is refused.
+    fn original_destination(
+        &self,
+        key: usize,
+        header_dst: Option<SocketAddr>,
+    ) -> Result<SocketAddr, CloseReason> {
+        let pair = &self.pairs[key];
+        let route = &self.routes[pair.route].config;
+        let dst = match header_dst {
+            Some(d) => d,
+            None if route.transparent => pair.local,
+            None => {
+                let d = orig_dst::original_destination(&pair.downstream).map_err(|e| {
+                    CloseReason::Refused(format!(
+                        "no original destination ({e}); was the connection redirected?"
+                    ))
+                })?;
+                // Without a redirect, conntrack reports the address the client connected to: us.
+                if d == pair.local {
+                    return Err(CloseReason::Refused(format!(
+                        "{d} is this proxy's own address: the connection was not redirected"
+                    )));
+                }
+                d
+            }
+        };
+        let own = self.listeners.iter().any(|l| {
+            l.local == dst
+                || (l.local.ip().is_unspecified()
+                    && l.local.port() == dst.port()
+                    && (dst.ip().is_loopback() || dst.ip() == pair.local.ip()))
+        });
+        if own {
+            return Err(CloseReason::Refused(format!(
+                "{dst} is this proxy's own listener; not proxying to itself"
+            )));
+        }
+        let allowed = &route.allowed_destinations;
+        if !allowed.is_empty() && !allowed.iter().any(|r| r.matches(dst)) {
+            return Err(CloseReason::Refused(format!(
+                "{dst} is not in allowed_destinations"
+            )));
+        }
+        Ok(dst)
+    }
+
+    /// Reads the client's PROXY protocol header without reading past it: peeks, parses, then
+    /// consumes exactly the header's bytes.
+    fn read_proxy_header(&mut self, key: usize, now: Instant) -> Drive {
+        loop {
+            let pair = &mut self.pairs[key];
+            if !pair.ready[Side::Downstream.index()].readable {
+                return Drive::Idle;
+            }
+            // v1 fits in 107 bytes; v2 says its length in its first 16.
+            let want = match pair.header.get(..proxy_protocol::V2_FIXED_LEN) {
+                Some(h) if h.starts_with(&proxy_protocol::V2_SIGNATURE) => {
+                    proxy_protocol::V2_FIXED_LEN + usize::from(u16::from_be_bytes([h[14], h[15]]))
+                }
+                _ => proxy_protocol::V1_MAX_LEN + 1,
+            };
+            pair.header.resize(want, 0);
+            let n = match pair.downstream.peek(&mut pair.header) {
+                Ok(0) => {
+                    return Drive::Close(CloseReason::Refused(
+                        "client closed before sending its PROXY protocol header".into(),
+                    ));
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pair.ready[Side::Downstream.index()].readable = false;
+                    return Drive::Idle;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Drive::Close(pair::classify(Side::Downstream, e)),
+            };
+            pair.header.truncate(n);
+            match proxy_protocol::parse(&pair.header) {
+                Err(e) => return Drive::Close(CloseReason::BadProxyHeader(e)),
+                Ok(Parsed::Incomplete) => {
+                    if n == want && want > proxy_protocol::V1_MAX_LEN {
+                        continue; // a v2 header longer than the first peek: peek again, larger
+                    }
+                    if n >= want {
+                        continue; // now that 16 bytes are in, the v2 length is known
+                    }
+                    // Everything the kernel has is a header prefix: wait for more.
+                    pair.ready[Side::Downstream.index()].readable = false;
+                    return Drive::Idle;
+                }
+                Ok(Parsed::Complete { header, consumed }) => {
+                    let mut left = consumed;
+                    let mut sink = [0u8; 512];
+                    while left > 0 {
+                        let chunk = left.min(sink.len());
+                        match (&pair.downstream).read(&mut sink[..chunk]) {
+                            Ok(0) => {
+                                return Drive::Close(CloseReason::Refused("client closed".into()));
+                            }
+                            Ok(k) => left -= k,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            // The peeked bytes are in the kernel: a read cannot block here.
+                            Err(e) => return Drive::Close(pair::classify(Side::Downstream, e)),
+                        }
+                    }
+                    pair.header = Vec::new();
+                    let mut header_dst = None;
+                    if let Some((src, dst)) = header.addrs {
+                        debug!(
+                            "#{} {}: PROXY header says client {src}, destination {dst}",
+                            pair.meta.id, pair.meta.downstream
+                        );
+                        let mut meta = (*pair.meta).clone();
+                        meta.downstream = src;
+                        pair.meta = Arc::new(meta);
+                        header_dst = Some(dst);
+                    }
+                    if let Some(reason) = self.begin_connect(key, header_dst, now) {
+                        return Drive::Close(reason);
+                    }
+                    return Drive::Idle;
+                }
+            }
+        }
     }
 
     /// Drives every pair that had events or yielded, until the work list is empty or every pair is
@@ -758,6 +959,9 @@ impl Worker {
     }
 
     fn drive(&mut self, key: usize, now: Instant) -> Drive {
+        if let Phase::AwaitingHeader { .. } = self.pairs[key].phase {
+            return self.read_proxy_header(key, now);
+        }
         let pair = &mut self.pairs[key];
         if let Phase::Connecting { .. } = pair.phase {
             let up = pair.ready[Side::Upstream.index()];
@@ -818,7 +1022,9 @@ impl Worker {
             Err(e) => return Some(Drive::Close(CloseReason::ConnectFailed(e))),
         };
         let registry: &Registry = self.poll.registry();
-        let _ = registry.deregister(&mut pair.upstream);
+        if let Some(old) = pair.upstream.as_mut() {
+            let _ = registry.deregister(old);
+        }
         if let Err(e) = registry.register(
             &mut stream,
             Token(key << 1 | 1),
@@ -826,7 +1032,7 @@ impl Worker {
         ) {
             return Some(Drive::Close(CloseReason::ConnectFailed(e)));
         }
-        pair.upstream = stream;
+        pair.upstream = Some(stream);
         pair.upstream_idx = next_idx;
         pair.ready[Side::Upstream.index()] = Readiness::default();
         let mut meta = (*pair.meta).clone();
@@ -852,6 +1058,7 @@ impl Worker {
             match pair.deadline(idle) {
                 Some(d) if d <= now => {
                     let reason = match pair.phase {
+                        Phase::AwaitingHeader { .. } => CloseReason::ProxyHeaderTimeout,
                         Phase::Connecting { .. } => CloseReason::ConnectTimeout,
                         Phase::Established => CloseReason::IdleTimeout,
                     };
@@ -881,7 +1088,9 @@ impl Worker {
         let mut pair = self.pairs.remove(key);
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut pair.downstream);
-        let _ = registry.deregister(&mut pair.upstream);
+        if let Some(up) = pair.upstream.as_mut() {
+            let _ = registry.deregister(up);
+        }
         let route = pair.route;
         self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;

@@ -21,9 +21,12 @@
 
 #![warn(rust_2018_idioms, missing_debug_implementations, missing_docs)]
 
+pub mod access_log;
+pub mod admin;
 pub mod buffer;
 pub mod config;
 pub mod event_loop;
+pub mod metrics;
 pub mod net;
 pub mod orig_dst;
 pub mod pair;

@@ -68,12 +68,14 @@ pub enum SetupError {
     },
 }
 
-/// Binds a non-blocking listener with `SO_REUSEADDR` (and `SO_REUSEPORT` when `reuse_port`).
+/// Binds a non-blocking listener with `SO_REUSEADDR` (and `SO_REUSEPORT` when `reuse_port`,
+/// `IP_TRANSPARENT` when `transparent`).
 pub fn bind_listener(
     route: &str,
     addr: SocketAddr,
     backlog: i32,
     reuse_port: bool,
+    transparent: bool,
 ) -> Result<TcpListener, SetupError> {
     let socket_err = |source| SetupError::Socket {
         route: route.to_string(),
@@ -85,6 +87,10 @@ pub fn bind_listener(
     socket.set_reuse_address(true).map_err(socket_err)?;
     if reuse_port {
         socket.set_reuse_port(true).map_err(socket_err)?;
+    }
+    if transparent {
+        // TPROXY: accept connections addressed to any IP; needs CAP_NET_ADMIN.
+        crate::orig_dst::set_transparent(&socket).map_err(socket_err)?;
     }
     if addr.is_ipv6() {
         // One listener per family: "[::]:80" must not also grab the IPv4 port.

@@ -40,6 +40,13 @@ pub enum CloseReason {
     ConnectTimeout,
     /// Still open when the shutdown drain period ended.
     Shutdown,
+    /// Not proxied: no usable original destination, a loop to this proxy, or a destination
+    /// outside `allowed_destinations`.
+    Refused(String),
+    /// The client's PROXY protocol header was malformed.
+    BadProxyHeader(crate::proxy_protocol::ParseError),
+    /// The client sent no complete PROXY protocol header in time.
+    ProxyHeaderTimeout,
 }
 
 impl CloseReason {
@@ -57,6 +64,9 @@ impl CloseReason {
             CloseReason::IdleTimeout => CloseKind::IdleTimeout,
             CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => CloseKind::ConnectFailed,
             CloseReason::Shutdown => CloseKind::Shutdown,
+            CloseReason::Refused(_)
+            | CloseReason::BadProxyHeader(_)
+            | CloseReason::ProxyHeaderTimeout => CloseKind::ConnectFailed,
         }
     }
 }
@@ -71,6 +81,9 @@ impl fmt::Display for CloseReason {
             CloseReason::ConnectFailed(e) => write!(f, "upstream connect failed: {e}"),
             CloseReason::ConnectTimeout => f.write_str("upstream connect timeout"),
             CloseReason::Shutdown => f.write_str("aborted at end of shutdown drain"),
+            CloseReason::Refused(why) => write!(f, "refused: {why}"),
+            CloseReason::BadProxyHeader(e) => write!(f, "bad PROXY protocol header: {e}"),
+            CloseReason::ProxyHeaderTimeout => f.write_str("no PROXY protocol header in time"),
         }
     }
 }
@@ -78,6 +91,11 @@ impl fmt::Display for CloseReason {
 /// Where the upstream connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Waiting for the client's PROXY protocol header (no upstream socket yet) until `deadline`.
+    AwaitingHeader {
+        /// Header timeout.
+        deadline: Instant,
+    },
     /// `connect(2)` in flight; `deadline` is when it times out.
     Connecting {
         /// Connect timeout.
@@ -126,8 +144,11 @@ pub struct Pair {
     pub route: usize,
     /// The accepted client socket.
     pub downstream: TcpStream,
-    /// The backend socket.
-    pub upstream: TcpStream,
+    /// The backend socket (none while waiting for a PROXY protocol header).
+    pub upstream: Option<TcpStream>,
+    /// The address the client connected to (the accepted socket's local address); the
+    /// destination of a PROXY protocol header sent upstream.
+    pub local: SocketAddr,
     /// Which of the route's resolved upstream addresses is being used.
     pub upstream_idx: usize,
     /// Connect state.
@@ -148,14 +169,16 @@ pub struct Pair {
     pub scheduled: bool,
     /// The deadline of this pair's live timer entry; other entries for it are stale.
     pub timer_at: Option<Instant>,
+    /// Peek buffer for the client's PROXY protocol header (empty otherwise).
+    pub header: Vec<u8>,
 }
 
 impl Pair {
-    /// The socket of one side.
-    pub fn stream(&self, side: Side) -> &TcpStream {
+    /// The socket of one side, if it exists.
+    pub fn stream(&self, side: Side) -> Option<&TcpStream> {
         match side {
-            Side::Downstream => &self.downstream,
-            Side::Upstream => &self.upstream,
+            Side::Downstream => Some(&self.downstream),
+            Side::Upstream => self.upstream.as_ref(),
         }
     }
 
@@ -167,7 +190,7 @@ impl Pair {
     /// When this pair times out, if ever.
     pub fn deadline(&self, idle_timeout: Option<Duration>) -> Option<Instant> {
         match self.phase {
-            Phase::Connecting { deadline } => Some(deadline),
+            Phase::Connecting { deadline } | Phase::AwaitingHeader { deadline } => Some(deadline),
             Phase::Established => idle_timeout.map(|t| self.last_active + t),
         }
     }
@@ -175,7 +198,7 @@ impl Pair {
     /// Checks a socket's pending error (`SO_ERROR`) after an error event. A reset on a socket whose
     /// read side is already closed is otherwise noticed only at the next write.
     pub fn check_socket_error(&self, side: Side) -> Option<CloseReason> {
-        match self.stream(side).take_error() {
+        match self.stream(side)?.take_error() {
             Ok(Some(e)) | Err(e) => Some(classify(side, e)),
             Ok(None) => None,
         }
@@ -184,10 +207,13 @@ impl Pair {
     /// After a writable or error event while connecting: done, still in progress, or failed.
     /// (mio's recipe: writable, then `take_error()` is `None`, then `peer_addr()` succeeds.)
     pub fn check_connected(&mut self) -> Result<bool, io::Error> {
-        if let Some(e) = self.upstream.take_error()? {
+        let Some(upstream) = self.upstream.as_ref() else {
+            return Ok(false);
+        };
+        if let Some(e) = upstream.take_error()? {
             return Err(e);
         }
-        match self.upstream.peer_addr() {
+        match upstream.peer_addr() {
             Ok(_) => {
                 self.phase = Phase::Established;
                 Ok(true)
@@ -200,14 +226,17 @@ impl Pair {
 
     /// Pumps both directions. `budget` caps the bytes read per direction in this call.
     pub fn pump(&mut self, pool: &mut BufferPool, budget: usize, now: Instant) -> Drive {
+        let Some(upstream) = self.upstream.as_ref() else {
+            return Drive::Idle;
+        };
         let before = self.offsets();
         let states = [self.pipes[0].state(), self.pipes[1].state()];
         let mut yielded = false;
         for dir in Direction::BOTH {
             let [down_ready, up_ready] = &mut self.ready;
             let (src, src_ready, dst, dst_ready) = match dir {
-                Direction::DownToUp => (&self.downstream, down_ready, &self.upstream, up_ready),
-                Direction::UpToDown => (&self.upstream, up_ready, &self.downstream, down_ready),
+                Direction::DownToUp => (&self.downstream, down_ready, upstream, up_ready),
+                Direction::UpToDown => (upstream, up_ready, &self.downstream, down_ready),
             };
             let meta = &self.meta;
             let tap = &mut self.tap;
@@ -278,7 +307,9 @@ impl Pair {
         if reason.is_abort() {
             // SO_LINGER 0: close(2) sends RST, so the peer learns at once that the stream was cut.
             let _ = net::set_linger_zero(&self.downstream);
-            let _ = net::set_linger_zero(&self.upstream);
+            if let Some(up) = &self.upstream {
+                let _ = net::set_linger_zero(up);
+            }
         }
         let offsets = self.offsets();
         let meta = self.meta.clone();

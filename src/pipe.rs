@@ -153,6 +153,16 @@ impl Pipe {
         }
     }
 
+    /// Queues bytes the proxy itself sends ahead of the stream (a PROXY protocol header): written
+    /// first, not counted as read from the source, not tapped. `bytes` must fit in an empty buffer.
+    pub fn prefix(&mut self, pool: &mut BufferPool, bytes: &[u8]) {
+        let buf = self.buf.get_or_insert_with(|| pool.take());
+        debug_assert!(buf.is_empty() && bytes.len() <= buf.capacity());
+        let n = bytes.len().min(buf.space().len());
+        buf.space()[..n].copy_from_slice(&bytes[..n]);
+        buf.fill(n);
+    }
+
     /// Moves bytes from `src` to `dst` until both would block, EOF is propagated, or `budget` bytes
     /// were read. `on_read(offset, bytes)` sees every chunk read, in order (the tap).
     #[allow(clippy::too_many_arguments)]

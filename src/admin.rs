@@ -1,0 +1,891 @@
+//! The admin endpoint: a small HTTP/1.1 server on its own thread serving `GET /metrics`
+//! (Prometheus text format), `GET /healthz` (200 `ok`, 503 `draining`) and `GET /connections`
+//! (JSON array of live connections).
+//!
+//! Invariants:
+//! - The data path is never blocked or slowed by a request: `/metrics` reads relaxed atomics,
+//!   `/healthz` one `AtomicBool`. `/connections` needs the event loop's slab, which only the loop
+//!   may touch, so the admin thread puts a [`SnapshotRequest`] in a bounded queue, wakes the loop,
+//!   and waits for the answer for at most [`AdminState::snapshot_timeout`] (503 after that). The
+//!   loop answers with a `try_send` into a one-slot channel, so it never waits for the admin thread.
+//! - One request per connection (`Connection: close`), handled one at a time. The request head
+//!   (request line + headers) is parsed by `httparse` from at most [`MAX_REQUEST_HEAD`] bytes read
+//!   within [`REQUEST_DEADLINE`]; every socket operation has a timeout. A malformed request gets 400,
+//!   an oversized head 431, a slow one 408, an unknown path 404, another method than GET/HEAD 405;
+//!   none of them ends the server.
+//! - [`AdminServer::shutdown`] (or drop) stops the thread through a `mio::Waker` and joins it; it
+//!   returns within one request's worst-case time (the deadlines above).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde::Serialize;
+
+use crate::metrics::{ExtraGauges, Metrics};
+use crate::pipe::PipeState;
+
+/// Most bytes of request line plus headers accepted; a longer head gets 431.
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// Most header fields accepted; more get 431.
+pub const MAX_HEADERS: usize = 32;
+/// Time a client has to send its whole request head (408 after that).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Time allowed for writing a response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the response, unread request bytes are drained for at most this long / this many bytes
+/// before closing, so that closing does not send RST and destroy the response in flight.
+const LINGER_TIME: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
+/// Default for [`AdminState::snapshot_timeout`].
+pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Snapshot requests that may wait for the loop at once; more get 503 at once.
+pub const SNAPSHOT_QUEUE: usize = 4;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+
+/// What one direction of a live connection is doing, as shown by `/connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirState {
+    /// Bytes flow; no EOF seen yet.
+    Open,
+    /// EOF was read from the source; buffered bytes are being written before the FIN is passed on.
+    Flushing,
+    /// The FIN was passed on: this direction is finished, the other may still carry bytes.
+    HalfClosed,
+    /// The connection is being torn down (reset, error, timeout).
+    Closed,
+}
+
+impl DirState {
+    /// The JSON value, e.g. `half-closed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirState::Open => "open",
+            DirState::Flushing => "flushing",
+            DirState::HalfClosed => "half-closed",
+            DirState::Closed => "closed",
+        }
+    }
+}
+
+impl From<PipeState> for DirState {
+    fn from(state: PipeState) -> DirState {
+        match state {
+            PipeState::Open => DirState::Open,
+            PipeState::ReadClosed => DirState::Flushing,
+            PipeState::WriteShut => DirState::HalfClosed,
+        }
+    }
+}
+
+impl fmt::Display for DirState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One live connection as `/connections` shows it; built by the event loop from its slab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnInfo {
+    /// Connection id (`#42` in logs).
+    pub id: u64,
+    /// Route name.
+    pub route: String,
+    /// Downstream (client) address.
+    pub client: SocketAddr,
+    /// Upstream address in use (or being connected to).
+    pub upstream: SocketAddr,
+    /// Milliseconds since the connection was accepted.
+    pub age_ms: u64,
+    /// Bytes proxied client → upstream.
+    pub bytes_d2u: u64,
+    /// Bytes proxied upstream → client.
+    pub bytes_u2d: u64,
+    /// State of the client → upstream direction.
+    pub d2u_state: DirState,
+    /// State of the upstream → client direction.
+    pub u2d_state: DirState,
+}
+
+/// A request from the admin thread for the list of live connections. The event loop answers it
+/// with [`SnapshotRequest::answer`], which never blocks.
+#[derive(Debug)]
+pub struct SnapshotRequest {
+    /// One-slot channel back to the waiting admin thread.
+    reply: SyncSender<Vec<ConnInfo>>,
+}
+
+impl SnapshotRequest {
+    /// Sends the snapshot; false when the admin thread stopped waiting (its request timed out).
+    pub fn answer(self, conns: Vec<ConnInfo>) -> bool {
+        self.reply.try_send(conns).is_ok()
+    }
+}
+
+/// The queue of snapshot requests: the sender goes into [`AdminState`], the receiver to the loop.
+pub fn snapshot_channel() -> (SyncSender<SnapshotRequest>, Receiver<SnapshotRequest>) {
+    mpsc::sync_channel(SNAPSHOT_QUEUE)
+}
+
+/// For the event loop, after a wake-up: answers every pending snapshot request (at most
+/// [`SNAPSHOT_QUEUE`] + 1, so it stays bounded) with one list built by `build`, built only when a
+/// request is pending. Returns the number of requests answered.
+pub fn answer_snapshots(
+    requests: &Receiver<SnapshotRequest>,
+    build: impl FnOnce() -> Vec<ConnInfo>,
+) -> usize {
+    let mut pending = Vec::new();
+    while pending.len() <= SNAPSHOT_QUEUE {
+        match requests.try_recv() {
+            Ok(r) => pending.push(r),
+            Err(_) => break,
+        }
+    }
+    let Some(last) = pending.pop() else {
+        return 0;
+    };
+    let conns = build();
+    let n = pending.len() + 1;
+    for r in pending {
+        r.answer(conns.clone());
+    }
+    last.answer(conns);
+    n
+}
+
+/// Everything the admin thread reads.
+pub struct AdminState {
+    /// The counters `/metrics` renders.
+    pub metrics: Arc<Metrics>,
+    /// Route names, indexed like the metrics' routes.
+    pub routes: Vec<String>,
+    /// Set when the proxy starts draining: `/healthz` then answers 503.
+    pub draining: Arc<AtomicBool>,
+    /// Called at each scrape for numbers owned by other components (tap, access log).
+    pub extra: Box<dyn Fn() -> ExtraGauges + Send + Sync>,
+    /// Where snapshot requests go; the loop holds the receiver (see [`snapshot_channel`]).
+    pub snapshots: SyncSender<SnapshotRequest>,
+    /// Wakes the event loop after a snapshot request was queued (`mio::Waker::wake` in the loop).
+    pub wake: Arc<dyn Fn() + Send + Sync>,
+    /// How long `/connections` waits for the loop's answer before giving 503.
+    pub snapshot_timeout: Duration,
+}
+
+impl fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminState")
+            .field("routes", &self.routes)
+            .field("draining", &self.draining)
+            .field("snapshot_timeout", &self.snapshot_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The running admin server. Dropping it stops it too.
+#[derive(Debug)]
+pub struct AdminServer {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// The address it listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, finishes the request in progress, and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            warn!("admin: cannot wake the admin thread: {e}");
+        }
+        if thread.join().is_err() {
+            warn!("admin: the admin thread panicked");
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn context(addr: SocketAddr, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("admin listener {addr}: {what}: {e}"))
+}
+
+/// Binds `addr` and serves the admin endpoints on a new thread.
+pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServer, io::Error> {
+    let mut listener = TcpListener::bind(addr).map_err(|e| context(addr, "bind", e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| context(addr, "local address", e))?;
+    let poll = Poll::new().map_err(|e| context(addr, "poll", e))?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .map_err(|e| context(addr, "register", e))?;
+    let waker =
+        Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| context(addr, "waker", e))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("tcptap-admin".into())
+            .spawn(move || serve(poll, listener, &stop, &state))
+            .map_err(|e| context(addr, "spawn thread", e))?
+    };
+    info!("admin endpoint listening on http://{local_addr}/ (/metrics, /healthz, /connections)");
+    Ok(AdminServer {
+        local_addr,
+        stop,
+        waker,
+        thread: Some(thread),
+    })
+}
+
+fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, state: &AdminState) {
+    let mut events = Events::with_capacity(8);
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("admin: poll failed, the admin endpoint stops: {e}");
+            return;
+        }
+        // Accept until WouldBlock (edge-triggered), checking the stop flag between connections.
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, peer)) => handle(TcpStream::from(stream), peer, state),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: give up on this wake-up; the next connection retries.
+                    warn!("admin: accept failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    debug!("admin: stopped");
+}
+
+/// An HTTP response: status, content type, body; HEAD requests get the headers only.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    allow: bool,
+}
+
+impl Response {
+    fn text(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.as_bytes().to_vec(),
+            allow: false,
+        }
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+fn handle(mut stream: TcpStream, peer: SocketAddr, state: &AdminState) {
+    if let Err(e) = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
+    {
+        warn!("admin: {peer}: cannot set up the socket: {e}");
+        return;
+    }
+    let mut buf = vec![0u8; MAX_REQUEST_HEAD];
+    let (response, head_only, what) = match read_request(&mut stream, &mut buf) {
+        Ok(Some(req)) => {
+            let head_only = req.method == "HEAD";
+            let what = format!("{} {}", req.method, req.target);
+            (route(&req, state), head_only, what)
+        }
+        Ok(None) => {
+            debug!("admin: {peer}: closed before sending a request");
+            return;
+        }
+        Err(bad) => (
+            Response::text(bad.status, &format!("{}\n", bad.message)),
+            false,
+            bad.message.to_string(),
+        ),
+    };
+    debug!("admin: {peer}: {what} -> {}", response.status);
+    if let Err(e) = write_response(&mut stream, &response, head_only) {
+        debug!("admin: {peer}: writing the response failed: {e}");
+        return;
+    }
+    linger_close(&mut stream);
+}
+
+/// The parts of a request the router looks at.
+struct Request<'a> {
+    method: &'a str,
+    target: &'a str,
+}
+
+/// Why a request was refused before routing.
+struct BadRequest {
+    status: u16,
+    message: &'static str,
+}
+
+impl BadRequest {
+    fn new(status: u16, message: &'static str) -> BadRequest {
+        BadRequest { status, message }
+    }
+}
+
+/// Reads and parses one request head. `Ok(None)`: the client closed without sending anything.
+fn read_request<'b>(
+    stream: &mut TcpStream,
+    buf: &'b mut [u8],
+) -> Result<Option<Request<'b>>, BadRequest> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut len = 0;
+    // Each pass reads at least one byte or returns, so this ends within buf.len() passes.
+    loop {
+        if len == buf.len() {
+            return Err(BadRequest::new(431, "request head too large"));
+        }
+        let Some(left) = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        else {
+            return Err(BadRequest::new(408, "request head not received in time"));
+        };
+        if stream.set_read_timeout(Some(left)).is_err() {
+            return Err(BadRequest::new(400, "socket error"));
+        }
+        match stream.read(&mut buf[len..]) {
+            Ok(0) if len == 0 => return Ok(None),
+            Ok(0) => return Err(BadRequest::new(400, "incomplete request head")),
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A read timeout shows up as WouldBlock (or TimedOut) on Unix.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(BadRequest::new(408, "request head not received in time"));
+            }
+            Err(_) => return Err(BadRequest::new(400, "connection error")),
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => continue,
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(BadRequest::new(431, "too many header fields"));
+            }
+            Err(_) => return Err(BadRequest::new(400, "malformed request")),
+        }
+        check_headers(req.version, req.headers)?;
+        // Parse again into borrows of `buf` alone, now that it is complete and no longer written.
+        break;
+    }
+    let buf: &'b [u8] = buf;
+    let buf = &buf[..len];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(BadRequest::new(400, "malformed request")),
+    }
+    match (req.method, req.path) {
+        (Some(method), Some(target)) => Ok(Some(Request { method, target })),
+        _ => Err(BadRequest::new(400, "malformed request")),
+    }
+}
+
+/// Rules httparse leaves to the server: HTTP/1.1 needs exactly one Host; no request body.
+fn check_headers(version: Option<u8>, headers: &[httparse::Header<'_>]) -> Result<(), BadRequest> {
+    let hosts = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .count();
+    if version == Some(1) && hosts != 1 {
+        return Err(BadRequest::new(
+            400,
+            "HTTP/1.1 request needs one Host header",
+        ));
+    }
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+        {
+            return Err(BadRequest::new(400, "request body not accepted"));
+        }
+    }
+    Ok(())
+}
+
+fn route(req: &Request<'_>, state: &AdminState) -> Response {
+    if !req.target.starts_with('/') {
+        return Response::text(400, "request target must be a path\n");
+    }
+    let path = req.target.split_once('?').map_or(req.target, |(p, _)| p);
+    let known = matches!(path, "/metrics" | "/healthz" | "/connections");
+    if !known {
+        return Response::text(404, "not found; try /metrics, /healthz, /connections\n");
+    }
+    if req.method != "GET" && req.method != "HEAD" {
+        let mut r = Response::text(405, "method not allowed; use GET\n");
+        r.allow = true;
+        return r;
+    }
+    match path {
+        "/metrics" => metrics(state),
+        "/healthz" => {
+            if state.draining.load(Ordering::Relaxed) {
+                Response::text(503, "draining\n")
+            } else {
+                Response::text(200, "ok\n")
+            }
+        }
+        _ => connections(state),
+    }
+}
+
+fn metrics(state: &AdminState) -> Response {
+    let routes: Vec<&str> = state.routes.iter().map(String::as_str).collect();
+    let extra = (state.extra)();
+    let mut body = String::with_capacity(16 * 1024);
+    state.metrics.render_prometheus(&routes, &extra, &mut body);
+    Response {
+        status: 200,
+        content_type: "text/plain; version=0.0.4; charset=utf-8",
+        body: body.into_bytes(),
+        allow: false,
+    }
+}
+
+fn connections(state: &AdminState) -> Response {
+    let (reply, answer) = mpsc::sync_channel(1);
+    match state.snapshots.try_send(SnapshotRequest { reply }) {
+        Ok(()) => (state.wake)(),
+        Err(TrySendError::Full(_)) => {
+            return Response::text(503, "too many connection listings pending\n");
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            return Response::text(503, "the proxy is not running\n");
+        }
+    }
+    match answer.recv_timeout(state.snapshot_timeout) {
+        Ok(conns) => match serde_json::to_vec(&conns) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                Response {
+                    status: 200,
+                    content_type: "application/json",
+                    body,
+                    allow: false,
+                }
+            }
+            Err(e) => {
+                warn!("admin: cannot encode the connection list: {e}");
+                Response::text(500, "internal error\n")
+            }
+        },
+        Err(_) => {
+            warn!(
+                "admin: the event loop did not answer a connection listing within {:?}",
+                state.snapshot_timeout
+            );
+            Response::text(503, "the event loop did not answer in time\n")
+        }
+    }
+}
+
+fn write_response(stream: &mut TcpStream, r: &Response, head_only: bool) -> io::Result<()> {
+    let mut out = Vec::with_capacity(160 + r.body.len());
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+        r.status,
+        reason_phrase(r.status),
+        r.content_type,
+        r.body.len()
+    )?;
+    if r.allow {
+        out.extend_from_slice(b"Allow: GET, HEAD\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    if !head_only {
+        out.extend_from_slice(&r.body);
+    }
+    stream.write_all(&out)
+}
+
+/// Half-closes, then reads and discards what the client still sends (bounded in time and bytes)
+/// so that the close does not turn into an RST that could destroy the response before it is read.
+fn linger_close(stream: &mut TcpStream) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut scratch = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let Some(left) = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        else {
+            return;
+        };
+        if stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut scratch) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::tests::check_exposition;
+    use std::sync::atomic::AtomicUsize;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Fixture {
+        server: AdminServer,
+        draining: Arc<AtomicBool>,
+        wakes: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+    }
+
+    /// Starts a server on 127.0.0.1:0; returns the receiving end of its snapshot queue too.
+    fn start_server(snapshot_timeout: Duration) -> (Fixture, Receiver<SnapshotRequest>) {
+        let metrics = Arc::new(Metrics::new(2));
+        let draining = Arc::new(AtomicBool::new(false));
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = snapshot_channel();
+        let state = AdminState {
+            metrics: metrics.clone(),
+            routes: vec!["web".into(), "db".into()],
+            draining: draining.clone(),
+            extra: Box::new(|| ExtraGauges {
+                tap_records_written: 42,
+                ..ExtraGauges::default()
+            }),
+            snapshots: tx,
+            wake: {
+                let wakes = wakes.clone();
+                Arc::new(move || {
+                    wakes.fetch_add(1, Ordering::SeqCst);
+                })
+            },
+            snapshot_timeout,
+        };
+        let server = start("127.0.0.1:0".parse().unwrap(), Arc::new(state)).expect("start");
+        (
+            Fixture {
+                server,
+                draining,
+                wakes,
+                metrics,
+            },
+            rx,
+        )
+    }
+
+    /// Sends `raw`, reads until the server closes; returns (status, head, body).
+    fn exchange(addr: SocketAddr, raw: &[u8]) -> (u16, String, String) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(raw).expect("send request");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).expect("read response");
+        let text = String::from_utf8(resp).expect("utf-8 response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("response has a head");
+        let status = head
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("Content-Length")
+            .parse()
+            .unwrap();
+        if !raw.starts_with(b"HEAD ") {
+            assert_eq!(length, body.len(), "Content-Length matches the body");
+        }
+        (status, head.to_string(), body.to_string())
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+        exchange(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n")
+                .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn test_metrics_body_parses() {
+        let (f, _rx) = start_server(DEFAULT_SNAPSHOT_TIMEOUT);
+        f.metrics.route(1).on_accept();
+        let (status, head, body) = get(f.server.local_addr(), "/metrics");
+        assert_eq!(status, 200);
+        assert!(
+            head.contains("Content-Type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        let samples = check_exposition(&body);
+        let find = |name: &str, route: Option<&str>| {
+            samples
+                .iter()
+                .find(|(n, l, _)| n == name && route.is_none_or(|r| l.iter().any(|(_, v)| v == r)))
+                .map(|s| s.2)
+        };
+        assert_eq!(find("tcptap_connections_active", Some("db")), Some(1.0));
+        assert_eq!(find("tcptap_tap_records_written_total", None), Some(42.0));
+        // HEAD: same headers, no body.
+        let (status, head, body) = exchange(
+            f.server.local_addr(),
+            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert_eq!(status, 200);
+        assert!(!head.contains("Content-Length: 0"), "{head}");
+        assert!(body.is_empty());
+        f.server.shutdown();
+    }
+
+    #[test]
+    fn test_healthz_flips_when_draining() {
+        let (f, _rx) = start_server(DEFAULT_SNAPSHOT_TIMEOUT);
+        let addr = f.server.local_addr();
+        let (status, head, body) = get(addr, "/healthz");
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        assert!(head.contains("Content-Type: text/plain"), "{head}");
+        f.draining.store(true, Ordering::SeqCst);
+        let (status, _, body) = get(addr, "/healthz?verbose=1");
+        assert_eq!((status, body.as_str()), (503, "draining\n"));
+        f.server.shutdown();
+    }
+
+    #[test]
+    fn test_connections_from_fake_loop() {
+        let (f, rx) = start_server(TIMEOUT);
+        let conn = ConnInfo {
+            id: 7,
+            route: "web".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            upstream: "[::1]:80".parse().unwrap(),
+            age_ms: 1500,
+            bytes_d2u: 10,
+            bytes_u2d: 20,
+            d2u_state: PipeState::ReadClosed.into(),
+            u2d_state: DirState::HalfClosed,
+        };
+        let fake_loop = {
+            let conn = conn.clone();
+            // Answers until the admin state (holding the sender) is dropped.
+            std::thread::spawn(move || {
+                let mut answered = 0;
+                while let Ok(req) = rx.recv() {
+                    assert!(req.answer(vec![conn.clone()]));
+                    answered += 1;
+                }
+                answered
+            })
+        };
+        let (status, head, body) = get(f.server.local_addr(), "/connections");
+        assert_eq!(status, 200);
+        assert!(head.contains("Content-Type: application/json"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(
+            v,
+            serde_json::json!([{
+                "id": 7, "route": "web", "client": "127.0.0.1:5000", "upstream": "[::1]:80",
+                "age_ms": 1500, "bytes_d2u": 10, "bytes_u2d": 20,
+                "d2u_state": "flushing", "u2d_state": "half-closed"
+            }])
+        );
+        assert!(f.wakes.load(Ordering::SeqCst) >= 1);
+        f.server.shutdown();
+        assert_eq!(fake_loop.join().expect("fake loop"), 1);
+    }
+
+    #[test]
+    fn test_connections_unanswered_gets_503_within_timeout() {
+        let (f, rx) = start_server(Duration::from_millis(200));
+        let started = Instant::now();
+        let (status, _, _) = get(f.server.local_addr(), "/connections");
+        assert_eq!(status, 503);
+        assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+        // The loop answering late must not block or fail loudly.
+        let late = rx.try_recv().expect("request was queued");
+        assert!(!late.answer(Vec::new()));
+        // Still serving.
+        assert_eq!(get(f.server.local_addr(), "/healthz").0, 200);
+        f.server.shutdown();
+    }
+
+    #[test]
+    fn test_bad_requests_get_4xx_and_server_keeps_serving() {
+        let (f, _rx) = start_server(DEFAULT_SNAPSHOT_TIMEOUT);
+        let addr = f.server.local_addr();
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(2 * MAX_REQUEST_HEAD)
+        );
+        let many = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            (0..MAX_HEADERS + 1)
+                .map(|i| format!("X-{i}: y\r\n"))
+                .collect::<String>()
+        );
+        let cases: [(&[u8], u16); 11] = [
+            (b"\x00\x01\x02garbage\xff\r\n\r\n", 400),
+            (b"GET /metrics HTTP/1.1\r\n\r\n", 400), // no Host
+            (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"GET /metrics HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+            (b"GET http://x/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+            (
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                400,
+            ),
+            (huge.as_bytes(), 431),
+            (many.as_bytes(), 431),
+            (
+                b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                405,
+            ),
+            (b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+            (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ];
+        for (raw, want) in cases {
+            let (status, head, _) = exchange(addr, raw);
+            assert_eq!(
+                status,
+                want,
+                "{:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(60)])
+            );
+            if want == 405 {
+                assert!(head.contains("Allow: GET, HEAD"), "{head}");
+            }
+            assert_eq!(get(addr, "/healthz").0, 200, "still serving");
+        }
+        // HTTP/1.0 needs no Host.
+        assert_eq!(exchange(addr, b"GET /healthz HTTP/1.0\r\n\r\n").0, 200);
+        // A client that connects and leaves without a byte does not disturb the server.
+        drop(TcpStream::connect(addr).expect("connect"));
+        assert_eq!(get(addr, "/healthz").0, 200);
+        f.server.shutdown();
+    }
+
+    #[test]
+    fn test_incomplete_request_gets_408_after_deadline() {
+        let (f, _rx) = start_server(DEFAULT_SNAPSHOT_TIMEOUT);
+        let mut s = TcpStream::connect(f.server.local_addr()).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost:").unwrap();
+        let started = Instant::now();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).expect("server answers and closes");
+        assert!(
+            resp.starts_with(b"HTTP/1.1 408 "),
+            "{:?}",
+            String::from_utf8_lossy(&resp)
+        );
+        assert!(started.elapsed() < TIMEOUT);
+        f.server.shutdown();
+    }
+
+    #[test]
+    fn test_answer_snapshots_builds_once_for_all_pending() {
+        let (tx, rx) = snapshot_channel();
+        assert_eq!(answer_snapshots(&rx, || panic!("nothing pending")), 0);
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            let (reply, answer) = mpsc::sync_channel(1);
+            tx.try_send(SnapshotRequest { reply }).unwrap();
+            replies.push(answer);
+        }
+        let mut builds = 0;
+        let n = answer_snapshots(&rx, || {
+            builds += 1;
+            Vec::new()
+        });
+        assert_eq!((n, builds), (3, 1));
+        for r in replies {
+            assert_eq!(r.try_recv().unwrap(), Vec::new());
+        }
+    }
+
+    #[test]
+    fn test_shutdown_by_drop_and_bind_error() {
+        let (f, _rx) = start_server(DEFAULT_SNAPSHOT_TIMEOUT);
+        let addr = f.server.local_addr();
+        drop(f);
+        // The port is free again once the thread stopped (nothing listens: connect is refused).
+        assert!(TcpStream::connect(addr).is_err());
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, _rx) = snapshot_channel();
+        let state = Arc::new(AdminState {
+            metrics: Arc::new(Metrics::new(0)),
+            routes: Vec::new(),
+            draining: Arc::new(AtomicBool::new(false)),
+            extra: Box::new(ExtraGauges::default),
+            snapshots: tx,
+            wake: Arc::new(|| {}),
+            snapshot_timeout: DEFAULT_SNAPSHOT_TIMEOUT,
+        });
+        let e = start(taken.local_addr().unwrap(), state).expect_err("address in use");
+        assert!(e.to_string().contains("admin listener"), "{e}");
+    }
+}
