@@ -106,17 +106,39 @@ fn exchange(src: &str, dst: SocketAddr, seed: u64) -> (SocketAddr, Vec<u8>) {
     (me, reply)
 }
 
-/// Connects from `src` to `dst` and expects the proxy to reset the connection without a byte.
-fn expect_refused(src: Option<&str>, dst: SocketAddr) {
-    let mut c = match src {
-        Some(src) => connect_from(src, dst),
-        None => TcpStream::connect_timeout(&dst, PROMPT),
+/// Connects from `src` (by default the destination's own address, as a client on the same
+/// host would) to `dst` and expects the proxy to reset the connection without a byte. The reset
+/// can come before the connect call returns. Returns the client's address.
+fn expect_refused(src: Option<&str>, dst: SocketAddr) -> SocketAddr {
+    let src: IpAddr = src.map_or(dst.ip(), |s| s.parse().unwrap());
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).unwrap();
+    sock.bind(&SocketAddr::new(src, 0).into())
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    let me = sock.local_addr().unwrap().as_socket().unwrap();
+    match sock.connect_timeout(&dst.into(), PROMPT) {
+        Ok(()) => {
+            let mut c: TcpStream = sock.into();
+            let got = read_to_end(&mut c, PROMPT);
+            assert!(
+                matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "a refused connection {me} -> {dst} must be reset, got {got:?}"
+            );
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("connect {me} -> {dst}: {e}"),
     }
-    .unwrap_or_else(|e| panic!("connect {src:?} -> {dst}: {e}"));
-    let got = read_to_end(&mut c, PROMPT);
+    me
+}
+
+/// Checks the proxy's line about a connection refused by the allow-list: it names the client,
+/// the destination and the reason.
+fn assert_refused_by_allow_list(proxy: &Proxy, client: SocketAddr, dst: SocketAddr) {
+    let line = proxy.wait_log(&format!("{client} -> "), PROMPT);
     assert!(
-        matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
-        "a refused connection to {dst} must be reset, got {got:?}"
+        line.contains("refused:")
+            && line.contains("allowed_destinations")
+            && line.contains(&dst.to_string()),
+        "{line}"
     );
 }
 
@@ -212,12 +234,8 @@ fn ipv4_refusals_are_reset_logged_and_never_connected() {
     ns.redirect_from(CLIENT_V4, "10.99.0.0/16", proxy.addr().port());
 
     // Allowed network, port not allowed.
-    ns.run_inside(|| expect_refused(Some(CLIENT_V4), other_port.addr()));
-    let line = proxy.wait_log(&format!("-> {}: ", other_port.addr()), PROMPT);
-    assert!(
-        line.contains("refused:") && line.contains("allowed_destinations"),
-        "{line}"
-    );
+    let client = ns.run_inside(|| expect_refused(Some(CLIENT_V4), other_port.addr()));
+    assert_refused_by_allow_list(&proxy, client, other_port.addr());
     assert_eq!(
         other_port.accepted(),
         0,
@@ -225,12 +243,8 @@ fn ipv4_refusals_are_reset_logged_and_never_connected() {
     );
 
     // Network not allowed.
-    ns.run_inside(|| expect_refused(Some(CLIENT_V4), outside));
-    let line = proxy.wait_log(&format!("-> {outside}: "), PROMPT);
-    assert!(
-        line.contains("refused:") && line.contains("allowed_destinations"),
-        "{line}"
-    );
+    let client = ns.run_inside(|| expect_refused(Some(CLIENT_V4), outside));
+    assert_refused_by_allow_list(&proxy, client, outside);
 
     // Straight to the listener: not redirected, so there is no destination to go to.
     ns.run_inside(|| expect_refused(None, proxy.addr()));
@@ -310,12 +324,8 @@ fn ipv6_redirected_connections_reach_their_original_destination() {
     );
     assert_close_line(&proxy, ca, a.addr());
 
-    ns.run_inside(|| expect_refused(Some(CLIENT_V6), outside));
-    let line = proxy.wait_log(&format!("-> {outside}: "), PROMPT);
-    assert!(
-        line.contains("refused:") && line.contains("allowed_destinations"),
-        "{line}"
-    );
+    let client = ns.run_inside(|| expect_refused(Some(CLIENT_V6), outside));
+    assert_refused_by_allow_list(&proxy, client, outside);
     ns.run_inside(|| expect_refused(None, proxy.addr()));
     proxy.wait_count("refused:", 2, PROMPT);
     assert_eq!(a.accepted(), 1);
