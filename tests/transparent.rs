@@ -14,7 +14,10 @@
 //! directly instead of being redirected back to it. The proxy runs inside the namespace through
 //! `ip netns exec`; the test's sockets are made on threads that entered it with `setns(2)`.
 //!
-//! Needs root, iproute2 and iptables/ip6tables with the nat table; without them the tests fail,
+//! One test uses the `TPROXY` target (mangle table) instead of `REDIRECT`, with
+//! `transparent = true`.
+//!
+//! Needs root, iproute2 and iptables/ip6tables with the nat and mangle tables; without them the tests fail,
 //! naming the command that failed.
 
 mod common;
@@ -329,6 +332,49 @@ fn ipv6_redirected_connections_reach_their_original_destination() {
     ns.run_inside(|| expect_refused(None, proxy.addr()));
     proxy.wait_count("refused:", 2, PROMPT);
     assert_eq!(a.accepted(), 1);
+}
+
+/// `transparent = true`: a TPROXY listener (IP_TRANSPARENT) takes connections to any
+/// destination; the destination is the accepted socket's local address. A connection straight
+/// to the listener is refused.
+#[test]
+fn ipv4_tproxy_listener_forwards_to_the_local_address() {
+    let ns = NetNs::new();
+    let (a, b) = ns.run_inside(|| {
+        (
+            Backend::start("10.99.0.5:0", 0xA),
+            Backend::start("10.99.1.7:0", 0xB),
+        )
+    });
+    let proxy = Proxy::with_config_cmd(
+        ns.command(binary()),
+        &route("127.0.0.1:0", "transparent = true"),
+        1,
+    );
+    ns.tproxy_from(CLIENT_V4, "10.99.0.0/16", "127.0.0.1", proxy.addr().port());
+
+    let ((ca, reply_a), (cb, reply_b)) = ns.run_inside(|| {
+        (
+            exchange(CLIENT_V4, a.addr(), 7),
+            exchange(CLIENT_V4, b.addr(), 8),
+        )
+    });
+    assert!(reply_a == Pattern::bytes(0xA, REPLY_LEN), "reply from A");
+    assert!(reply_b == Pattern::bytes(0xB, REPLY_LEN), "reply from B");
+    assert!(
+        a.request() == Pattern::bytes(7, REQUEST_LEN),
+        "request at A"
+    );
+    assert!(
+        b.request() == Pattern::bytes(8, REQUEST_LEN),
+        "request at B"
+    );
+    assert_close_line(&proxy, ca, a.addr());
+    assert_close_line(&proxy, cb, b.addr());
+
+    ns.run_inside(|| expect_refused(None, proxy.addr()));
+    proxy.wait_count("refused:", 1, PROMPT);
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
 }
 
 /// Byte flow through a redirected connection is untouched by a slow reader: the client reads

@@ -103,6 +103,40 @@ impl NetNs {
         self.nat_redirect(&["-s", src, "-d", net], net.contains(':'), port);
     }
 
+    /// Steers TCP from `src` to `net` to the transparent listener on `on_ip`:`port` with the
+    /// mangle PREROUTING `TPROXY` target (locally sent packets pass PREROUTING as they come back
+    /// in on `lo`; the destinations are local already, so no policy routing is needed).
+    pub fn tproxy_from(&self, src: &str, net: &str, on_ip: &str, port: u16) {
+        let tool = if net.contains(':') {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let port = port.to_string();
+        self.exec(&[
+            tool,
+            "-w",
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-s",
+            src,
+            "-d",
+            net,
+            "-j",
+            "TPROXY",
+            "--on-ip",
+            on_ip,
+            "--on-port",
+            &port,
+            "--tproxy-mark",
+            "0x1/0x1",
+        ]);
+    }
+
     fn nat_redirect(&self, matches: &[&str], ipv6: bool, port: u16) {
         let tool = if ipv6 { "ip6tables" } else { "iptables" };
         let port = port.to_string();
