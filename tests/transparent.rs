@@ -420,3 +420,45 @@ fn ipv4_redirected_stream_with_interleaved_reads() {
 }
 
 also_with_two_workers!(ipv4_redirected_connections_reach_their_original_destination);
+
+/// A missing exclusion rule: the proxy's own upstream connect is redirected back to it, with
+/// the same original destination. The proxy must recognize its own connection and refuse it,
+/// instead of chaining connections to itself until `max_connections` is reached and then
+/// hanging every client.
+#[test]
+fn ipv4_redirect_loop_through_a_missing_exclusion_is_refused() {
+    let ns = NetNs::new();
+    let a = ns.run_inside(|| Backend::start("10.99.0.5:0", 0xA));
+    let proxy = Proxy::with_config_cmd(
+        ns.command(binary()),
+        &format!("max_connections = 50\n{}", route("127.0.0.1:0", "")),
+        1,
+    );
+    // Every connection to 10.99.0.0/16 is redirected, the proxy's own included.
+    ns.redirect("10.99.0.0/16", proxy.addr().port());
+    let (client, got) = ns.run_inside(|| {
+        let mut c = connect_from(CLIENT_V4, a.addr()).unwrap();
+        let me = c.local_addr().unwrap();
+        let _ = c.write_all(b"hello");
+        let _ = c.shutdown(Shutdown::Write);
+        (me, read_to_end(&mut c, PROMPT))
+    });
+    assert!(
+        !matches!(&got, Err(e) if e.kind() == io::ErrorKind::TimedOut),
+        "the client hangs: the proxy is looping through its own listener; log:\n{}",
+        proxy.logs()
+    );
+    assert!(
+        !matches!(&got, Ok(b) if !b.is_empty()),
+        "the client got data: {got:?}"
+    );
+    proxy.wait_log(&format!("{client} -> "), PROMPT);
+    let refused = proxy.wait_log("refused:", PROMPT);
+    assert!(proxy.count_log("refused:") <= 2, "{}", proxy.logs());
+    assert_eq!(
+        a.accepted(),
+        0,
+        "the backend cannot be reached through the redirect"
+    );
+    drop(refused);
+}
