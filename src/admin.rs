@@ -133,6 +133,21 @@ impl SnapshotRequest {
     }
 }
 
+/// One event loop as `/connections` reaches it.
+#[derive(Clone)]
+pub struct SnapshotTarget {
+    /// Where snapshot requests go.
+    pub snapshots: SyncSender<SnapshotRequest>,
+    /// Wakes that loop.
+    pub wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl fmt::Debug for SnapshotTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotTarget").finish_non_exhaustive()
+    }
+}
+
 /// The queue of snapshot requests: the sender goes into [`AdminState`], the receiver to the loop.
 pub fn snapshot_channel() -> (SyncSender<SnapshotRequest>, Receiver<SnapshotRequest>) {
     mpsc::sync_channel(SNAPSHOT_QUEUE)
@@ -174,10 +189,10 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     /// Called at each scrape for numbers owned by other components (tap, access log).
     pub extra: Box<dyn Fn() -> ExtraGauges + Send + Sync>,
-    /// Where snapshot requests go; the loop holds the receiver (see [`snapshot_channel`]).
-    pub snapshots: SyncSender<SnapshotRequest>,
-    /// Wakes the event loop after a snapshot request was queued (`mio::Waker::wake` in the loop).
-    pub wake: Arc<dyn Fn() + Send + Sync>,
+    /// One per event loop: where its snapshot requests go (the loop holds the receiver, see
+    /// [`snapshot_channel`]) and how to wake it after queueing one (`mio::Waker::wake`).
+    /// `/connections` asks every loop and concatenates the answers.
+    pub loops: Vec<SnapshotTarget>,
     /// How long `/connections` waits for the loop's answer before giving 503.
     pub snapshot_timeout: Duration,
 }
@@ -504,38 +519,49 @@ fn metrics(state: &AdminState) -> Response {
 }
 
 fn connections(state: &AdminState) -> Response {
-    let (reply, answer) = mpsc::sync_channel(1);
-    match state.snapshots.try_send(SnapshotRequest { reply }) {
-        Ok(()) => (state.wake)(),
-        Err(TrySendError::Full(_)) => {
-            return Response::text(503, "too many connection listings pending\n");
+    let mut answers = Vec::with_capacity(state.loops.len());
+    for target in &state.loops {
+        let (reply, answer) = mpsc::sync_channel(1);
+        match target.snapshots.try_send(SnapshotRequest { reply }) {
+            Ok(()) => (target.wake)(),
+            Err(TrySendError::Full(_)) => {
+                return Response::text(503, "too many connection listings pending\n");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Response::text(503, "the proxy is not running\n");
+            }
         }
-        Err(TrySendError::Disconnected(_)) => {
-            return Response::text(503, "the proxy is not running\n");
+        answers.push(answer);
+    }
+    let deadline = std::time::Instant::now() + state.snapshot_timeout;
+    let mut conns = Vec::new();
+    for answer in answers {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match answer.recv_timeout(left) {
+            Ok(mut part) => conns.append(&mut part),
+            Err(_) => {
+                warn!(
+                    "admin: an event loop did not answer a connection listing within {:?}",
+                    state.snapshot_timeout
+                );
+                return Response::text(503, "the event loop did not answer in time\n");
+            }
         }
     }
-    match answer.recv_timeout(state.snapshot_timeout) {
-        Ok(conns) => match serde_json::to_vec(&conns) {
-            Ok(mut body) => {
-                body.push(b'\n');
-                Response {
-                    status: 200,
-                    content_type: "application/json",
-                    body,
-                    allow: false,
-                }
+    conns.sort_by_key(|c| c.id);
+    match serde_json::to_vec(&conns) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            Response {
+                status: 200,
+                content_type: "application/json",
+                body,
+                allow: false,
             }
-            Err(e) => {
-                warn!("admin: cannot encode the connection list: {e}");
-                Response::text(500, "internal error\n")
-            }
-        },
-        Err(_) => {
-            warn!(
-                "admin: the event loop did not answer a connection listing within {:?}",
-                state.snapshot_timeout
-            );
-            Response::text(503, "the event loop did not answer in time\n")
+        }
+        Err(e) => {
+            warn!("admin: cannot encode the connection list: {e}");
+            Response::text(500, "internal error\n")
         }
     }
 }
@@ -617,13 +643,15 @@ mod tests {
                 tap_records_written: 42,
                 ..ExtraGauges::default()
             }),
-            snapshots: tx,
-            wake: {
-                let wakes = wakes.clone();
-                Arc::new(move || {
-                    wakes.fetch_add(1, Ordering::SeqCst);
-                })
-            },
+            loops: vec![SnapshotTarget {
+                snapshots: tx,
+                wake: {
+                    let wakes = wakes.clone();
+                    Arc::new(move || {
+                        wakes.fetch_add(1, Ordering::SeqCst);
+                    })
+                },
+            }],
             snapshot_timeout,
         };
         let server = start("127.0.0.1:0".parse().unwrap(), Arc::new(state)).expect("start");
@@ -881,8 +909,10 @@ mod tests {
             routes: Vec::new(),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),
-            snapshots: tx,
-            wake: Arc::new(|| {}),
+            loops: vec![SnapshotTarget {
+                snapshots: tx,
+                wake: Arc::new(|| {}),
+            }],
             snapshot_timeout: DEFAULT_SNAPSHOT_TIMEOUT,
         });
         let e = start(taken.local_addr().unwrap(), state).expect_err("address in use");

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, trace, warn};
 use mio::event::Event;
@@ -26,8 +26,13 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
+use crate::access_log::{AccessLog, AccessLogGuard, AccessLogHandle, ConnSummary, DirEnd};
+use crate::admin::{
+    self, AdminServer, AdminState, ConnInfo, DirState, SnapshotRequest, SnapshotTarget,
+};
 use crate::buffer::BufferPool;
 use crate::config::{Config, ProxyProtocolVersion, Route};
+use crate::metrics::{CloseCause, ConnectFailure, ExtraGauges, Metrics};
 use crate::net::{self, SetupError};
 use crate::orig_dst;
 use crate::pair;
@@ -37,6 +42,8 @@ use crate::proxy_protocol::{self, Parsed};
 use crate::stats::Stats;
 use crate::tap::{self, ConnMeta, Direction, Side, TapGuard, TapHandle};
 use std::io::Read;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::Receiver;
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -74,6 +81,12 @@ struct Shared {
     workers_listening: AtomicUsize,
     /// Workers whose loop is still running (the one handling signals stays until it is the last).
     workers_running: AtomicUsize,
+    /// Per-route counters for `/metrics`.
+    metrics: Arc<Metrics>,
+    /// Set when draining starts (`/healthz` answers 503).
+    draining: Arc<AtomicBool>,
+    /// One line per finished connection, when configured.
+    access_log: Option<AccessLogHandle>,
 }
 
 /// Asks a running server to stop, from any thread.
@@ -135,6 +148,8 @@ pub struct Server {
     taps: Vec<TapGuard>,
     shared: Arc<Shared>,
     wakers: Vec<Arc<Waker>>,
+    admin: Option<AdminServer>,
+    access_guard: Option<AccessLogGuard>,
 }
 
 impl std::fmt::Debug for Server {
@@ -165,6 +180,8 @@ struct Worker {
     /// Pairs to close at the end of the batch.
     closing: Vec<(usize, u64, CloseReason)>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
+    /// `/connections` requests from the admin thread.
+    snapshots: Receiver<SnapshotRequest>,
     budget: usize,
     draining: Option<Instant>,
     sigints: u32,
@@ -199,6 +216,19 @@ impl Server {
             };
             route_taps.push(tap);
         }
+        let (access_handle, access_guard) = match &config.access_log {
+            Some(a) => {
+                let (h, g) = AccessLog::start(&a.path, a.format).map_err(|source| {
+                    SetupError::AccessLog {
+                        path: a.path.clone(),
+                        source,
+                    }
+                })?;
+                (Some(h), Some(g))
+            }
+            None => (None, None),
+        };
+        let tap_handles: Vec<TapHandle> = started.iter().map(|(_, h)| h.clone()).collect();
         let n = config.workers.get();
         let shared = Arc::new(Shared {
             request: AtomicU8::new(RUN),
@@ -208,18 +238,29 @@ impl Server {
             max_connections: fd_capped_max_connections(config.max_connections),
             workers_listening: AtomicUsize::new(n),
             workers_running: AtomicUsize::new(n),
+            metrics: Arc::new(Metrics::new(config.routes.len())),
+            draining: Arc::new(AtomicBool::new(false)),
+            access_log: access_handle,
             config,
         });
         let mut workers = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
+        let mut loops = Vec::with_capacity(n);
         // Worker 0 binds the configured addresses (port 0 becomes a real port); the others bind
         // the same real addresses with SO_REUSEPORT, and the kernel spreads connections.
         let mut addrs: Vec<SocketAddr> = shared.config.routes.iter().map(|r| r.listen).collect();
         for index in 0..n {
             let poll = Poll::new().map_err(SetupError::Poll)?;
-            wakers.push(Arc::new(
-                Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?,
-            ));
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?);
+            let (snap_tx, snap_rx) = admin::snapshot_channel();
+            let w = waker.clone();
+            loops.push(SnapshotTarget {
+                snapshots: snap_tx,
+                wake: Arc::new(move || {
+                    let _ = w.wake();
+                }),
+            });
+            wakers.push(waker);
             let mut listeners = Vec::new();
             for (i, route) in shared.config.routes.iter().enumerate() {
                 let mut socket = net::bind_listener(
@@ -271,6 +312,7 @@ impl Server {
                 again: Vec::new(),
                 closing: Vec::new(),
                 signals: None,
+                snapshots: snap_rx,
                 budget: (4 * buffer_size).max(256 * 1024),
                 draining: None,
                 sigints: 0,
@@ -281,17 +323,44 @@ impl Server {
         for w in &mut workers {
             w.wakers = wakers.clone();
         }
+        let admin = match shared.config.admin {
+            Some(addr) => {
+                let access = shared.access_log.clone();
+                let state = AdminState {
+                    metrics: shared.metrics.clone(),
+                    routes: shared
+                        .config
+                        .routes
+                        .iter()
+                        .map(|r| r.name.clone())
+                        .collect(),
+                    draining: shared.draining.clone(),
+                    extra: Box::new(move || extra_gauges(&tap_handles, access.as_ref())),
+                    loops,
+                    snapshot_timeout: admin::DEFAULT_SNAPSHOT_TIMEOUT,
+                };
+                Some(admin::start(addr, Arc::new(state)).map_err(SetupError::Admin)?)
+            }
+            None => None,
+        };
         Ok(Server {
             workers,
             taps,
             shared,
             wakers,
+            admin,
+            access_guard,
         })
     }
 
     /// The bound listen addresses, in route order (port 0 in the config becomes the real port here).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.workers[0].listeners.iter().map(|l| l.local).collect()
+    }
+
+    /// The admin endpoint's address, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
     }
 
     /// A handle to stop the server from another thread.
@@ -305,8 +374,9 @@ impl Server {
     /// Routes SIGTERM and SIGINT into the first worker's loop: the first starts a graceful shutdown
     /// of every worker, a second SIGINT stops at once.
     pub fn handle_signals(&mut self) -> Result<(), SetupError> {
-        let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT])
-            .map_err(SetupError::Signals)?;
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
+                .map_err(SetupError::Signals)?;
         let w = &mut self.workers[0];
         w.poll
             .registry()
@@ -383,6 +453,16 @@ impl Server {
                 s.dropped_records,
                 s.dropped_bytes,
                 s.write_errors
+            );
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.shutdown();
+        }
+        if let Some(guard) = self.access_guard.take() {
+            let s = guard.shutdown(timeout);
+            info!(
+                "access log: {} lines written, {} dropped, {} write errors",
+                s.written, s.dropped, s.write_errors
             );
         }
         info!("stopped: {}", self.shared.stats.summary());
@@ -470,7 +550,7 @@ impl Worker {
 
     fn dispatch(&mut self, event: &Event, now: Instant) {
         match event.token() {
-            WAKER => {}
+            WAKER => self.answer_snapshots(now),
             SIGNALS => self.on_signals(),
             Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
                 let i = FIRST_LISTENER - t;
@@ -504,6 +584,28 @@ impl Worker {
         }
     }
 
+    /// Answers pending `/connections` requests with this worker's live pairs.
+    fn answer_snapshots(&mut self, now: Instant) {
+        let pairs = &self.pairs;
+        let routes = &self.routes;
+        admin::answer_snapshots(&self.snapshots, || {
+            pairs
+                .iter()
+                .map(|(_, p)| ConnInfo {
+                    id: p.meta.id,
+                    route: routes[p.route].config.name.clone(),
+                    client: p.meta.downstream,
+                    upstream: p.meta.upstream,
+                    age_ms: now.saturating_duration_since(p.started).as_millis() as u64,
+                    bytes_d2u: p.pipes[0].read_total(),
+                    bytes_u2d: p.pipes[1].read_total(),
+                    d2u_state: DirState::from(p.pipes[0].state()),
+                    u2d_state: DirState::from(p.pipes[1].state()),
+                })
+                .collect()
+        });
+    }
+
     fn on_signals(&mut self) {
         let Some(signals) = self.signals.as_mut() else {
             return;
@@ -518,6 +620,13 @@ impl Worker {
                         immediate = true;
                     } else {
                         graceful = true;
+                    }
+                }
+                libc::SIGUSR1 => {
+                    // logrotate convention: reopen the access log at its configured path.
+                    if let Some(a) = &self.shared.access_log {
+                        info!("SIGUSR1: reopening the access log");
+                        a.reopen();
                     }
                 }
                 _ => graceful = true,
@@ -550,6 +659,7 @@ impl Worker {
             IMMEDIATE => Some(Exit::Immediate),
             GRACEFUL if self.draining.is_none() => {
                 self.draining = Some(now + self.shared.config.drain_timeout);
+                self.shared.draining.store(true, Ordering::SeqCst);
                 for (i, l) in self.listeners.iter_mut().enumerate() {
                     if let Some(mut s) = l.socket.take() {
                         let _ = self.poll.registry().deregister(&mut s);
@@ -722,9 +832,11 @@ impl Worker {
             scheduled: false,
             timer_at: Some(deadline),
             header: Vec::new(),
+            connect_started: now,
         });
         self.shared.route_active[route_idx].fetch_add(1, Ordering::Relaxed);
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.route(route_idx).on_accept();
         self.timers.push(Reverse((deadline, key, id)));
         if let Phase::Connecting { .. } = phase {
             if let Some(reason) = self.begin_connect(key, None, now) {
@@ -762,6 +874,10 @@ impl Worker {
         let mut stream = match net::connect_upstream(dst, &self.shared.config.socket) {
             Ok(s) => s,
             Err(e) => {
+                self.shared
+                    .metrics
+                    .route(route_idx)
+                    .on_connect_failure(ConnectFailure::of_error(&e));
                 if net::is_resource_exhaustion(&e) {
                     self.pause_accepting(now, &e);
                 }
@@ -780,6 +896,7 @@ impl Worker {
             pair.meta.id, pair.meta.downstream
         );
         pair.upstream = Some(stream);
+        pair.connect_started = now;
         let deadline = now + route.connect_timeout;
         pair.phase = Phase::Connecting { deadline };
         pair.timer_at = Some(deadline);
@@ -984,6 +1101,10 @@ impl Worker {
                     );
                     pair.last_active = now;
                     pair.tap_open();
+                    self.shared
+                        .metrics
+                        .route(pair.route)
+                        .on_connected(now.duration_since(pair.connect_started));
                     let idle = self.routes[pair.route].config.idle_timeout;
                     if let Some(t) = pair.deadline(idle) {
                         // Arm the idle timer now only if it is due before the connect timer
@@ -995,6 +1116,10 @@ impl Worker {
                     }
                 }
                 Err(e) => {
+                    self.shared
+                        .metrics
+                        .route(pair.route)
+                        .on_connect_failure(ConnectFailure::of_error(&e));
                     if let Some(next) = self.next_upstream(key, &e) {
                         return next;
                     }
@@ -1003,7 +1128,21 @@ impl Worker {
             }
         }
         let pair = &mut self.pairs[key];
-        pair.pump(&mut self.pool, self.budget, now)
+        let before = pair.offsets();
+        let buffered = pair.buffered();
+        let drive = pair.pump(&mut self.pool, self.budget, now);
+        let m = self.shared.metrics.route(pair.route);
+        for dir in Direction::BOTH {
+            let moved = pair.pipes[dir.index()].read_total() - before[dir.index()];
+            if moved > 0 {
+                m.add_bytes(dir, moved);
+            }
+        }
+        let now_buffered = pair.buffered();
+        if now_buffered != buffered {
+            m.add_buffered(now_buffered as i64 - buffered as i64);
+        }
+        drive
     }
 
     /// After a failed connect, tries the route's next resolved address (e.g. `localhost` resolving
@@ -1059,7 +1198,13 @@ impl Worker {
                 Some(d) if d <= now => {
                     let reason = match pair.phase {
                         Phase::AwaitingHeader { .. } => CloseReason::ProxyHeaderTimeout,
-                        Phase::Connecting { .. } => CloseReason::ConnectTimeout,
+                        Phase::Connecting { .. } => {
+                            self.shared
+                                .metrics
+                                .route(pair.route)
+                                .on_connect_failure(ConnectFailure::Timeout);
+                            CloseReason::ConnectTimeout
+                        }
                         Phase::Established => CloseReason::IdleTimeout,
                     };
                     self.closing.push((key, id, reason));
@@ -1110,6 +1255,29 @@ impl Worker {
         let meta = pair.meta.clone();
         let duration = pair.started.elapsed();
         let (tap_records, tap_bytes) = pair.tap_drops();
+        let m = self.shared.metrics.route(route);
+        m.on_close(CloseCause::of(&reason));
+        let buffered = pair.buffered();
+        if buffered > 0 {
+            m.add_buffered(-(buffered as i64));
+        }
+        if let Some(access) = &self.shared.access_log {
+            access.log(&ConnSummary {
+                id: meta.id,
+                start: SystemTime::now() - duration,
+                duration,
+                route: meta.route.clone(),
+                client: meta.downstream,
+                upstream: meta.upstream,
+                bytes_d2u: pair.pipes[0].read_total(),
+                bytes_u2d: pair.pipes[1].read_total(),
+                end: CloseCause::of(&reason),
+                d2u_end: DirEnd::of(Direction::DownToUp, pair.pipes[0].state(), &reason),
+                u2d_end: DirEnd::of(Direction::UpToDown, pair.pipes[1].state(), &reason),
+                tap_dropped_records: tap_records,
+                tap_dropped_bytes: tap_bytes,
+            });
+        }
         let (discarded, offsets) = pair.finish(&reason, &mut self.pool);
         stats.bytes_d2u.fetch_add(offsets[0], Ordering::Relaxed);
         stats.bytes_u2d.fetch_add(offsets[1], Ordering::Relaxed);
@@ -1157,6 +1325,26 @@ impl Worker {
             self.close(key, CloseReason::Shutdown);
         }
     }
+}
+
+/// Live numbers of the taps and the access log, for `/metrics`.
+fn extra_gauges(taps: &[TapHandle], access: Option<&AccessLogHandle>) -> ExtraGauges {
+    let mut g = ExtraGauges::default();
+    for t in taps {
+        let s = t.stats();
+        g.tap_records_written += s.records_written;
+        g.tap_bytes_written += s.bytes_written;
+        g.tap_dropped_records += s.dropped_records;
+        g.tap_dropped_bytes += s.dropped_bytes;
+        g.tap_write_errors += s.write_errors;
+    }
+    if let Some(a) = access {
+        let s = a.stats();
+        g.access_log_written = s.written;
+        g.access_log_dropped = s.dropped;
+        g.access_log_write_errors = s.write_errors;
+    }
+    g
 }
 
 /// Descriptors kept free for listeners, the poller, signals, tap and log files.

@@ -57,6 +57,18 @@ pub enum SetupError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
+    /// The admin endpoint could not listen.
+    #[error("{0}")]
+    Admin(#[source] io::Error),
+    /// The access log could not be opened.
+    #[error("cannot open the access log {}: {source}", path.display())]
+    AccessLog {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// A tap output could not be opened.
     #[error("route `{route}`: cannot start the tap: {source}")]
     Tap {

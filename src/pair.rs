@@ -171,6 +171,8 @@ pub struct Pair {
     pub timer_at: Option<Instant>,
     /// Peek buffer for the client's PROXY protocol header (empty otherwise).
     pub header: Vec<u8>,
+    /// When the current upstream connect started (connect latency).
+    pub connect_started: Instant,
 }
 
 impl Pair {
@@ -180,6 +182,11 @@ impl Pair {
             Side::Downstream => Some(&self.downstream),
             Side::Upstream => self.upstream.as_ref(),
         }
+    }
+
+    /// Bytes held in the pair's buffers.
+    pub fn buffered(&self) -> usize {
+        self.pipes[0].buffered() + self.pipes[1].buffered()
     }
 
     /// Bytes proxied `[d→u, u→d]` (read from the source).

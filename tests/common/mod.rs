@@ -198,7 +198,10 @@ impl Proxy {
                 if std::env::var_os("TCPTAP_TEST_ECHO").is_some() {
                     eprintln!("proxy: {line}");
                 }
-                if let Some(pos) = line.find("listening on ") {
+                if let Some(pos) = line
+                    .find("listening on ")
+                    .filter(|_| line.contains("route `"))
+                {
                     let addr = line[pos + 13..].split(' ').next().unwrap_or("").to_string();
                     let _ = tx.send(addr);
                 }
@@ -231,6 +234,17 @@ impl Proxy {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The admin endpoint's address, from its startup log line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self.wait_log("admin endpoint listening on http://", PROMPT);
+        let rest = &line[line.find("http://").unwrap() + 7..];
+        rest.split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("admin address")
     }
 
     pub fn pid(&self) -> u32 {
@@ -594,6 +608,35 @@ impl Upstream {
             let _ = s.shutdown(Shutdown::Write);
         })
     }
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: tcptap\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let raw = read_to_end(&mut s, PROMPT).expect("HTTP response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample in a Prometheus exposition, e.g. `metric(&text, "x_total{route=\"a\"}")`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l[series.len()..].trim().parse().ok())
 }
 
 /// An address where nothing listens (bound, then closed).

@@ -1,0 +1,236 @@
+//! Operating the proxy as a sidecar: `/metrics`, `/connections`, `/healthz`, and the access log,
+//! checked against the traffic each test makes.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn ops_config(dir: &TempDir, routes: &str) -> String {
+    format!(
+        "drain_timeout = \"3s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[access_log]\npath = \"{}\"\nformat = \"json\"\n{routes}",
+        dir.path("access.log").display()
+    )
+}
+
+/// Polls `/metrics` until `series` has `value` (counters are updated as the loop goes).
+fn wait_metric(admin: std::net::SocketAddr, series: &str, value: f64) -> String {
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let (status, body) = http_get(admin, "/metrics");
+        assert_eq!(status, 200);
+        if metric(&body, series) == Some(value) {
+            return body;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{series} is {:?}, expected {value}:\n{body}",
+                metric(&body, series)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn metrics_match_the_traffic() {
+    let dir = TempDir::new("ops");
+    let echo = Upstream::echo();
+    let routes = format!(
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+         [[route]]\nname = \"dead\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr,
+        dead_addr()
+    );
+    let proxy = Proxy::with_config(&ops_config(&dir, &routes), 2);
+    let admin = proxy.admin_addr();
+    for i in 0..3u64 {
+        let mut c = connect(proxy.addrs[0]);
+        c.write_all(&Pattern::bytes(i, 1000)).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_to_end(&mut c, PROMPT).unwrap().len(), 1000);
+    }
+    let mut c = connect(proxy.addrs[0]);
+    let mut r = connect(proxy.addrs[1]);
+    let _ = read_to_end(&mut r, PROMPT);
+    c.write_all(b"12345").unwrap();
+    assert_eq!(read_n(&mut c, 5, PROMPT).unwrap(), b"12345");
+    // Counters are added right after the bytes move: wait for the last one to land.
+    wait_metric(
+        admin,
+        "tcptap_bytes_total{route=\"web\",direction=\"u2d\"}",
+        3005.0,
+    );
+    let body = wait_metric(
+        admin,
+        "tcptap_connections_closed_total{route=\"web\",reason=\"client_closed_first\"}",
+        3.0,
+    );
+    assert_eq!(
+        metric(&body, "tcptap_connections_accepted_total{route=\"web\"}"),
+        Some(4.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "tcptap_connections_active{route=\"web\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "tcptap_bytes_total{route=\"web\",direction=\"d2u\"}"),
+        Some(3005.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "tcptap_bytes_total{route=\"web\",direction=\"u2d\"}"),
+        Some(3005.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "tcptap_upstream_connect_failures_total{route=\"dead\",cause=\"refused\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "tcptap_connections_closed_total{route=\"dead\",reason=\"connect_failed\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "tcptap_upstream_connect_duration_seconds_count{route=\"web\"}"
+        ),
+        Some(4.0),
+        "{body}"
+    );
+    assert!(metric(&body, "process_open_fds").unwrap() > 0.0);
+    drop(c);
+    wait_metric(admin, "tcptap_connections_active{route=\"web\"}", 0.0);
+}
+
+#[test]
+fn connections_lists_a_half_closed_pair() {
+    let dir = TempDir::new("ops");
+    // The upstream never closes: after the client's FIN, d→u is half-closed, u→d still open.
+    let up = Upstream::start(|mut s| {
+        let _ = read_to_end(&mut s, Duration::from_secs(30));
+        let _ = s.write_all(b"late");
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let routes = format!(
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        up.addr
+    );
+    let proxy = Proxy::with_config(&ops_config(&dir, &routes), 1);
+    let admin = proxy.admin_addr();
+    let mut c = connect(proxy.addr());
+    c.write_all(b"hello").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"late");
+    let (status, body) = http_get(admin, "/connections");
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let conns = list.as_array().unwrap();
+    assert_eq!(conns.len(), 1, "{body}");
+    let conn = &conns[0];
+    assert_eq!(conn["route"], "web");
+    assert_eq!(conn["client"], c.local_addr().unwrap().to_string());
+    assert_eq!(conn["upstream"], up.addr.to_string());
+    assert_eq!(conn["bytes_d2u"], 5);
+    assert_eq!(conn["bytes_u2d"], 4);
+    assert_eq!(conn["d2u_state"], "half-closed", "{body}");
+    assert_eq!(conn["u2d_state"], "open", "{body}");
+}
+
+#[test]
+fn healthz_turns_503_while_draining_and_access_log_has_every_field() {
+    let dir = TempDir::new("ops");
+    let echo = Upstream::echo();
+    let routes = format!(
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr
+    );
+    let mut proxy = Proxy::with_config(&ops_config(&dir, &routes), 1);
+    let admin = proxy.admin_addr();
+    assert_eq!(http_get(admin, "/healthz").0, 200);
+    let mut c = connect(proxy.addr());
+    c.write_all(b"abc").unwrap();
+    assert_eq!(read_n(&mut c, 3, PROMPT).unwrap(), b"abc");
+    proxy.signal(SIGTERM);
+    proxy.wait_log("shutting down", PROMPT);
+    assert_eq!(http_get(admin, "/healthz").0, 503);
+    // The drain lets the open pair finish.
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), b"");
+    assert_eq!(proxy.wait_exit(PROMPT).code(), Some(0));
+    let log = std::fs::read_to_string(dir.path("access.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["route"], "web");
+    assert_eq!(v["client"], c.local_addr().unwrap().to_string());
+    assert_eq!(v["upstream"], echo.addr.to_string());
+    assert_eq!(v["bytes_d2u"], 3);
+    assert_eq!(v["bytes_u2d"], 3);
+    assert_eq!(v["end"], "client_closed_first");
+    assert_eq!(v["d2u_end"], "fin_from_client");
+    assert_eq!(v["u2d_end"], "fin_from_upstream");
+    assert!(v["start"].as_str().unwrap().ends_with('Z'));
+    assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn sigusr1_reopens_the_access_log() {
+    let dir = TempDir::new("ops");
+    let echo = Upstream::echo();
+    let routes = format!(
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr
+    );
+    let proxy = Proxy::with_config(&ops_config(&dir, &routes), 1);
+    let one = |n: u8| {
+        let mut c = connect(proxy.addr());
+        c.write_all(&[n]).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), [n]);
+    };
+    let wait_lines = |path: &std::path::Path, n: usize| {
+        let deadline = Instant::now() + PROMPT;
+        while std::fs::read_to_string(path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+            < n
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} has fewer than {n} lines",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    one(1);
+    wait_lines(&dir.path("access.log"), 1);
+    std::fs::rename(dir.path("access.log"), dir.path("access.log.1")).unwrap();
+    proxy.signal(10); // SIGUSR1
+    proxy.wait_log("reopening the access log", PROMPT);
+    one(2);
+    wait_lines(&dir.path("access.log"), 1);
+    assert_eq!(
+        std::fs::read_to_string(dir.path("access.log.1"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+}
