@@ -11,138 +11,20 @@
 //! with the nat table. When any of this is missing the tests fail and say which command
 //! failed; they do not pass silently.
 
-use std::fs::File;
+mod common;
+
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tcptap::orig_dst::original_destination;
 
+use common::netns::NetNs;
+
 /// Where the client believes it connects; nothing listens there.
 const TARGET_V4: &str = "10.99.0.7:8080";
 const TARGET_V6: &str = "[fd99::7]:8080";
-
-/// Runs a command and panics with its output if it cannot be run or fails.
-fn run(program: &str, args: &[&str]) {
-    let shown = format!("{program} {}", args.join(" "));
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{shown}`: {e} (the test needs iproute2 and iptables installed)")
-        });
-    assert!(
-        output.status.success(),
-        "`{shown}` failed ({}): {}{}(the test needs root, iproute2 and iptables with the nat table)",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-}
-
-/// A network namespace that exists as long as this value does.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    /// Creates the namespace, brings up `lo` and adds the test addresses to it.
-    fn new() -> NetNs {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "tcptap-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        // From here on the guard deletes the namespace, whatever happens.
-        let ns = NetNs { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        // On a loopback device the whole prefix becomes local, so 10.99.0.7 is routable.
-        ns.exec(&["ip", "addr", "add", "10.99.0.1/16", "dev", "lo"]);
-        ns.exec(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "fd99::1/64",
-            "dev",
-            "lo",
-            "nodad",
-        ]);
-        ns
-    }
-
-    /// Runs a command inside the namespace.
-    fn exec(&self, args: &[&str]) {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-
-    /// Redirects TCP to `net` (IPv4 or IPv6 CIDR) to local `port`, in the nat OUTPUT chain.
-    fn redirect(&self, net: &str, port: u16) {
-        let tool = if net.contains(':') {
-            "ip6tables"
-        } else {
-            "iptables"
-        };
-        let port = port.to_string();
-        self.exec(&[
-            tool,
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            net,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ]);
-    }
-
-    /// Runs `f` on a new thread that has entered the namespace; sockets it creates live there.
-    fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            let inside = scope.spawn(|| {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                // SAFETY: setns only reads the descriptor, which stays open for the call; it
-                // changes the network namespace of the calling thread alone.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns({path}): {}", io::Error::last_os_error());
-                f()
-            });
-            match inside.join() {
-                Ok(value) => value,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !matches!(deleted, Ok(status) if status.success()) {
-            eprintln!(
-                "could not delete network namespace {}: {deleted:?}",
-                self.name
-            );
-        }
-    }
-}
 
 /// Connects to `target` (which the namespace redirects to `listener`), accepts, checks that
 /// the bytes flow, and returns what `original_destination` says about the accepted socket.

@@ -2,6 +2,8 @@
 //! reads with deadlines, and /proc probes (RSS, open fds, CLOSE_WAIT sockets).
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -149,6 +151,31 @@ impl Proxy {
     ) -> Proxy {
         let mut cmd = Command::new(binary());
         cmd.args(args);
+        Proxy::spawn(cmd, routes, dir, adjust)
+    }
+
+    /// Starts `cmd` + `--config <file>` with `toml` as the file; `cmd` runs the binary, possibly
+    /// through a wrapper (`ip netns exec NS tcptap`).
+    pub fn with_config_cmd(mut cmd: Command, toml: &str, routes: usize) -> Proxy {
+        let dir = TempDir::new("cfg");
+        let path = dir.path("proxy.toml");
+        std::fs::write(&path, toml).expect("write config");
+        cmd.arg("--config").arg(&path);
+        Proxy::start_cmd(cmd, routes, Some(dir))
+    }
+
+    /// Starts `cmd`, which runs the binary with its arguments (possibly through a wrapper that
+    /// execs it, so the child's PID is the proxy's), and waits for `routes` "listening on" lines.
+    pub fn start_cmd(cmd: Command, routes: usize, dir: Option<TempDir>) -> Proxy {
+        Proxy::spawn(cmd, routes, dir, |_| {})
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        routes: usize,
+        dir: Option<TempDir>,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Proxy {
         if let Some(n) = WORKERS.with(|w| w.get()) {
             cmd.args(["--workers", &n.to_string()]);
         }
@@ -160,7 +187,7 @@ impl Proxy {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         adjust(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn tcptap");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
