@@ -13,11 +13,11 @@
 //! connection id, so an event or work item can never land on a slab key that was reused.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, trace, warn};
@@ -87,6 +87,10 @@ struct Shared {
     draining: Arc<AtomicBool>,
     /// One line per finished connection, when configured.
     access_log: Option<AccessLogHandle>,
+    /// Local addresses of upstream sockets opened for `original-destination` routes: a client
+    /// connecting from one of them is this proxy itself, caught by a REDIRECT rule that does not
+    /// exclude the proxy's own traffic.
+    own_upstreams: Mutex<HashSet<SocketAddr>>,
 }
 
 /// Asks a running server to stop, from any thread.
@@ -241,6 +245,7 @@ impl Server {
             metrics: Arc::new(Metrics::new(config.routes.len())),
             draining: Arc::new(AtomicBool::new(false)),
             access_log: access_handle,
+            own_upstreams: Mutex::new(HashSet::new()),
             config,
         });
         let mut workers = Vec::with_capacity(n);
@@ -833,6 +838,7 @@ impl Worker {
             timer_at: Some(deadline),
             header: Vec::new(),
             connect_started: now,
+            own_upstream: None,
         });
         self.shared.route_active[route_idx].fetch_add(1, Ordering::Relaxed);
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -895,6 +901,13 @@ impl Worker {
             "#{} {}: connecting to {dst}",
             pair.meta.id, pair.meta.downstream
         );
+        if route.original_destination {
+            // connect(2) has bound the socket: its local address is known now.
+            if let Ok(own) = stream.local_addr() {
+                lock(&self.shared.own_upstreams).insert(own);
+                pair.own_upstream = Some(own);
+            }
+        }
         pair.upstream = Some(stream);
         pair.connect_started = now;
         let deadline = now + route.connect_timeout;
@@ -923,13 +936,21 @@ impl Worker {
     }
 
     /// Where a connection on an `original-destination` route was going, or why it is refused.
+    /// A refused destination is still shown as the pair's upstream in the close line.
     fn original_destination(
-        &self,
+        &mut self,
         key: usize,
         header_dst: Option<SocketAddr>,
     ) -> Result<SocketAddr, CloseReason> {
         let pair = &self.pairs[key];
         let route = &self.routes[pair.route].config;
+        if lock(&self.shared.own_upstreams).contains(&pair.meta.downstream) {
+            return Err(CloseReason::Refused(
+                "connection loop: the client is this proxy's own upstream connection \
+                 (exclude the proxy's traffic from the REDIRECT rule)"
+                    .into(),
+            ));
+        }
         let dst = match header_dst {
             Some(d) => d,
             None if route.transparent => pair.local,
@@ -954,16 +975,22 @@ impl Worker {
                     && l.local.port() == dst.port()
                     && (dst.ip().is_loopback() || dst.ip() == pair.local.ip()))
         });
-        if own {
-            return Err(CloseReason::Refused(format!(
-                "{dst} is this proxy's own listener; not proxying to itself"
-            )));
-        }
         let allowed = &route.allowed_destinations;
-        if !allowed.is_empty() && !allowed.iter().any(|r| r.matches(dst)) {
-            return Err(CloseReason::Refused(format!(
-                "{dst} is not in allowed_destinations"
-            )));
+        let refusal = if own {
+            Some(format!(
+                "{dst} is this proxy's own listener; not proxying to itself"
+            ))
+        } else if !allowed.is_empty() && !allowed.iter().any(|r| r.matches(dst)) {
+            Some(format!("{dst} is not in allowed_destinations"))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            let pair = &mut self.pairs[key];
+            let mut meta = (*pair.meta).clone();
+            meta.upstream = dst;
+            pair.meta = Arc::new(meta);
+            return Err(CloseReason::Refused(why));
         }
         Ok(dst)
     }
@@ -1237,6 +1264,9 @@ impl Worker {
             let _ = registry.deregister(up);
         }
         let route = pair.route;
+        if let Some(own) = pair.own_upstream {
+            lock(&self.shared.own_upstreams).remove(&own);
+        }
         self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
         stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -1325,6 +1355,11 @@ impl Worker {
             self.close(key, CloseReason::Shutdown);
         }
     }
+}
+
+/// Locks a mutex that no code path can poison (nothing panics while holding it).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Live numbers of the taps and the access log, for `/metrics`.

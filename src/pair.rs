@@ -173,6 +173,9 @@ pub struct Pair {
     pub header: Vec<u8>,
     /// When the current upstream connect started (connect latency).
     pub connect_started: Instant,
+    /// The upstream socket's local address, registered for loop detection (original-destination
+    /// routes only).
+    pub own_upstream: Option<SocketAddr>,
 }
 
 impl Pair {
