@@ -43,13 +43,20 @@ use loadgen::{BulkLoad, BulkUpstream, Dir, EchoUpstream};
 use peers::{Kind, Target};
 
 /// tcptap variants to compare: (column name, extra arguments). `{tmp}` is
-/// replaced by a private directory of the run. Adding a variant (e.g. a tap
+/// replaced by a private directory of the run, `{fifo}` by a FIFO nobody reads
+/// in it, and an argument `config:TEXT` by `--config FILE` holding TEXT. Adding a variant (e.g. a tap
 /// mode) is one line here; every variant after the first also gets a
 /// `variant/tcptap` ratio column.
 const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
     ("tcptap", &[]),
-    // ("tcptap+pcap", &["--tap-pcap", "{tmp}/tap.pcap"]),
-    // ("tcptap+log", &["--tap-log", "/dev/null"]),
+    // The copying path (splice off): what the zero-copy path gains.
+    ("tcptap-copy", &["config:splice = false\n"]),
+    // Tap cost: pcap to a file, log to /dev/null, and a sink that never drains.
+    ("tcptap+pcap", &["--tap-pcap", "{tmp}/tap.pcap"]),
+    ("tcptap+log", &["--tap-log", "/dev/null"]),
+    ("tcptap+blocked", &["--tap-log", "{fifo}"]),
+    // Two event loops.
+    ("tcptap-2w", &["--workers", "2"]),
 ];
 
 /// File descriptors kept back from the idle-connection budget.

@@ -68,6 +68,7 @@ pub struct RawConfig {
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
     listen_backlog: Option<i32>,
+    splice: Option<bool>,
     workers: Option<Workers>,
     socket: Option<RawSocket>,
     tap: Option<RawTap>,
@@ -386,6 +387,8 @@ pub struct Config {
     pub listen_backlog: i32,
     /// Number of event loops (default 1).
     pub workers: NonZeroUsize,
+    /// Move bytes with `splice(2)` through a kernel pipe on routes without a tap (default on).
+    pub splice: bool,
     /// Socket options for proxied sockets.
     pub socket: SocketOptions,
     /// The routes; at least one.
@@ -861,6 +864,7 @@ impl Config {
             max_connections,
             drain_timeout,
             listen_backlog,
+            splice: raw.splice.unwrap_or(true),
             workers,
             socket,
             routes,

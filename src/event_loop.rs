@@ -39,6 +39,7 @@ use crate::pair;
 use crate::pair::{CloseReason, Drive, Pair, PairTap, Phase};
 use crate::pipe::{Pipe, Readiness};
 use crate::proxy_protocol::{self, Parsed};
+use crate::splice::PipePool;
 use crate::stats::Stats;
 use crate::tap::{self, ConnMeta, Direction, Side, TapGuard, TapHandle};
 use std::io::Read;
@@ -175,6 +176,8 @@ struct Worker {
     routes: Vec<RouteRt>,
     pairs: Slab<Pair>,
     pool: BufferPool,
+    /// Kernel pipes for the zero-copy path.
+    pipes: PipePool,
     /// `(deadline, key, id)`; the live entry of a pair is the one equal to its `timer_at`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Pairs to drive in this round `(key, id)`.
@@ -312,6 +315,7 @@ impl Server {
                     .collect(),
                 pairs: Slab::with_capacity(1024),
                 pool: BufferPool::new(buffer_size, max_free),
+                pipes: PipePool::new(buffer_size, PIPE_POOL_MAX),
                 timers: BinaryHeap::new(),
                 work: Vec::new(),
                 again: Vec::new(),
@@ -821,10 +825,17 @@ impl Worker {
             local,
             upstream_idx: 0,
             phase,
-            pipes: [
-                Pipe::new(Direction::DownToUp),
-                Pipe::new(Direction::UpToDown),
-            ],
+            pipes: {
+                // Zero-copy unless a tap must see the bytes.
+                let zero_copy = self.shared.config.splice && route.tap.is_none();
+                let mut p = [
+                    Pipe::new(Direction::DownToUp),
+                    Pipe::new(Direction::UpToDown),
+                ];
+                p[0].zero_copy = zero_copy;
+                p[1].zero_copy = zero_copy;
+                p
+            },
             ready: [Readiness::default(); 2],
             started: now,
             last_active: now,
@@ -1157,7 +1168,7 @@ impl Worker {
         let pair = &mut self.pairs[key];
         let before = pair.offsets();
         let buffered = pair.buffered();
-        let drive = pair.pump(&mut self.pool, self.budget, now);
+        let drive = pair.pump(&mut self.pool, &mut self.pipes, self.budget, now);
         let m = self.shared.metrics.route(pair.route);
         for dir in Direction::BOTH {
             let moved = pair.pipes[dir.index()].read_total() - before[dir.index()];
@@ -1381,6 +1392,9 @@ fn extra_gauges(taps: &[TapHandle], access: Option<&AccessLogHandle>) -> ExtraGa
     }
     g
 }
+
+/// Idle kernel pipes a worker keeps for reuse (two descriptors each).
+pub const PIPE_POOL_MAX: usize = 16;
 
 /// Descriptors kept free for listeners, the poller, signals, tap and log files.
 const FD_RESERVE: u64 = 32;

@@ -14,6 +14,7 @@
 //! - [`pair`]: one downstream + upstream socket and their two pipes; why a pair closed.
 //! - [`pipe`]: one direction's state machine (`OPEN` → `READ-CLOSED` → `WRITE-SHUT`) over any Read/Write.
 //! - [`buffer`]: fixed-capacity buffers and the pool that lends them only while bytes are in flight.
+//! - [`splice`]: the zero-copy path (socket → kernel pipe → socket) for routes without a tap.
 //! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
 //! - [`stats`]: process-wide counters.
 //! - [`proxy_protocol`]: HAProxy PROXY protocol v1/v2 encoder and bounded incremental parser.
@@ -32,6 +33,7 @@ pub mod orig_dst;
 pub mod pair;
 pub mod pipe;
 pub mod proxy_protocol;
+pub mod splice;
 pub mod stats;
 pub mod tap;
 

@@ -18,6 +18,7 @@ use mio::net::TcpStream;
 use crate::buffer::BufferPool;
 use crate::net;
 use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
+use crate::splice::PipePool;
 use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle};
 
 /// Why a pair ended; shown in the close log line and the tap.
@@ -235,7 +236,13 @@ impl Pair {
     }
 
     /// Pumps both directions. `budget` caps the bytes read per direction in this call.
-    pub fn pump(&mut self, pool: &mut BufferPool, budget: usize, now: Instant) -> Drive {
+    pub fn pump(
+        &mut self,
+        pool: &mut BufferPool,
+        pipes: &mut PipePool,
+        budget: usize,
+        now: Instant,
+    ) -> Drive {
         let Some(upstream) = self.upstream.as_ref() else {
             return Drive::Idle;
         };
@@ -258,15 +265,20 @@ impl Pair {
                     }
                 }
             };
-            let result = self.pipes[dir.index()].pump(
-                &mut { src },
-                src_ready,
-                &mut { dst },
-                dst_ready,
-                pool,
-                budget,
-                &mut on_read,
-            );
+            let pipe = &mut self.pipes[dir.index()];
+            let result = if pipe.zero_copy {
+                pipe.pump_splice(src, src_ready, dst, dst_ready, pipes, budget)
+            } else {
+                pipe.pump(
+                    &mut { src },
+                    src_ready,
+                    &mut { dst },
+                    dst_ready,
+                    pool,
+                    budget,
+                    &mut on_read,
+                )
+            };
             match result {
                 Ok(PumpStatus::Yielded) => yielded = true,
                 Ok(PumpStatus::Blocked) => {}

@@ -17,6 +17,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use crate::buffer::{Buffer, BufferPool};
+use crate::splice::{KernelPipe, PipePool};
 use crate::tap::Direction;
 
 /// Where a pipe is in its life.
@@ -86,6 +87,10 @@ pub struct Pipe {
     dir: Direction,
     state: PipeState,
     buf: Option<Buffer>,
+    /// The kernel pipe of the zero-copy path, while bytes are in flight.
+    kpipe: Option<KernelPipe>,
+    /// Moves bytes with `splice(2)` ([`pump_splice`](Pipe::pump_splice)) rather than copying.
+    pub zero_copy: bool,
     /// Bytes read from the source (the tap offset of the next read).
     read_total: u64,
     /// Bytes written to the destination.
@@ -99,6 +104,8 @@ impl Pipe {
             dir,
             state: PipeState::Open,
             buf: None,
+            kpipe: None,
+            zero_copy: false,
             read_total: 0,
             written_total: 0,
         }
@@ -122,6 +129,7 @@ impl Pipe {
     /// Bytes buffered and not yet written.
     pub fn buffered(&self) -> usize {
         self.buf.as_ref().map_or(0, Buffer::available_data)
+            + self.kpipe.as_ref().map_or(0, |k| k.len)
     }
 
     /// True while the pipe wants to read more (used to decide whether a reset must be checked).
@@ -143,14 +151,114 @@ impl Pipe {
 
     /// Drops buffered bytes and returns the buffer (pair abort). Returns how many bytes were lost.
     pub fn discard(&mut self, pool: &mut BufferPool) -> usize {
-        match self.buf.take() {
-            Some(mut b) => {
-                let n = b.clear();
-                pool.give(b);
-                n
+        // A kernel pipe with bytes in it is closed (dropped), never reused.
+        let in_kernel = self.kpipe.take().map_or(0, |k| k.len);
+        in_kernel
+            + match self.buf.take() {
+                Some(mut b) => {
+                    let n = b.clear();
+                    pool.give(b);
+                    n
+                }
+                None => 0,
             }
-            None => 0,
+    }
+
+    /// The zero-copy pump: like [`pump`](Pipe::pump), with `splice(2)` through a kernel pipe
+    /// instead of a user-space buffer (no tap). Same states, same EOF and error rules.
+    ///
+    /// Readiness: a splice into an *empty* pipe that would block means the socket is drained. A
+    /// non-empty pipe can be full with fewer bytes than its capacity (each slot holds one page
+    /// fragment), so a would-block then only means "drain first", and readiness is kept.
+    pub fn pump_splice(
+        &mut self,
+        src: &mio::net::TcpStream,
+        src_ready: &mut Readiness,
+        dst: &mio::net::TcpStream,
+        dst_ready: &mut Readiness,
+        pipes: &mut PipePool,
+        budget: usize,
+    ) -> Result<PumpStatus, PumpError> {
+        use std::os::fd::AsRawFd;
+        let mut read_now = 0usize;
+        let status = loop {
+            if self.state == PipeState::WriteShut {
+                break PumpStatus::Blocked;
+            }
+            let mut progress = false;
+            if let Some(kp) = self.kpipe.as_mut().filter(|k| k.len > 0) {
+                if dst_ready.writable {
+                    match kp.drain_to(dst.as_raw_fd()) {
+                        Ok(0) => {
+                            return Err(PumpError::Write(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "splice wrote 0",
+                            )));
+                        }
+                        Ok(n) => {
+                            self.written_total += n as u64;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            dst_ready.writable = false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(PumpError::Write(e)),
+                    }
+                }
+            }
+            if self.state == PipeState::ReadClosed && self.buffered() == 0 {
+                let mut d = dst;
+                d.shutdown_write().map_err(PumpError::Write)?;
+                self.set_state(PipeState::WriteShut);
+                break PumpStatus::Blocked;
+            }
+            if self.state == PipeState::Open && src_ready.readable {
+                if read_now >= budget {
+                    break PumpStatus::Yielded;
+                }
+                if self.kpipe.is_none() {
+                    match pipes.take() {
+                        Ok(k) => self.kpipe = Some(k),
+                        Err(e) => {
+                            // No descriptors for a pipe: this direction copies from now on.
+                            log::debug!("{}: no kernel pipe ({e}); copying instead", self.dir);
+                            self.zero_copy = false;
+                            break PumpStatus::Yielded;
+                        }
+                    }
+                }
+                let kp = self.kpipe.as_mut().expect("set above");
+                if kp.len < kp.capacity {
+                    let was_empty = kp.len == 0;
+                    match kp.fill_from(src.as_raw_fd()) {
+                        Ok(0) => {
+                            self.set_state(PipeState::ReadClosed);
+                            progress = true;
+                        }
+                        Ok(n) => {
+                            self.read_total += n as u64;
+                            read_now += n;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if was_empty {
+                                src_ready.readable = false;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(PumpError::Read(e)),
+                    }
+                }
+            }
+            if !progress {
+                break PumpStatus::Blocked;
+            }
+        };
+        if self.kpipe.as_ref().is_some_and(|k| k.len == 0) {
+            pipes.give(self.kpipe.take().expect("checked above"));
         }
+        Ok(status)
     }
 
     /// Queues bytes the proxy itself sends ahead of the stream (a PROXY protocol header): written

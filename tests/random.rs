@@ -13,6 +13,12 @@ use common::*;
 
 also_with_two_workers!(random_connections_every_byte_checked);
 
+/// The same traffic over the copying path (splice off) instead of the zero-copy one.
+#[test]
+fn random_connections_copying_path() {
+    run_random("splice = false");
+}
+
 /// What one connection does, derived from its seed.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -153,6 +159,10 @@ fn client_side(addr: std::net::SocketAddr, plan: Plan) -> Result<(), String> {
 
 #[test]
 fn random_connections_every_byte_checked() {
+    run_random("");
+}
+
+fn run_random(extra: &str) {
     let seed: u64 = std::env::var("TCPTAP_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -170,7 +180,7 @@ fn random_connections_every_byte_checked() {
         utx.send(upstream_side(s)).unwrap();
     });
     // A small buffer makes partial writes and backpressure common.
-    let config = one_route("127.0.0.1:0", up.addr, "buffer_size = \"4 KiB\"");
+    let config = one_route("127.0.0.1:0", up.addr, &format!("buffer_size = \"4 KiB\"\n{extra}"));
     let proxy = Proxy::with_config(&config, 1);
     let addr = proxy.addr();
     let mut workers = Vec::new();

@@ -472,7 +472,24 @@ fn start_tcptap(
         .arg(upstream.to_string());
     let tmp = dir.to_string_lossy();
     for a in args {
-        cmd.arg(a.replace("{tmp}", &tmp));
+        if let Some(text) = a.strip_prefix("config:") {
+            // A config file holding just these settings; the flags above give the route.
+            let path = dir.join("variant.toml");
+            fs::write(&path, text)?;
+            cmd.arg("--config").arg(path);
+        } else if a == "{fifo}" {
+            // A FIFO nobody reads: a tap sink that blocks forever.
+            let path = dir.join("blocked.fifo");
+            let c = std::ffi::CString::new(path.to_string_lossy().as_bytes())
+                .map_err(io::Error::other)?;
+            // SAFETY: valid NUL-terminated path.
+            if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            cmd.arg(path);
+        } else {
+            cmd.arg(a.replace("{tmp}", &tmp));
+        }
     }
     let level = std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
     cmd.env("RUST_LOG", level);
