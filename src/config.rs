@@ -1242,6 +1242,155 @@ mod tests {
     }
 
     #[test]
+    fn several_upstreams() {
+        let c = parse(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:7001\", \"127.0.0.1:7002\"]\n\
+             policy = \"first\"\nresolve_interval = \"30s\"\n\
+             [route.health_check]\ninterval = \"5s\"\nrise = 4\n",
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        let spec = &r.upstream_set;
+        assert_eq!(spec.targets.len(), 2);
+        assert_eq!(spec.targets[1].name, "127.0.0.1:7002");
+        assert_eq!(spec.policy, Policy::First);
+        assert_eq!(spec.connect_attempts, 2, "min(3, number of addresses)");
+        let h = spec.health_check.unwrap();
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_secs(5), Duration::from_secs(1), 4, 3)
+        );
+        assert_eq!(spec.resolve_interval, Some(Duration::from_secs(30)));
+        assert_eq!(
+            r.upstream,
+            vec![
+                "127.0.0.1:7001".parse().unwrap(),
+                "127.0.0.1:7002".parse().unwrap()
+            ]
+        );
+        assert_eq!(r.upstream_name, "127.0.0.1:7001, 127.0.0.1:7002");
+
+        // A single `upstream` gets the defaults.
+        let c = parse(MINIMAL).unwrap();
+        let spec = &c.routes[0].upstream_set;
+        assert_eq!(spec.policy, Policy::RoundRobin);
+        assert_eq!(spec.connect_attempts, 1);
+        assert_eq!(spec.health_check, None);
+        assert_eq!(spec.resolve_interval, None);
+        assert_eq!(spec.addresses(), c.routes[0].upstream);
+        let c = parse(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:1\", \"127.0.0.1:2\", \
+             \"127.0.0.1:3\", \"127.0.0.1:4\"]\npolicy = \"least_connections\"\nconnect_attempts = 9\n\
+             [route.health_check]\n",
+        )
+        .unwrap();
+        let spec = &c.routes[0].upstream_set;
+        assert_eq!(spec.policy, Policy::LeastConnections);
+        assert_eq!(spec.connect_attempts, 9);
+        assert_eq!(spec.health_check, Some(HealthCheck::default()));
+    }
+
+    #[test]
+    fn upstreams_errors_are_named() {
+        const ROUTE: &str = "[[route]]\nlisten = \"127.0.0.1:0\"\n";
+        const TWO: &str = "upstreams = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n";
+        let cases = [
+            (
+                "upstream = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:2\"]\n".to_string(),
+                "route[0].upstreams",
+                "not both",
+            ),
+            (
+                "upstreams = []\n".to_string(),
+                "route[0].upstreams",
+                "at least one",
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n".to_string(),
+                "route[0].upstreams[1]",
+                "twice",
+            ),
+            (
+                "upstreams = [\"original-destination\"]\n".to_string(),
+                "route[0].upstreams[0]",
+                "single",
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\", \"127.0.0.1\"]\n".to_string(),
+                "route[0].upstreams[1]",
+                "port",
+            ),
+            (
+                format!("{TWO}policy = \"random\"\n"),
+                "route[0].policy",
+                "random",
+            ),
+            (
+                format!("{TWO}connect_attempts = 0\n"),
+                "route[0].connect_attempts",
+                "at least 1",
+            ),
+            (
+                format!("{TWO}resolve_interval = \"0s\"\n"),
+                "route[0].resolve_interval",
+                "greater than zero",
+            ),
+            (
+                format!("{TWO}resolve_interval = \"often\"\n"),
+                "route[0].resolve_interval",
+                "not a duration",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ninterval = \"soon\"\n"),
+                "route[0].health_check.interval",
+                "not a duration",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ntimeout = \"0s\"\n"),
+                "route[0].health_check.timeout",
+                "greater than zero",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n"),
+                "route[0].health_check.timeout",
+                "longer than the interval",
+            ),
+            (
+                format!("{TWO}[route.health_check]\nrise = 0\n"),
+                "route[0].health_check.rise",
+                "at least 1",
+            ),
+            (
+                format!("{TWO}[route.health_check]\nfall = 0\n"),
+                "route[0].health_check.fall",
+                "at least 1",
+            ),
+            (
+                format!("{TWO}[route.health_check]\npath = \"/\"\n"),
+                "path",
+                "unknown",
+            ),
+            (
+                "upstream = \"original-destination\"\npolicy = \"first\"\n".to_string(),
+                "route[0].policy",
+                "original-destination",
+            ),
+            (
+                "upstream = \"original-destination\"\n[route.health_check]\n".to_string(),
+                "route[0].health_check",
+                "original-destination",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = err(&format!("{ROUTE}{text}"));
+            assert!(
+                e.contains("test.toml") && e.contains(key) && e.contains(reason),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("64 KiB"), Some(65536));
         assert_eq!(parse_size("16MiB"), Some(16 << 20));
