@@ -991,3 +991,433 @@ fn lookup(name: &str) -> io::Result<Vec<SocketAddr>> {
 fn same_set(a: &[SocketAddr], b: &[SocketAddr]) -> bool {
     a.len() == b.len() && a.iter().all(|x| b.contains(x))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use mio::{Events, Poll};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn spec(policy: Policy, ports: &[u16], check: Option<HealthCheck>) -> UpstreamSpec {
+        UpstreamSpec {
+            targets: ports
+                .iter()
+                .map(|&p| UpstreamTarget {
+                    name: addr(p).to_string(),
+                    addrs: vec![addr(p)],
+                })
+                .collect(),
+            policy,
+            connect_attempts: ports.len().clamp(1, 3),
+            health_check: check,
+            resolve_interval: None,
+        }
+    }
+
+    const CHECK: HealthCheck = HealthCheck {
+        interval: Duration::from_millis(20),
+        timeout: Duration::from_secs(2),
+        rise: 2,
+        fall: 3,
+    };
+
+    /// A set whose backend `down` was taken out of rotation by `fall` failed probes.
+    fn set_with_down(policy: Policy, ports: &[u16], down: &[usize]) -> UpstreamSet {
+        let mut set = UpstreamSet::new("r", &spec(policy, ports, Some(CHECK)));
+        let why = ProbeFailure::TimedOut(CHECK.timeout);
+        for &i in down {
+            for _ in 0..CHECK.fall {
+                set.report_probe(i, addr(ports[i]), Err(&why));
+            }
+            assert_eq!(set.backend(i).unwrap().health(), Health::Down);
+        }
+        set
+    }
+
+    #[test]
+    fn test_health_up_down_up() {
+        let mut h = HealthState::default();
+        assert!(h.is_up());
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(true, 2, 3), None, "a success resets the failures");
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(false, 2, 3), Some(Health::Down));
+        assert_eq!(h.record(false, 2, 3), None, "already down");
+        assert_eq!(h.record(true, 2, 3), None);
+        assert_eq!(
+            h.record(false, 2, 3),
+            None,
+            "a failure resets the successes"
+        );
+        assert_eq!(h.record(true, 2, 3), None);
+        assert_eq!(h.record(true, 2, 3), Some(Health::Up));
+        assert_eq!(h.health().to_string(), "UP");
+        let mut h = HealthState::default();
+        assert_eq!(h.record(false, 0, 0), Some(Health::Down), "0 counts as 1");
+    }
+
+    #[test]
+    fn test_round_robin_skips_down() {
+        let mut set = UpstreamSet::new("r", &spec(Policy::RoundRobin, &[1, 2, 3], None));
+        let picks: Vec<_> = (0..6).filter_map(|_| set.pick()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        let mut set = set_with_down(Policy::RoundRobin, &[1, 2, 3], &[1]);
+        let picks: Vec<_> = (0..4).filter_map(|_| set.pick()).collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn test_all_down_still_picks() {
+        let mut set = set_with_down(Policy::RoundRobin, &[1, 2], &[0, 1]);
+        let picks: Vec<_> = (0..3).filter_map(|_| set.pick()).collect();
+        assert_eq!(picks, [0, 1, 0]);
+        let mut set = set_with_down(Policy::First, &[1, 2], &[0, 1]);
+        assert_eq!(set.pick(), Some(0));
+        let mut empty = UpstreamSet::new("r", &UpstreamSpec::default());
+        assert_eq!(empty.pick(), None);
+    }
+
+    #[test]
+    fn test_first_fails_over_in_order() {
+        let mut set = set_with_down(Policy::First, &[1, 2, 3], &[]);
+        assert_eq!((set.pick(), set.pick()), (Some(0), Some(0)));
+        let mut set = set_with_down(Policy::First, &[1, 2, 3], &[0]);
+        assert_eq!((set.pick(), set.pick()), (Some(1), Some(1)));
+        let ok = Ok(());
+        set.report_probe(0, addr(1), ok);
+        assert_eq!(set.pick(), Some(1), "one good probe is not enough (rise 2)");
+        assert_eq!(set.report_probe(0, addr(1), ok), Some(Health::Up));
+        assert_eq!(set.pick(), Some(0), "back first once up");
+    }
+
+    #[test]
+    fn test_least_connections() {
+        let mut set = UpstreamSet::new("r", &spec(Policy::LeastConnections, &[1, 2, 3], None));
+        let a = set.pick().unwrap();
+        set.on_open(a);
+        let b = set.pick().unwrap();
+        set.on_open(b);
+        let c = set.pick().unwrap();
+        set.on_open(c);
+        let mut first = [a, b, c];
+        first.sort();
+        assert_eq!(first, [0, 1, 2], "ties spread over all");
+        set.on_close(1);
+        assert_eq!(set.pick(), Some(1), "the one with fewest connections");
+        set.on_open(1);
+        set.on_open(1);
+        set.on_close(0);
+        assert_eq!(set.pick(), Some(0));
+        assert_eq!(set.backend(1).unwrap().active(), 2);
+    }
+
+    #[test]
+    fn test_retry_is_bounded() {
+        let mut s = spec(Policy::RoundRobin, &[1, 2, 3, 4], None);
+        s.connect_attempts = 3;
+        let mut set = UpstreamSet::new("r", &s);
+        let mut tried = vec![set.pick().unwrap()];
+        while let Some(next) = set.next_after_failure(&tried) {
+            assert!(!tried.contains(&next), "each backend at most once");
+            tried.push(next);
+            assert!(tried.len() <= 4);
+        }
+        assert_eq!(tried, [0, 1, 2]);
+        // More attempts than backends: every backend once, then none.
+        s.connect_attempts = 10;
+        let mut set = UpstreamSet::new("r", &s);
+        let mut tried = vec![set.pick().unwrap()];
+        while let Some(next) = set.next_after_failure(&tried) {
+            tried.push(next);
+            assert!(tried.len() <= 4);
+        }
+        assert_eq!(tried.len(), 4);
+        // Retries prefer healthy backends, then fall back to the down ones.
+        let mut set = set_with_down(Policy::First, &[1, 2, 3], &[1]);
+        assert_eq!(set.pick(), Some(0));
+        assert_eq!(set.next_after_failure(&[0]), Some(2));
+        assert_eq!(set.next_after_failure(&[0, 2]), Some(1));
+    }
+
+    #[test]
+    fn test_replace_addresses_keeps_state() {
+        let name = "backend.test:80";
+        let s = UpstreamSpec {
+            targets: vec![UpstreamTarget {
+                name: name.into(),
+                addrs: vec![addr(1), addr(2)],
+            }],
+            health_check: Some(CHECK),
+            ..UpstreamSpec::default()
+        };
+        let mut set = UpstreamSet::new("r", &s);
+        set.on_open(0);
+        set.on_open(1);
+        let why = ProbeFailure::TimedOut(CHECK.timeout);
+        for _ in 0..CHECK.fall {
+            set.report_probe(1, addr(2), Err(&why));
+        }
+        // addr(1) goes away, addr(2) stays, addr(3) is new.
+        assert!(set.replace_addresses(name, &[addr(2), addr(3)]));
+        let b1 = set.backend(1).unwrap();
+        assert_eq!(
+            (b1.addr(), b1.health(), b1.active()),
+            (addr(2), Health::Down, 1)
+        );
+        let b0 = set.backend(0).unwrap();
+        assert!(
+            !b0.is_live() && b0.active() == 1,
+            "retired but still counted"
+        );
+        assert_eq!(set.backend(2).unwrap().addr(), addr(3), "slot 0 is busy");
+        assert!(set.backend(2).unwrap().is_live());
+        for _ in 0..4 {
+            assert_ne!(set.pick(), Some(0), "retired is never picked");
+        }
+        // Probe results for the retired slot are ignored.
+        assert_eq!(set.report_probe(0, addr(1), Err(&why)), None);
+        // Once idle, the retired slot is reused.
+        set.on_close(0);
+        assert!(set.replace_addresses(name, &[addr(2), addr(3), addr(4)]));
+        assert_eq!(set.backend(0).unwrap().addr(), addr(4));
+        assert!(set.backend(0).unwrap().is_live());
+        assert_eq!(set.backends().count(), 3);
+        // No change, unknown name, empty answer: nothing happens.
+        assert!(!set.replace_addresses(name, &[addr(4), addr(3), addr(2)]));
+        assert!(!set.replace_addresses("other:80", &[addr(9)]));
+        assert!(!set.replace_addresses(name, &[]));
+        assert_eq!(set.backends().filter(|(_, b)| b.is_live()).count(), 3);
+    }
+
+    fn listener(at: SocketAddr) -> mio::net::TcpListener {
+        crate::net::bind_listener("test", at, 64, false, false).expect("bind a loopback listener")
+    }
+
+    /// Drives `prober` the way the event loop does until `done` holds (at most 10 s).
+    fn drive(
+        poll: &mut Poll,
+        prober: &mut Prober,
+        set: &mut UpstreamSet,
+        listener: Option<&mio::net::TcpListener>,
+        done: impl Fn(&UpstreamSet, &Prober) -> bool,
+    ) {
+        let mut events = Events::with_capacity(16);
+        let end = Instant::now() + Duration::from_secs(10);
+        for _ in 0..100_000 {
+            let now = Instant::now();
+            prober.tick(poll.registry(), set, now);
+            if done(set, prober) {
+                return;
+            }
+            assert!(now < end, "timed out; {:?}", prober.stats());
+            let wait = prober
+                .next_deadline()
+                .map_or(end - now, |d| d.saturating_duration_since(now))
+                .min(end - now);
+            poll.poll(&mut events, Some(wait)).expect("poll");
+            for e in events.iter() {
+                assert!(prober.owns(e.token()), "unexpected token {:?}", e.token());
+                prober.on_event(poll.registry(), e.token(), set);
+            }
+            // Keep the accept queue short; the accepted sockets are dropped at once.
+            while let Some(l) = listener {
+                if l.accept().is_err() {
+                    break;
+                }
+            }
+            if done(set, prober) {
+                return;
+            }
+        }
+        panic!("too many iterations; {:?}", prober.stats());
+    }
+
+    #[test]
+    fn test_probe_down_after_fall_up_after_rise() {
+        let mut poll = Poll::new().expect("poll");
+        let live = listener(addr(0));
+        let at = live.local_addr().expect("local addr");
+        let mut set = UpstreamSet::new("r", &spec(Policy::RoundRobin, &[at.port()], Some(CHECK)));
+        let mut prober = Prober::for_set(&set, 1000, 4).expect("checks are on");
+        assert_eq!(prober.tokens(), 1000..1004);
+        let up = |s: &UpstreamSet| s.backend(0).map(Backend::health) == Some(Health::Up);
+
+        drive(&mut poll, &mut prober, &mut set, Some(&live), |_, p| {
+            p.stats().succeeded >= 3
+        });
+        assert!(up(&set));
+        assert_eq!(prober.stats().failed, 0);
+
+        drop(live); // Now the port refuses.
+        let before = prober.stats();
+        drive(&mut poll, &mut prober, &mut set, None, |s, _| !up(s));
+        let failed = prober.stats().failed - before.failed;
+        assert!(failed >= u64::from(CHECK.fall), "{failed} failures");
+        assert!(set.pick().is_some(), "all down: still picked");
+
+        let back = listener(at); // SO_REUSEADDR: same port again.
+        let before = prober.stats();
+        drive(&mut poll, &mut prober, &mut set, Some(&back), |s, _| up(s));
+        let ok = prober.stats().succeeded - before.succeeded;
+        assert!(ok >= u64::from(CHECK.rise), "{ok} successes");
+        prober.stop(poll.registry());
+        assert_eq!(
+            prober.next_deadline().map(|_| ()),
+            Some(()),
+            "still scheduled"
+        );
+    }
+
+    #[test]
+    fn test_probe_timeout() {
+        let poll = Poll::new().expect("poll");
+        let live = listener(addr(0));
+        let at = live.local_addr().expect("local addr");
+        let mut check = CHECK;
+        check.fall = 1;
+        let mut set = UpstreamSet::new("r", &spec(Policy::First, &[at.port()], Some(check)));
+        let mut prober = Prober::for_set(&set, 0, 1).expect("checks are on");
+        let now = Instant::now();
+        assert_eq!(
+            prober.due(&set, now),
+            vec![(0, at)],
+            "a new backend is due at once"
+        );
+        prober.tick(poll.registry(), &mut set, now);
+        assert_eq!(prober.stats().started, 1);
+        assert_eq!(prober.next_deadline(), Some(now + check.timeout));
+        assert!(
+            prober.due(&set, now + check.interval).is_empty(),
+            "in flight"
+        );
+        // The loop never delivered the event: the probe times out.
+        prober.on_timeout(poll.registry(), &mut set, now + check.timeout);
+        assert_eq!(prober.stats().failed, 1);
+        assert_eq!(set.backend(0).unwrap().health(), Health::Down);
+        assert_eq!(prober.next_deadline(), Some(now + check.interval));
+    }
+
+    #[test]
+    fn test_probes_limited_by_capacity() {
+        let poll = Poll::new().expect("poll");
+        let mut set = UpstreamSet::new("r", &spec(Policy::First, &[1, 2, 3], Some(CHECK)));
+        let mut prober = Prober::for_set(&set, 0, 2).expect("checks are on");
+        let now = Instant::now();
+        assert_eq!(prober.due(&set, now).len(), 2);
+        prober.tick(poll.registry(), &mut set, now);
+        assert_eq!(prober.stats().started, 2);
+        assert!(prober.due(&set, now).is_empty(), "no free slot");
+        assert!(
+            UpstreamSet::new("r", &spec(Policy::First, &[1], None))
+                .health_check()
+                .is_none()
+        );
+        assert!(
+            Prober::for_set(
+                &UpstreamSet::new("r", &spec(Policy::First, &[1], None)),
+                0,
+                1
+            )
+            .is_none()
+        );
+        prober.stop(poll.registry());
+    }
+
+    #[test]
+    fn test_resolver_publishes_changes() {
+        let (tx, rx) = mpsc::channel();
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = Arc::clone(&wakes);
+        let target = ResolveTarget {
+            route: 3,
+            name: "localhost:4242".to_string(),
+            interval: Duration::from_millis(10),
+            current: vec!["192.0.2.1:4242".parse().unwrap()],
+        };
+        let resolver = Resolver::start(
+            vec![target],
+            vec![Subscriber {
+                updates: tx,
+                wake: Arc::new(move || {
+                    w.fetch_add(1, Ordering::SeqCst);
+                }),
+            }],
+        )
+        .expect("spawn")
+        .expect("there is a target");
+        let update = rx.recv_timeout(Duration::from_secs(10)).expect("an update");
+        assert_eq!((update.route, update.name.as_str()), (3, "localhost:4242"));
+        assert!(!update.addrs.is_empty());
+        assert!(
+            update
+                .addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 4242)
+        );
+        let started = Instant::now();
+        resolver.stop();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(wakes.load(Ordering::SeqCst) >= 1);
+        assert!(
+            rx.try_recv().is_err(),
+            "unchanged answers are not sent again"
+        );
+    }
+
+    #[test]
+    fn test_resolver_stops_promptly() {
+        let (tx, _rx) = mpsc::channel();
+        let target = ResolveTarget {
+            route: 0,
+            name: "localhost:1".to_string(),
+            interval: Duration::from_secs(3600),
+            current: Vec::new(),
+        };
+        let sub = Subscriber {
+            updates: tx,
+            wake: Arc::new(|| {}),
+        };
+        let resolver = Resolver::start(vec![target], vec![sub.clone()])
+            .expect("spawn")
+            .expect("there is a target");
+        let started = Instant::now();
+        drop(resolver);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(
+            Resolver::start(Vec::new(), vec![sub])
+                .expect("no thread")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn test_targets_from_config() {
+        let c = crate::config::Config::from_toml_str(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"localhost:4242\", \"127.0.0.1:1\"]\n\
+             resolve_interval = \"1h\"\n\
+             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"localhost:1\"\n",
+            "test.toml",
+            &crate::config::Overrides::default(),
+        )
+        .expect("valid");
+        let targets = ResolveTarget::from_routes(&c.routes);
+        assert_eq!(
+            targets.len(),
+            1,
+            "literals and routes without resolve_interval are skipped"
+        );
+        assert_eq!(
+            (targets[0].route, targets[0].name.as_str()),
+            (0, "localhost:4242")
+        );
+        assert_eq!(targets[0].interval, Duration::from_secs(3600));
+        assert!(!targets[0].current.is_empty());
+    }
+}
