@@ -8,7 +8,8 @@
 //!    `--tap-pcap` set the global tap).
 //!
 //! Every error names where the config came from (file path or `command line`), the key, and the problem.
-//! Upstream host names are resolved here, once, so the event loop never blocks on DNS.
+//! Upstream host names are resolved here, once, so the event loop never blocks on DNS; with
+//! `resolve_interval` the `upstream::Resolver` thread resolves them again.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};

@@ -470,7 +470,7 @@ impl UpstreamSet {
         for (j, &addr) in addrs.iter().enumerate() {
             if let Some(b) = self.backends.iter_mut().find(|b| b.addr == addr) {
                 if b.live && b.name != name {
-                    continue; // Also listed under an earlier name, which keeps it.
+                    continue; // Also resolved from another name, which keeps it.
                 }
                 if !b.live {
                     added.push(addr);
