@@ -8,7 +8,8 @@
 //!    `--tap-pcap` set the global tap).
 //!
 //! Every error names where the config came from (file path or `command line`), the key, and the problem.
-//! Upstream host names are resolved here, once, so the event loop never blocks on DNS.
+//! Upstream host names are resolved here, once, so the event loop never blocks on DNS; with
+//! `resolve_interval` the `upstream::Resolver` thread resolves them again.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -20,6 +21,7 @@ use serde::Deserialize;
 
 use crate::access_log::Format as AccessLogFormat;
 use crate::tap::{LogTarget, PcapTarget, TapConfig};
+use crate::upstream::{HealthCheck, Policy, UpstreamSpec, UpstreamTarget};
 
 /// Default per-direction buffer size.
 pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
@@ -120,6 +122,11 @@ struct RawRoute {
     name: Option<String>,
     listen: Option<String>,
     upstream: Option<String>,
+    upstreams: Option<Vec<String>>,
+    policy: Option<String>,
+    connect_attempts: Option<usize>,
+    health_check: Option<RawHealthCheck>,
+    resolve_interval: Option<String>,
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -129,6 +136,16 @@ struct RawRoute {
     send_proxy_protocol: Option<String>,
     accept_proxy_protocol: Option<bool>,
     proxy_protocol_timeout: Option<String>,
+}
+
+/// `[route.health_check]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
 }
 
 /// A byte size: an integer, or a string such as `"64 KiB"`, `"16MiB"`, `"512"`.
@@ -184,10 +201,13 @@ pub struct Route {
     pub name: String,
     /// Address to listen on (port 0 picks a free port; the log says which).
     pub listen: SocketAddr,
-    /// The upstream as written (host name or address), for logs.
+    /// The upstream as written (host name or address; `upstreams` joined by `, `), for logs.
     pub upstream_name: String,
-    /// The resolved upstream addresses, tried in order when a connect is refused.
+    /// The resolved upstream addresses (of every entry of `upstreams`, each once), tried in order
+    /// when a connect is refused.
     pub upstream: Vec<SocketAddr>,
+    /// The upstreams one by one, with policy, connect attempts, health check and re-resolution.
+    pub upstream_set: UpstreamSpec,
     /// Connections this route may hold at once (default: the global limit).
     pub max_connections: usize,
     /// Time allowed for the upstream connect.
@@ -504,6 +524,140 @@ fn resolve(ctx: &Ctx<'_>, key: &str, text: &str) -> Result<Vec<SocketAddr>, Conf
     Ok(addrs)
 }
 
+/// `upstream` or `upstreams` (exactly one of them), as written.
+fn upstream_names(
+    ctx: &Ctx<'_>,
+    key: &dyn Fn(&str) -> String,
+    r: &RawRoute,
+) -> Result<Vec<String>, ConfigError> {
+    let list = match (&r.upstream, &r.upstreams) {
+        (Some(one), None) => return Ok(vec![one.clone()]),
+        (None, None) => return Err(ctx.invalid(key("upstream"), "missing")),
+        (Some(_), Some(_)) => {
+            return Err(ctx.invalid(
+                key("upstreams"),
+                "set either upstream or upstreams, not both",
+            ));
+        }
+        (None, Some(list)) => list,
+    };
+    if list.is_empty() {
+        return Err(ctx.invalid(key("upstreams"), "must list at least one upstream"));
+    }
+    for (j, name) in list.iter().enumerate() {
+        if name == ORIGINAL_DESTINATION {
+            return Err(ctx.invalid(
+                key(&format!("upstreams[{j}]")),
+                format!("write upstream = \"{ORIGINAL_DESTINATION}\" (a single upstream)"),
+            ));
+        }
+        if list[..j].contains(name) {
+            return Err(ctx.invalid(
+                key(&format!("upstreams[{j}]")),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(list.clone())
+}
+
+/// Resolves the upstreams and checks `policy`, `connect_attempts`, `[health_check]` and
+/// `resolve_interval`, none of which apply to an `original-destination` route.
+fn upstream_spec(
+    ctx: &Ctx<'_>,
+    key: &dyn Fn(&str) -> String,
+    r: &RawRoute,
+    names: &[String],
+    orig: bool,
+) -> Result<UpstreamSpec, ConfigError> {
+    if orig {
+        let set = [
+            ("policy", r.policy.is_some()),
+            ("connect_attempts", r.connect_attempts.is_some()),
+            ("health_check", r.health_check.is_some()),
+            ("resolve_interval", r.resolve_interval.is_some()),
+        ];
+        if let Some((k, _)) = set.iter().find(|(_, is_set)| *is_set) {
+            return Err(ctx.invalid(
+                key(k),
+                format!("does not apply with upstream = \"{ORIGINAL_DESTINATION}\""),
+            ));
+        }
+        return Ok(UpstreamSpec::default());
+    }
+    let mut targets = Vec::with_capacity(names.len());
+    for (j, name) in names.iter().enumerate() {
+        let name_key = match r.upstreams {
+            Some(_) => key(&format!("upstreams[{j}]")),
+            None => key("upstream"),
+        };
+        targets.push(UpstreamTarget {
+            name: name.clone(),
+            addrs: resolve(ctx, &name_key, name)?,
+        });
+    }
+    let policy = match r.policy.as_deref() {
+        None => Policy::default(),
+        Some(p) => Policy::from_name(p).ok_or_else(|| {
+            ctx.invalid(
+                key("policy"),
+                format!("{p:?} is not a policy; write \"round_robin\", \"least_connections\" or \"first\""),
+            )
+        })?,
+    };
+    let mut spec = UpstreamSpec {
+        targets,
+        policy,
+        ..UpstreamSpec::default()
+    };
+    spec.connect_attempts = match r.connect_attempts {
+        None => spec.addresses().len().clamp(1, 3),
+        Some(0) => return Err(ctx.invalid(key("connect_attempts"), "must be at least 1")),
+        Some(n) => n,
+    };
+    if let Some(h) = &r.health_check {
+        spec.health_check = Some(health_check(ctx, &key("health_check"), h)?);
+    }
+    if let Some(t) = &r.resolve_interval {
+        spec.resolve_interval = Some(ctx.positive_duration(&key("resolve_interval"), t)?);
+    }
+    Ok(spec)
+}
+
+fn health_check(
+    ctx: &Ctx<'_>,
+    prefix: &str,
+    raw: &RawHealthCheck,
+) -> Result<HealthCheck, ConfigError> {
+    let mut h = HealthCheck::default();
+    if let Some(t) = &raw.interval {
+        h.interval = ctx.positive_duration(&format!("{prefix}.interval"), t)?;
+    }
+    if let Some(t) = &raw.timeout {
+        h.timeout = ctx.positive_duration(&format!("{prefix}.timeout"), t)?;
+    }
+    if h.timeout > h.interval {
+        return Err(ctx.invalid(
+            format!("{prefix}.timeout"),
+            format!(
+                "{:?} is longer than the interval ({:?})",
+                h.timeout, h.interval
+            ),
+        ));
+    }
+    for (k, value, slot) in [
+        ("rise", raw.rise, &mut h.rise),
+        ("fall", raw.fall, &mut h.fall),
+    ] {
+        match value {
+            Some(0) => return Err(ctx.invalid(format!("{prefix}.{k}"), "must be at least 1")),
+            Some(n) => *slot = n,
+            None => {}
+        }
+    }
+    Ok(h)
+}
+
 fn listen_addr(ctx: &Ctx<'_>, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse::<SocketAddr>().map_err(|_| {
         ctx.invalid(
@@ -761,15 +915,17 @@ impl Config {
             (Some(listen), Some(upstream)) => {
                 let orig = upstream == ORIGINAL_DESTINATION;
                 let modes = RouteModes::plain();
+                let upstream_set = if orig {
+                    UpstreamSpec::default()
+                } else {
+                    UpstreamSpec::single(upstream, resolve(&cli_ctx, "--upstream", upstream)?)
+                };
                 routes.push(Route {
                     name: "cli".to_string(),
                     listen: listen_addr(&cli_ctx, "--listen", listen)?,
                     upstream_name: upstream.clone(),
-                    upstream: if orig {
-                        Vec::new()
-                    } else {
-                        resolve(&cli_ctx, "--upstream", upstream)?
-                    },
+                    upstream: upstream_set.addresses(),
+                    upstream_set,
                     max_connections,
                     connect_timeout,
                     idle_timeout,
@@ -792,10 +948,7 @@ impl Config {
                         .listen
                         .as_deref()
                         .ok_or_else(|| file_ctx.invalid(key("listen"), "missing"))?;
-                    let upstream = r
-                        .upstream
-                        .as_deref()
-                        .ok_or_else(|| file_ctx.invalid(key("upstream"), "missing"))?;
+                    let upstream_names = upstream_names(&file_ctx, &key, r)?;
                     let route_max = r.max_connections.unwrap_or(max_connections);
                     if route_max == 0 {
                         return Err(file_ctx.invalid(key("max_connections"), "must be at least 1"));
@@ -804,17 +957,15 @@ impl Config {
                         Some(t) => tap(&file_ctx, &key("tap"), t)?,
                         None => global_tap.clone(),
                     };
-                    let orig = upstream == ORIGINAL_DESTINATION;
+                    let orig = r.upstream.as_deref() == Some(ORIGINAL_DESTINATION);
                     let modes = RouteModes::from_raw(&file_ctx, &key, r, orig)?;
+                    let upstream_set = upstream_spec(&file_ctx, &key, r, &upstream_names, orig)?;
                     routes.push(Route {
                         name,
                         listen: listen_addr(&file_ctx, &key("listen"), listen)?,
-                        upstream_name: upstream.to_string(),
-                        upstream: if orig {
-                            Vec::new()
-                        } else {
-                            resolve(&file_ctx, &key("upstream"), upstream)?
-                        },
+                        upstream_name: upstream_names.join(", "),
+                        upstream: upstream_set.addresses(),
+                        upstream_set,
                         original_destination: orig,
                         transparent: modes.transparent,
                         allowed_destinations: modes.allowed_destinations,
@@ -1093,6 +1244,155 @@ mod tests {
                 .unwrap()
                 .matches("1.2.3.4:5".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn several_upstreams() {
+        let c = parse(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:7001\", \"127.0.0.1:7002\"]\n\
+             policy = \"first\"\nresolve_interval = \"30s\"\n\
+             [route.health_check]\ninterval = \"5s\"\nrise = 4\n",
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        let spec = &r.upstream_set;
+        assert_eq!(spec.targets.len(), 2);
+        assert_eq!(spec.targets[1].name, "127.0.0.1:7002");
+        assert_eq!(spec.policy, Policy::First);
+        assert_eq!(spec.connect_attempts, 2, "min(3, number of addresses)");
+        let h = spec.health_check.unwrap();
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_secs(5), Duration::from_secs(1), 4, 3)
+        );
+        assert_eq!(spec.resolve_interval, Some(Duration::from_secs(30)));
+        assert_eq!(
+            r.upstream,
+            vec![
+                "127.0.0.1:7001".parse().unwrap(),
+                "127.0.0.1:7002".parse().unwrap()
+            ]
+        );
+        assert_eq!(r.upstream_name, "127.0.0.1:7001, 127.0.0.1:7002");
+
+        // A single `upstream` gets the defaults.
+        let c = parse(MINIMAL).unwrap();
+        let spec = &c.routes[0].upstream_set;
+        assert_eq!(spec.policy, Policy::RoundRobin);
+        assert_eq!(spec.connect_attempts, 1);
+        assert_eq!(spec.health_check, None);
+        assert_eq!(spec.resolve_interval, None);
+        assert_eq!(spec.addresses(), c.routes[0].upstream);
+        let c = parse(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:1\", \"127.0.0.1:2\", \
+             \"127.0.0.1:3\", \"127.0.0.1:4\"]\npolicy = \"least_connections\"\nconnect_attempts = 9\n\
+             [route.health_check]\n",
+        )
+        .unwrap();
+        let spec = &c.routes[0].upstream_set;
+        assert_eq!(spec.policy, Policy::LeastConnections);
+        assert_eq!(spec.connect_attempts, 9);
+        assert_eq!(spec.health_check, Some(HealthCheck::default()));
+    }
+
+    #[test]
+    fn upstreams_errors_are_named() {
+        const ROUTE: &str = "[[route]]\nlisten = \"127.0.0.1:0\"\n";
+        const TWO: &str = "upstreams = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n";
+        let cases = [
+            (
+                "upstream = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:2\"]\n".to_string(),
+                "route[0].upstreams",
+                "not both",
+            ),
+            (
+                "upstreams = []\n".to_string(),
+                "route[0].upstreams",
+                "at least one",
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n".to_string(),
+                "route[0].upstreams[1]",
+                "twice",
+            ),
+            (
+                "upstreams = [\"original-destination\"]\n".to_string(),
+                "route[0].upstreams[0]",
+                "single",
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\", \"127.0.0.1\"]\n".to_string(),
+                "route[0].upstreams[1]",
+                "port",
+            ),
+            (
+                format!("{TWO}policy = \"random\"\n"),
+                "route[0].policy",
+                "random",
+            ),
+            (
+                format!("{TWO}connect_attempts = 0\n"),
+                "route[0].connect_attempts",
+                "at least 1",
+            ),
+            (
+                format!("{TWO}resolve_interval = \"0s\"\n"),
+                "route[0].resolve_interval",
+                "greater than zero",
+            ),
+            (
+                format!("{TWO}resolve_interval = \"often\"\n"),
+                "route[0].resolve_interval",
+                "not a duration",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ninterval = \"soon\"\n"),
+                "route[0].health_check.interval",
+                "not a duration",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ntimeout = \"0s\"\n"),
+                "route[0].health_check.timeout",
+                "greater than zero",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n"),
+                "route[0].health_check.timeout",
+                "longer than the interval",
+            ),
+            (
+                format!("{TWO}[route.health_check]\nrise = 0\n"),
+                "route[0].health_check.rise",
+                "at least 1",
+            ),
+            (
+                format!("{TWO}[route.health_check]\nfall = 0\n"),
+                "route[0].health_check.fall",
+                "at least 1",
+            ),
+            (
+                format!("{TWO}[route.health_check]\npath = \"/\"\n"),
+                "path",
+                "unknown",
+            ),
+            (
+                "upstream = \"original-destination\"\npolicy = \"first\"\n".to_string(),
+                "route[0].policy",
+                "original-destination",
+            ),
+            (
+                "upstream = \"original-destination\"\n[route.health_check]\n".to_string(),
+                "route[0].health_check",
+                "original-destination",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = err(&format!("{ROUTE}{text}"));
+            assert!(
+                e.contains("test.toml") && e.contains(key) && e.contains(reason),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

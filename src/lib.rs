@@ -18,6 +18,7 @@
 //! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
 //! - [`stats`]: process-wide counters.
 //! - [`proxy_protocol`]: HAProxy PROXY protocol v1/v2 encoder and bounded incremental parser.
+//! - [`upstream`]: several upstreams per route: policy, connect retries, health checks, DNS re-resolution.
 //! - [`orig_dst`]: the original destination of a redirected connection (`SO_ORIGINAL_DST`), TPROXY.
 
 #![warn(rust_2018_idioms, missing_debug_implementations, missing_docs)]
@@ -36,6 +37,7 @@ pub mod proxy_protocol;
 pub mod splice;
 pub mod stats;
 pub mod tap;
+pub mod upstream;
 
 pub use config::{Config, ConfigError, Overrides};
 pub use event_loop::{Exit, Server, ShutdownHandle};
