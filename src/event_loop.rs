@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{debug, error, info, trace, warn};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::access_log::{AccessLog, AccessLogGuard, AccessLogHandle, ConnSummary, DirEnd};
@@ -42,6 +42,7 @@ use crate::proxy_protocol::{self, Parsed};
 use crate::splice::PipePool;
 use crate::stats::Stats;
 use crate::tap::{self, ConnMeta, Direction, Side, TapGuard, TapHandle};
+use crate::upstream::{AddressUpdate, Prober, ResolveTarget, Resolver, Subscriber, UpstreamSet};
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
@@ -155,6 +156,7 @@ pub struct Server {
     wakers: Vec<Arc<Waker>>,
     admin: Option<AdminServer>,
     access_guard: Option<AccessLogGuard>,
+    resolver: Option<Resolver>,
 }
 
 impl std::fmt::Debug for Server {
@@ -178,6 +180,12 @@ struct Worker {
     pool: BufferPool,
     /// Kernel pipes for the zero-copy path.
     pipes: PipePool,
+    /// Each route's backends (policy, health, open counts), indexed like `routes`.
+    sets: Vec<UpstreamSet>,
+    /// Each route's health prober, if it has health checks.
+    probers: Vec<Option<Prober>>,
+    /// Re-resolved upstream addresses from the resolver thread.
+    address_updates: Receiver<AddressUpdate>,
     /// `(deadline, key, id)`; the live entry of a pair is the one equal to its `timer_at`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Pairs to drive in this round `(key, id)`.
@@ -254,6 +262,7 @@ impl Server {
         let mut workers = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
         let mut loops = Vec::with_capacity(n);
+        let mut subscribers = Vec::with_capacity(n);
         // Worker 0 binds the configured addresses (port 0 becomes a real port); the others bind
         // the same real addresses with SO_REUSEPORT, and the kernel spreads connections.
         let mut addrs: Vec<SocketAddr> = shared.config.routes.iter().map(|r| r.listen).collect();
@@ -261,7 +270,17 @@ impl Server {
             let poll = Poll::new().map_err(SetupError::Poll)?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?);
             let (snap_tx, snap_rx) = admin::snapshot_channel();
+            let (updates_tx, updates_rx) = std::sync::mpsc::channel();
             let w = waker.clone();
+            subscribers.push(Subscriber {
+                updates: updates_tx,
+                wake: {
+                    let w = waker.clone();
+                    Arc::new(move || {
+                        let _ = w.wake();
+                    })
+                },
+            });
             loops.push(SnapshotTarget {
                 snapshots: snap_tx,
                 wake: Arc::new(move || {
@@ -316,6 +335,14 @@ impl Server {
                 pairs: Slab::with_capacity(1024),
                 pool: BufferPool::new(buffer_size, max_free),
                 pipes: PipePool::new(buffer_size, PIPE_POOL_MAX),
+                sets: shared
+                    .config
+                    .routes
+                    .iter()
+                    .map(|r| UpstreamSet::new(&r.name, &r.upstream_set))
+                    .collect(),
+                probers: Vec::new(),
+                address_updates: updates_rx,
                 timers: BinaryHeap::new(),
                 work: Vec::new(),
                 again: Vec::new(),
@@ -331,7 +358,18 @@ impl Server {
         }
         for w in &mut workers {
             w.wakers = wakers.clone();
+            w.probers = w
+                .sets
+                .iter()
+                .enumerate()
+                .map(|(i, set)| Prober::for_set(set, PROBE_BASE + i * PROBE_SPAN, PROBE_SPAN))
+                .collect();
         }
+        let resolver = Resolver::start(
+            ResolveTarget::from_routes(&shared.config.routes),
+            subscribers,
+        )
+        .map_err(SetupError::Poll)?;
         let admin = match shared.config.admin {
             Some(addr) => {
                 let access = shared.access_log.clone();
@@ -359,6 +397,7 @@ impl Server {
             wakers,
             admin,
             access_guard,
+            resolver,
         })
     }
 
@@ -467,6 +506,9 @@ impl Server {
         if let Some(admin) = self.admin.take() {
             admin.shutdown();
         }
+        if let Some(r) = self.resolver.take() {
+            r.stop();
+        }
         if let Some(guard) = self.access_guard.take() {
             let s = guard.shutdown(timeout);
             info!(
@@ -482,6 +524,9 @@ impl Server {
 impl Worker {
     fn run(mut self) -> io::Result<Exit> {
         let r = self.run_loop();
+        for p in self.probers.iter_mut().flatten() {
+            p.stop(self.poll.registry());
+        }
         self.shared.workers_running.fetch_sub(1, Ordering::SeqCst);
         // The signal-handling worker waits for the others: tell it one is gone.
         let _ = self.wakers[0].wake();
@@ -490,6 +535,8 @@ impl Worker {
 
     fn run_loop(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
+        // Start the first health probes now; later ones are due by the poll timeout.
+        self.tick_upstreams(Instant::now());
         let exit = loop {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -511,6 +558,7 @@ impl Worker {
             self.fire_timers(now);
             self.close_pending();
             self.resume_accepting(now);
+            self.tick_upstreams(now);
             if let Some(deadline) = self.draining {
                 // The worker that handles signals stays until the others are done, so that a
                 // second SIGINT still works while they drain.
@@ -550,6 +598,11 @@ impl Worker {
         if let Some(t) = self.draining {
             consider(t);
         }
+        for p in self.probers.iter().flatten() {
+            if let Some(t) = p.next_deadline() {
+                consider(t);
+            }
+        }
         if self.wakers.len() > 1 && self.listeners.iter().any(|l| l.blocked_by_limit) {
             consider(now + LIMIT_RETRY);
         }
@@ -564,6 +617,14 @@ impl Worker {
             Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
                 let i = FIRST_LISTENER - t;
                 self.accept(i, now);
+            }
+            Token(t) if t >= PROBE_BASE => {
+                let route = (t - PROBE_BASE) / PROBE_SPAN;
+                if let (Some(Some(prober)), Some(set)) =
+                    (self.probers.get_mut(route), self.sets.get_mut(route))
+                {
+                    prober.on_event(self.poll.registry(), event.token(), set);
+                }
             }
             Token(t) => {
                 let key = t >> 1;
@@ -589,6 +650,27 @@ impl Worker {
                     pair.scheduled = true;
                     self.work.push((key, pair.meta.id));
                 }
+            }
+        }
+    }
+
+    /// Applies re-resolved addresses and runs due health probes.
+    fn tick_upstreams(&mut self, now: Instant) {
+        while let Ok(u) = self.address_updates.try_recv() {
+            if let Some(set) = self.sets.get_mut(u.route) {
+                if set.replace_addresses(&u.name, &u.addrs) {
+                    info!(
+                        "route `{}`: {} now resolves to {}",
+                        set.route(),
+                        u.name,
+                        fmt_addrs(&u.addrs)
+                    );
+                }
+            }
+        }
+        for (prober, set) in self.probers.iter_mut().zip(&mut self.sets) {
+            if let Some(p) = prober {
+                p.tick(self.poll.registry(), set, now);
             }
         }
     }
@@ -823,7 +905,8 @@ impl Worker {
             downstream,
             upstream: None,
             local,
-            upstream_idx: 0,
+            backend: None,
+            tried: Vec::new(),
             phase,
             pipes: {
                 // Zero-copy unless a tap must see the bytes.
@@ -864,8 +947,9 @@ impl Worker {
         }
     }
 
-    /// Chooses the pair's destination and starts the upstream connect. `header_dst` is the
-    /// destination from the client's PROXY protocol header, if any.
+    /// Chooses the pair's destination (its original destination, or a backend picked by the
+    /// route's policy) and starts the upstream connect. `header_dst` is the destination from
+    /// the client's PROXY protocol header, if any.
     fn begin_connect(
         &mut self,
         key: usize,
@@ -879,21 +963,69 @@ impl Worker {
                 Err(reason) => return Some(reason),
             }
         } else {
-            self.routes[route_idx].config.upstream[0]
+            let set = &mut self.sets[route_idx];
+            let Some(idx) = set.pick() else {
+                return Some(CloseReason::Refused(
+                    "no upstream address is available".into(),
+                ));
+            };
+            set.on_open(idx);
+            let addr = set.backend(idx).map(|b| b.addr())?;
+            let pair = &mut self.pairs[key];
+            pair.backend = Some(idx);
+            pair.tried.push(idx);
+            addr
         };
         let route = &self.routes[route_idx].config;
         let pair = &mut self.pairs[key];
+        if let Some(version) = route.send_proxy_protocol {
+            // The backend learns who the client really was and where it was going. The header
+            // waits in the buffer until a connect succeeds, whichever backend that is.
+            let proxy_dst = header_dst.unwrap_or(if route.original_destination {
+                dst
+            } else {
+                pair.local
+            });
+            let mut header = Vec::with_capacity(64);
+            match version {
+                ProxyProtocolVersion::V1 => {
+                    proxy_protocol::encode_v1(pair.meta.downstream, proxy_dst, &mut header)
+                }
+                ProxyProtocolVersion::V2 => {
+                    proxy_protocol::encode_v2(pair.meta.downstream, proxy_dst, &mut header)
+                }
+            }
+            pair.pipes[Direction::DownToUp.index()].prefix(&mut self.pool, &header);
+        }
+        match self.connect_to(key, dst, now) {
+            None => None,
+            Some(reason) => self.retry_connect(key, reason, now),
+        }
+    }
+
+    /// Starts a non-blocking connect of pair `key` to `dst`, replacing any earlier attempt.
+    fn connect_to(&mut self, key: usize, dst: SocketAddr, now: Instant) -> Option<CloseReason> {
+        let pair = &mut self.pairs[key];
+        let route = &self.routes[pair.route].config;
         if pair.meta.upstream != dst {
             let mut meta = (*pair.meta).clone();
             meta.upstream = dst;
             pair.meta = Arc::new(meta);
         }
+        let registry = self.poll.registry();
+        if let Some(mut old) = pair.upstream.take() {
+            let _ = registry.deregister(&mut old);
+        }
+        if let Some(own) = pair.own_upstream.take() {
+            lock(&self.shared.own_upstreams).remove(&own);
+        }
+        pair.ready[Side::Upstream.index()] = Readiness::default();
         let mut stream = match net::connect_upstream(dst, &self.shared.config.socket) {
             Ok(s) => s,
             Err(e) => {
                 self.shared
                     .metrics
-                    .route(route_idx)
+                    .route(pair.route)
                     .on_connect_failure(ConnectFailure::of_error(&e));
                 if net::is_resource_exhaustion(&e) {
                     self.pause_accepting(now, &e);
@@ -901,7 +1033,7 @@ impl Worker {
                 return Some(CloseReason::ConnectFailed(e));
             }
         };
-        if let Err(e) = self.poll.registry().register(
+        if let Err(e) = registry.register(
             &mut stream,
             Token(key << 1 | 1),
             Interest::READABLE | Interest::WRITABLE,
@@ -925,25 +1057,46 @@ impl Worker {
         pair.phase = Phase::Connecting { deadline };
         pair.timer_at = Some(deadline);
         self.timers.push(Reverse((deadline, key, pair.meta.id)));
-        if let Some(version) = route.send_proxy_protocol {
-            // The backend learns who the client really was and where it was going.
-            let proxy_dst = header_dst.unwrap_or(if route.original_destination {
-                dst
-            } else {
-                pair.local
-            });
-            let mut header = Vec::with_capacity(64);
-            match version {
-                ProxyProtocolVersion::V1 => {
-                    proxy_protocol::encode_v1(pair.meta.downstream, proxy_dst, &mut header)
-                }
-                ProxyProtocolVersion::V2 => {
-                    proxy_protocol::encode_v2(pair.meta.downstream, proxy_dst, &mut header)
-                }
-            }
-            pair.pipes[Direction::DownToUp.index()].prefix(&mut self.pool, &header);
-        }
         None
+    }
+
+    /// After a failed or timed-out connect: tries the route's next backend (policy order,
+    /// healthy first, at most `connect_attempts` in all). Returns the reason to close the pair
+    /// when no attempt is left.
+    fn retry_connect(
+        &mut self,
+        key: usize,
+        mut reason: CloseReason,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let route_idx = self.pairs[key].route;
+        loop {
+            let pair = &mut self.pairs[key];
+            let set = &mut self.sets[route_idx];
+            if let Some(idx) = pair.backend.take() {
+                set.on_close(idx);
+            }
+            if self.routes[route_idx].config.original_destination {
+                return Some(reason); // one destination only
+            }
+            let Some(next) = set.next_after_failure(&pair.tried) else {
+                return Some(reason);
+            };
+            let Some(addr) = set.backend(next).map(|b| b.addr()) else {
+                return Some(reason);
+            };
+            set.on_open(next);
+            pair.backend = Some(next);
+            pair.tried.push(next);
+            debug!(
+                "#{} {}: {} ({reason}); trying {addr}",
+                pair.meta.id, pair.meta.downstream, pair.meta.upstream
+            );
+            match self.connect_to(key, addr, now) {
+                None => return None,
+                Some(r) => reason = r,
+            }
+        }
     }
 
     /// Where a connection on an `original-destination` route was going, or why it is refused.
@@ -1158,10 +1311,10 @@ impl Worker {
                         .metrics
                         .route(pair.route)
                         .on_connect_failure(ConnectFailure::of_error(&e));
-                    if let Some(next) = self.next_upstream(key, &e) {
-                        return next;
-                    }
-                    return Drive::Close(CloseReason::ConnectFailed(e));
+                    return match self.retry_connect(key, CloseReason::ConnectFailed(e), now) {
+                        Some(reason) => Drive::Close(reason),
+                        None => Drive::Idle,
+                    };
                 }
             }
         }
@@ -1183,41 +1336,6 @@ impl Worker {
         drive
     }
 
-    /// After a failed connect, tries the route's next resolved address (e.g. `localhost` resolving
-    /// to `[::1]` and `127.0.0.1`). Returns `None` when one was started.
-    fn next_upstream(&mut self, key: usize, err: &io::Error) -> Option<Drive> {
-        let pair = &mut self.pairs[key];
-        let addrs = &self.routes[pair.route].config.upstream;
-        let next_idx = pair.upstream_idx + 1;
-        let &addr = addrs.get(next_idx)?;
-        debug!(
-            "#{} {}: connect to {} failed ({err}); trying {addr}",
-            pair.meta.id, pair.meta.downstream, pair.meta.upstream
-        );
-        let mut stream = match net::connect_upstream(addr, &self.shared.config.socket) {
-            Ok(s) => s,
-            Err(e) => return Some(Drive::Close(CloseReason::ConnectFailed(e))),
-        };
-        let registry: &Registry = self.poll.registry();
-        if let Some(old) = pair.upstream.as_mut() {
-            let _ = registry.deregister(old);
-        }
-        if let Err(e) = registry.register(
-            &mut stream,
-            Token(key << 1 | 1),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            return Some(Drive::Close(CloseReason::ConnectFailed(e)));
-        }
-        pair.upstream = Some(stream);
-        pair.upstream_idx = next_idx;
-        pair.ready[Side::Upstream.index()] = Readiness::default();
-        let mut meta = (*pair.meta).clone();
-        meta.upstream = addr;
-        pair.meta = Arc::new(meta);
-        None
-    }
-
     fn fire_timers(&mut self, now: Instant) {
         while let Some(&Reverse((t, key, id))) = self.timers.peek() {
             if t > now {
@@ -1235,17 +1353,20 @@ impl Worker {
             match pair.deadline(idle) {
                 Some(d) if d <= now => {
                     let reason = match pair.phase {
-                        Phase::AwaitingHeader { .. } => CloseReason::ProxyHeaderTimeout,
+                        Phase::AwaitingHeader { .. } => Some(CloseReason::ProxyHeaderTimeout),
                         Phase::Connecting { .. } => {
                             self.shared
                                 .metrics
                                 .route(pair.route)
                                 .on_connect_failure(ConnectFailure::Timeout);
-                            CloseReason::ConnectTimeout
+                            // A backend that does not answer: try the next one.
+                            self.retry_connect(key, CloseReason::ConnectTimeout, now)
                         }
-                        Phase::Established => CloseReason::IdleTimeout,
+                        Phase::Established => Some(CloseReason::IdleTimeout),
                     };
-                    self.closing.push((key, id, reason));
+                    if let Some(reason) = reason {
+                        self.closing.push((key, id, reason));
+                    }
                 }
                 Some(d) => {
                     pair.timer_at = Some(d);
@@ -1277,6 +1398,9 @@ impl Worker {
         let route = pair.route;
         if let Some(own) = pair.own_upstream {
             lock(&self.shared.own_upstreams).remove(&own);
+        }
+        if let Some(idx) = pair.backend {
+            self.sets[pair.route].on_close(idx);
         }
         self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
@@ -1392,6 +1516,11 @@ fn extra_gauges(taps: &[TapHandle], access: Option<&AccessLogHandle>) -> ExtraGa
     }
     g
 }
+
+/// Health-probe tokens: route `i` uses `PROBE_BASE + i * PROBE_SPAN ..` (`PROBE_SPAN` probes at
+/// most at once). Far above any pair token (`key << 1 | side`), below the reserved ones.
+const PROBE_BASE: usize = 1 << (usize::BITS - 2);
+const PROBE_SPAN: usize = 64;
 
 /// Idle kernel pipes a worker keeps for reuse (two descriptors each).
 pub const PIPE_POOL_MAX: usize = 16;

@@ -150,8 +150,10 @@ pub struct Pair {
     /// The address the client connected to (the accepted socket's local address); the
     /// destination of a PROXY protocol header sent upstream.
     pub local: SocketAddr,
-    /// Which of the route's resolved upstream addresses is being used.
-    pub upstream_idx: usize,
+    /// The route's backend in use (index in its upstream set), counted open there.
+    pub backend: Option<usize>,
+    /// Backends tried for this client so far (bounded by `connect_attempts`).
+    pub tried: Vec<usize>,
     /// Connect state.
     pub phase: Phase,
     /// `[d→u, u→d]`.
@@ -267,7 +269,7 @@ impl Pair {
             };
             let pipe = &mut self.pipes[dir.index()];
             let result = if pipe.zero_copy {
-                pipe.pump_splice(src, src_ready, dst, dst_ready, pipes, budget)
+                pipe.pump_splice(src, src_ready, dst, dst_ready, pool, pipes, budget)
             } else {
                 pipe.pump(
                     &mut { src },

@@ -170,12 +170,14 @@ impl Pipe {
     /// Readiness: a splice into an *empty* pipe that would block means the socket is drained. A
     /// non-empty pipe can be full with fewer bytes than its capacity (each slot holds one page
     /// fragment), so a would-block then only means "drain first", and readiness is kept.
+    #[allow(clippy::too_many_arguments)]
     pub fn pump_splice(
         &mut self,
         src: &mio::net::TcpStream,
         src_ready: &mut Readiness,
         dst: &mio::net::TcpStream,
         dst_ready: &mut Readiness,
+        pool: &mut BufferPool,
         pipes: &mut PipePool,
         budget: usize,
     ) -> Result<PumpStatus, PumpError> {
@@ -186,7 +188,34 @@ impl Pipe {
                 break PumpStatus::Blocked;
             }
             let mut progress = false;
-            if let Some(kp) = self.kpipe.as_mut().filter(|k| k.len > 0) {
+            // Bytes the proxy queued ahead of the stream (a PROXY header) go first.
+            let prefix_pending = self.buf.as_ref().is_some_and(|b| !b.is_empty());
+            if let Some(buf) = self.buf.as_mut().filter(|b| !b.is_empty()) {
+                if dst_ready.writable {
+                    match (&mut &*dst).write(buf.data()) {
+                        Ok(0) => {
+                            return Err(PumpError::Write(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "write returned 0",
+                            )));
+                        }
+                        Ok(n) => {
+                            buf.consume(n);
+                            self.written_total += n as u64;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            dst_ready.writable = false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(PumpError::Write(e)),
+                    }
+                }
+                if buf.is_empty() {
+                    pool.give(self.buf.take().expect("checked above"));
+                }
+            }
+            if let Some(kp) = self.kpipe.as_mut().filter(|k| k.len > 0 && !prefix_pending) {
                 if dst_ready.writable {
                     match kp.drain_to(dst.as_raw_fd()) {
                         Ok(0) => {

@@ -180,7 +180,11 @@ fn run_random(extra: &str) {
         utx.send(upstream_side(s)).unwrap();
     });
     // A small buffer makes partial writes and backpressure common.
-    let config = one_route("127.0.0.1:0", up.addr, &format!("buffer_size = \"4 KiB\"\n{extra}"));
+    let config = one_route(
+        "127.0.0.1:0",
+        up.addr,
+        &format!("buffer_size = \"4 KiB\"\n{extra}"),
+    );
     let proxy = Proxy::with_config(&config, 1);
     let addr = proxy.addr();
     let mut workers = Vec::new();
