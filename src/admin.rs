@@ -183,8 +183,8 @@ pub fn answer_snapshots(
 pub struct AdminState {
     /// The counters `/metrics` renders.
     pub metrics: Arc<Metrics>,
-    /// Route names, indexed like the metrics' routes.
-    pub routes: Vec<String>,
+    /// Route names, indexed like the metrics' routes (a reload appends new routes).
+    pub routes: Arc<std::sync::RwLock<Vec<String>>>,
     /// Set when the proxy starts draining: `/healthz` then answers 503.
     pub draining: Arc<AtomicBool>,
     /// Called at each scrape for numbers owned by other components (tap, access log).
@@ -506,7 +506,12 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
 }
 
 fn metrics(state: &AdminState) -> Response {
-    let routes: Vec<&str> = state.routes.iter().map(String::as_str).collect();
+    let names = state
+        .routes
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let routes: Vec<&str> = names.iter().map(String::as_str).collect();
     let extra = (state.extra)();
     let mut body = String::with_capacity(16 * 1024);
     state.metrics.render_prometheus(&routes, &extra, &mut body);
@@ -637,7 +642,7 @@ mod tests {
         let (tx, rx) = snapshot_channel();
         let state = AdminState {
             metrics: metrics.clone(),
-            routes: vec!["web".into(), "db".into()],
+            routes: Arc::new(std::sync::RwLock::new(vec!["web".into(), "db".into()])),
             draining: draining.clone(),
             extra: Box::new(|| ExtraGauges {
                 tap_records_written: 42,
@@ -906,7 +911,7 @@ mod tests {
         let (tx, _rx) = snapshot_channel();
         let state = Arc::new(AdminState {
             metrics: Arc::new(Metrics::new(0)),
-            routes: Vec::new(),
+            routes: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),
             loops: vec![SnapshotTarget {

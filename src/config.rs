@@ -986,6 +986,16 @@ impl Config {
                 }
             }
         }
+        if routes.len() > crate::event_loop::MAX_ROUTES {
+            return Err(file_ctx.invalid(
+                "route",
+                format!(
+                    "{} routes; at most {} are supported",
+                    routes.len(),
+                    crate::event_loop::MAX_ROUTES
+                ),
+            ));
+        }
         if routes.is_empty() {
             return Err(file_ctx.invalid(
                 "route",

@@ -16,8 +16,10 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, trace, warn};
@@ -31,7 +33,7 @@ use crate::admin::{
     self, AdminServer, AdminState, ConnInfo, DirState, SnapshotRequest, SnapshotTarget,
 };
 use crate::buffer::BufferPool;
-use crate::config::{Config, ProxyProtocolVersion, Route};
+use crate::config::{Config, Overrides, ProxyProtocolVersion, Route};
 use crate::metrics::{CloseCause, ConnectFailure, ExtraGauges, Metrics};
 use crate::net::{self, SetupError};
 use crate::orig_dst;
@@ -89,6 +91,20 @@ struct Shared {
     draining: Arc<AtomicBool>,
     /// One line per finished connection, when configured.
     access_log: Option<AccessLogHandle>,
+    /// Route names for `/metrics`, indexed like the workers' routes (a reload appends).
+    route_names: Arc<RwLock<Vec<String>>>,
+    /// The routes in force, indexed like the workers' routes; `None` once removed by a reload.
+    current_routes: Mutex<Vec<Option<Route>>>,
+    /// Where a reload reads the config from (none for a command-line-only config).
+    reload_source: Mutex<Option<(PathBuf, Overrides)>>,
+    /// Set while a reload is being prepared (one at a time).
+    reloading: AtomicBool,
+    /// Config generation in force (1 at start).
+    generation: AtomicU64,
+    /// Each worker's end for reload plans, with its waker.
+    reload_targets: Mutex<Vec<(Sender<ReloadPlan>, Arc<Waker>)>>,
+    /// Tap writers started by reloads, flushed at exit like the others.
+    reload_taps: Mutex<Vec<TapGuard>>,
     /// Local addresses of upstream sockets opened for `original-destination` routes: a client
     /// connecting from one of them is this proxy itself, caught by a REDIRECT rule that does not
     /// exclude the proxy's own traffic.
@@ -146,6 +162,11 @@ struct Listener {
 struct RouteRt {
     config: Route,
     tap: Option<TapHandle>,
+    /// Removed by a reload: no listener; its live pairs finish.
+    removed: bool,
+    /// Bumped when a reload replaces the route's upstream set: pairs of an older set do not
+    /// report to the new one.
+    set_epoch: u64,
 }
 
 /// A bound, ready-to-run proxy: one or more workers (event loops) and the taps they share.
@@ -186,6 +207,8 @@ struct Worker {
     probers: Vec<Option<Prober>>,
     /// Re-resolved upstream addresses from the resolver thread.
     address_updates: Receiver<AddressUpdate>,
+    /// Route changes from a reload (SIGHUP).
+    reload_plans: Receiver<ReloadPlan>,
     /// `(deadline, key, id)`; the live entry of a pair is the one equal to its `timer_at`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Pairs to drive in this round `(key, id)`.
@@ -249,14 +272,24 @@ impl Server {
             request: AtomicU8::new(RUN),
             next_id: AtomicU64::new(1),
             stats: Stats::default(),
-            route_active: config.routes.iter().map(|_| AtomicUsize::new(0)).collect(),
+            // Preallocated: a reload appends routes, up to MAX_ROUTES over the process's life.
+            route_active: (0..MAX_ROUTES).map(|_| AtomicUsize::new(0)).collect(),
             max_connections: fd_capped_max_connections(config.max_connections),
             workers_listening: AtomicUsize::new(n),
             workers_running: AtomicUsize::new(n),
-            metrics: Arc::new(Metrics::new(config.routes.len())),
+            metrics: Arc::new(Metrics::new(MAX_ROUTES)),
             draining: Arc::new(AtomicBool::new(false)),
             access_log: access_handle,
             own_upstreams: Mutex::new(HashSet::new()),
+            route_names: Arc::new(RwLock::new(
+                config.routes.iter().map(|r| r.name.clone()).collect(),
+            )),
+            current_routes: Mutex::new(config.routes.iter().cloned().map(Some).collect()),
+            reload_source: Mutex::new(None),
+            reloading: AtomicBool::new(false),
+            generation: AtomicU64::new(1),
+            reload_targets: Mutex::new(Vec::new()),
+            reload_taps: Mutex::new(Vec::new()),
             config,
         });
         let mut workers = Vec::with_capacity(n);
@@ -271,6 +304,8 @@ impl Server {
             let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SetupError::Poll)?);
             let (snap_tx, snap_rx) = admin::snapshot_channel();
             let (updates_tx, updates_rx) = std::sync::mpsc::channel();
+            let (reload_tx, reload_rx) = std::sync::mpsc::channel();
+            lock(&shared.reload_targets).push((reload_tx, waker.clone()));
             let w = waker.clone();
             subscribers.push(Subscriber {
                 updates: updates_tx,
@@ -330,6 +365,8 @@ impl Server {
                     .map(|(r, t)| RouteRt {
                         config: r.clone(),
                         tap: t.clone(),
+                        removed: false,
+                        set_epoch: 0,
                     })
                     .collect(),
                 pairs: Slab::with_capacity(1024),
@@ -343,6 +380,7 @@ impl Server {
                     .collect(),
                 probers: Vec::new(),
                 address_updates: updates_rx,
+                reload_plans: reload_rx,
                 timers: BinaryHeap::new(),
                 work: Vec::new(),
                 again: Vec::new(),
@@ -375,12 +413,7 @@ impl Server {
                 let access = shared.access_log.clone();
                 let state = AdminState {
                     metrics: shared.metrics.clone(),
-                    routes: shared
-                        .config
-                        .routes
-                        .iter()
-                        .map(|r| r.name.clone())
-                        .collect(),
+                    routes: shared.route_names.clone(),
                     draining: shared.draining.clone(),
                     extra: Box::new(move || extra_gauges(&tap_handles, access.as_ref())),
                     loops,
@@ -406,6 +439,11 @@ impl Server {
         self.workers[0].listeners.iter().map(|l| l.local).collect()
     }
 
+    /// Lets SIGHUP re-read `path` (with the same command-line `overrides`) and apply its routes.
+    pub fn set_reload_source(&self, path: PathBuf, overrides: Overrides) {
+        *lock(&self.shared.reload_source) = Some((path, overrides));
+    }
+
     /// The admin endpoint's address, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminServer::local_addr)
@@ -422,9 +460,13 @@ impl Server {
     /// Routes SIGTERM and SIGINT into the first worker's loop: the first starts a graceful shutdown
     /// of every worker, a second SIGINT stops at once.
     pub fn handle_signals(&mut self) -> Result<(), SetupError> {
-        let mut signals =
-            signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
-                .map_err(SetupError::Signals)?;
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGUSR1,
+            libc::SIGHUP,
+        ])
+        .map_err(SetupError::Signals)?;
         let w = &mut self.workers[0];
         w.poll
             .registry()
@@ -492,7 +534,8 @@ impl Server {
         } else {
             Duration::from_secs(1)
         };
-        for guard in self.taps.drain(..) {
+        let reload_taps: Vec<TapGuard> = lock(&self.shared.reload_taps).drain(..).collect();
+        for guard in self.taps.drain(..).chain(reload_taps) {
             let s = guard.shutdown(timeout);
             info!(
                 "tap: {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
@@ -654,8 +697,146 @@ impl Worker {
         }
     }
 
+    /// SIGHUP: prepares the new configuration on a thread of its own.
+    fn start_reload(&mut self) {
+        let Some((path, overrides)) = lock(&self.shared.reload_source).clone() else {
+            warn!("SIGHUP: no config file to reload (routes come from the command line)");
+            return;
+        };
+        if self.shared.reloading.swap(true, Ordering::SeqCst) {
+            warn!("SIGHUP: a reload is already in progress");
+            return;
+        }
+        info!("SIGHUP: reloading {}", path.display());
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tcptap-reload".into())
+            .spawn(move || {
+                if let Err(e) = prepare_reload(&shared, &path, &overrides) {
+                    error!("reload rejected, the running configuration stays: {e}");
+                    shared.metrics.on_reload(None);
+                }
+                shared.reloading.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            error!("reload: cannot start: {e}");
+            self.shared.reloading.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Applies this worker's part of a reload.
+    fn apply_reload(&mut self, plan: ReloadPlan, now: Instant) {
+        for change in plan.changes {
+            match change {
+                RouteChange::Remove(i) => {
+                    if let Some(mut l) = self.listeners[i].socket.take() {
+                        let _ = self.poll.registry().deregister(&mut l);
+                    }
+                    self.listeners[i].blocked_by_limit = false;
+                    self.routes[i].removed = true;
+                    if let Some(p) = self.probers[i].as_mut() {
+                        p.stop(self.poll.registry());
+                    }
+                    self.probers[i] = None;
+                    if self.index == 0 {
+                        info!(
+                            "reload: route `{}` removed; its open connections finish",
+                            self.routes[i].config.name
+                        );
+                    }
+                }
+                RouteChange::Update {
+                    index,
+                    route,
+                    tap,
+                    upstreams_changed,
+                } => {
+                    if upstreams_changed {
+                        if let Some(p) = self.probers[index].as_mut() {
+                            p.stop(self.poll.registry());
+                        }
+                        self.sets[index] = UpstreamSet::new(&route.name, &route.upstream_set);
+                        self.probers[index] = Prober::for_set(
+                            &self.sets[index],
+                            PROBE_BASE + index * PROBE_SPAN,
+                            PROBE_SPAN,
+                        );
+                        self.routes[index].set_epoch += 1;
+                    }
+                    if let Some(t) = tap {
+                        self.routes[index].tap = t;
+                    }
+                    self.routes[index].config = route;
+                }
+                RouteChange::Add {
+                    route,
+                    tap,
+                    mut listener,
+                } => {
+                    let i = self.routes.len();
+                    let local = listener.local_addr().unwrap_or(route.listen);
+                    if self.index == 0 {
+                        info!(
+                            "route `{}`: listening on {local} -> {} ({})",
+                            route.name,
+                            route.upstream_name,
+                            fmt_addrs(&route.upstream)
+                        );
+                    }
+                    let registered = self.poll.registry().register(
+                        &mut listener,
+                        listener_token(i),
+                        Interest::READABLE,
+                    );
+                    if let Err(e) = &registered {
+                        error!(
+                            "reload: route `{}`: cannot watch its listener: {e}",
+                            route.name
+                        );
+                    }
+                    self.sets
+                        .push(UpstreamSet::new(&route.name, &route.upstream_set));
+                    self.probers.push(Prober::for_set(
+                        &self.sets[i],
+                        PROBE_BASE + i * PROBE_SPAN,
+                        PROBE_SPAN,
+                    ));
+                    self.listeners.push(Listener {
+                        socket: registered.ok().map(|()| listener),
+                        local,
+                        blocked_by_limit: false,
+                        paused_until: None,
+                    });
+                    self.routes.push(RouteRt {
+                        config: route,
+                        tap,
+                        removed: false,
+                        set_epoch: 0,
+                    });
+                    // Connections may already wait in the new listener's backlog.
+                    self.accept(i, now);
+                }
+            }
+        }
+        if self.draining.is_some() {
+            // A reload during shutdown adds nothing: close what it opened.
+            for l in &mut self.listeners {
+                if let Some(mut s) = l.socket.take() {
+                    let _ = self.poll.registry().deregister(&mut s);
+                }
+            }
+        }
+        debug!(
+            "worker {}: configuration generation {} applied",
+            self.index, plan.generation
+        );
+    }
+
     /// Applies re-resolved addresses and runs due health probes.
     fn tick_upstreams(&mut self, now: Instant) {
+        while let Ok(plan) = self.reload_plans.try_recv() {
+            self.apply_reload(plan, now);
+        }
         while let Ok(u) = self.address_updates.try_recv() {
             if let Some(set) = self.sets.get_mut(u.route) {
                 if set.replace_addresses(&u.name, &u.addrs) {
@@ -713,6 +894,7 @@ impl Worker {
                         graceful = true;
                     }
                 }
+                libc::SIGHUP => self.start_reload(),
                 libc::SIGUSR1 => {
                     // logrotate convention: reopen the access log at its configured path.
                     if let Some(a) = &self.shared.access_log {
@@ -907,6 +1089,7 @@ impl Worker {
             local,
             backend: None,
             tried: Vec::new(),
+            set_epoch: route.set_epoch,
             phase,
             pipes: {
                 // Zero-copy unless a tap must see the bytes.
@@ -1073,6 +1256,12 @@ impl Worker {
         loop {
             let pair = &mut self.pairs[key];
             let set = &mut self.sets[route_idx];
+            if pair.set_epoch != self.routes[route_idx].set_epoch {
+                // The set was replaced by a reload: start over in the new one.
+                pair.set_epoch = self.routes[route_idx].set_epoch;
+                pair.backend = None;
+                pair.tried.clear();
+            }
             if let Some(idx) = pair.backend.take() {
                 set.on_close(idx);
             }
@@ -1400,7 +1589,9 @@ impl Worker {
             lock(&self.shared.own_upstreams).remove(&own);
         }
         if let Some(idx) = pair.backend {
-            self.sets[pair.route].on_close(idx);
+            if pair.set_epoch == self.routes[pair.route].set_epoch {
+                self.sets[pair.route].on_close(idx);
+            }
         }
         self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
@@ -1515,6 +1706,181 @@ fn extra_gauges(taps: &[TapHandle], access: Option<&AccessLogHandle>) -> ExtraGa
         g.access_log_write_errors = s.write_errors;
     }
     g
+}
+
+/// Routes a process can have over its life, reloads included (metrics slots are preallocated).
+pub const MAX_ROUTES: usize = 256;
+
+/// What a reload changes, for one worker.
+struct ReloadPlan {
+    generation: u64,
+    changes: Vec<RouteChange>,
+}
+
+enum RouteChange {
+    /// Stop accepting on route `index`; its live connections finish.
+    Remove(usize),
+    /// New settings for new connections of route `index`; `tap` is `Some` when it changed.
+    Update {
+        index: usize,
+        route: Route,
+        tap: Option<Option<TapHandle>>,
+        upstreams_changed: bool,
+    },
+    /// A new route with this worker's listener for it.
+    Add {
+        route: Route,
+        tap: Option<TapHandle>,
+        listener: TcpListener,
+    },
+}
+
+/// Reads the config again, binds new listeners and starts new taps, then sends each worker its
+/// plan. Runs on its own thread: file reads, DNS and bind never happen on an event loop. Any
+/// error rejects the whole reload and the running configuration stays.
+fn prepare_reload(
+    shared: &Shared,
+    path: &std::path::Path,
+    overrides: &Overrides,
+) -> Result<(), String> {
+    let new = Config::load(path, overrides).map_err(|e| e.to_string())?;
+    let mut current = lock(&shared.current_routes);
+    let targets = lock(&shared.reload_targets);
+    let workers = targets.len();
+    for (what, old, now) in [
+        (
+            "buffer_size",
+            shared.config.buffer_size.get(),
+            new.buffer_size.get(),
+        ),
+        (
+            "max_connections",
+            shared.config.max_connections,
+            new.max_connections,
+        ),
+        ("workers", shared.config.workers.get(), new.workers.get()),
+    ] {
+        if old != now {
+            warn!("reload: `{what}` changes from {old} to {now} at the next restart, not now");
+        }
+    }
+    let key = |r: &Route| (r.name.clone(), r.listen);
+    let mut changes: Vec<Vec<RouteChange>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut summary = (0, 0, 0);
+    let mut started: Vec<(tap::TapConfig, TapHandle)> = Vec::new();
+    let mut new_guards = Vec::new();
+    let mut tap_for =
+        |tc: &Option<tap::TapConfig>, route: &str| -> Result<Option<TapHandle>, String> {
+            let Some(tc) = tc else { return Ok(None) };
+            if let Some((_, h)) = started.iter().find(|(c, _)| c == tc) {
+                return Ok(Some(h.clone()));
+            }
+            let (h, g) = tap::start(tc).map_err(|e| format!("route `{route}`: {e}"))?;
+            started.push((tc.clone(), h.clone()));
+            new_guards.push(g);
+            Ok(Some(h))
+        };
+    // Removed and updated routes.
+    for (index, slot) in current.iter().enumerate() {
+        let Some(old) = slot else { continue };
+        match new.routes.iter().find(|r| key(r) == key(old)) {
+            None => {
+                summary.1 += 1;
+                for c in changes.iter_mut() {
+                    c.push(RouteChange::Remove(index));
+                }
+            }
+            Some(r) if r != old => {
+                summary.2 += 1;
+                let tap = if r.tap != old.tap {
+                    Some(tap_for(&r.tap, &r.name)?)
+                } else {
+                    None
+                };
+                for c in changes.iter_mut() {
+                    c.push(RouteChange::Update {
+                        index,
+                        route: r.clone(),
+                        tap: tap.clone(),
+                        upstreams_changed: r.upstream_set != old.upstream_set,
+                    });
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    // Added routes: bind one listener per worker now, so a busy port rejects the reload.
+    let mut added = Vec::new();
+    for r in new
+        .routes
+        .iter()
+        .filter(|r| !current.iter().flatten().any(|o| key(o) == key(r)))
+    {
+        if current.len() + added.len() >= MAX_ROUTES {
+            return Err(format!(
+                "more than {MAX_ROUTES} routes over the process's life; restart to add more"
+            ));
+        }
+        let mut addr = r.listen;
+        let mut listeners = Vec::new();
+        for _ in 0..workers {
+            let l = net::bind_listener(
+                &r.name,
+                addr,
+                shared.config.listen_backlog,
+                workers > 1,
+                r.transparent,
+            )
+            .map_err(|e| e.to_string())?;
+            addr = l.local_addr().map_err(|e| e.to_string())?;
+            listeners.push(l);
+        }
+        let tap = tap_for(&r.tap, &r.name)?;
+        added.push((r.clone(), tap, listeners));
+    }
+    summary.0 = added.len();
+    for (r, tap, listeners) in added {
+        for (c, listener) in changes.iter_mut().zip(listeners) {
+            c.push(RouteChange::Add {
+                route: r.clone(),
+                tap: tap.clone(),
+                listener,
+            });
+        }
+        lock_write(&shared.route_names).push(r.name.clone());
+        current.push(Some(r));
+    }
+    // Bookkeeping for the next reload.
+    for c in changes.first().into_iter().flatten() {
+        match c {
+            RouteChange::Remove(i) => current[*i] = None,
+            RouteChange::Update { index, route, .. } => current[*index] = Some(route.clone()),
+            RouteChange::Add { .. } => {}
+        }
+    }
+    lock(&shared.reload_taps).extend(new_guards);
+    let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.metrics.on_reload(Some(generation));
+    info!(
+        "reload: configuration generation {generation} from {}: {} route(s) added, {} removed, {} changed",
+        path.display(),
+        summary.0,
+        summary.1,
+        summary.2
+    );
+    for ((tx, waker), changes) in targets.iter().zip(changes) {
+        let _ = tx.send(ReloadPlan {
+            generation,
+            changes,
+        });
+        let _ = waker.wake();
+    }
+    Ok(())
+}
+
+/// Locks a read-write lock for writing (nothing panics while holding it).
+fn lock_write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Health-probe tokens: route `i` uses `PROBE_BASE + i * PROBE_SPAN ..` (`PROBE_SPAN` probes at

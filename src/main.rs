@@ -36,14 +36,27 @@ struct Args {
     check_config: bool,
 }
 
-fn load(args: &Args) -> Result<Config, String> {
-    let overrides = Overrides {
+fn overrides(args: &Args) -> Overrides {
+    Overrides {
         listen: args.listen.clone(),
         upstream: args.upstream.clone(),
         tap_log: args.tap_log.clone(),
         tap_pcap: args.tap_pcap.clone(),
         workers: args.workers.clone(),
-    };
+    }
+}
+
+/// The config file in use, if any (what SIGHUP re-reads).
+fn config_path(args: &Args) -> Option<PathBuf> {
+    match (&args.config, &args.listen) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(PathBuf::from("proxy.toml")),
+    }
+}
+
+fn load(args: &Args) -> Result<Config, String> {
+    let overrides = overrides(args);
     let config = match (&args.config, &args.listen) {
         (Some(path), _) => Config::load(path, &overrides),
         (None, Some(_)) => Config::from_overrides(&overrides),
@@ -122,6 +135,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = config_path(&args) {
+        server.set_reload_source(path, overrides(&args));
+    }
     if let Err(e) = server.handle_signals() {
         eprintln!("tcptap: {}", error_chain(&e));
         return ExitCode::FAILURE;

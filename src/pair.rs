@@ -154,6 +154,8 @@ pub struct Pair {
     pub backend: Option<usize>,
     /// Backends tried for this client so far (bounded by `connect_attempts`).
     pub tried: Vec<usize>,
+    /// The route's upstream-set epoch `backend` belongs to (a reload may replace the set).
+    pub set_epoch: u64,
     /// Connect state.
     pub phase: Phase,
     /// `[d→u, u→d]`.

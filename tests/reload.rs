@@ -1,0 +1,161 @@
+//! SIGHUP reloads the config file: routes are added and removed, settings change for new
+//! connections, live connections are never dropped, and a bad file is rejected.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+const SIGHUP: i32 = 1;
+
+fn tagged(tag: u8) -> Upstream {
+    Upstream::start(move |mut s| {
+        let _ = s.write_all(&[tag]);
+        let _ = s.shutdown(Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    })
+}
+
+fn ask(addr: SocketAddr) -> u8 {
+    let mut c = connect(addr);
+    c.shutdown(Shutdown::Write).unwrap();
+    read_to_end(&mut c, PROMPT).unwrap()[0]
+}
+
+/// The address a route listens on, from its log line (the last one, after a reload).
+fn route_addr(proxy: &Proxy, name: &str) -> SocketAddr {
+    let line = proxy.wait_log(&format!("route `{name}`: listening on "), PROMPT);
+    let rest = &line[line.find("listening on ").unwrap() + 13..];
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+fn wait_metric(admin: SocketAddr, series: &str, value: f64) {
+    let deadline = std::time::Instant::now() + PROMPT;
+    loop {
+        let (_, body) = http_get(admin, "/metrics");
+        if metric(&body, series) == Some(value) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} != {value}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
+    let one = tagged(1);
+    let two = tagged(2);
+    // A long transfer on route `a` that spans both reloads.
+    const LEN: usize = 16 << 20;
+    let (tx, rx) = mpsc::channel();
+    let bulk = Upstream::start(move |mut s| {
+        let mut go = [0u8; 1];
+        s.read_exact(&mut go).unwrap();
+        tx.send(send_pattern(&mut s, 21, LEN).map_err(|e| e.to_string()))
+            .unwrap();
+    });
+    let dir = TempDir::new("reload");
+    let path = dir.path("proxy.toml");
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let route = |name: &str, listen: &str, up: SocketAddr| {
+        format!("[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"{up}\"\n")
+    };
+    write_file(
+        &path,
+        &format!(
+            "{admin}{}{}",
+            route("a", "127.0.0.1:0", bulk.addr),
+            route("x", "127.0.0.1:0", one.addr)
+        ),
+    );
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 2);
+    let a_addr = proxy.addrs[0];
+    let x_addr = proxy.addrs[1];
+    let admin_addr = proxy.admin_addr();
+    let mut live = connect(a_addr);
+    live.write_all(b"g").unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    live.read_exact(&mut first).unwrap();
+
+    // Reload 1: `x` now goes to upstream 2 (same name and listen address, new upstream), `b` is added.
+    // The listen addresses stay as configured ("127.0.0.1:0" matches the same route).
+    write_file(
+        &path,
+        &format!(
+            "{admin}{}{}{}",
+            route("a", "127.0.0.1:0", bulk.addr),
+            route("x", "127.0.0.1:0", two.addr),
+            route("b", "127.0.0.1:0", one.addr)
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    let b_addr = route_addr(&proxy, "b");
+    assert_eq!(ask(b_addr), 1, "the added route serves");
+    assert_eq!(
+        ask(x_addr),
+        2,
+        "the changed route uses its new upstream for new connections"
+    );
+    wait_metric(admin_addr, "tcptap_config_generation", 2.0);
+
+    // A bad file is rejected and nothing changes.
+    write_file(&path, "[[route]]\nlisten = \"nowhere\"\n");
+    proxy.signal(SIGHUP);
+    proxy.wait_log("reload rejected", PROMPT);
+    wait_metric(admin_addr, "tcptap_config_last_reload_success", 0.0);
+    assert_eq!(ask(b_addr), 1);
+
+    // Reload 2: `a` is removed while its transfer is in flight.
+    write_file(
+        &path,
+        &format!(
+            "{admin}{}{}",
+            route("x", "127.0.0.1:0", two.addr),
+            route("b", "127.0.0.1:0", one.addr)
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    proxy.wait_log("route `a` removed", PROMPT);
+    let refused = TcpStream::connect_timeout(&a_addr, PROMPT);
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        ErrorKind::ConnectionRefused,
+        "removed route still accepts"
+    );
+    wait_metric(admin_addr, "tcptap_config_last_reload_success", 1.0);
+    // The live transfer on the removed route finishes byte-exact.
+    let mut all = first;
+    all.extend(read_to_end(&mut live, Duration::from_secs(30)).unwrap());
+    assert!(
+        all == Pattern::bytes(21, LEN),
+        "live transfer corrupted by reloads"
+    );
+    assert_eq!(rx.recv_timeout(PROMPT).unwrap(), Ok(()));
+}
+
+#[test]
+fn sighup_without_a_config_file_changes_nothing() {
+    let one = tagged(1);
+    let proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &one.addr.to_string(),
+        ],
+        1,
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("no config file to reload", PROMPT);
+    assert_eq!(ask(proxy.addr()), 1);
+}
