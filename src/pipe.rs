@@ -81,6 +81,56 @@ pub enum PumpError {
     Write(io::Error),
 }
 
+/// What one read did.
+enum Got {
+    /// `n` bytes arrived.
+    Bytes(usize),
+    /// End of stream.
+    Eof,
+    /// Nothing now: would block (readiness already updated) or EINTR (the loop retries).
+    Nothing { retry: bool },
+}
+
+/// Sorts a read's result. `clear_on_block` says whether a would-block means the source is
+/// drained (it does not for a splice into a non-empty pipe, see [`Pipe::pump_splice`]).
+fn got(
+    r: io::Result<usize>,
+    src_ready: &mut Readiness,
+    clear_on_block: bool,
+) -> Result<Got, PumpError> {
+    match r {
+        Ok(0) => Ok(Got::Eof),
+        Ok(n) => Ok(Got::Bytes(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if clear_on_block {
+                src_ready.readable = false;
+            }
+            Ok(Got::Nothing { retry: false })
+        }
+        // EINTR: nothing happened, try again.
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Got::Nothing { retry: true }),
+        Err(e) => Err(PumpError::Read(e)),
+    }
+}
+
+/// Sorts a write's result: `Some(n)` bytes written (`Some(0)` after EINTR: retry), `None` when
+/// the destination is full (readiness cleared). A write of 0 bytes is an error (`WriteZero`).
+fn wrote(r: io::Result<usize>, dst_ready: &mut Readiness) -> Result<Option<usize>, PumpError> {
+    match r {
+        Ok(0) => Err(PumpError::Write(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "write returned 0",
+        ))),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            dst_ready.writable = false;
+            Ok(None)
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Some(0)),
+        Err(e) => Err(PumpError::Write(e)),
+    }
+}
+
 /// One direction of a pair.
 #[derive(Debug)]
 pub struct Pipe {
@@ -89,7 +139,8 @@ pub struct Pipe {
     buf: Option<Buffer>,
     /// The kernel pipe of the zero-copy path, while bytes are in flight.
     kpipe: Option<KernelPipe>,
-    /// Moves bytes with `splice(2)` ([`pump_splice`](Pipe::pump_splice)) rather than copying.
+    /// May move bytes with `splice(2)` ([`pump_splice`](Pipe::pump_splice)) rather than copying
+    /// (off by config, or once no kernel pipe could be had).
     pub zero_copy: bool,
     /// Bytes read from the source (the tap offset of the next read).
     read_total: u64,
@@ -124,6 +175,11 @@ impl Pipe {
     /// Bytes written to the destination so far.
     pub fn written_total(&self) -> u64 {
         self.written_total
+    }
+
+    /// Bytes waiting in this pipe's kernel pipe (zero-copy path).
+    pub fn in_kernel(&self) -> usize {
+        self.kpipe.as_ref().map_or(0, |k| k.len)
     }
 
     /// Bytes buffered and not yet written.
@@ -192,23 +248,10 @@ impl Pipe {
             let prefix_pending = self.buf.as_ref().is_some_and(|b| !b.is_empty());
             if let Some(buf) = self.buf.as_mut().filter(|b| !b.is_empty()) {
                 if dst_ready.writable {
-                    match (&mut &*dst).write(buf.data()) {
-                        Ok(0) => {
-                            return Err(PumpError::Write(io::Error::new(
-                                io::ErrorKind::WriteZero,
-                                "write returned 0",
-                            )));
-                        }
-                        Ok(n) => {
-                            buf.consume(n);
-                            self.written_total += n as u64;
-                            progress = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            dst_ready.writable = false
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(PumpError::Write(e)),
+                    if let Some(n) = wrote((&mut &*dst).write(buf.data()), dst_ready)? {
+                        buf.consume(n);
+                        self.written_total += n as u64;
+                        progress = true;
                     }
                 }
                 if buf.is_empty() {
@@ -217,22 +260,9 @@ impl Pipe {
             }
             if let Some(kp) = self.kpipe.as_mut().filter(|k| k.len > 0 && !prefix_pending) {
                 if dst_ready.writable {
-                    match kp.drain_to(dst.as_raw_fd()) {
-                        Ok(0) => {
-                            return Err(PumpError::Write(io::Error::new(
-                                io::ErrorKind::WriteZero,
-                                "splice wrote 0",
-                            )));
-                        }
-                        Ok(n) => {
-                            self.written_total += n as u64;
-                            progress = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            dst_ready.writable = false
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(PumpError::Write(e)),
+                    if let Some(n) = wrote(kp.drain_to(dst.as_raw_fd()), dst_ready)? {
+                        self.written_total += n as u64;
+                        progress = true;
                     }
                 }
             }
@@ -244,6 +274,11 @@ impl Pipe {
             }
             if self.state == PipeState::Open && src_ready.readable {
                 if read_now >= budget {
+                    // Budget 0 (only drain): once drained, yield so the caller can switch pumps;
+                    // while bytes wait for a writable destination, wait for its event.
+                    if budget == 0 && self.in_kernel() > 0 {
+                        break PumpStatus::Blocked;
+                    }
                     break PumpStatus::Yielded;
                 }
                 if self.kpipe.is_none() {
@@ -260,23 +295,17 @@ impl Pipe {
                 let kp = self.kpipe.as_mut().expect("set above");
                 if kp.len < kp.capacity {
                     let was_empty = kp.len == 0;
-                    match kp.fill_from(src.as_raw_fd()) {
-                        Ok(0) => {
+                    match got(kp.fill_from(src.as_raw_fd()), src_ready, was_empty)? {
+                        Got::Eof => {
                             self.set_state(PipeState::ReadClosed);
                             progress = true;
                         }
-                        Ok(n) => {
+                        Got::Bytes(n) => {
                             self.read_total += n as u64;
                             read_now += n;
                             progress = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            if was_empty {
-                                src_ready.readable = false;
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(PumpError::Read(e)),
+                        Got::Nothing { retry } => progress |= retry,
                     }
                 }
             }
@@ -327,24 +356,10 @@ impl Pipe {
             // Write first: frees room so the read below can take a full chunk.
             if let Some(buf) = self.buf.as_mut().filter(|b| !b.is_empty()) {
                 if dst_ready.writable {
-                    match dst.write(buf.data()) {
-                        Ok(0) => {
-                            return Err(PumpError::Write(io::Error::new(
-                                io::ErrorKind::WriteZero,
-                                "write returned 0",
-                            )));
-                        }
-                        Ok(n) => {
-                            buf.consume(n);
-                            self.written_total += n as u64;
-                            progress = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            dst_ready.writable = false
-                        }
-                        // EINTR: nothing happened, try again.
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(PumpError::Write(e)),
+                    if let Some(n) = wrote(dst.write(buf.data()), dst_ready)? {
+                        buf.consume(n);
+                        self.written_total += n as u64;
+                        progress = true;
                     }
                 }
             }
@@ -364,12 +379,12 @@ impl Pipe {
                 let space = buf.space();
                 if !space.is_empty() {
                     let room = space.len();
-                    match src.read(space) {
-                        Ok(0) => {
+                    match got(src.read(space), src_ready, true)? {
+                        Got::Eof => {
                             self.set_state(PipeState::ReadClosed);
                             progress = true;
                         }
-                        Ok(n) => {
+                        Got::Bytes(n) => {
                             debug_assert!(n <= room, "read more than the space offered");
                             buf.fill(n);
                             let data = buf.data();
@@ -378,11 +393,7 @@ impl Pipe {
                             read_now += n;
                             progress = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            src_ready.readable = false
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(PumpError::Read(e)),
+                        Got::Nothing { retry } => progress |= retry,
                     }
                 }
             }
