@@ -515,8 +515,8 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
     if want_tcptap {
         match tcptap_bin() {
             Ok(bin) => {
-                let level =
-                    std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
+                let level = std::env::var("TCPTAP_BENCH_RUST_LOG")
+                    .unwrap_or_else(|_| "info,tcptap::conn=warn".into());
                 versions.push(format!(
                     "{} at {} (RUST_LOG={level})",
                     peers::version_line(&bin, &["--version"]),

@@ -491,7 +491,8 @@ fn start_tcptap(
             cmd.arg(a.replace("{tmp}", &tmp));
         }
     }
-    let level = std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
+    let level =
+        std::env::var("TCPTAP_BENCH_RUST_LOG").unwrap_or_else(|_| "info,tcptap::conn=warn".into());
     cmd.env("RUST_LOG", level);
     let mut child = spawn(name, cmd, &log, true)?;
     let stderr = child.stderr.take().expect("stderr is piped");
