@@ -1102,8 +1102,8 @@ impl Worker {
             set_epoch: route.set_epoch,
             phase,
             pipes: {
-                // Zero-copy unless a tap must see the bytes.
-                let zero_copy = self.shared.config.splice && route.tap.is_none();
+                // Zero-copy whenever no tap needs the bytes (see `Pair::pump`).
+                let zero_copy = self.shared.config.splice;
                 let mut p = [
                     Pipe::new(Direction::DownToUp),
                     Pipe::new(Direction::UpToDown),

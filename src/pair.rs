@@ -19,7 +19,7 @@ use crate::buffer::BufferPool;
 use crate::net;
 use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
 use crate::splice::PipePool;
-use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle};
+use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle, Wants};
 
 /// Why a pair ended; shown in the close log line and the tap.
 #[derive(Debug)]
@@ -261,18 +261,42 @@ impl Pair {
             };
             let meta = &self.meta;
             let tap = &mut self.tap;
-            let mut on_read = |offset: u64, bytes: &[u8]| {
-                if let Some(t) = tap.as_mut() {
-                    if !t.handle.data(meta, dir, offset, bytes) {
-                        t.dropped_records += 1;
-                        t.dropped_bytes += bytes.len() as u64;
-                    }
-                }
-            };
             let pipe = &mut self.pipes[dir.index()];
-            let result = if pipe.zero_copy {
-                pipe.pump_splice(src, src_ready, dst, dst_ready, pool, pipes, budget)
+            // Splice unless the tap wants these bytes. A tap whose queue is full, or that is past
+            // snaplen, does not: the bytes move zero-copy and a full queue counts them as dropped.
+            // Back to copying only once the kernel pipe is empty, so bytes stay in order: until
+            // then the splice pump only drains (a budget of 0 reads nothing).
+            let mut splice_budget = budget;
+            let wants = match tap.as_ref() {
+                None => Wants::BeyondSnaplen,
+                Some(t) => match t.handle.wants(pipe.read_total(), pool.buffer_size()) {
+                    Wants::Yes if pipe.in_kernel() > 0 => {
+                        splice_budget = 0;
+                        Wants::QueueFull
+                    }
+                    w => w,
+                },
+            };
+            let result = if pipe.zero_copy && wants != Wants::Yes {
+                let before = pipe.read_total();
+                let r =
+                    pipe.pump_splice(src, src_ready, dst, dst_ready, pool, pipes, splice_budget);
+                let skipped = pipe.read_total() - before;
+                if let (Some(t), Wants::QueueFull, true) = (tap.as_mut(), wants, skipped > 0) {
+                    t.handle.count_skipped(skipped);
+                    t.dropped_records += 1;
+                    t.dropped_bytes += skipped;
+                }
+                r
             } else {
+                let mut on_read = |offset: u64, bytes: &[u8]| {
+                    if let Some(t) = tap.as_mut() {
+                        if !t.handle.data(meta, dir, offset, bytes) {
+                            t.dropped_records += 1;
+                            t.dropped_bytes += bytes.len() as u64;
+                        }
+                    }
+                };
                 pipe.pump(
                     &mut { src },
                     src_ready,

@@ -610,7 +610,7 @@ fn tap_on_randomized_traffic_is_byte_exact() {
         dir.path("tap.log").display(),
         echo.addr
     );
-    let proxy = Proxy::with_config(&config, 1);
+    let mut proxy = Proxy::with_config(&config, 1);
     let addr = proxy.addr();
     let threads: Vec<_> = (0..16u64)
         .map(|i| {
@@ -632,4 +632,52 @@ fn tap_on_randomized_traffic_is_byte_exact() {
     for t in threads {
         t.join().unwrap();
     }
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let line = proxy.wait_log("write errors", PROMPT);
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    // "tap: R records (B bytes) written, R records (B bytes) dropped, E write errors"
+    let [.., written, _, dropped, errors] = numbers[..] else {
+        panic!("unexpected summary {line:?}")
+    };
+    eprintln!("{line}");
+    assert_eq!(errors, 0, "{line}");
+    assert!(written > 0, "nothing captured: {line}");
+    // Every byte was either captured or counted as dropped, whichever way it was moved.
+    assert_eq!(written + dropped, 2 * 16 << 20, "{line}");
+
+    // What the capture holds is right where it sits: a queue that fills and empties switches
+    // directions between copying (tapped) and splicing (counted as dropped), and the captured
+    // segments must still be the stream's bytes at their sequence offsets, with the FIN after
+    // the last byte even when the bytes before it were not captured.
+    let patterns: Vec<Vec<u8>> = (0..16).map(|i| Pattern::bytes(i, 1 << 20)).collect();
+    let flows = read_pcap(&dir.path("cap.pcap"));
+    assert_eq!(flows.len(), 32, "two flows per connection");
+    let mut captured = 0u64;
+    for ((src, dst), flow) in &flows {
+        assert_eq!(flow.fin_at, Some(1 << 20), "{src} -> {dst}: FIN at the end");
+        let Some((&off, first)) = flow.data.iter().next() else {
+            continue;
+        };
+        let off = off as usize;
+        let owner = patterns
+            .iter()
+            .find(|p| p.get(off..off + first.len()) == Some(first.as_slice()))
+            .unwrap_or_else(|| panic!("{src} -> {dst}: segment at {off} is no connection's bytes"));
+        for (&off, seg) in &flow.data {
+            let off = off as usize;
+            assert!(
+                owner.get(off..off + seg.len()) == Some(seg.as_slice()),
+                "{src} -> {dst}: captured bytes at offset {off} differ from the stream"
+            );
+            captured += seg.len() as u64;
+        }
+    }
+    assert_eq!(
+        captured, written,
+        "the pcap holds what the summary says was written"
+    );
 }

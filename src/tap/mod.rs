@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use log::warn;
 
-pub use queue::TapHandle;
+pub use queue::{TapHandle, Wants};
 pub use record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
 
 use pcap::PcapSink;

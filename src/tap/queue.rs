@@ -108,6 +108,17 @@ impl Shared {
     }
 }
 
+/// The answer of [`TapHandle::wants`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wants {
+    /// Show the bytes to the tap.
+    Yes,
+    /// Past snaplen: the tap never captures these bytes (not a drop).
+    BeyondSnaplen,
+    /// The queue is full: these bytes would be dropped.
+    QueueFull,
+}
+
 /// Cheap, cloneable, `Send + Sync` handle the event loop uses to feed the tap.
 ///
 /// Its methods never block and never do I/O; see the module documentation of `tap`.
@@ -172,6 +183,33 @@ impl TapHandle {
             return false;
         }
         self.push(conn, event, RECORD_OVERHEAD, 0)
+    }
+
+    /// Whether the tap wants the bytes at stream offset `offset` of a direction now: not when
+    /// they are beyond snaplen (never captured), nor when a chunk of `len` bytes would not fit in
+    /// the queue (it would be dropped). Either way the event loop may move those bytes with
+    /// `splice(2)` without showing them to the tap, and reports a full queue with
+    /// [`TapHandle::count_skipped`].
+    pub fn wants(&self, offset: u64, len: usize) -> Wants {
+        if self.snaplen.is_some_and(|s| offset >= s) {
+            return Wants::BeyondSnaplen;
+        }
+        let queued = self.shared.queued_cost.load(Ordering::Acquire);
+        if self.shared.closed.load(Ordering::Relaxed)
+            || queued + len + RECORD_OVERHEAD > self.shared.budget
+        {
+            return Wants::QueueFull;
+        }
+        Wants::Yes
+    }
+
+    /// Counts `bytes` that were proxied without being offered to the tap because its queue was
+    /// full, as one dropped record.
+    pub fn count_skipped(&self, bytes: u64) {
+        if bytes > 0 {
+            self.shared
+                .count_drop(usize::try_from(bytes).unwrap_or(usize::MAX));
+        }
     }
 
     /// Totals so far.
