@@ -685,6 +685,7 @@ impl Worker {
                 };
                 let r = &mut pair.ready[side.index()];
                 r.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
+                r.closing |= event.is_read_closed() || event.is_error();
                 r.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
                 if event.is_error() && pair.phase == Phase::Established {
                     if let Some(reason) = pair.check_socket_error(side) {

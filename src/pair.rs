@@ -262,22 +262,18 @@ impl Pair {
             let meta = &self.meta;
             let tap = &mut self.tap;
             let pipe = &mut self.pipes[dir.index()];
-            // Splice unless the tap wants these bytes. A tap whose queue is full, or that is past
-            // snaplen, does not: the bytes move zero-copy and a full queue counts them as dropped.
-            // Back to copying only once the kernel pipe is empty, so bytes stay in order: until
-            // then the splice pump only drains (a budget of 0 reads nothing).
-            let mut splice_budget = budget;
+            // Splice bulk data unless the tap wants these bytes. A tap whose queue is full, or
+            // that is past snaplen, does not: the bytes move zero-copy and a full queue counts
+            // them as dropped. Back to copying only once the kernel pipe is empty, so bytes stay
+            // in order: until then the splice pump only drains (a budget of 0 reads nothing).
             let wants = match tap.as_ref() {
                 None => Wants::BeyondSnaplen,
-                Some(t) => match t.handle.wants(pipe.read_total(), pool.buffer_size()) {
-                    Wants::Yes if pipe.in_kernel() > 0 => {
-                        splice_budget = 0;
-                        Wants::QueueFull
-                    }
-                    w => w,
-                },
+                Some(t) => t.handle.wants(pipe.read_total(), pool.buffer_size()),
             };
-            let result = if pipe.zero_copy && wants != Wants::Yes {
+            let splice = pipe.zero_copy && pipe.is_bulk() && wants != Wants::Yes;
+            let splice_budget = if splice { budget } else { 0 };
+            let wants = if splice { wants } else { Wants::Yes };
+            let result = if splice || pipe.in_kernel() > 0 {
                 let before = pipe.read_total();
                 let r =
                     pipe.pump_splice(src, src_ready, dst, dst_ready, pool, pipes, splice_budget);

@@ -53,14 +53,19 @@ impl ShutdownWrite for &mio::net::TcpStream {
     }
 }
 
-/// What the kernel last told us about one socket. A flag is set by an event and cleared only when an
-/// operation returns `WouldBlock` (edge-triggered readiness must be drained).
+/// What the kernel last told us about one socket. A flag is set by an event and cleared when an
+/// operation returns `WouldBlock` (edge-triggered readiness must be drained), or, for `readable`,
+/// by a short read: see [`Pipe::pump`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Readiness {
     /// A read may make progress.
     pub readable: bool,
     /// A write may make progress.
     pub writable: bool,
+    /// An event reported the peer's FIN (`EPOLLRDHUP`) or an error: no new event will come for
+    /// what is already queued, so reads go on until EOF or `WouldBlock`, never stop at a short
+    /// read.
+    pub closing: bool,
 }
 
 /// Why a pump stopped without error.
@@ -142,6 +147,11 @@ pub struct Pipe {
     /// May move bytes with `splice(2)` ([`pump_splice`](Pipe::pump_splice)) rather than copying
     /// (off by config, or once no kernel pipe could be had).
     pub zero_copy: bool,
+    /// A copying read has filled a whole empty buffer: this direction carries bulk data, and
+    /// moves it with `splice(2)` from now on when `zero_copy` allows. Small messages (request /
+    /// response) are cheaper to copy: one read and one write, where splice needs a third call to
+    /// learn that the socket is drained.
+    bulk: bool,
     /// Bytes read from the source (the tap offset of the next read).
     read_total: u64,
     /// Bytes written to the destination.
@@ -157,6 +167,7 @@ impl Pipe {
             buf: None,
             kpipe: None,
             zero_copy: false,
+            bulk: false,
             read_total: 0,
             written_total: 0,
         }
@@ -175,6 +186,11 @@ impl Pipe {
     /// Bytes written to the destination so far.
     pub fn written_total(&self) -> u64 {
         self.written_total
+    }
+
+    /// Whether this direction has carried bulk data (a read filled a whole buffer).
+    pub fn is_bulk(&self) -> bool {
+        self.bulk
     }
 
     /// Bytes waiting in this pipe's kernel pipe (zero-copy path).
@@ -376,6 +392,7 @@ impl Pipe {
                     break PumpStatus::Yielded;
                 }
                 let buf = self.buf.get_or_insert_with(|| pool.take());
+                let whole = buf.is_empty();
                 let space = buf.space();
                 if !space.is_empty() {
                     let room = space.len();
@@ -386,6 +403,17 @@ impl Pipe {
                         }
                         Got::Bytes(n) => {
                             debug_assert!(n <= room, "read more than the space offered");
+                            if n < room && !src_ready.closing && !self.bulk {
+                                // A short read took everything the socket held. Linux signals
+                                // every later arrival with a new edge, so the read that would
+                                // only say `WouldBlock` is skipped (as nginx does). Not after a
+                                // FIN or error was reported: their edge is already consumed.
+                                // Not for bulk data either: there the next read usually finds
+                                // more bytes that arrived meanwhile, which saves a wake-up.
+                                src_ready.readable = false;
+                            } else if n == room && whole {
+                                self.bulk = true;
+                            }
                             buf.fill(n);
                             let data = buf.data();
                             on_read(self.read_total, &data[data.len() - n..]);
@@ -500,6 +528,7 @@ mod tests {
         Readiness {
             readable: true,
             writable: true,
+            closing: false,
         }
     }
 
@@ -550,8 +579,14 @@ mod tests {
             r.pump(&mut src, &mut dst, 1 << 20).unwrap(),
             PumpStatus::Blocked
         );
+        assert_eq!(dst.got, b"hello ");
+        assert!(!r.src_ready.readable, "a short read clears readiness");
+        assert_eq!(src.steps.len(), 1, "no read after a short one");
+        // "world" arrives: a new edge.
+        r.src_ready.readable = true;
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
         assert_eq!(dst.got, b"hello world");
-        assert!(!r.src_ready.readable, "WouldBlock clears readiness");
+        assert!(!r.src_ready.readable);
         let offsets: Vec<u64> = r.tapped.iter().map(|t| t.0).collect();
         assert_eq!(offsets, vec![0, 6]); // the buffer was drained after each read
         let joined: Vec<u8> = r.tapped.iter().flat_map(|t| t.1.clone()).collect();
@@ -582,8 +617,42 @@ mod tests {
     }
 
     #[test]
+    fn test_short_read_after_fin_or_error_reads_on() {
+        // Once an event reported the FIN (or an error), a short read must not stop reading: no
+        // new event would come for the EOF already queued.
+        let mut r = rig(8);
+        r.src_ready.closing = true;
+        let mut src = FakeSrc::new(vec![Ok(b"abc".to_vec()), Ok(Vec::new())]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.got, b"abc");
+        assert_eq!(
+            dst.shut, 1,
+            "the EOF behind the short read is seen and passed on"
+        );
+        assert_eq!(r.pipe.state(), PipeState::WriteShut);
+    }
+
+    #[test]
+    fn test_full_reads_keep_reading_and_mark_bulk() {
+        let mut r = rig(4);
+        let mut src = FakeSrc::new(vec![Ok(b"0123".to_vec()), Ok(b"45".to_vec())]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        assert!(!r.pipe.is_bulk());
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(
+            dst.got, b"012345",
+            "a read that filled the buffer is followed by another"
+        );
+        assert!(r.pipe.is_bulk(), "a whole buffer in one read is bulk data");
+        assert!(!r.src_ready.readable);
+    }
+
+    #[test]
     fn test_open_partial_writes_and_eintr() {
         let mut r = rig(16);
+        // Scripted arrivals in one wake-up: as after an error event, read until it blocks.
+        r.src_ready.closing = true;
         let mut src = FakeSrc::new(vec![
             Ok(b"abcdefgh".to_vec()),
             Err(io::ErrorKind::Interrupted.into()),
@@ -646,6 +715,8 @@ mod tests {
     #[test]
     fn test_open_read_reset_is_error() {
         let mut r = rig(4);
+        // A reset after data comes with an error event.
+        r.src_ready.closing = true;
         let mut src = FakeSrc::new(vec![
             Ok(b"ab".to_vec()),
             Err(io::ErrorKind::ConnectionReset.into()),
