@@ -647,7 +647,7 @@ fn tap_on_randomized_traffic_is_byte_exact() {
     assert_eq!(errors, 0, "{line}");
     assert!(written > 0, "nothing captured: {line}");
     // Every byte was either captured or counted as dropped, whichever way it was moved.
-    assert_eq!(written + dropped, 2 * 16 << 20, "{line}");
+    assert_eq!(written + dropped, 2 * (16 << 20), "{line}");
 
     // What the capture holds is right where it sits: a queue that fills and empties switches
     // directions between copying (tapped) and splicing (counted as dropped), and the captured
