@@ -10,8 +10,15 @@
 //!
 //! Rows: bulk throughput (1 and 8 connections; d→u, u→d, both), 64-byte
 //! request/response (1 and 64 connections; req/s, p50, p99), connection churn,
-//! idle memory per connection, proxy CPU per GiB, and iperf3 / redis-benchmark
-//! through each target when those are installed.
+//! idle memory per connection, proxy CPU per GiB, per request and per
+//! connection, the share of the bytes a tap
+//! captured, and iperf3 / redis-benchmark through each target when those are
+//! installed.
+//!
+//! Columns: tcptap variants (copy path, tap to pcap / log / a blocked FIFO, two
+//! workers), haproxy `mode tcp` with nbthread 1, nbthread 1 with forced splice,
+//! and nbthread 2, socat, nginx stream with 1 and 2 workers. Two-thread peers
+//! are compared with tcptap's two workers, the others with one event loop.
 //!
 //! Run: `cargo bench --bench proxy`. Environment:
 //! - `TCPTAP_BENCH_QUICK=1`: one short round (under 30 s).
@@ -20,7 +27,8 @@
 //! - `TCPTAP_BENCH_TARGETS=direct,tcptap,...` and
 //!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis` to select.
 //! - `TCPTAP_BENCH_BIN`: the tcptap binary to use instead of Cargo's.
-//! - `TCPTAP_BENCH_RUST_LOG`: RUST_LOG for tcptap (default `info`).
+//! - `TCPTAP_BENCH_RUST_LOG`: RUST_LOG for tcptap (default
+//!   `info,tcptap::conn=warn`: no line per connection).
 //!
 //! Without `--bench` on the command line (`cargo test --benches`), it runs a
 //! smoke test of the harness: direct and tcptap only, tiny durations, no
@@ -56,8 +64,11 @@ const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
     ("tcptap+log", &["--tap-log", "/dev/null"]),
     ("tcptap+blocked", &["--tap-log", "{fifo}"]),
     // Two event loops.
-    ("tcptap-2w", &["--workers", "2"]),
+    (TWO_WORKERS, &["--workers", "2"]),
 ];
+
+/// The tcptap variant with two workers, compared with the two-thread peers.
+const TWO_WORKERS: &str = "tcptap-2w";
 
 /// File descriptors kept back from the idle-connection budget.
 const FD_RESERVE: usize = 512;
@@ -191,6 +202,18 @@ const MS_GIB: Unit = Unit {
     name: "CPU ms/GiB",
     higher_is_better: false,
 };
+const US_CPU_REQ: Unit = Unit {
+    name: "CPU µs/req",
+    higher_is_better: false,
+};
+const US_CPU_CONN: Unit = Unit {
+    name: "CPU µs/conn",
+    higher_is_better: false,
+};
+const PERCENT: Unit = Unit {
+    name: "%",
+    higher_is_better: true,
+};
 
 #[derive(Default)]
 struct Results {
@@ -286,6 +309,32 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// For a tcptap with a tap: stops it gracefully and reads the share of the proxied bytes its tap
+/// wrote from the shutdown summary (`tap: R records (B bytes) written, R records (B bytes)
+/// dropped, ...`). None for anything else.
+fn tap_captured_share(r: &mut peers::Running) -> Option<f64> {
+    let g = r.proc.take()?;
+    let log = g.log.clone();
+    // SAFETY: kill(2) on the PID of our own child, which the guard has not reaped.
+    unsafe {
+        libc::kill(g.pid() as libc::pid_t, libc::SIGTERM);
+    }
+    g.wait_exit(Duration::from_secs(10))?;
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("tap: ") && l.contains("dropped"))?;
+    let nums: Vec<f64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [.., written, _, dropped, _errors] = nums[..] else {
+        return None;
+    };
+    (written + dropped > 0.0).then(|| written / (written + dropped))
+}
+
 fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Measured, String> {
     let e = |x: std::io::Error| x.to_string();
     let mut out = Measured::new();
@@ -322,10 +371,17 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
                     out.push((format!("cpu {}", label), MS_GIB, (c1 - c0) / gib));
                 }
             }
+            // A tap that cannot keep up drops (and counts) what it cannot take: throughput
+            // alone would hide that, so report the share of the bytes the tap captured.
+            if let Some(share) = tap_captured_share(&mut r) {
+                out.push((format!("tap captured {}", label), PERCENT, share * 100.0));
+            }
         }
         Scenario::PingPong { conns } => {
             let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
+            let cpu0 = r.pid().map(peers::cpu_ms_tree);
             let res = loadgen::ping_pong(r.addr, conns, cfg.warmup, cfg.window).map_err(e)?;
+            let cpu1 = r.pid().map(peers::cpu_ms_tree);
             r.check_alive().map_err(e)?;
             if res.requests == 0 {
                 return Err("no request completed".into());
@@ -339,10 +395,16 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             out.push((label.clone(), REQS, res.requests as f64 / secs(res.elapsed)));
             out.push((format!("{label} p50"), MICROS, us(0.50)));
             out.push((format!("{label} p99"), MICROS, us(0.99)));
+            if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
+                let per = (c1 - c0) * 1000.0 / res.total_requests as f64;
+                out.push((format!("cpu {label}"), US_CPU_REQ, per));
+            }
         }
         Scenario::Churn { clients } => {
             let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
+            let cpu0 = r.pid().map(peers::cpu_ms_tree);
             let res = loadgen::churn(r.addr, clients, cfg.warmup, cfg.window, cfg.churn_max);
+            let cpu1 = r.pid().map(peers::cpu_ms_tree);
             r.check_alive().map_err(e)?;
             if res.errors > 0 {
                 println!(
@@ -354,6 +416,10 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
                 return Err(format!("no connection completed ({} errors)", res.errors));
             }
             out.push((sc.label(), CONNS, res.conns as f64 / secs(res.elapsed)));
+            if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
+                let per = (c1 - c0) * 1000.0 / res.total_conns.max(1) as f64;
+                out.push((format!("cpu {}", sc.label()), US_CPU_CONN, per));
+            }
         }
         Scenario::Idle => {
             if matches!(t.kind, Kind::Direct) {
@@ -542,10 +608,22 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
     match peers::which("haproxy") {
         Some(bin) => {
             versions.push(peers::version_line(&bin, &["-v"]));
-            ts.push(Target {
-                name: "haproxy".into(),
-                kind: Kind::Haproxy { bin },
-            });
+            // nbthread 1 is the reference for one event loop; with forced splice, the same
+            // zero-copy path as tcptap's default; nbthread 2 against tcptap's two workers.
+            for (name, threads, splice) in [
+                ("haproxy", 1, false),
+                ("haproxy-splice", 1, true),
+                ("haproxy-2t", 2, false),
+            ] {
+                ts.push(Target {
+                    name: name.into(),
+                    kind: Kind::Haproxy {
+                        bin: bin.clone(),
+                        threads,
+                        splice,
+                    },
+                });
+            }
         }
         None => res.note("haproxy not installed: column skipped".into()),
     }
@@ -574,10 +652,16 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
         Ok(module) => {
             let bin = peers::which("nginx").expect("checked above");
             versions.push(peers::version_line(&bin, &["-v"]));
-            ts.push(Target {
-                name: "nginx".into(),
-                kind: Kind::Nginx { bin, module },
-            });
+            for (name, workers) in [("nginx", 1), ("nginx-2w", 2)] {
+                ts.push(Target {
+                    name: name.into(),
+                    kind: Kind::Nginx {
+                        bin: bin.clone(),
+                        module: module.clone(),
+                        workers,
+                    },
+                });
+            }
         }
         Err(why) => res.note(format!("nginx (stream) skipped: {why}")),
     }
@@ -629,16 +713,26 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// The tcptap column a peer is compared with: two-thread and two-worker peers with tcptap's two
+/// workers, everything else with the default (one event loop).
+fn tcptap_for(peer: &str) -> &'static str {
+    if peer.ends_with("-2t") || peer.ends_with("-2w") {
+        TWO_WORKERS
+    } else {
+        TCPTAP_VARIANTS[0].0
+    }
+}
+
 fn ratio_columns(targets: &[Target]) -> Vec<(String, String)> {
     let base = TCPTAP_VARIANTS[0].0;
-    let has_base = targets.iter().any(|t| t.name == base);
+    let has = |name: &str| targets.iter().any(|t| t.name == name);
     let mut cols = Vec::new();
-    if !has_base {
+    if !has(base) {
         return cols;
     }
     for t in targets {
-        if !t.is_tcptap() {
-            cols.push((base.to_owned(), t.name.clone()));
+        if !t.is_tcptap() && has(tcptap_for(&t.name)) {
+            cols.push((tcptap_for(&t.name).to_owned(), t.name.clone()));
         }
     }
     for t in targets {

@@ -461,7 +461,10 @@ impl Histogram {
 // Ping-pong (closed loop per connection, one mio thread)
 
 pub struct PingPongResult {
+    /// Requests completed in the measured window.
     pub requests: u64,
+    /// Requests completed in all, warm-up included (for CPU per request).
+    pub total_requests: u64,
     pub elapsed: Duration,
     pub hist: Histogram,
 }
@@ -508,6 +511,7 @@ pub fn ping_pong(
     let t1 = t0 + window;
     let mut hist = Histogram::new();
     let mut requests = 0u64;
+    let mut total_requests = 0u64;
     for c in cs.iter_mut() {
         c.sent_at = Instant::now();
         pp_write(c, &req)?;
@@ -540,6 +544,7 @@ pub fn ping_pong(
                     Ok(n) => {
                         c.rx += n;
                         if c.rx == MSG {
+                            total_requests += 1;
                             let now = Instant::now();
                             if now >= t0 && now < t1 {
                                 hist.record(now.duration_since(c.sent_at).as_nanos() as u64);
@@ -564,6 +569,7 @@ pub fn ping_pong(
     }
     Ok(PingPongResult {
         requests,
+        total_requests,
         elapsed,
         hist,
     })
@@ -592,7 +598,10 @@ fn mio_into_std(s: MioStream) -> TcpStream {
 // Connection churn
 
 pub struct ChurnResult {
+    /// Connections completed in the measured window.
     pub conns: u64,
+    /// Connections completed in all, warm-up included (for CPU per connection).
+    pub total_conns: u64,
     pub errors: u64,
     pub elapsed: Duration,
 }
@@ -668,6 +677,7 @@ pub fn churn(
     }
     ChurnResult {
         conns: c1 - c0,
+        total_conns: done.load(Ordering::Relaxed),
         errors: e1 - e0,
         elapsed: t1 - t0,
     }

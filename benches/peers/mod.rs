@@ -219,7 +219,8 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     all
 }
 
-/// utime+stime of `pid` and its live descendants, in milliseconds.
+/// CPU time of `pid` and its descendants in milliseconds: utime+stime of each live process,
+/// plus cutime+cstime, the children it has already reaped (socat's per-connection forks).
 pub fn cpu_ms_tree(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -229,7 +230,9 @@ pub fn cpu_ms_tree(pid: u32) -> f64 {
         .map(|f| {
             let ut: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
             let st: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-            ut + st
+            let cut: u64 = f.get(13).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let cst: u64 = f.get(14).and_then(|s| s.parse().ok()).unwrap_or(0);
+            ut + st + cut + cst
         })
         .sum();
     ticks as f64 * 1000.0 / hz
@@ -243,10 +246,22 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 }
 
 /// (VmRSS, Pss) in KiB of one process.
-pub fn mem_kib(pid: u32) -> Option<(u64, u64)> {
+fn mem_kib_one(pid: u32) -> Option<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     Some((kib_field(&status, "VmRSS:")?, kib_field(&rollup, "Pss:")?))
+}
+
+/// (VmRSS, Pss) in KiB of `pid` and its live descendants (nginx's workers, say), summed.
+pub fn mem_kib(pid: u32) -> Option<(u64, u64)> {
+    let (rss, pss) = mem_kib_one(pid)?;
+    Some(
+        process_tree(pid)
+            .into_iter()
+            .skip(1)
+            .filter_map(mem_kib_one)
+            .fold((rss, pss), |(r, p), (r1, p1)| (r + r1, p + p1)),
+    )
 }
 
 /// Find an executable on PATH, like `which`.
@@ -291,15 +306,21 @@ pub enum Kind {
         bin: PathBuf,
         args: Vec<String>,
     },
+    /// haproxy `mode tcp` with `nbthread threads`; `splice` forces `option splice-request` and
+    /// `option splice-response` (zero-copy, off by default in haproxy).
     Haproxy {
         bin: PathBuf,
+        threads: u32,
+        splice: bool,
     },
     Socat {
         bin: PathBuf,
     },
+    /// nginx `stream` with `worker_processes workers` (a master process when more than one).
     Nginx {
         bin: PathBuf,
         module: Option<PathBuf>,
+        workers: u32,
     },
 }
 
@@ -376,14 +397,29 @@ impl Target {
         let (addr, guard) = match &self.kind {
             Kind::Direct => unreachable!(),
             Kind::Tcptap { bin, args } => start_tcptap(&self.name, bin, args, upstream, &dir.0)?,
-            Kind::Haproxy { bin } => {
+            Kind::Haproxy {
+                bin,
+                threads,
+                splice,
+            } => {
+                // A few pipes are enough for the bulk rows; haproxy's default (maxconn / 4)
+                // would need more descriptors than RLIMIT_NOFILE allows with the idle row's
+                // maxconn, and haproxy refuses to start.
+                let (splice, maxpipes) = if *splice {
+                    (
+                        "  option splice-request\n  option splice-response\n",
+                        "  maxpipes 128\n",
+                    )
+                } else {
+                    ("", "")
+                };
                 let port = free_port()?;
                 let cfg = dir.0.join("haproxy.cfg");
                 fs::write(
                     &cfg,
                     format!(
-                        "global\n  nbthread 1\n  maxconn {max_conns}\n\n\
-                         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
+                        "global\n  nbthread {threads}\n  maxconn {max_conns}\n{maxpipes}\n\
+                         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n{splice}\n\
                          frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
                          backend be\n  server up {upstream}\n"
                     ),
@@ -405,8 +441,19 @@ impl Target {
                 wait_listening(&mut g, port)?;
                 (SocketAddr::from(([127, 0, 0, 1], port)), g)
             }
-            Kind::Nginx { bin, module } => {
+            Kind::Nginx {
+                bin,
+                module,
+                workers,
+            } => {
                 let port = free_port()?;
+                // One worker runs in the foreground process itself; several need the master,
+                // and each gets its own listener (reuseport), as tcptap's workers do.
+                let (master, reuseport) = if *workers > 1 {
+                    ("on", " reuseport")
+                } else {
+                    ("off", "")
+                };
                 let p = &dir.0;
                 let load = module
                     .as_ref()
@@ -416,10 +463,10 @@ impl Target {
                 fs::write(
                     &conf,
                     format!(
-                        "{load}daemon off;\nmaster_process off;\nworker_processes 1;\n\
+                        "{load}daemon off;\nmaster_process {master};\nworker_processes {workers};\n\
                          pid {pid};\nerror_log {err} warn;\n\
                          events {{ worker_connections {wc}; }}\n\
-                         stream {{\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass {upstream};\n  }}\n}}\n",
+                         stream {{\n  server {{\n    listen 127.0.0.1:{port}{reuseport};\n    proxy_pass {upstream};\n  }}\n}}\n",
                         pid = p.join("nginx.pid").display(),
                         err = log.display(),
                         wc = max_conns * 2 + 64,
