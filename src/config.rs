@@ -407,7 +407,7 @@ pub struct Config {
     pub listen_backlog: i32,
     /// Number of event loops (default 1).
     pub workers: NonZeroUsize,
-    /// Move bytes with `splice(2)` through a kernel pipe on routes without a tap (default on).
+    /// Move bulk data with `splice(2)` through a kernel pipe whenever no tap needs it (default on).
     pub splice: bool,
     /// Socket options for proxied sockets.
     pub socket: SocketOptions,
