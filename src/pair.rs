@@ -267,12 +267,12 @@ impl Pair {
             // them as dropped. Back to copying only once the kernel pipe is empty, so bytes stay
             // in order: until then the splice pump only drains (a budget of 0 reads nothing).
             let wants = match tap.as_ref() {
+                _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
                 Some(t) => t.handle.wants(pipe.read_total(), pool.buffer_size()),
             };
-            let splice = pipe.zero_copy && pipe.is_bulk() && wants != Wants::Yes;
+            let splice = wants != Wants::Yes;
             let splice_budget = if splice { budget } else { 0 };
-            let wants = if splice { wants } else { Wants::Yes };
             let result = if splice || pipe.in_kernel() > 0 {
                 let before = pipe.read_total();
                 let r =

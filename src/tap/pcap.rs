@@ -156,6 +156,19 @@ struct Segment<'a> {
     payload: &'a [u8],
 }
 
+impl Segment<'static> {
+    /// A segment without payload (SYN, ACK, FIN, RST).
+    fn control(dir: Direction, flags: u8, seq: u32, ack: u32) -> Self {
+        Segment {
+            dir,
+            flags,
+            seq,
+            ack,
+            payload: &[],
+        }
+    }
+}
+
 /// Writes records as packets into a (rotating) pcap file.
 pub(crate) struct PcapSink {
     file: RotatingFile,
@@ -220,64 +233,31 @@ impl PcapSink {
 
     fn handshake(&mut self, time: SystemTime, flow: &mut Flow) {
         let [c, u] = flow.isn;
+        self.emit(time, flow, Segment::control(Direction::DownToUp, SYN, c, 0));
         self.emit(
             time,
             flow,
-            Segment {
-                dir: Direction::DownToUp,
-                flags: SYN,
-                seq: c,
-                ack: 0,
-                payload: &[],
-            },
+            Segment::control(Direction::UpToDown, SYN | ACK, u, c.wrapping_add(1)),
         );
         self.emit(
             time,
             flow,
-            Segment {
-                dir: Direction::UpToDown,
-                flags: SYN | ACK,
-                seq: u,
-                ack: c.wrapping_add(1),
-                payload: &[],
-            },
-        );
-        self.emit(
-            time,
-            flow,
-            Segment {
-                dir: Direction::DownToUp,
-                flags: ACK,
-                seq: c.wrapping_add(1),
-                ack: u.wrapping_add(1),
-                payload: &[],
-            },
+            Segment::control(
+                Direction::DownToUp,
+                ACK,
+                c.wrapping_add(1),
+                u.wrapping_add(1),
+            ),
         );
     }
 
     fn failed_connect(&mut self, time: SystemTime, flow: &mut Flow) {
         let c = flow.isn[0];
+        self.emit(time, flow, Segment::control(Direction::DownToUp, SYN, c, 0));
         self.emit(
             time,
             flow,
-            Segment {
-                dir: Direction::DownToUp,
-                flags: SYN,
-                seq: c,
-                ack: 0,
-                payload: &[],
-            },
-        );
-        self.emit(
-            time,
-            flow,
-            Segment {
-                dir: Direction::UpToDown,
-                flags: RST | ACK,
-                seq: 0,
-                ack: c.wrapping_add(1),
-                payload: &[],
-            },
+            Segment::control(Direction::UpToDown, RST | ACK, 0, c.wrapping_add(1)),
         );
     }
 
@@ -319,13 +299,7 @@ impl PcapSink {
     /// The receiver of `dir` acknowledges everything written in `dir`.
     fn ack(&mut self, time: SystemTime, flow: &mut Flow, dir: Direction) {
         let back = reverse(dir);
-        let seg = Segment {
-            dir: back,
-            flags: ACK,
-            seq: flow.snd_nxt(back),
-            ack: flow.snd_nxt(dir),
-            payload: &[],
-        };
+        let seg = Segment::control(back, ACK, flow.snd_nxt(back), flow.snd_nxt(dir));
         self.emit(time, flow, seg);
         flow.acked[dir.index()] = flow.position(dir);
     }
@@ -337,13 +311,7 @@ impl PcapSink {
         let next = &mut flow.next[dir.index()];
         *next = (*next).max(offset);
         let back = reverse(dir);
-        let seg = Segment {
-            dir,
-            flags: FIN | ACK,
-            seq: flow.snd_nxt(dir),
-            ack: flow.snd_nxt(back),
-            payload: &[],
-        };
+        let seg = Segment::control(dir, FIN | ACK, flow.snd_nxt(dir), flow.snd_nxt(back));
         self.emit(time, flow, seg);
         flow.acked[back.index()] = flow.position(back);
         flow.fin[dir.index()] = true;
@@ -357,13 +325,7 @@ impl PcapSink {
         let next = &mut flow.next[dir.index()];
         *next = (*next).max(offsets[dir.index()]);
         let back = reverse(dir);
-        let seg = Segment {
-            dir,
-            flags: RST | ACK,
-            seq: flow.snd_nxt(dir),
-            ack: flow.snd_nxt(back),
-            payload: &[],
-        };
+        let seg = Segment::control(dir, RST | ACK, flow.snd_nxt(dir), flow.snd_nxt(back));
         self.emit(time, flow, seg);
         flow.reset = true;
     }
