@@ -75,15 +75,7 @@ fn fd_limit_caps_connections_and_clients_wait() {
 #[test]
 fn emfile_pauses_accepting_without_spinning() {
     let echo = Upstream::echo();
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &echo.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(echo.addr);
     // Lower the running proxy's limit behind its back: it believes it may hold 10000 pairs.
     let old = set_nofile(proxy.pid(), 40);
     let mut clients: Vec<_> = (0..60).map(|_| connect(proxy.addr())).collect();

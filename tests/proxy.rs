@@ -41,15 +41,7 @@ fn bulk_both_directions_at_once_byte_exact() {
         t.join().unwrap();
         tx.send(got.map_err(|e| e.to_string())).unwrap();
     });
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(up.addr);
     let client = connect(proxy.addr());
     let mut writer = client.try_clone().unwrap();
     let t = thread::spawn(move || {
@@ -79,15 +71,7 @@ fn half_close_client_first_reply_after_eof() {
         thread::sleep(Duration::from_millis(700)); // longer than socat's 0.5 s half-close grace
         s.write_all(&reply).unwrap();
     });
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(up.addr);
     let mut c = connect(proxy.addr());
     c.write_all(b"request body").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
@@ -112,15 +96,7 @@ fn half_close_upstream_first_client_keeps_sending() {
         let got = expect_pattern(&mut s, 9, 2 << 20);
         tx.send(got.map_err(|e| e.to_string())).unwrap();
     });
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(up.addr);
     let mut c = connect(proxy.addr());
     // The client sees the greeting, then EOF, and can still send.
     assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), b"greeting");
@@ -150,15 +126,7 @@ fn upstream_reset_resets_client() {
         s.write_all(b"partial").unwrap();
         reset(s);
     });
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(up.addr);
     let mut c = connect(proxy.addr());
     c.write_all(b"hello").unwrap();
     let start = Instant::now();
@@ -193,15 +161,7 @@ fn client_reset_resets_upstream() {
         };
         tx.send(res).unwrap();
     });
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(up.addr);
     let mut c = connect(proxy.addr());
     assert_eq!(read_n(&mut c, 5, PROMPT).unwrap(), b"ready");
     c.write_all(b"some bytes").unwrap();
@@ -321,15 +281,7 @@ fn slow_reader_keeps_memory_bounded() {
         tx.send(send_pattern(&mut s, 5, LEN).map_err(|e| e.to_string()))
             .unwrap();
     });
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(up.addr);
     let baseline = proxy.rss_kib();
     let mut c = connect(proxy.addr());
     c.write_all(b"go").unwrap();
@@ -356,15 +308,7 @@ fn slow_reader_keeps_memory_bounded() {
 fn many_connections_no_fd_or_close_wait_leak() {
     const N: usize = 1200;
     let echo = Upstream::echo();
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &echo.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(echo.addr);
     let baseline_fds = proxy.fd_count();
     let mut conns = Vec::with_capacity(N);
     for _ in 0..N {
@@ -453,15 +397,7 @@ fn ipv6_and_hostname_upstream() {
 #[test]
 fn garbage_idlers_and_instant_closers_do_not_harm_others() {
     let echo = Upstream::echo();
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &echo.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(echo.addr);
     let mut good = connect(proxy.addr());
     let mut idlers = Vec::new();
     for i in 0..50 {

@@ -146,15 +146,7 @@ fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
 #[test]
 fn sighup_without_a_config_file_changes_nothing() {
     let one = tagged(1);
-    let proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &one.addr.to_string(),
-        ],
-        1,
-    );
+    let proxy = Proxy::forwarding_to(one.addr);
     proxy.signal(SIGHUP);
     proxy.wait_log("no config file to reload", PROMPT);
     assert_eq!(ask(proxy.addr()), 1);

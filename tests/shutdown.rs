@@ -27,15 +27,7 @@ fn sigterm_drains_inflight_transfer_and_refuses_new_connections() {
         tx.send(send_pattern(&mut s, 11, LEN).map_err(|e| e.to_string()))
             .unwrap();
     });
-    let mut proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let mut proxy = Proxy::forwarding_to(up.addr);
     let mut c = connect(proxy.addr());
     c.write_all(b"go").unwrap();
     // Read the first MiB, then ask the proxy to stop while most of the transfer is still to come.
@@ -120,15 +112,7 @@ fn second_sigint_stops_at_once() {
 #[test]
 fn idle_proxy_exits_zero_on_sigterm() {
     let echo = Upstream::echo();
-    let mut proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &echo.addr.to_string(),
-        ],
-        1,
-    );
+    let mut proxy = Proxy::forwarding_to(echo.addr);
     proxy.signal(SIGTERM);
     assert_eq!(proxy.wait_exit(PROMPT).code(), Some(0));
 }

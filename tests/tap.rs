@@ -439,15 +439,7 @@ fn blocked_tap_sink_neither_hangs_nor_slows_proxying() {
     let fifo = dir.path("nobody-reads");
     mkfifo(&fifo);
     let up = counting_upstream();
-    let plain = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ],
-        1,
-    );
+    let plain = Proxy::forwarding_to(up.addr);
     let config = format!(
         "drain_timeout = \"1s\"\n[tap]\nlog = \"{}\"\nqueue_size = \"1 MiB\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
         fifo.display(),

@@ -42,6 +42,8 @@ const REPLY_LEN: usize = 200 * 1024;
 /// `Pattern(seed)` and shuts its write side. What it read arrives on `requests`.
 struct Backend {
     upstream: Upstream,
+    /// Seed of the reply it sends.
+    seed: u64,
     requests: Mutex<mpsc::Receiver<io::Result<Vec<u8>>>>,
 }
 
@@ -60,6 +62,7 @@ impl Backend {
         });
         Backend {
             upstream,
+            seed,
             requests: Mutex::new(requests),
         }
     }
@@ -157,6 +160,22 @@ fn assert_close_line(proxy: &Proxy, client: SocketAddr, dst: SocketAddr) {
     );
 }
 
+/// One exchange from `src` inside `ns` to `backend` through the proxy: the reply and the
+/// request arrive byte-exact, and the proxy's close line names the original destination.
+fn relay(ns: &NetNs, proxy: &Proxy, src: &str, backend: &Backend, seed: u64) {
+    let dst = backend.addr();
+    let (client, reply) = ns.run_inside(|| exchange(src, dst, seed));
+    assert!(
+        reply == Pattern::bytes(backend.seed, REPLY_LEN),
+        "reply from {dst}"
+    );
+    assert!(
+        backend.request() == Pattern::bytes(seed, REQUEST_LEN),
+        "request at {dst}"
+    );
+    assert_close_line(proxy, client, dst);
+}
+
 fn route(listen: &str, extra: &str) -> String {
     format!(
         "[[route]]\nname = \"egress\"\nlisten = \"{listen}\"\n\
@@ -188,25 +207,9 @@ fn ipv4_redirected_connections_reach_their_original_destination() {
     );
     ns.redirect_from(CLIENT_V4, "10.99.0.0/16", proxy.addr().port());
 
-    let ((ca, reply_a), (cb, reply_b)) = ns.run_inside(|| {
-        (
-            exchange(CLIENT_V4, a.addr(), 1),
-            exchange(CLIENT_V4, b.addr(), 2),
-        )
-    });
-    assert!(reply_a == Pattern::bytes(0xA, REPLY_LEN), "reply from A");
-    assert!(reply_b == Pattern::bytes(0xB, REPLY_LEN), "reply from B");
-    assert!(
-        a.request() == Pattern::bytes(1, REQUEST_LEN),
-        "request at A"
-    );
-    assert!(
-        b.request() == Pattern::bytes(2, REQUEST_LEN),
-        "request at B"
-    );
+    relay(&ns, &proxy, CLIENT_V4, &a, 1);
+    relay(&ns, &proxy, CLIENT_V4, &b, 2);
     assert_eq!((a.accepted(), b.accepted()), (1, 1));
-    assert_close_line(&proxy, ca, a.addr());
-    assert_close_line(&proxy, cb, b.addr());
     assert_eq!(proxy.count_log("refused:"), 0, "{}", proxy.logs());
 }
 
@@ -319,13 +322,7 @@ fn ipv6_redirected_connections_reach_their_original_destination() {
     );
     ns.redirect_from(CLIENT_V6, "fd99::/64", proxy.addr().port());
 
-    let (ca, reply) = ns.run_inside(|| exchange(CLIENT_V6, a.addr(), 5));
-    assert!(reply == Pattern::bytes(0xA, REPLY_LEN), "reply from A");
-    assert!(
-        a.request() == Pattern::bytes(5, REQUEST_LEN),
-        "request at A"
-    );
-    assert_close_line(&proxy, ca, a.addr());
+    relay(&ns, &proxy, CLIENT_V6, &a, 5);
 
     let client = ns.run_inside(|| expect_refused(Some(CLIENT_V6), outside));
     assert_refused_by_allow_list(&proxy, client, outside);
@@ -353,24 +350,8 @@ fn ipv4_tproxy_listener_forwards_to_the_local_address() {
     );
     ns.tproxy_from(CLIENT_V4, "10.99.0.0/16", "127.0.0.1", proxy.addr().port());
 
-    let ((ca, reply_a), (cb, reply_b)) = ns.run_inside(|| {
-        (
-            exchange(CLIENT_V4, a.addr(), 7),
-            exchange(CLIENT_V4, b.addr(), 8),
-        )
-    });
-    assert!(reply_a == Pattern::bytes(0xA, REPLY_LEN), "reply from A");
-    assert!(reply_b == Pattern::bytes(0xB, REPLY_LEN), "reply from B");
-    assert!(
-        a.request() == Pattern::bytes(7, REQUEST_LEN),
-        "request at A"
-    );
-    assert!(
-        b.request() == Pattern::bytes(8, REQUEST_LEN),
-        "request at B"
-    );
-    assert_close_line(&proxy, ca, a.addr());
-    assert_close_line(&proxy, cb, b.addr());
+    relay(&ns, &proxy, CLIENT_V4, &a, 7);
+    relay(&ns, &proxy, CLIENT_V4, &b, 8);
 
     ns.run_inside(|| expect_refused(None, proxy.addr()));
     proxy.wait_count("refused:", 1, PROMPT);

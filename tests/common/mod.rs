@@ -129,6 +129,19 @@ impl Proxy {
         Proxy::start_in(args, routes, None, |_| {})
     }
 
+    /// Starts `tcptap --listen 127.0.0.1:0 --upstream <upstream>`: one route, no config file.
+    pub fn forwarding_to(upstream: SocketAddr) -> Proxy {
+        Proxy::start(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &upstream.to_string(),
+            ],
+            1,
+        )
+    }
+
     /// Starts `tcptap --config <file>` with `toml` as the file.
     pub fn with_config(toml: &str, routes: usize) -> Proxy {
         let dir = TempDir::new("cfg");
