@@ -61,6 +61,15 @@ const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
     ("tcptap-copy", &["config:splice = false\n"]),
     // Tap cost: pcap to a file, log to /dev/null, and a sink that never drains.
     ("tcptap+pcap", &["--tap-pcap", "{tmp}/tap.pcap"]),
+    // The same with the writer at normal priority (a fuller capture).
+    (
+        "tcptap+pcap-normal",
+        &[
+            "--tap-pcap",
+            "{tmp}/tap.pcap",
+            "config:[tap]\nwriter_priority = \"normal\"\n",
+        ],
+    ),
     ("tcptap+log", &["--tap-log", "/dev/null"]),
     ("tcptap+blocked", &["--tap-log", "{fifo}"]),
     // Two event loops.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::access_log::Format as AccessLogFormat;
-use crate::tap::{LogTarget, PcapTarget, TapConfig};
+use crate::tap::{LogTarget, PcapTarget, TapConfig, WriterPriority};
 use crate::upstream::{HealthCheck, Policy, UpstreamSpec, UpstreamTarget};
 
 /// Default per-direction buffer size.
@@ -114,6 +114,7 @@ struct RawTap {
     pcap_max_files: Option<u32>,
     snaplen: Option<Size>,
     queue_size: Option<Size>,
+    writer_priority: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -784,6 +785,16 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         }
         None => DEFAULT_TAP_QUEUE,
     };
+    let writer_priority = match raw.writer_priority.as_deref() {
+        None | Some("idle") => WriterPriority::Idle,
+        Some("normal") => WriterPriority::Normal,
+        Some(other) => {
+            return Err(ctx.invalid(
+                format!("{prefix}.writer_priority"),
+                format!("expected \"idle\" or \"normal\", got {other:?}"),
+            ));
+        }
+    };
     if log.is_none() && pcap.is_none() {
         return Ok(None);
     }
@@ -792,6 +803,7 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         pcap,
         snaplen,
         queue_bytes,
+        writer_priority,
     }))
 }
 
@@ -1055,6 +1067,22 @@ mod tests {
     }
 
     const MINIMAL: &str = "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn tap_writer_priority() {
+        let with = |v: &str| format!("[tap]\npcap = \"x.pcap\"\n{v}{MINIMAL}");
+        let tap = |c: Config| c.routes[0].tap.clone().expect("a tap").writer_priority;
+        assert_eq!(tap(parse(&with("")).unwrap()), WriterPriority::Idle);
+        assert_eq!(
+            tap(parse(&with("writer_priority = \"normal\"\n")).unwrap()),
+            WriterPriority::Normal
+        );
+        let e = err(&with("writer_priority = \"high\"\n"));
+        assert!(
+            e.contains("test.toml") && e.contains("tap.writer_priority") && e.contains("\"high\""),
+            "{e}"
+        );
+    }
 
     #[test]
     fn minimal_gets_defaults() {

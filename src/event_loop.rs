@@ -367,7 +367,7 @@ impl Server {
                     .map(|(r, t)| RouteRt {
                         name: Arc::from(r.name.as_str()),
                         config: r.clone(),
-                        tap: t.clone(),
+                        tap: t.as_ref().map(TapHandle::for_worker),
                         removed: false,
                         set_epoch: 0,
                     })
@@ -768,7 +768,7 @@ impl Worker {
                         self.routes[index].set_epoch += 1;
                     }
                     if let Some(t) = tap {
-                        self.routes[index].tap = t;
+                        self.routes[index].tap = t.as_ref().map(TapHandle::for_worker);
                     }
                     self.routes[index].config = route;
                 }
@@ -814,7 +814,7 @@ impl Worker {
                     self.routes.push(RouteRt {
                         name: Arc::from(route.name.as_str()),
                         config: route,
-                        tap,
+                        tap: tap.as_ref().map(TapHandle::for_worker),
                         removed: false,
                         set_epoch: 0,
                     });

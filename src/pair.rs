@@ -20,6 +20,7 @@ use crate::net;
 use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
 use crate::splice::PipePool;
 use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle, Wants};
+use std::os::fd::RawFd;
 
 /// Why a pair ended; shown in the close log line and the tap.
 #[derive(Debug)]
@@ -262,21 +263,42 @@ impl Pair {
             let meta = &self.meta;
             let tap = &mut self.tap;
             let pipe = &mut self.pipes[dir.index()];
-            // Splice bulk data unless the tap wants these bytes. A tap whose queue is full, or
-            // that is past snaplen, does not: the bytes move zero-copy and a full queue counts
-            // them as dropped. Back to copying only once the kernel pipe is empty, so bytes stay
-            // in order: until then the splice pump only drains (a budget of 0 reads nothing).
+            // Splice bulk data unless the tap wants these bytes copied. A tap takes a tee of
+            // spliced bytes while its tee pipe has room; a tap whose queue is full, or that is
+            // past snaplen, takes nothing, and a full queue counts the bytes as dropped. Back to
+            // copying only once the kernel pipe is empty, so bytes stay in order: until then the
+            // splice pump only drains (a budget of 0 reads nothing).
             let wants = match tap.as_ref() {
                 _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
                 Some(t) => t.handle.wants(pipe.read_total(), pool.buffer_size()),
             };
+            let tee = wants == Wants::Tee;
             let splice = wants != Wants::Yes;
             let splice_budget = if splice { budget } else { 0 };
             let result = if splice || pipe.in_kernel() > 0 {
                 let before = pipe.read_total();
-                let r =
-                    pipe.pump_splice(src, src_ready, dst, dst_ready, pool, pipes, splice_budget);
+                let mut on_fill = |src: RawFd, offset: u64, len: usize| {
+                    if let Some(t) = tap.as_mut() {
+                        let lost = t.handle.tee(meta, dir, offset, src, len);
+                        if lost > 0 {
+                            t.dropped_records += 1;
+                            t.dropped_bytes += lost;
+                        }
+                    }
+                };
+                let on_fill: Option<&mut dyn FnMut(RawFd, u64, usize)> =
+                    if tee { Some(&mut on_fill) } else { None };
+                let r = pipe.pump_splice(
+                    src,
+                    src_ready,
+                    dst,
+                    dst_ready,
+                    pool,
+                    pipes,
+                    splice_budget,
+                    on_fill,
+                );
                 let skipped = pipe.read_total() - before;
                 if let (Some(t), Wants::QueueFull, true) = (tap.as_mut(), wants, skipped > 0) {
                     t.handle.count_skipped(skipped);

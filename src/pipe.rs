@@ -237,7 +237,11 @@ impl Pipe {
     }
 
     /// The zero-copy pump: like [`pump`](Pipe::pump), with `splice(2)` through a kernel pipe
-    /// instead of a user-space buffer (no tap). Same states, same EOF and error rules.
+    /// instead of a user-space buffer. Same states, same EOF and error rules.
+    ///
+    /// With `tee`, the kernel pipe is filled only when empty, and `tee(pipe read end, offset, n)`
+    /// is called right after each fill of `n` bytes at stream `offset`: the pipe then holds
+    /// exactly those bytes, for the tap to duplicate with `tee(2)`.
     ///
     /// Readiness: a splice into an *empty* pipe that would block means the socket is drained. A
     /// non-empty pipe can be full with fewer bytes than its capacity (each slot holds one page
@@ -252,6 +256,7 @@ impl Pipe {
         pool: &mut BufferPool,
         pipes: &mut PipePool,
         budget: usize,
+        mut tee: Option<&mut dyn FnMut(std::os::fd::RawFd, u64, usize)>,
     ) -> Result<PumpStatus, PumpError> {
         use std::os::fd::AsRawFd;
         let mut read_now = 0usize;
@@ -309,7 +314,14 @@ impl Pipe {
                     }
                 }
                 let kp = self.kpipe.as_mut().expect("set above");
-                if kp.len < kp.capacity {
+                // A tee duplicates from the head of the pipe: fill only an empty pipe, so that
+                // its whole contents are the bytes just read.
+                let room = if tee.is_some() {
+                    kp.len == 0
+                } else {
+                    kp.len < kp.capacity
+                };
+                if room {
                     let was_empty = kp.len == 0;
                     match got(kp.fill_from(src.as_raw_fd()), src_ready, was_empty)? {
                         Got::Eof => {
@@ -317,6 +329,9 @@ impl Pipe {
                             progress = true;
                         }
                         Got::Bytes(n) => {
+                            if let Some(tee) = tee.as_mut() {
+                                tee(kp.read_fd(), self.read_total, n);
+                            }
                             self.read_total += n as u64;
                             read_now += n;
                             progress = true;

@@ -49,6 +49,11 @@ impl KernelPipe {
         })
     }
 
+    /// The read end: what [`TeePipe::tee_from`] duplicates from.
+    pub fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
     /// Moves up to the pipe's free room from socket `src` into the pipe. `Ok(0)` is EOF.
     pub fn fill_from(&mut self, src: RawFd) -> io::Result<usize> {
         let n = splice(src, self.write.as_raw_fd(), self.capacity - self.len)?;
@@ -80,6 +85,100 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// A kernel pipe that mirrors the bytes of a spliced direction to the tap: the event loop
+/// duplicates a [`KernelPipe`]'s contents into it with `tee(2)` (page references, no copy), and
+/// the tap writer thread reads them out. One per tapped direction; shared by the loop (write
+/// end) and the records in the tap queue (read end), so it lives as long as either needs it.
+///
+/// The write end is non-blocking: a tee into a full pipe moves nothing, and the loop counts the
+/// bytes as dropped. The read end is non-blocking too: the writer reads only bytes that a queued
+/// record says are there, so a short read means a bug, not a wait.
+#[derive(Debug)]
+pub struct TeePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+    /// Bytes teed in and not yet read out.
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+impl TeePipe {
+    /// A new empty pipe of `size` bytes, or of the largest an unprivileged process may ask for
+    /// (`/proc/sys/fs/pipe-max-size`, 1 MiB by default) when `size` is refused, or else of the
+    /// kernel's default size.
+    pub fn new(size: usize) -> io::Result<TeePipe> {
+        let mut kp = KernelPipe::new(size)?;
+        const UNPRIVILEGED_MAX: usize = 1 << 20;
+        if kp.capacity < size.min(UNPRIVILEGED_MAX) {
+            let fd = kp.write.as_raw_fd();
+            // SAFETY: fcntl on a descriptor we own.
+            let got =
+                unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, UNPRIVILEGED_MAX as libc::c_int) };
+            if got > 0 {
+                kp.capacity = got as usize;
+            }
+        }
+        Ok(TeePipe {
+            read: kp.read,
+            write: kp.write,
+            capacity: kp.capacity,
+            pending: Default::default(),
+        })
+    }
+
+    /// Capacity in bytes, if every buffer in it were a full page.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes teed in and not yet read out.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Duplicates up to `len` bytes from the head of the pipe `src` (a [`KernelPipe::read_fd`])
+    /// into this pipe, leaving `src` unchanged. `Ok(0)` when this pipe is full.
+    pub fn tee_from(&self, src: RawFd, len: usize) -> io::Result<usize> {
+        // SAFETY: plain syscall on pipe descriptors owned by the caller and by self.
+        let n = unsafe { libc::tee(src, self.write.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK) };
+        match n {
+            n if n >= 0 => {
+                self.pending
+                    .fetch_add(n as usize, std::sync::atomic::Ordering::AcqRel);
+                Ok(n as usize)
+            }
+            _ => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Reads up to `len` bytes out of the pipe, appending them to `out`; returns how many.
+    pub fn read_into(&self, out: &mut Vec<u8>, len: usize) -> usize {
+        let start = out.len();
+        out.resize(start + len, 0);
+        let mut got = 0;
+        while got < len {
+            let rest = &mut out[start + got..];
+            // SAFETY: reads into the initialized tail of `out`, at most its length.
+            let n =
+                unsafe { libc::read(self.read.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+            if n > 0 {
+                got += n as usize;
+            } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            } else {
+                break;
+            }
+        }
+        out.truncate(start + got);
+        self.pending
+            .fetch_sub(got, std::sync::atomic::Ordering::AcqRel);
+        got
     }
 }
 
@@ -149,6 +248,65 @@ mod tests {
         assert_eq!(&got, b"zero-copy");
         pool.give(p);
         assert_eq!(pool.free.len(), 1);
+    }
+
+    #[test]
+    fn tee_duplicates_without_consuming() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
+        let (mut d, _) = l2.accept().unwrap();
+        let mut p = KernelPipe::new(64 * 1024).unwrap();
+        let tee = TeePipe::new(4096).unwrap();
+        a.write_all(b"mirrored").unwrap();
+        b.set_nonblocking(false).unwrap();
+        let mut total = 0;
+        while total < 8 {
+            total += p.fill_from(b.as_raw_fd()).unwrap();
+        }
+        assert_eq!(tee.tee_from(p.read_fd(), 8).unwrap(), 8);
+        assert_eq!(tee.pending(), 8);
+        assert_eq!(
+            p.drain_to(c.as_raw_fd()).unwrap(),
+            8,
+            "the source pipe still holds them"
+        );
+        let mut got = [0u8; 8];
+        d.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"mirrored");
+        let mut out = b"x".to_vec();
+        assert_eq!(tee.read_into(&mut out, 8), 8);
+        assert_eq!(out, b"xmirrored");
+        assert_eq!(tee.pending(), 0);
+        assert_eq!(tee.read_into(&mut out, 8), 0, "nothing left");
+        assert_eq!(out, b"xmirrored");
+    }
+
+    #[test]
+    fn tee_into_full_pipe_moves_nothing() {
+        let (src, dst) = (
+            KernelPipe::new(64 * 1024).unwrap(),
+            TeePipe::new(4096).unwrap(),
+        );
+        let data = vec![7u8; 64 * 1024];
+        // SAFETY: writes from a live buffer into a pipe we own.
+        let n = unsafe { libc::write(src.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        assert!(n > 0);
+        let mut teed = 0;
+        loop {
+            match dst.tee_from(src.read_fd(), n as usize).unwrap() {
+                0 => break,
+                m => teed += m,
+            }
+            // tee always copies from the head: stop once the destination is full.
+            if teed >= 64 * 1024 {
+                break;
+            }
+        }
+        assert!(teed > 0 && teed < 64 * 1024, "teed {teed}");
+        assert_eq!(dst.tee_from(src.read_fd(), 1).unwrap(), 0, "full");
     }
 
     #[test]

@@ -673,3 +673,68 @@ fn tap_on_randomized_traffic_is_byte_exact() {
         "the pcap holds what the summary says was written"
     );
 }
+
+/// The scheduling policy (`/proc/PID/task/TID/stat` field 41) of the proxy's thread `name`.
+fn thread_policy(pid: u32, name: &str) -> Option<u32> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the parenthesised comm start at field 3.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        return rest.split(' ').nth(41 - 3)?.parse().ok();
+    }
+    None
+}
+
+#[test]
+fn tap_writer_runs_at_idle_priority_unless_configured() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_IDLE: u32 = 5;
+    let dir = TempDir::new("prio");
+    let up = Upstream::echo();
+    let config = |extra: &str| {
+        format!(
+            "[tap]\npcap = \"{}\"\n{extra}[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            dir.path("cap.pcap").display(),
+            up.addr
+        )
+    };
+    for (extra, want) in [
+        ("", SCHED_IDLE),
+        ("writer_priority = \"idle\"\n", SCHED_IDLE),
+        ("writer_priority = \"normal\"\n", SCHED_OTHER),
+    ] {
+        let mut proxy = Proxy::with_config(&config(extra), 1);
+        // The thread lowers its own priority as it starts: wait for it, within a deadline.
+        let deadline = Instant::now() + PROMPT;
+        let mut got = thread_policy(proxy.pid(), "tap-writer");
+        while got != Some(want) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+            got = thread_policy(proxy.pid(), "tap-writer");
+        }
+        assert_eq!(got, Some(want), "tap writer policy with {extra:?}");
+        assert_eq!(
+            thread_policy(proxy.pid(), "tcptap"),
+            Some(SCHED_OTHER),
+            "the event loop keeps the normal policy"
+        );
+        // Bytes still get through and into the capture.
+        let mut c = connect(proxy.addr());
+        c.write_all(b"ping").unwrap();
+        assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"ping");
+        drop(c);
+        proxy.signal(SIGTERM);
+        assert_eq!(proxy.wait_exit(PROMPT).code(), Some(0));
+        let flows = read_pcap(&dir.path("cap.pcap"));
+        assert!(
+            flows.values().any(|f| f.bytes(false) == b"ping"),
+            "captured with {extra:?}"
+        );
+    }
+}

@@ -10,6 +10,12 @@
 //!   records); what does not fit is dropped and counted, and the writer reports drops with
 //!   rate-limited warnings. Drops show up as "not captured" gaps in the log and as missing
 //!   segments in the pcap.
+//! - Bulk bytes reach the tap without a copy on the loop side: the loop tees its kernel pipe
+//!   into a tee pipe of its worker ([`TapHandle::for_worker`], [`TapHandle::tee`]) and queues a
+//!   record naming the pipe; the writer reads the bytes out. Each tee pipe is fed by one thread
+//!   and read in queue order, so a record's bytes are at the head of its pipe when the writer
+//!   takes it. Teed bytes are charged to the queue budget like copied ones.
+//! - The writer runs at `SCHED_IDLE` unless configured otherwise ([`WriterPriority`]).
 //! - Snaplen is applied on the loop side: only the first `snaplen` bytes of each direction of each
 //!   connection are ever queued.
 //! - The writer thread is the only one doing tap I/O; a sink that blocks forever blocks only it,
@@ -88,6 +94,21 @@ pub struct TapConfig {
     pub snaplen: Option<u64>,
     /// Queue budget: bytes of payload plus a fixed per-record overhead.
     pub queue_bytes: usize,
+    /// CPU priority of the writer thread.
+    pub writer_priority: WriterPriority,
+}
+
+/// How the tap writer thread competes for CPU with the event loops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriterPriority {
+    /// `SCHED_IDLE`: the writer runs on CPU time nothing else wants, and bulk bytes it has
+    /// fallen behind on are dropped (and counted): the tap costs proxying as little as it can.
+    #[default]
+    Idle,
+    /// The normal time-sharing class, and bulk bytes the writer has fallen behind on are copied
+    /// into the queue while it has room: a fuller capture, at the cost of CPU the event loops
+    /// could use.
+    Normal,
 }
 
 /// Tap totals.
@@ -240,13 +261,22 @@ fn spawn(
     text: Option<NamedText>,
     pcap: Option<PcapSink>,
 ) -> Result<(TapHandle, TapGuard), TapError> {
-    let shared = Arc::new(Shared::new(cfg.queue_bytes));
+    let shared = Arc::new(Shared::new(
+        cfg.queue_bytes,
+        cfg.writer_priority == WriterPriority::Normal,
+    ));
     let (tx, rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let writer = Writer::new(rx, Arc::clone(&shared), text, pcap);
+    let priority = cfg.writer_priority;
     let thread = std::thread::Builder::new()
         .name("tap-writer".to_owned())
-        .spawn(move || writer.run(done_tx))
+        .spawn(move || {
+            if priority == WriterPriority::Idle {
+                writer::set_idle_priority();
+            }
+            writer.run(done_tx)
+        })
         .map_err(TapError::Spawn)?;
     let handle = TapHandle::new(Arc::clone(&shared), tx.clone(), cfg.snaplen);
     let guard = TapGuard {
@@ -350,6 +380,7 @@ mod tests {
             pcap: None,
             snaplen: None,
             queue_bytes,
+            writer_priority: WriterPriority::default(),
         }
     }
 
@@ -517,6 +548,7 @@ mod tests {
             }),
             snaplen: Some(10),
             queue_bytes: 1 << 20,
+            writer_priority: WriterPriority::default(),
         };
         let (tap, guard) = start(&cfg).expect("start");
         let c = conn(4, "10.0.0.1:1000", "10.0.0.2:2000");

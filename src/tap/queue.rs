@@ -21,6 +21,7 @@ use std::time::SystemTime;
 
 use super::TapStats;
 use super::record::{ConnMeta, Direction, TapEvent, TapRecord};
+use crate::splice::TeePipe;
 
 /// Fixed cost charged per record on top of its payload (the record itself, the `Arc` clone, the
 /// channel node).
@@ -35,8 +36,41 @@ pub(crate) const CONTROL_RESERVE: usize = 1024 * RECORD_OVERHEAD;
 pub(crate) enum Msg {
     /// A record and the cost it was admitted with.
     Record(TapRecord, usize),
+    /// A data record whose bytes wait in a tee pipe (see [`TapHandle::tee`]), and its cost.
+    Teed(Teed, usize),
     /// Stop after writing everything queued before this message.
     Stop,
+}
+
+/// Data captured with `tee(2)`: `len` bytes at the head of `pipe` (after those of earlier
+/// records naming the same pipe) are the bytes proxied in `dir` at `offset`.
+#[derive(Debug)]
+pub(crate) struct Teed {
+    pub(crate) time: SystemTime,
+    pub(crate) conn: Arc<ConnMeta>,
+    pub(crate) dir: Direction,
+    pub(crate) offset: u64,
+    pub(crate) len: usize,
+    pub(crate) pipe: Arc<TeePipe>,
+}
+
+impl Teed {
+    /// Reads the bytes out of the pipe into a plain data record, and says how many of the `len`
+    /// bytes were missing from the pipe (none, unless it lost them).
+    pub(crate) fn into_record(self) -> (TapRecord, usize) {
+        let mut bytes = Vec::with_capacity(self.len);
+        let missing = self.len - self.pipe.read_into(&mut bytes, self.len);
+        let record = TapRecord {
+            time: self.time,
+            conn: self.conn,
+            event: TapEvent::Data {
+                dir: self.dir,
+                offset: self.offset,
+                bytes,
+            },
+        };
+        (record, missing)
+    }
 }
 
 /// State shared by all handles, the guard and the writer thread.
@@ -48,6 +82,9 @@ pub(crate) struct Shared {
     pub(crate) queued_cost: AtomicUsize,
     /// Set by shutdown: no record is admitted any more.
     pub(crate) closed: AtomicBool,
+    /// When a worker's tee pipe is behind: copy the bytes (true, a normal-priority writer) or
+    /// drop them (false, an idle-priority writer).
+    pub(crate) copy_when_behind: bool,
     pub(crate) records_queued: AtomicU64,
     pub(crate) bytes_queued: AtomicU64,
     pub(crate) records_written: AtomicU64,
@@ -58,9 +95,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(budget: usize) -> Shared {
+    pub(crate) fn new(budget: usize, copy_when_behind: bool) -> Shared {
         Shared {
             budget,
+            copy_when_behind,
             queued_cost: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             records_queued: AtomicU64::new(0),
@@ -101,21 +139,59 @@ impl Shared {
         self.queued_cost.fetch_sub(cost, Ordering::AcqRel);
     }
 
-    fn count_drop(&self, payload: usize) {
+    pub(crate) fn count_drop(&self, payload: usize) {
         self.dropped_records.fetch_add(1, Ordering::Relaxed);
         self.dropped_bytes
             .fetch_add(payload as u64, Ordering::Relaxed);
     }
 }
 
+/// Capacity asked for each tee pipe (the most an unprivileged process may ask for by default).
+const TEE_PIPE_SIZE: usize = 1 << 20;
+
+/// One worker's tee pipes. A pipe's capacity counts buffers (pages or socket fragments), not
+/// bytes, so each pipe takes bytes up to half its capacity; pipes are added while the writer
+/// lags, until together they could hold the whole queue budget. Records name their pipe, and
+/// each pipe is read in the order it was fed, so bytes may go to any pipe with room.
+#[derive(Debug, Default)]
+pub(crate) struct Lane {
+    /// Only the owning worker locks it (the writer reads through the records' `Arc`s).
+    pipes: std::sync::Mutex<Vec<Arc<TeePipe>>>,
+}
+
+impl Lane {
+    /// A pipe that can take `len` more bytes now, made if needed and allowed; `None` when all
+    /// are behind and no more can be had.
+    fn pipe_with_room(&self, len: usize, budget: usize) -> Option<Arc<TeePipe>> {
+        let mut pipes = self.pipes.lock().unwrap_or_else(|e| e.into_inner());
+        let room = |p: &TeePipe| p.pending() + len <= p.capacity() / 2;
+        if let Some(p) = pipes.iter().find(|p| room(p)) {
+            return Some(Arc::clone(p));
+        }
+        let held: usize = pipes.iter().map(|p| p.capacity() / 2).sum();
+        if held >= budget {
+            return None;
+        }
+        let pipe = Arc::new(TeePipe::new(TEE_PIPE_SIZE).ok()?);
+        if !room(&pipe) {
+            return None;
+        }
+        pipes.push(Arc::clone(&pipe));
+        Some(pipe)
+    }
+}
+
 /// The answer of [`TapHandle::wants`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wants {
-    /// Show the bytes to the tap.
+    /// Copy the bytes and show them to the tap.
     Yes,
+    /// Splice the bytes and give the tap a tee of them.
+    Tee,
     /// Past snaplen: the tap never captures these bytes (not a drop).
     BeyondSnaplen,
-    /// The queue is full: these bytes would be dropped.
+    /// The queue is full (or the tee pipe is, behind an idle-priority writer): these bytes
+    /// would be dropped.
     QueueFull,
 }
 
@@ -128,6 +204,9 @@ pub struct TapHandle {
     /// Unbounded: `send` never blocks. `Sender` is `Sync`, so no lock is needed.
     tx: Sender<Msg>,
     snaplen: Option<u64>,
+    /// This worker's tee pipes (see [`TapHandle::for_worker`]); `None` on the handle `start`
+    /// returns (the tap then sees copied bytes only).
+    lane: Option<Arc<Lane>>,
 }
 
 // The handle must be usable from any thread of the event loop.
@@ -142,6 +221,17 @@ impl TapHandle {
             shared,
             tx,
             snaplen,
+            lane: None,
+        }
+    }
+
+    /// A handle for one event loop, with a tee pipe of its own for [`TapHandle::tee`]. A tee
+    /// pipe's bytes must be queued in the order they were teed, so one pipe is never fed by two
+    /// threads: each worker takes its own handle, and clones of it stay on that worker.
+    pub fn for_worker(&self) -> TapHandle {
+        TapHandle {
+            lane: Some(Arc::new(Lane::default())),
+            ..self.clone()
         }
     }
 
@@ -185,11 +275,15 @@ impl TapHandle {
         self.push(conn, event, RECORD_OVERHEAD, 0)
     }
 
-    /// Whether the tap wants the bytes at stream offset `offset` of a direction now: not when
-    /// they are beyond snaplen (never captured), nor when a chunk of `len` bytes would not fit in
-    /// the queue (it would be dropped). Either way the event loop may move those bytes with
-    /// `splice(2)` without showing them to the tap, and reports a full queue with
-    /// [`TapHandle::count_skipped`].
+    /// How the tap wants the bytes at stream offset `offset` of a spliced (bulk) direction, in
+    /// chunks of up to `len` bytes:
+    /// - [`Wants::Tee`]: splice them and hand the tap a tee ([`TapHandle::tee`]), while this
+    ///   worker's tee pipe has room;
+    /// - [`Wants::Yes`]: copy them through user space and offer them to [`TapHandle::data`]
+    ///   (no tee pipe, or it is behind and the writer runs at normal priority);
+    /// - [`Wants::BeyondSnaplen`] / [`Wants::QueueFull`]: splice them without the tap; a full
+    ///   queue (or a tee pipe behind an idle-priority writer) is reported with
+    ///   [`TapHandle::count_skipped`].
     pub fn wants(&self, offset: u64, len: usize) -> Wants {
         if self.snaplen.is_some_and(|s| offset >= s) {
             return Wants::BeyondSnaplen;
@@ -200,7 +294,85 @@ impl TapHandle {
         {
             return Wants::QueueFull;
         }
-        Wants::Yes
+        match &self.lane {
+            None => Wants::Yes,
+            Some(lane) if lane.pipe_with_room(len, self.shared.budget).is_some() => Wants::Tee,
+            Some(_) if self.shared.copy_when_behind => Wants::Yes,
+            Some(_) => Wants::QueueFull,
+        }
+    }
+
+    /// Captures `len` bytes, proxied in `dir` at stream `offset`, that fill the whole kernel pipe
+    /// `src` (a [`KernelPipe::read_fd`](crate::splice::KernelPipe::read_fd)): duplicates them
+    /// with `tee(2)` into `pipe` and queues a record naming them; the writer reads them out.
+    /// No byte is copied on the data path.
+    ///
+    /// Never blocks. Applies snaplen like [`TapHandle::data`]. Bytes that do not fit in the queue
+    /// budget or in `pipe` are dropped and counted; returns how many.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tee(
+        &self,
+        conn: &Arc<ConnMeta>,
+        dir: Direction,
+        offset: u64,
+        src: std::os::fd::RawFd,
+        len: usize,
+    ) -> u64 {
+        let want = match self.snaplen {
+            Some(limit) if offset >= limit => return 0,
+            Some(limit) => len.min(usize::try_from(limit - offset).unwrap_or(usize::MAX)),
+            None => len,
+        };
+        if want == 0 {
+            return 0;
+        }
+        let Some(pipe) = self
+            .lane
+            .as_ref()
+            .and_then(|l| l.pipe_with_room(want, self.shared.budget))
+        else {
+            self.shared.count_drop(want);
+            return want as u64;
+        };
+        let cost = want.saturating_add(RECORD_OVERHEAD);
+        if !self.shared.try_reserve(cost, self.shared.budget) {
+            self.shared.count_drop(want);
+            return want as u64;
+        }
+        // A refused tee (it should not be) loses these bytes to the tap, like a full pipe.
+        let teed = pipe.tee_from(src, want).unwrap_or(0);
+        self.shared.release(want - teed);
+        if teed == 0 {
+            self.shared.release(RECORD_OVERHEAD);
+            self.shared.count_drop(want);
+            return want as u64;
+        }
+        let cost = teed + RECORD_OVERHEAD;
+        let msg = Msg::Teed(
+            Teed {
+                time: SystemTime::now(),
+                conn: Arc::clone(conn),
+                dir,
+                offset,
+                len: teed,
+                pipe: Arc::clone(&pipe),
+            },
+            cost,
+        );
+        if self.tx.send(msg).is_err() {
+            self.shared.release(cost);
+            self.shared.count_drop(want);
+            return want as u64;
+        }
+        self.shared.records_queued.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .bytes_queued
+            .fetch_add(teed as u64, Ordering::Relaxed);
+        let lost = want - teed;
+        if lost > 0 {
+            self.shared.count_drop(lost);
+        }
+        lost as u64
     }
 
     /// Counts `bytes` that were proxied without being offered to the tap because its queue was
@@ -271,9 +443,116 @@ mod tests {
         assert_eq!(clip(None, 0, b""), None);
     }
 
+    /// A handle over a fresh queue, for one worker, and the writer's end of the channel.
+    fn worker_handle(
+        budget: usize,
+        snaplen: Option<u64>,
+    ) -> (TapHandle, std::sync::mpsc::Receiver<Msg>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared::new(budget, false));
+        (TapHandle::new(shared, tx, snaplen).for_worker(), rx)
+    }
+
+    /// A kernel pipe holding `data`, spliced from a real socket as the event loop does.
+    fn filled_pipe(data: &[u8]) -> crate::splice::KernelPipe {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        a.write_all(data).unwrap();
+        let mut p = crate::splice::KernelPipe::new(64 * 1024).unwrap();
+        while p.len < data.len() {
+            p.fill_from(b.as_raw_fd()).unwrap();
+        }
+        p
+    }
+
+    fn conn() -> Arc<ConnMeta> {
+        Arc::new(ConnMeta {
+            id: 7,
+            route: Arc::from("r"),
+            downstream: "127.0.0.1:1".parse().unwrap(),
+            upstream: "127.0.0.1:2".parse().unwrap(),
+        })
+    }
+
+    #[test]
+    fn tee_queues_the_spliced_bytes_without_consuming_them() {
+        let (h, rx) = worker_handle(1 << 20, None);
+        assert_eq!(h.wants(0, 4096), Wants::Tee);
+        let p = filled_pipe(b"spliced and teed");
+        assert_eq!(
+            h.tee(&conn(), Direction::UpToDown, 100, p.read_fd(), p.len),
+            0
+        );
+        assert_eq!(p.len, 16, "the loop's pipe keeps its bytes");
+        let Ok(Msg::Teed(teed, cost)) = rx.try_recv() else {
+            panic!("no teed record")
+        };
+        assert_eq!(cost, 16 + RECORD_OVERHEAD);
+        assert_eq!(h.queued_cost(), cost, "charged until written");
+        let (record, missing) = teed.into_record();
+        assert_eq!(missing, 0);
+        let TapEvent::Data { dir, offset, bytes } = record.event else {
+            panic!("not data")
+        };
+        assert_eq!(
+            (dir, offset, bytes.as_slice()),
+            (Direction::UpToDown, 100, &b"spliced and teed"[..])
+        );
+        assert_eq!(h.stats().bytes_queued, 16);
+    }
+
+    #[test]
+    fn tee_applies_snaplen_and_counts_what_does_not_fit() {
+        let (h, rx) = worker_handle(1 << 20, Some(10));
+        let p = filled_pipe(b"0123456789abcdef");
+        assert_eq!(
+            h.tee(&conn(), Direction::DownToUp, 4, p.read_fd(), p.len),
+            0
+        );
+        let Ok(Msg::Teed(teed, _)) = rx.try_recv() else {
+            panic!("no teed record")
+        };
+        let TapEvent::Data { bytes, .. } = teed.into_record().0.event else {
+            panic!("not data")
+        };
+        assert_eq!(bytes, b"012345", "clipped at snaplen 10 from offset 4");
+        assert_eq!(
+            h.tee(&conn(), Direction::DownToUp, 10, p.read_fd(), p.len),
+            0
+        );
+        assert!(rx.try_recv().is_err(), "nothing past snaplen");
+        assert_eq!(h.wants(10, 4096), Wants::BeyondSnaplen);
+
+        // A queue without room for the chunk: dropped and counted, nothing queued.
+        let (h, rx) = worker_handle(4096, None);
+        let big = filled_pipe(&[1u8; 8192]);
+        assert_eq!(h.wants(0, 8192), Wants::QueueFull);
+        assert_eq!(
+            h.tee(&conn(), Direction::DownToUp, 0, big.read_fd(), big.len),
+            8192
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(
+            (h.stats().dropped_records, h.stats().dropped_bytes),
+            (1, 8192)
+        );
+        assert_eq!(h.queued_cost(), 0, "the reservation was given back");
+    }
+
+    #[test]
+    fn only_a_worker_handle_tees() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let h = TapHandle::new(Arc::new(Shared::new(1 << 20, false)), tx, None);
+        assert_eq!(h.wants(0, 4096), Wants::Yes, "no tee pipe: copy");
+        assert_eq!(h.for_worker().wants(0, 4096), Wants::Tee);
+    }
+
     #[test]
     fn reserve_respects_limit() {
-        let s = Shared::new(100);
+        let s = Shared::new(100, false);
         assert!(s.try_reserve(60, 100));
         assert!(!s.try_reserve(60, 100));
         assert!(s.try_reserve(40, 100));

@@ -78,6 +78,21 @@ pub(crate) struct NamedText {
     pub(crate) sink: TextSink,
 }
 
+/// Moves the calling thread to `SCHED_IDLE` (see [`WriterPriority::Idle`]); lowering a thread's
+/// own priority needs no privilege. A failure is logged and the thread keeps its priority.
+///
+/// [`WriterPriority::Idle`]: super::WriterPriority::Idle
+pub(crate) fn set_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        warn!(
+            "tap: cannot lower the writer thread's priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// The writer thread's state.
 pub(crate) struct Writer {
     pub(crate) rx: Receiver<Msg>,
@@ -134,6 +149,14 @@ impl Writer {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(record, c) => {
+                        batch.push(record);
+                        cost += c;
+                    }
+                    Msg::Teed(teed, c) => {
+                        let (record, missing) = teed.into_record();
+                        if missing > 0 {
+                            self.shared.count_drop(missing);
+                        }
                         batch.push(record);
                         cost += c;
                     }
