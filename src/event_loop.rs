@@ -374,7 +374,7 @@ impl Server {
                     .collect(),
                 pairs: Slab::with_capacity(1024),
                 pool: BufferPool::new(buffer_size, max_free),
-                pipes: PipePool::new(buffer_size, PIPE_POOL_MAX),
+                pipes: PipePool::new(shared.config.splice_pipe_size, PIPE_POOL_MAX),
                 sets: shared
                     .config
                     .routes
@@ -1776,6 +1776,11 @@ fn prepare_reload(
             new.max_connections,
         ),
         ("workers", shared.config.workers.get(), new.workers.get()),
+        (
+            "splice_pipe_size",
+            shared.config.splice_pipe_size,
+            new.splice_pipe_size,
+        ),
     ] {
         if old != now {
             warn!("reload: `{what}` changes from {old} to {now} at the next restart, not now");

@@ -271,7 +271,7 @@ impl Pair {
             let wants = match tap.as_ref() {
                 _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
-                Some(t) => t.handle.wants(pipe.read_total(), pool.buffer_size()),
+                Some(t) => t.handle.wants(pipe.read_total(), pipes.size()),
             };
             let tee = wants == Wants::Tee;
             let splice = wants != Wants::Yes;

@@ -200,6 +200,11 @@ impl PipePool {
         }
     }
 
+    /// The capacity asked for each pipe.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
     /// An empty pipe; fails when descriptors run out (the caller falls back to copying).
     pub fn take(&mut self) -> io::Result<KernelPipe> {
         match self.free.pop() {
