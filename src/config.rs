@@ -793,12 +793,12 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         None => DEFAULT_TAP_QUEUE,
     };
     let writer_priority = match raw.writer_priority.as_deref() {
-        None | Some("idle") => WriterPriority::Idle,
+        None | Some("low") => WriterPriority::Low,
         Some("normal") => WriterPriority::Normal,
         Some(other) => {
             return Err(ctx.invalid(
                 format!("{prefix}.writer_priority"),
-                format!("expected \"idle\" or \"normal\", got {other:?}"),
+                format!("expected \"low\" or \"normal\", got {other:?}"),
             ));
         }
     };
@@ -1098,7 +1098,7 @@ mod tests {
     fn tap_writer_priority() {
         let with = |v: &str| format!("[tap]\npcap = \"x.pcap\"\n{v}{MINIMAL}");
         let tap = |c: Config| c.routes[0].tap.clone().expect("a tap").writer_priority;
-        assert_eq!(tap(parse(&with("")).unwrap()), WriterPriority::Idle);
+        assert_eq!(tap(parse(&with("")).unwrap()), WriterPriority::Low);
         assert_eq!(
             tap(parse(&with("writer_priority = \"normal\"\n")).unwrap()),
             WriterPriority::Normal

@@ -22,7 +22,7 @@ use tcptap::proxy_protocol::{
     self, Command as PpCommand, ParseError, Parsed, ProxyHeader, Version, encode_v1, encode_v2,
 };
 
-use common::{PROMPT, Pattern, Proxy, TempDir, Upstream, connect, read_to_end};
+use common::{PROMPT, Pattern, Proxy, TAP_FLUSH, TempDir, Upstream, connect, read_to_end};
 
 const REQUEST_LEN: usize = 100 * 1024;
 
@@ -217,7 +217,7 @@ fn accept_proxy_protocol_v1_and_v2_use_the_header_addresses() {
             )),
             "{line}"
         );
-        wait_file_contains(&tap, &src.to_string(), PROMPT);
+        wait_file_contains(&tap, &src.to_string(), TAP_FLUSH);
     }
     let real = c.local_addr().unwrap().to_string();
     assert!(

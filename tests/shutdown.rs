@@ -81,11 +81,8 @@ fn drain_timeout_resets_stragglers_and_exits_zero() {
         ErrorKind::ConnectionReset,
         "straggler must be reset, not FIN'd"
     );
-    assert!(
-        proxy.logs().contains("aborted at end of shutdown drain"),
-        "{}",
-        proxy.logs()
-    );
+    // The log reader may still be catching up with the exited process's last lines.
+    proxy.wait_log("aborted at end of shutdown drain", PROMPT);
 }
 
 #[test]

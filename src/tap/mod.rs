@@ -15,7 +15,7 @@
 //!   record naming the pipe; the writer reads the bytes out. Each tee pipe is fed by one thread
 //!   and read in queue order, so a record's bytes are at the head of its pipe when the writer
 //!   takes it. Teed bytes are charged to the queue budget like copied ones.
-//! - The writer runs at `SCHED_IDLE` unless configured otherwise ([`WriterPriority`]).
+//! - The writer runs at nice 19 unless configured otherwise ([`WriterPriority`]).
 //! - Snaplen is applied on the loop side: only the first `snaplen` bytes of each direction of each
 //!   connection are ever queued.
 //! - The writer thread is the only one doing tap I/O; a sink that blocks forever blocks only it,
@@ -101,10 +101,12 @@ pub struct TapConfig {
 /// How the tap writer thread competes for CPU with the event loops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriterPriority {
-    /// `SCHED_IDLE`: the writer runs on CPU time nothing else wants, and bulk bytes it has
-    /// fallen behind on are dropped (and counted): the tap costs proxying as little as it can.
+    /// The lowest time-sharing priority (nice 19): the writer gets little CPU while the event
+    /// loops want it, and bulk bytes it has fallen behind on are dropped (and counted): the tap
+    /// costs proxying as little as it can. (Not `SCHED_IDLE`: on a machine kept busy by other
+    /// processes that would starve it completely, and an unprivileged process cannot undo it.)
     #[default]
-    Idle,
+    Low,
     /// The normal time-sharing class, and bulk bytes the writer has fallen behind on are copied
     /// into the queue while it has room: a fuller capture, at the cost of CPU the event loops
     /// could use.
@@ -272,8 +274,8 @@ fn spawn(
     let thread = std::thread::Builder::new()
         .name("tap-writer".to_owned())
         .spawn(move || {
-            if priority == WriterPriority::Idle {
-                writer::set_idle_priority();
+            if priority == WriterPriority::Low {
+                writer::set_low_priority();
             }
             writer.run(done_tx)
         })

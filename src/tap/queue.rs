@@ -83,7 +83,7 @@ pub(crate) struct Shared {
     /// Set by shutdown: no record is admitted any more.
     pub(crate) closed: AtomicBool,
     /// When a worker's tee pipe is behind: copy the bytes (true, a normal-priority writer) or
-    /// drop them (false, an idle-priority writer).
+    /// drop them (false, a low-priority writer).
     pub(crate) copy_when_behind: bool,
     pub(crate) records_queued: AtomicU64,
     pub(crate) bytes_queued: AtomicU64,
@@ -190,7 +190,7 @@ pub enum Wants {
     Tee,
     /// Past snaplen: the tap never captures these bytes (not a drop).
     BeyondSnaplen,
-    /// The queue is full (or the tee pipe is, behind an idle-priority writer): these bytes
+    /// The queue is full (or the tee pipe is, behind a low-priority writer): these bytes
     /// would be dropped.
     QueueFull,
 }
@@ -282,7 +282,7 @@ impl TapHandle {
     /// - [`Wants::Yes`]: copy them through user space and offer them to [`TapHandle::data`]
     ///   (no tee pipe, or it is behind and the writer runs at normal priority);
     /// - [`Wants::BeyondSnaplen`] / [`Wants::QueueFull`]: splice them without the tap; a full
-    ///   queue (or a tee pipe behind an idle-priority writer) is reported with
+    ///   queue (or a tee pipe behind a low-priority writer) is reported with
     ///   [`TapHandle::count_skipped`].
     pub fn wants(&self, offset: u64, len: usize) -> Wants {
         if self.snaplen.is_some_and(|s| offset >= s) {

@@ -78,14 +78,16 @@ pub(crate) struct NamedText {
     pub(crate) sink: TextSink,
 }
 
-/// Moves the calling thread to `SCHED_IDLE` (see [`WriterPriority::Idle`]); lowering a thread's
-/// own priority needs no privilege. A failure is logged and the thread keeps its priority.
+/// Gives the calling thread the lowest time-sharing priority, nice 19 (see
+/// [`WriterPriority::Low`]); lowering one's own priority needs no privilege, and on Linux it
+/// applies to the one thread. A failure is logged and the thread keeps its priority.
 ///
-/// [`WriterPriority::Idle`]: super::WriterPriority::Idle
-pub(crate) fn set_idle_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+/// [`WriterPriority::Low`]: super::WriterPriority::Low
+pub(crate) fn set_low_priority() {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: plain syscall on this thread's own id.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) } != 0 {
         warn!(
             "tap: cannot lower the writer thread's priority: {}",
             io::Error::last_os_error()

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 /// Generous bound for anything that should happen "promptly" on a loaded 2-core machine.
 pub const PROMPT: Duration = Duration::from_secs(5);
+/// Time allowed for tap output to appear, or for a proxy with a tap to exit (it flushes the tap
+/// first): the tap writer runs at low priority, slow on a machine busy with other tests.
+pub const TAP_FLUSH: Duration = Duration::from_secs(30);
 
 /// A deterministic byte stream: the receiver regenerates it to check every byte.
 #[derive(Clone)]
