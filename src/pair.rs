@@ -10,6 +10,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,6 @@ use crate::net;
 use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
 use crate::splice::PipePool;
 use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle, Wants};
-use std::os::fd::RawFd;
 
 /// Why a pair ended; shown in the close log line and the tap.
 #[derive(Debug)]

@@ -88,10 +88,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// A kernel pipe that mirrors the bytes of a spliced direction to the tap: the event loop
-/// duplicates a [`KernelPipe`]'s contents into it with `tee(2)` (page references, no copy), and
-/// the tap writer thread reads them out. One per tapped direction; shared by the loop (write
-/// end) and the records in the tap queue (read end), so it lives as long as either needs it.
+/// A kernel pipe that mirrors spliced bytes to the tap: the event loop duplicates a
+/// [`KernelPipe`]'s contents into it with `tee(2)` (page references, no copy), and the tap writer
+/// thread reads them out. Each worker has its own (see `tap::queue::Lane`); shared by the loop
+/// (write end) and the records in the tap queue (read end), so it lives as long as either needs
+/// it.
 ///
 /// The write end is non-blocking: a tee into a full pipe moves nothing, and the loop counts the
 /// bytes as dropped. The read end is non-blocking too: the writer reads only bytes that a queued
@@ -106,25 +107,18 @@ pub struct TeePipe {
 }
 
 impl TeePipe {
-    /// A new empty pipe of `size` bytes, or of the largest an unprivileged process may ask for
-    /// (`/proc/sys/fs/pipe-max-size`, 1 MiB by default) when `size` is refused, or else of the
-    /// kernel's default size.
+    /// A new empty pipe of `size` bytes (of the kernel's default size when refused).
     pub fn new(size: usize) -> io::Result<TeePipe> {
-        let mut kp = KernelPipe::new(size)?;
-        const UNPRIVILEGED_MAX: usize = 1 << 20;
-        if kp.capacity < size.min(UNPRIVILEGED_MAX) {
-            let fd = kp.write.as_raw_fd();
-            // SAFETY: fcntl on a descriptor we own.
-            let got =
-                unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, UNPRIVILEGED_MAX as libc::c_int) };
-            if got > 0 {
-                kp.capacity = got as usize;
-            }
-        }
+        let KernelPipe {
+            read,
+            write,
+            capacity,
+            ..
+        } = KernelPipe::new(size)?;
         Ok(TeePipe {
-            read: kp.read,
-            write: kp.write,
-            capacity: kp.capacity,
+            read,
+            write,
+            capacity,
             pending: Default::default(),
         })
     }
@@ -159,15 +153,16 @@ impl TeePipe {
 
     /// Reads up to `len` bytes out of the pipe, appending them to `out`; returns how many.
     pub fn read_into(&self, out: &mut Vec<u8>, len: usize) -> usize {
-        let start = out.len();
-        out.resize(start + len, 0);
+        out.reserve(len);
         let mut got = 0;
         while got < len {
-            let rest = &mut out[start + got..];
-            // SAFETY: reads into the initialized tail of `out`, at most its length.
+            let rest = &mut out.spare_capacity_mut()[..len - got];
+            // SAFETY: reads at most `rest.len()` bytes into the vector's spare capacity.
             let n =
                 unsafe { libc::read(self.read.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
             if n > 0 {
+                // SAFETY: the kernel initialized these `n` bytes.
+                unsafe { out.set_len(out.len() + n as usize) };
                 got += n as usize;
             } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -175,7 +170,6 @@ impl TeePipe {
                 break;
             }
         }
-        out.truncate(start + got);
         self.pending
             .fetch_sub(got, std::sync::atomic::Ordering::AcqRel);
         got
@@ -227,14 +221,21 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
+    /// Two loopback connections: bytes written to `a` arrive at `b`; bytes sent from `c` arrive
+    /// at `d`.
+    fn two_connections() -> [TcpStream; 4] {
+        let pair = || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (a, l.accept().unwrap().0)
+        };
+        let ((a, b), (c, d)) = (pair(), pair());
+        [a, b, c, d]
+    }
+
     #[test]
     fn moves_bytes_between_sockets_and_sees_eof() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
-        let (mut d, _) = l2.accept().unwrap();
+        let [mut a, b, c, mut d] = two_connections();
         let mut pool = PipePool::new(64 * 1024, 2);
         let mut p = pool.take().unwrap();
         a.write_all(b"zero-copy").unwrap();
@@ -257,12 +258,7 @@ mod tests {
 
     #[test]
     fn tee_duplicates_without_consuming() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
-        let (mut d, _) = l2.accept().unwrap();
+        let [mut a, b, c, mut d] = two_connections();
         let mut p = KernelPipe::new(64 * 1024).unwrap();
         let tee = TeePipe::new(4096).unwrap();
         a.write_all(b"mirrored").unwrap();
@@ -299,17 +295,8 @@ mod tests {
         // SAFETY: writes from a live buffer into a pipe we own.
         let n = unsafe { libc::write(src.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
         assert!(n > 0);
-        let mut teed = 0;
-        loop {
-            match dst.tee_from(src.read_fd(), n as usize).unwrap() {
-                0 => break,
-                m => teed += m,
-            }
-            // tee always copies from the head: stop once the destination is full.
-            if teed >= 64 * 1024 {
-                break;
-            }
-        }
+        // tee always duplicates from the head: one call fills the one-page destination.
+        let teed = dst.tee_from(src.read_fd(), n as usize).unwrap();
         assert!(teed > 0 && teed < 64 * 1024, "teed {teed}");
         assert_eq!(dst.tee_from(src.read_fd(), 1).unwrap(), 0, "full");
     }

@@ -318,61 +318,43 @@ impl TapHandle {
         src: std::os::fd::RawFd,
         len: usize,
     ) -> u64 {
-        let want = match self.snaplen {
-            Some(limit) if offset >= limit => return 0,
-            Some(limit) => len.min(usize::try_from(limit - offset).unwrap_or(usize::MAX)),
-            None => len,
-        };
+        let want = clip_len(self.snaplen, offset, len);
         if want == 0 {
             return 0;
         }
-        let Some(pipe) = self
+        let pipe = self
             .lane
             .as_ref()
-            .and_then(|l| l.pipe_with_room(want, self.shared.budget))
+            .and_then(|l| l.pipe_with_room(want, self.shared.budget));
+        let reserved = want + RECORD_OVERHEAD;
+        let Some(pipe) = pipe.filter(|_| self.shared.try_reserve(reserved, self.shared.budget))
         else {
             self.shared.count_drop(want);
             return want as u64;
         };
-        let cost = want.saturating_add(RECORD_OVERHEAD);
-        if !self.shared.try_reserve(cost, self.shared.budget) {
-            self.shared.count_drop(want);
-            return want as u64;
-        }
         // A refused tee (it should not be) loses these bytes to the tap, like a full pipe.
         let teed = pipe.tee_from(src, want).unwrap_or(0);
-        self.shared.release(want - teed);
         if teed == 0 {
-            self.shared.release(RECORD_OVERHEAD);
+            self.shared.release(reserved);
             self.shared.count_drop(want);
             return want as u64;
         }
         let cost = teed + RECORD_OVERHEAD;
-        let msg = Msg::Teed(
-            Teed {
-                time: SystemTime::now(),
-                conn: Arc::clone(conn),
-                dir,
-                offset,
-                len: teed,
-                pipe: Arc::clone(&pipe),
-            },
-            cost,
-        );
-        if self.tx.send(msg).is_err() {
-            self.shared.release(cost);
-            self.shared.count_drop(want);
-            return want as u64;
-        }
-        self.shared.records_queued.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .bytes_queued
-            .fetch_add(teed as u64, Ordering::Relaxed);
+        self.shared.release(reserved - cost);
+        let record = Teed {
+            time: SystemTime::now(),
+            conn: Arc::clone(conn),
+            dir,
+            offset,
+            len: teed,
+            pipe,
+        };
+        let sent = self.send(Msg::Teed(record, cost), cost, teed);
         let lost = want - teed;
         if lost > 0 {
             self.shared.count_drop(lost);
         }
-        lost as u64
+        if sent { lost as u64 } else { want as u64 }
     }
 
     /// Counts `bytes` that were proxied without being offered to the tap because its queue was
@@ -401,7 +383,13 @@ impl TapHandle {
             conn: Arc::clone(conn),
             event,
         };
-        if self.tx.send(Msg::Record(record, cost)).is_err() {
+        self.send(Msg::Record(record, cost), cost, payload)
+    }
+
+    /// Sends an admitted message of `cost` carrying `payload` bytes, and counts it; if the
+    /// writer is gone, gives the cost back and counts a drop.
+    fn send(&self, msg: Msg, cost: usize, payload: usize) -> bool {
+        if self.tx.send(msg).is_err() {
             // The writer is gone (it only exits at shutdown).
             self.shared.release(cost);
             self.shared.count_drop(payload);
@@ -415,16 +403,17 @@ impl TapHandle {
     }
 }
 
+/// How many of `len` bytes at stream `offset` fall under `snaplen`.
+fn clip_len(snaplen: Option<u64>, offset: u64, len: usize) -> usize {
+    match snaplen {
+        Some(limit) => len.min(usize::try_from(limit.saturating_sub(offset)).unwrap_or(usize::MAX)),
+        None => len,
+    }
+}
+
 /// Clips `bytes` at stream `offset` to `snaplen`; `None` if nothing is left to queue.
 fn clip(snaplen: Option<u64>, offset: u64, bytes: &[u8]) -> Option<&[u8]> {
-    let bytes = match snaplen {
-        Some(limit) if offset >= limit => return None,
-        Some(limit) => {
-            let room = usize::try_from(limit - offset).unwrap_or(usize::MAX);
-            &bytes[..bytes.len().min(room)]
-        }
-        None => bytes,
-    };
+    let bytes = &bytes[..clip_len(snaplen, offset, bytes.len())];
     (!bytes.is_empty()).then_some(bytes)
 }
 
@@ -469,12 +458,7 @@ mod tests {
     }
 
     fn conn() -> Arc<ConnMeta> {
-        Arc::new(ConnMeta {
-            id: 7,
-            route: Arc::from("r"),
-            downstream: "127.0.0.1:1".parse().unwrap(),
-            upstream: "127.0.0.1:2".parse().unwrap(),
-        })
+        crate::tap::testutil::conn(7, "127.0.0.1:1", "127.0.0.1:2")
     }
 
     #[test]
