@@ -117,6 +117,7 @@ struct RawTap {
     pcap: Option<String>,
     pcap_rotate_size: Option<Size>,
     pcap_max_files: Option<u32>,
+    pcap_direct_io: Option<bool>,
     snaplen: Option<Size>,
     queue_size: Option<Size>,
     writer_priority: Option<String>,
@@ -767,16 +768,21 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
     if max_files == 0 {
         return Err(ctx.invalid(format!("{prefix}.pcap_max_files"), "must be at least 1"));
     }
-    if raw.pcap.is_none() && (raw.pcap_rotate_size.is_some() || raw.pcap_max_files.is_some()) {
+    if raw.pcap.is_none()
+        && (raw.pcap_rotate_size.is_some()
+            || raw.pcap_max_files.is_some()
+            || raw.pcap_direct_io.is_some())
+    {
         return Err(ctx.invalid(
             format!("{prefix}.pcap"),
-            "pcap_rotate_size/pcap_max_files are set but no pcap file is",
+            "pcap_rotate_size/pcap_max_files/pcap_direct_io are set but no pcap file is",
         ));
     }
     let pcap = raw.pcap.as_deref().map(|p| PcapTarget {
         path: PathBuf::from(p),
         rotate_bytes,
         max_files,
+        direct_io: raw.pcap_direct_io.unwrap_or(true),
     });
     let snaplen = match &raw.snaplen {
         Some(s) => Some(ctx.size(&format!("{prefix}.snaplen"), s)?),
@@ -1108,6 +1114,26 @@ mod tests {
             e.contains("test.toml") && e.contains("tap.writer_priority") && e.contains("\"high\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tap_pcap_direct_io() {
+        let with = |v: &str| format!("[tap]\n{v}{MINIMAL}");
+        let direct = |c: Config| {
+            let tap = c.routes[0].tap.clone().expect("a tap");
+            tap.pcap.expect("a pcap").direct_io
+        };
+        assert!(direct(parse(&with("pcap = \"x.pcap\"\n")).unwrap()));
+        assert!(!direct(
+            parse(&with("pcap = \"x.pcap\"\npcap_direct_io = false\n")).unwrap()
+        ));
+        let e = err(&with("log = \"-\"\npcap_direct_io = true\n"));
+        assert!(
+            e.contains("test.toml") && e.contains("tap.pcap") && e.contains("pcap_direct_io"),
+            "{e}"
+        );
+        let e = err(&with("pcap = \"x.pcap\"\npcap_direct_io = \"yes\"\n"));
+        assert!(e.contains("pcap_direct_io"), "{e}");
     }
 
     #[test]

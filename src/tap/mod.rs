@@ -26,6 +26,7 @@
 //! Layout: `queue.rs` (loop side), `writer.rs` (thread and outputs), `text.rs` (log format),
 //! `pcap.rs` (packet synthesis), `rotate.rs` (pcap files), `record.rs` (the record types).
 
+mod direct;
 mod pcap;
 mod queue;
 mod record;
@@ -81,6 +82,9 @@ pub struct PcapTarget {
     pub rotate_bytes: Option<u64>,
     /// Most files kept, the current one included (at least 1).
     pub max_files: u32,
+    /// Write regular files with `O_DIRECT` (bulk blocks bypass the page cache); falls back to
+    /// the page cache where refused.
+    pub direct_io: bool,
 }
 
 /// Tap configuration.
@@ -494,6 +498,7 @@ mod tests {
             path: PathBuf::from("/dev/full"),
             rotate_bytes: Some(1000),
             max_files: 3,
+            direct_io: true,
         });
         let (tap, guard) = start(&cfg).expect("start");
         let c = conn(3, "10.0.0.1:1000", "10.0.0.2:2000");
@@ -524,6 +529,7 @@ mod tests {
             path: PathBuf::from("/nonexistent-dir/cap.pcap"),
             rotate_bytes: None,
             max_files: 1,
+            direct_io: true,
         });
         let err = start(&cfg).expect_err("no such directory");
         assert!(
@@ -547,6 +553,7 @@ mod tests {
                 path: pcap.clone(),
                 rotate_bytes: None,
                 max_files: 1,
+                direct_io: true,
             }),
             snaplen: Some(10),
             queue_bytes: 1 << 20,

@@ -189,12 +189,13 @@ impl PcapSink {
         self.file.path().display().to_string()
     }
 
-    /// Renders the batch and writes it.
-    pub(crate) fn write_batch(&mut self, batch: &[TapRecord]) -> io::Result<()> {
+    /// Renders the batch and writes it. `more_queued`: more records are waiting, so a partial
+    /// block may be held back for the next batch (see [`RotatingFile::flush`]).
+    pub(crate) fn write_batch(&mut self, batch: &[TapRecord], more_queued: bool) -> io::Result<()> {
         for record in batch {
             self.record(record);
         }
-        self.file.flush()
+        self.file.flush(more_queued)
     }
 
     /// Appends the packets of one record.
@@ -650,12 +651,160 @@ mod tests {
     }
 
     fn sink(path: &Path, rotate_bytes: Option<u64>, max_files: u32) -> PcapSink {
+        sink_with(path, rotate_bytes, max_files, true)
+    }
+
+    fn sink_with(path: &Path, rotate_bytes: Option<u64>, max_files: u32, direct: bool) -> PcapSink {
         PcapSink::open(&PcapTarget {
             path: path.to_path_buf(),
             rotate_bytes,
             max_files,
+            direct_io: direct,
         })
         .expect("open pcap sink")
+    }
+
+    /// Records of one connection carrying payloads of the given sizes (every third one from the
+    /// upstream), and the bytes of each direction (client to server first).
+    fn bulk_records(c: &Arc<ConnMeta>, sizes: &[usize]) -> (Vec<TapRecord>, [Vec<u8>; 2]) {
+        let mut records = vec![record(c, 0, TapEvent::Open)];
+        let mut sent: [Vec<u8>; 2] = Default::default();
+        for (i, &n) in sizes.iter().enumerate() {
+            let (dir, side) = if i % 3 == 2 { (U2C, 1) } else { (C2U, 0) };
+            let chunk = bytes(i as u64, n);
+            let offset = sent[side].len() as u64;
+            records.push(record(c, i as u64 + 1, data(dir, offset, &chunk)));
+            sent[side].extend_from_slice(&chunk);
+        }
+        (records, sent)
+    }
+
+    /// Where two captures part (for messages that do not print megabytes).
+    fn differ(direct: &[u8], cached: &[u8]) -> String {
+        let at = direct.iter().zip(cached).position(|(a, b)| a != b);
+        format!(
+            "direct file {} bytes, buffered {} bytes, first difference at {at:?}",
+            direct.len(),
+            cached.len()
+        )
+    }
+
+    /// Which of the file's pages are in the page cache.
+    fn resident_pages(path: &Path) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path).expect("open");
+        let len = file.metadata().unwrap().len() as usize;
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: a read-only shared mapping of `len` bytes of an open file, used only for
+        // mincore (never dereferenced) and unmapped before returning; `vec` has one byte per page.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED, "mmap");
+            let rc = libc::mincore(addr, len, vec.as_mut_ptr());
+            libc::munmap(addr, len);
+            assert_eq!(rc, 0, "mincore");
+        }
+        vec.into_iter().map(|b| b & 1 == 1).collect()
+    }
+
+    #[test]
+    fn direct_io_writes_the_same_bytes_and_keeps_them_out_of_the_page_cache() {
+        let dir = TempDir::new("pcap-direct");
+        let conn_meta = conn(40, "10.3.0.1:5000", "10.3.0.2:80");
+        // Bulk chunks (above DIRECT_MIN together) and small ones, in batches that end with more
+        // queued, then drained.
+        let sizes: Vec<usize> = (0..120)
+            .map(|i| if i % 5 == 0 { 97 + i } else { 65_536 + 13 * i })
+            .collect();
+        let (records, sent) = bulk_records(&conn_meta, &sizes);
+        let (direct_path, cached_path) = (dir.path().join("d.pcap"), dir.path().join("c.pcap"));
+        let mut direct = sink_with(&direct_path, None, 1, true);
+        let mut cached = sink_with(&cached_path, None, 1, false);
+        assert!(
+            direct.file.is_direct(),
+            "O_DIRECT refused in {}: this test needs a file system that supports it",
+            dir.path().display()
+        );
+        assert!(!cached.file.is_direct());
+        let batches: Vec<&[TapRecord]> = records.chunks(9).collect();
+        for (i, batch) in batches.iter().enumerate() {
+            let more = i + 1 < batches.len() && i % 4 != 3;
+            direct.write_batch(batch, more).expect("direct write");
+            cached.write_batch(batch, more).expect("cached write");
+            let (d, c) = (
+                std::fs::read(&direct_path).unwrap(),
+                std::fs::read(&cached_path).unwrap(),
+            );
+            if more {
+                assert!(c.starts_with(&d), "batch {i}: {}", differ(&d, &c));
+            } else {
+                assert!(d == c, "batch {i}: drained but {}", differ(&d, &c));
+            }
+        }
+        let (d, c) = (
+            std::fs::read(&direct_path).unwrap(),
+            std::fs::read(&cached_path).unwrap(),
+        );
+        assert!(d.len() > 6 << 20, "{} bytes", d.len());
+        assert!(d == c, "{}", differ(&d, &c));
+        let (client, server) = addrs(&conn_meta);
+        let conv = conversation(&read(&direct_path), client, server);
+        assert_eq!([conv.bytes(0), conv.bytes(1)], sent);
+
+        // Fresh files: what went out direct is not cached; the last partial block may be.
+        let (fresh_d, fresh_c) = (dir.path().join("d2.pcap"), dir.path().join("c2.pcap"));
+        let mut direct = sink_with(&fresh_d, None, 1, true);
+        let mut cached = sink_with(&fresh_c, None, 1, false);
+        direct.write_batch(&records, false).expect("direct write");
+        cached.write_batch(&records, false).expect("cached write");
+        let resident_d = resident_pages(&fresh_d);
+        let resident_c = resident_pages(&fresh_c);
+        assert!(resident_d.len() > 1500);
+        let cached_pages_d = resident_d.iter().filter(|&&r| r).count();
+        let cached_pages_c = resident_c.iter().filter(|&&r| r).count();
+        assert!(
+            cached_pages_d <= 2,
+            "{cached_pages_d} of {} pages of the direct file are cached",
+            resident_d.len()
+        );
+        assert!(
+            cached_pages_c > resident_c.len() / 2,
+            "the page cache holds a buffered write ({cached_pages_c} pages)"
+        );
+    }
+
+    #[test]
+    fn direct_io_rotation_keeps_every_file_valid() {
+        let dir = TempDir::new("pcap-direct-rotate");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, Some(1 << 20), 4);
+        let c = conn(41, "10.3.0.1:5001", "10.3.0.2:80");
+        let (records, _) = bulk_records(&c, &[200_000; 20]);
+        for batch in records.chunks(3) {
+            s.write_batch(batch, true).expect("write");
+        }
+        s.write_batch(&[], false).expect("drain");
+        for index in 0..4 {
+            let file = super::super::rotate::numbered(&path, index);
+            let len = std::fs::metadata(&file).unwrap().len();
+            assert!(len <= 1 << 20, "{} has {len} bytes", file.display());
+            let pkts = read(&file);
+            let payload: usize = pkts.iter().map(|p| p.payload.len()).sum();
+            assert!(
+                payload >= 600_000,
+                "{}: {payload} payload bytes",
+                file.display()
+            );
+        }
+        assert!(!super::super::rotate::numbered(&path, 4).exists());
     }
 
     fn data(dir: Direction, offset: u64, bytes: &[u8]) -> TapEvent {
@@ -796,7 +945,7 @@ mod tests {
         let mut all: Vec<TapRecord> = conns.iter().flat_map(|(_, r, _)| r.clone()).collect();
         all.sort_by_key(|r| r.time);
         for batch in all.chunks(5) {
-            s.write_batch(batch).expect("write batch");
+            s.write_batch(batch, false).expect("write batch");
         }
         assert!(s.flows.is_empty(), "state is forgotten at Close");
 
@@ -930,7 +1079,7 @@ mod tests {
                 },
             ),
         ];
-        s.write_batch(&batch).expect("write");
+        s.write_batch(&batch, false).expect("write");
         assert!(s.flows.is_empty());
         let pkts = read(&path);
 
@@ -1014,7 +1163,7 @@ mod tests {
             offset += chunk.len() as u64;
         }
         for batch in records.chunks(7) {
-            s.write_batch(batch).expect("write");
+            s.write_batch(batch, false).expect("write");
         }
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -1040,7 +1189,7 @@ mod tests {
         for i in 0..50u64 {
             let r = record(&c, i, data(C2U, offset, &bytes(i, 200)));
             offset += 200;
-            s.write_batch(&[r]).expect("write");
+            s.write_batch(&[r], false).expect("write");
         }
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
@@ -1053,7 +1202,7 @@ mod tests {
         let c = conn(30, "10.2.0.1:5000", "10.2.0.2:80");
         for i in 0..3 {
             let r = record(&c, i, data(C2U, i * 10, &[b'x'; 10]));
-            assert!(s.write_batch(&[r]).is_err());
+            assert!(s.write_batch(&[r], false).is_err());
         }
     }
 

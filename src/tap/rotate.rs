@@ -12,21 +12,38 @@
 //!   `n` bytes, unless it holds no packet yet (a single packet larger than `n` still gets
 //!   written). So every file is at most `max(n, header + largest packet)` bytes.
 //! - Rotation is used only for regular files; a FIFO or a device is written without rotation.
-//! - Packets are appended to an in-memory batch buffer and written with one `write_all` per
-//!   batch (plus one at each file switch). If a write fails on a regular file, the file is cut
-//!   back to its last complete packet, so a later batch never lands after a torn record.
+//! - Packets are appended to an in-memory batch buffer and written at the end of each batch
+//!   (and at each file switch). If a write fails on a regular file, the file is cut back to its
+//!   last complete packet, so a later batch never lands after a torn record.
+//! - Direct I/O (`PcapTarget::direct_io`, regular files only): whole 4 KiB blocks of at least
+//!   [`DIRECT_MIN`] bytes go out with `O_DIRECT`, the rest through the page cache. The buffer
+//!   keeps the file's last, partial block (`synced` bytes already in the file) so the next
+//!   direct write can start on a block boundary. Between batches while the writer is behind
+//!   (`hold_tail`), the partial block may stay in memory; once the queue is drained, every
+//!   rendered packet is in the file. Where `O_DIRECT` is refused (the file system, or an
+//!   alignment the device wants), the file falls back to the page cache for good.
 
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use log::warn;
+use log::{info, warn};
 
 use super::PcapTarget;
+use super::direct::{AlignedBuf, DIO_ALIGN, set_direct};
 use super::writer::{open_blocking, open_output};
 
 /// Size of the pcap global header.
 pub(crate) const GLOBAL_HEADER_LEN: usize = 24;
+
+/// Fewest unwritten bytes worth a direct write; smaller batches go through the page cache (a
+/// direct write waits for the device, and rewriting a block the cache holds makes the kernel
+/// flush it first).
+pub(crate) const DIRECT_MIN: usize = 256 * 1024;
+
+/// The batch buffer is given back when a burst grew it past this.
+const KEEP_BUFFER: usize = 16 << 20;
 
 /// The pcap file(s) of one capture.
 pub(crate) struct RotatingFile {
@@ -35,18 +52,25 @@ pub(crate) struct RotatingFile {
     rotate_bytes: Option<u64>,
     max_files: u32,
     header: [u8; GLOBAL_HEADER_LEN],
+    /// Whether to write regular files with direct I/O (configured, and not refused yet).
+    direct_io: bool,
     /// The current file; `None` until opened (FIFO without reader, or after a rotation).
     file: Option<File>,
     /// Whether the current file is a regular file (can be cut back after a failed write).
     regular: bool,
+    /// Whether the current file is written with direct I/O.
+    direct: bool,
     /// Bytes known to be in the current file, header included.
     written: u64,
-    /// Whether the current file has its header.
+    /// Whether the current file has its header (or the buffer holds it, in direct mode).
     header_written: bool,
     /// Whether the current file holds (or the pending buffer adds) at least one packet.
     has_packets: bool,
-    /// Packets not yet written to the current file.
-    pending: Vec<u8>,
+    /// Packets not yet written to the current file; in direct mode it starts with the file's
+    /// last `synced` bytes, from a block boundary.
+    pending: AlignedBuf,
+    /// Leading bytes of `pending` already in the file (direct mode; 0 otherwise).
+    synced: usize,
     /// First error met while switching files inside the current batch.
     error: Option<io::Error>,
 }
@@ -74,16 +98,20 @@ impl RotatingFile {
             rotate_bytes: target.rotate_bytes.filter(|_| regular),
             max_files: target.max_files.max(1),
             header,
+            direct_io: target.direct_io,
             file,
             regular,
+            direct: false,
             written: 0,
             header_written: false,
             has_packets: false,
-            pending: Vec::new(),
+            pending: AlignedBuf::new(),
+            synced: 0,
             error: None,
         };
         if regular {
-            out.write_header()?;
+            out.start_direct();
+            out.write_pending(true)?;
         }
         Ok(out)
     }
@@ -93,16 +121,23 @@ impl RotatingFile {
         &self.path
     }
 
+    /// Whether the current file is written with direct I/O.
+    #[cfg(test)]
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
     /// Returns the buffer a packet of `len` bytes is to be appended to, switching files first if
     /// the packet would take the current file past the rotation size.
-    pub(crate) fn room(&mut self, len: usize) -> &mut Vec<u8> {
+    pub(crate) fn room(&mut self, len: usize) -> &mut AlignedBuf {
         if let Some(limit) = self.rotate_bytes {
             let header = if self.header_written {
                 0
             } else {
                 GLOBAL_HEADER_LEN
             };
-            let size = self.written + (header + self.pending.len() + len) as u64;
+            let unwritten = self.pending.len() - self.synced;
+            let size = self.written + (header + unwritten + len) as u64;
             if self.has_packets && size > limit {
                 self.rotate();
             }
@@ -111,23 +146,29 @@ impl RotatingFile {
         &mut self.pending
     }
 
-    /// Writes the pending packets. Returns the first error of this batch (including errors met
-    /// while switching files); the pending packets are discarded either way.
-    pub(crate) fn flush(&mut self) -> io::Result<()> {
-        let result = self.write_pending();
-        self.pending.clear();
-        if self.pending.capacity() > 16 << 20 {
-            self.pending = Vec::new();
+    /// Writes the pending packets; with `hold_tail` (more records are queued), a partial last
+    /// block may stay buffered for the next batch. Returns the first error of this batch
+    /// (including errors met while switching files); packets that failed are discarded.
+    pub(crate) fn flush(&mut self, hold_tail: bool) -> io::Result<()> {
+        let result = self.write_pending(!hold_tail);
+        if result.is_err() {
+            // Not written (e.g. the file cannot be opened): dropped, never accumulated.
+            self.pending.truncate(self.synced);
         }
+        self.pending.shrink_if_over(KEEP_BUFFER);
         match self.error.take() {
             Some(err) => Err(err),
             None => result,
         }
     }
 
-    fn write_pending(&mut self) -> io::Result<()> {
+    /// Writes what is pending; `all`: everything, else direct mode may keep a partial block.
+    fn write_pending(&mut self, all: bool) -> io::Result<()> {
         if !self.header_written {
             self.write_header()?;
+        }
+        if self.direct {
+            return self.write_direct(all);
         }
         if self.pending.is_empty() {
             return Ok(());
@@ -137,6 +178,7 @@ impl RotatingFile {
         let result = file.and_then(|file| file.write_all(&pending).and_then(|()| file.flush()));
         let len = pending.len() as u64;
         self.pending = pending;
+        self.pending.clear();
         match result {
             Ok(()) => {
                 self.written += len;
@@ -149,8 +191,91 @@ impl RotatingFile {
         }
     }
 
+    /// Direct mode: whole blocks with `O_DIRECT` when there are enough new bytes, the rest
+    /// through the page cache when `all`.
+    fn write_direct(&mut self, all: bool) -> io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let base = self.written - self.synced as u64;
+        let unwritten = self.pending.len() - self.synced;
+        let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
+        if unwritten >= DIRECT_MIN && whole > self.synced {
+            match file.write_all_at(&self.pending[..whole], base) {
+                Ok(()) => {
+                    self.written = base + whole as u64;
+                    self.pending.consume(whole);
+                    self.synced = 0;
+                }
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    info!(
+                        "tap: {}: direct I/O refused ({err}); writing through the page cache",
+                        self.path.display()
+                    );
+                    self.direct_io = false;
+                    self.direct = false;
+                    let _ = set_direct(file, false);
+                    return self.write_through_cache(false);
+                }
+                Err(err) => {
+                    self.cut_back();
+                    return Err(err);
+                }
+            }
+        }
+        if all {
+            return self.write_through_cache(true);
+        }
+        Ok(())
+    }
+
+    /// Writes the unwritten part of `pending` at the end of the file through the page cache.
+    /// `keep_block`: keep the last partial block buffered (direct mode continues), else empty
+    /// the buffer (direct mode ends).
+    fn write_through_cache(&mut self, keep_block: bool) -> io::Result<()> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
+        let result = if self.pending.len() > self.synced {
+            let new = &self.pending[self.synced..];
+            if keep_block {
+                set_direct(file, false)
+                    .and_then(|()| file.write_all_at(new, self.written))
+                    .and_then(|()| set_direct(file, true))
+            } else {
+                file.seek(SeekFrom::Start(self.written))
+                    .and_then(|_| file.write_all(new))
+            }
+        } else if keep_block {
+            Ok(())
+        } else {
+            file.seek(SeekFrom::Start(self.written)).map(drop)
+        };
+        if let Err(err) = result {
+            self.cut_back();
+            return Err(err);
+        }
+        self.written += (self.pending.len() - self.synced) as u64;
+        if keep_block {
+            let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
+            self.pending.consume(whole);
+            self.synced = self.pending.len();
+        } else {
+            self.pending.clear();
+            self.synced = 0;
+        }
+        Ok(())
+    }
+
     fn write_header(&mut self) -> io::Result<()> {
         let header = self.header;
+        self.current()?;
+        if self.direct {
+            // The file is empty: the header goes out with the first packets.
+            self.pending.prepend(&header);
+            self.header_written = true;
+            return Ok(());
+        }
         let file = self.current()?;
         match file.write_all(&header) {
             Ok(()) => {
@@ -168,20 +293,45 @@ impl RotatingFile {
     /// The current file, opened if needed (blocking: only from the writer thread, or for a
     /// regular file).
     fn current(&mut self) -> io::Result<&mut File> {
-        match &mut self.file {
-            Some(file) => Ok(file),
-            none => {
-                let file = open_blocking(&self.path, false)?;
-                self.regular = file.metadata()?.file_type().is_file();
-                self.written = 0;
-                self.header_written = false;
-                Ok(none.insert(file))
+        if self.file.is_none() {
+            let file = open_blocking(&self.path, false)?;
+            self.regular = file.metadata()?.file_type().is_file();
+            self.file = Some(file);
+            self.written = 0;
+            self.synced = 0;
+            self.header_written = false;
+            self.direct = false;
+            self.start_direct();
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+
+    /// Turns direct I/O on for a new, empty regular file when configured and not refused yet.
+    fn start_direct(&mut self) {
+        let Some(file) = &self.file else { return };
+        if !(self.direct_io && self.regular) {
+            return;
+        }
+        match set_direct(file, true) {
+            Ok(()) => self.direct = true,
+            Err(err) => {
+                info!(
+                    "tap: {}: direct I/O not available ({err}); writing through the page cache",
+                    self.path.display()
+                );
+                self.direct_io = false;
             }
         }
     }
 
-    /// After a failed write to a regular file, removes the partial record at its end.
+    /// After a failed write to a regular file, removes the partial record at its end and
+    /// discards the packets not written.
     fn cut_back(&mut self) {
+        self.pending.truncate(self.synced);
+        if self.written == 0 {
+            // The header was only in the buffer (direct mode).
+            self.header_written = false;
+        }
         if !self.regular {
             return;
         }
@@ -191,6 +341,8 @@ impl RotatingFile {
                 // Start over with a fresh file on the next write.
                 self.file = None;
                 self.written = 0;
+                self.synced = 0;
+                self.pending.clear();
                 self.header_written = false;
             }
         }
@@ -199,10 +351,11 @@ impl RotatingFile {
     /// Closes the current file after writing what is pending, shifts the numbered files and
     /// starts a new, empty current file.
     fn rotate(&mut self) {
-        if let Err(err) = self.write_pending() {
+        if let Err(err) = self.write_pending(true) {
             self.error.get_or_insert(err);
         }
         self.pending.clear();
+        self.synced = 0;
         self.file = None;
         for index in (1..self.max_files).rev() {
             let from = numbered(&self.path, index - 1);
@@ -216,6 +369,15 @@ impl RotatingFile {
         self.written = 0;
         self.header_written = false;
         self.has_packets = false;
+    }
+}
+
+impl Drop for RotatingFile {
+    fn drop(&mut self) {
+        // Only a partial block held back in direct mode can be left; write it.
+        if self.direct && self.pending.len() > self.synced {
+            let _ = self.write_direct(true);
+        }
     }
 }
 

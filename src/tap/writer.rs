@@ -4,7 +4,10 @@
 //! - The thread blocks only for the first record of a batch (or in a sink's write); the rest of
 //!   the batch is taken with `try_recv`, up to `MAX_BATCH_COST` / `MAX_BATCH_RECORDS`. Each sink
 //!   renders a batch into a reused buffer and writes it with one write call and one flush
-//!   (a pcap rotation inside a batch adds the writes of the file switch).
+//!   (a pcap rotation inside a batch adds the writes of the file switch). The one exception: a
+//!   pcap file written with direct I/O may keep up to `DIRECT_MIN` bytes (and then a partial
+//!   block) for the next batch while that batch is already queued, so once the queue is
+//!   drained every record is in the file.
 //! - The queue cost of a batch is released only after the batch was written, so the loop-side
 //!   budget also bounds what the writer holds.
 //! - Write errors are counted (one per failed batch and sink), reported with `warn!` at most once
@@ -130,8 +133,12 @@ impl Writer {
     pub(crate) fn run(mut self, done: Sender<()>) {
         let mut batch: Vec<TapRecord> = Vec::new();
         let mut stopping = false;
+        // The message that did not fit in the last batch.
+        let mut carried: Option<Msg> = None;
         loop {
-            let first = if stopping {
+            let first = if let Some(msg) = carried.take() {
+                msg
+            } else if stopping {
                 match self.rx.try_recv() {
                     Ok(msg) => msg,
                     Err(_) => break,
@@ -164,12 +171,16 @@ impl Writer {
                     }
                     Msg::Stop => stopping = true,
                 }
-                if cost < MAX_BATCH_COST && batch.len() < MAX_BATCH_RECORDS {
-                    next = self.rx.try_recv().ok();
+                if let Ok(msg) = self.rx.try_recv() {
+                    if cost < MAX_BATCH_COST && batch.len() < MAX_BATCH_RECORDS {
+                        next = Some(msg);
+                    } else {
+                        carried = Some(msg);
+                    }
                 }
             }
             if !batch.is_empty() {
-                self.write(&batch);
+                self.write(&batch, carried.is_some());
             }
             batch.clear();
             self.shared.release(cost);
@@ -179,8 +190,9 @@ impl Writer {
         let _ = done.send(());
     }
 
-    /// Writes one batch to every sink and updates the counters.
-    fn write(&mut self, batch: &[TapRecord]) {
+    /// Writes one batch to every sink and updates the counters. `more_queued`: the next batch
+    /// is already waiting.
+    fn write(&mut self, batch: &[TapRecord], more_queued: bool) {
         let mut failures: Vec<(String, io::Error)> = Vec::new();
         if let Some(text) = &mut self.text
             && let Err(err) = text.sink.write_batch(batch)
@@ -188,7 +200,7 @@ impl Writer {
             failures.push((text.name.clone(), err));
         }
         if let Some(pcap) = &mut self.pcap
-            && let Err(err) = pcap.write_batch(batch)
+            && let Err(err) = pcap.write_batch(batch, more_queued)
         {
             failures.push((pcap.name(), err));
         }
