@@ -19,9 +19,11 @@
 //!   [`DIRECT_MIN`] bytes go out with `O_DIRECT`, the rest through the page cache. The buffer
 //!   keeps the file's last, partial block (`synced` bytes already in the file) so the next
 //!   direct write can start on a block boundary. Between batches while the writer is behind
-//!   (`hold_tail`), the partial block may stay in memory; once the queue is drained, every
-//!   rendered packet is in the file. Where `O_DIRECT` is refused (the file system, or an
-//!   alignment the device wants), the file falls back to the page cache for good.
+//!   (`hold_tail`), up to `DIRECT_MIN` bytes (then a partial block) may stay in memory; once the
+//!   queue is drained, every rendered packet is in the file. Held packets already count as
+//!   written; if a later write fails they are lost with that batch (counted as its error).
+//!   Where `O_DIRECT` is refused (the file system, or an alignment the device wants), the file
+//!   falls back to the page cache for good.
 
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom, Write};
