@@ -62,6 +62,9 @@ pub(crate) struct RotatingFile {
     regular: bool,
     /// Whether the current file is written with direct I/O.
     direct: bool,
+    /// Whether `O_DIRECT` is set on the current file's descriptor right now (switched only when
+    /// a write needs the other mode, so small batches cost one `pwrite`).
+    odirect: bool,
     /// Bytes known to be in the current file, header included.
     written: u64,
     /// Whether the current file has its header (or the buffer holds it, in direct mode).
@@ -104,6 +107,7 @@ impl RotatingFile {
             file,
             regular,
             direct: false,
+            odirect: false,
             written: 0,
             header_written: false,
             has_packets: false,
@@ -203,7 +207,9 @@ impl RotatingFile {
         let unwritten = self.pending.len() - self.synced;
         let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
         if unwritten >= DIRECT_MIN && whole > self.synced {
-            match file.write_all_at(&self.pending[..whole], base) {
+            let result = switch(file, &mut self.odirect, true)
+                .and_then(|()| file.write_all_at(&self.pending[..whole], base));
+            match result {
                 Ok(()) => {
                     self.written = base + whole as u64;
                     self.pending.consume(whole);
@@ -216,7 +222,7 @@ impl RotatingFile {
                     );
                     self.direct_io = false;
                     self.direct = false;
-                    let _ = set_direct(file, false);
+                    let _ = switch(file, &mut self.odirect, false);
                     return self.write_through_cache(false);
                 }
                 Err(err) => {
@@ -241,9 +247,8 @@ impl RotatingFile {
         let result = if self.pending.len() > self.synced {
             let new = &self.pending[self.synced..];
             if keep_block {
-                set_direct(file, false)
+                switch(file, &mut self.odirect, false)
                     .and_then(|()| file.write_all_at(new, self.written))
-                    .and_then(|()| set_direct(file, true))
             } else {
                 file.seek(SeekFrom::Start(self.written))
                     .and_then(|_| file.write_all(new))
@@ -303,19 +308,25 @@ impl RotatingFile {
             self.synced = 0;
             self.header_written = false;
             self.direct = false;
+            self.odirect = false;
             self.start_direct();
         }
         Ok(self.file.as_mut().expect("opened above"))
     }
 
-    /// Turns direct I/O on for a new, empty regular file when configured and not refused yet.
+    /// Turns direct I/O on for a new, empty regular file when configured and not refused yet
+    /// (`O_DIRECT` is set here to learn whether the file system takes it, and stays set until a
+    /// write through the cache switches it off).
     fn start_direct(&mut self) {
         let Some(file) = &self.file else { return };
         if !(self.direct_io && self.regular) {
             return;
         }
         match set_direct(file, true) {
-            Ok(()) => self.direct = true,
+            Ok(()) => {
+                self.direct = true;
+                self.odirect = true;
+            }
             Err(err) => {
                 info!(
                     "tap: {}: direct I/O not available ({err}); writing through the page cache",
@@ -381,6 +392,15 @@ impl Drop for RotatingFile {
             let _ = self.write_direct(true);
         }
     }
+}
+
+/// Sets or clears `O_DIRECT` on `file` unless `state` says it already is.
+fn switch(file: &File, state: &mut bool, on: bool) -> io::Result<()> {
+    if *state != on {
+        set_direct(file, on)?;
+        *state = on;
+    }
+    Ok(())
 }
 
 /// `path` for index 0, `path.N` for index N.
