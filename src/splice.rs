@@ -154,15 +154,22 @@ impl TeePipe {
     /// Reads up to `len` bytes out of the pipe, appending them to `out`; returns how many.
     pub fn read_into(&self, out: &mut Vec<u8>, len: usize) -> usize {
         out.reserve(len);
+        let got = self.read_uninit(&mut out.spare_capacity_mut()[..len]);
+        // SAFETY: `read_uninit` initialized the first `got` bytes of the spare capacity.
+        unsafe { out.set_len(out.len() + got) };
+        got
+    }
+
+    /// Reads out of the pipe until `dst` is full or the pipe is empty; returns how many bytes
+    /// (all initialized at the start of `dst`).
+    pub fn read_uninit(&self, dst: &mut [std::mem::MaybeUninit<u8>]) -> usize {
         let mut got = 0;
-        while got < len {
-            let rest = &mut out.spare_capacity_mut()[..len - got];
-            // SAFETY: reads at most `rest.len()` bytes into the vector's spare capacity.
+        while got < dst.len() {
+            let rest = &mut dst[got..];
+            // SAFETY: reads at most `rest.len()` bytes into memory `rest` borrows exclusively.
             let n =
                 unsafe { libc::read(self.read.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
             if n > 0 {
-                // SAFETY: the kernel initialized these `n` bytes.
-                unsafe { out.set_len(out.len() + n as usize) };
                 got += n as usize;
             } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;

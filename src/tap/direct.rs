@@ -92,6 +92,33 @@ impl AlignedBuf {
         self.len += n;
     }
 
+    /// Appends up to `n` bytes that `fill` writes into uninitialized room and reports the
+    /// count of (at most `n`); returns that count.
+    ///
+    /// # Safety
+    /// `fill` must have initialized the first bytes of the room, as many as it returns.
+    pub(crate) unsafe fn fill_with(
+        &mut self,
+        n: usize,
+        fill: impl FnOnce(&mut [std::mem::MaybeUninit<u8>]) -> usize,
+    ) -> usize {
+        self.reserve(n);
+        // SAFETY: `reserve` made `n` bytes of room after `len`; they are viewed as
+        // uninitialized, so nothing unwritten is read through this slice.
+        let room = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr
+                    .as_ptr()
+                    .add(self.len)
+                    .cast::<std::mem::MaybeUninit<u8>>(),
+                n,
+            )
+        };
+        let got = fill(room).min(n);
+        self.len += got;
+        got
+    }
+
     fn reserve(&mut self, extra: usize) {
         let need = self.len.checked_add(extra).expect("buffer size overflow");
         if need <= self.cap {

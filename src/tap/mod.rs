@@ -12,9 +12,10 @@
 //!   segments in the pcap.
 //! - Bulk bytes reach the tap without a copy on the loop side: the loop tees its kernel pipe
 //!   into a tee pipe of its worker ([`TapHandle::for_worker`], [`TapHandle::tee`]) and queues a
-//!   record naming the pipe; the writer reads the bytes out. Each tee pipe is fed by one thread
-//!   and read in queue order, so a record's bytes are at the head of its pipe when the writer
-//!   takes it. Teed bytes are charged to the queue budget like copied ones.
+//!   record naming the pipe; the writer reads the bytes out (straight into the pcap's output
+//!   buffer, between packet headers, when the pcap is the only sink). Each tee pipe is fed by
+//!   one thread and read in queue order, so a record's bytes are at the head of its pipe when
+//!   the writer takes it. Teed bytes are charged to the queue budget like copied ones.
 //! - The writer runs at nice 19 unless configured otherwise ([`WriterPriority`]).
 //! - Snaplen is applied on the loop side: only the first `snaplen` bytes of each direction of each
 //!   connection are ever queued.

@@ -31,8 +31,11 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::PcapTarget;
+use super::queue::Teed;
 use super::record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
 use super::rotate::{GLOBAL_HEADER_LEN, RotatingFile};
+use super::writer::Entry;
+use crate::splice::TeePipe;
 
 /// `LINKTYPE_ETHERNET`.
 const LINKTYPE_ETHERNET: u32 = 1;
@@ -153,7 +156,24 @@ struct Segment<'a> {
     flags: u8,
     seq: u32,
     ack: u32,
-    payload: &'a [u8],
+    payload: Payload<'a>,
+}
+
+/// Where a segment's payload comes from.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Bytes(&'a [u8]),
+    /// The next `len` bytes of a tee pipe, read straight into the output buffer.
+    Pipe(&'a TeePipe, usize),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Pipe(_, len) => *len,
+        }
+    }
 }
 
 impl Segment<'static> {
@@ -164,7 +184,7 @@ impl Segment<'static> {
             flags,
             seq,
             ack,
-            payload: &[],
+            payload: Payload::Bytes(&[]),
         }
     }
 }
@@ -173,6 +193,9 @@ impl Segment<'static> {
 pub(crate) struct PcapSink {
     file: RotatingFile,
     flows: HashMap<u64, Flow>,
+    /// For each teed record whose pipe held fewer bytes than it named: how many were missing
+    /// (the writer counts them as dropped).
+    missing: Vec<usize>,
 }
 
 impl PcapSink {
@@ -181,6 +204,7 @@ impl PcapSink {
         Ok(PcapSink {
             file: RotatingFile::open(target, global_header())?,
             flows: HashMap::new(),
+            missing: Vec::new(),
         })
     }
 
@@ -189,13 +213,55 @@ impl PcapSink {
         self.file.path().display().to_string()
     }
 
-    /// Renders the batch and writes it. `more_queued`: more records are waiting, so a partial
-    /// block may be held back for the next batch (see [`RotatingFile::flush`]).
+    /// Renders records and writes them, as [`PcapSink::write_entries`] does.
+    #[cfg(test)]
     pub(crate) fn write_batch(&mut self, batch: &[TapRecord], more_queued: bool) -> io::Result<()> {
         for record in batch {
             self.record(record);
         }
         self.file.flush(more_queued)
+    }
+
+    /// Renders a batch of records and teed data (read from their pipes straight into the
+    /// output buffer: no copy in between) and writes it. `more_queued`: more records are
+    /// waiting, so a partial block may be held back for the next batch (see
+    /// [`RotatingFile::flush`]).
+    pub(crate) fn write_entries(&mut self, batch: &[Entry], more_queued: bool) -> io::Result<()> {
+        for entry in batch {
+            match entry {
+                Entry::Record(record) => self.record(record),
+                Entry::Teed(teed) => self.teed(teed),
+            }
+        }
+        self.file.flush(more_queued)
+    }
+
+    /// Takes the missing byte counts of teed records rendered since the last call.
+    pub(crate) fn take_missing(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.missing)
+    }
+
+    /// Appends the packets of teed data, reading the bytes out of its pipe.
+    fn teed(&mut self, teed: &Teed) {
+        let mut flow = self.flow_for(&teed.conn, teed.time);
+        let payload = Payload::Pipe(&teed.pipe, teed.len);
+        let got = self.data(teed.time, &mut flow, teed.dir, teed.offset, payload);
+        if got < teed.len {
+            self.missing.push(teed.len - got);
+        }
+        self.flows.insert(teed.conn.id, flow);
+    }
+
+    /// The state of a connection, starting it with a handshake if it has none.
+    fn flow_for(&mut self, conn: &ConnMeta, time: SystemTime) -> Flow {
+        match self.flows.remove(&conn.id) {
+            Some(flow) => flow,
+            None => {
+                let mut flow = Flow::new(conn);
+                self.handshake(time, &mut flow);
+                flow
+            }
+        }
     }
 
     /// Appends the packets of one record.
@@ -213,18 +279,11 @@ impl PcapSink {
             }
             return;
         }
-        let mut flow = match self.flows.remove(&id) {
-            Some(flow) => flow,
-            None => {
-                let mut flow = Flow::new(&record.conn);
-                self.handshake(time, &mut flow);
-                flow
-            }
-        };
+        let mut flow = self.flow_for(&record.conn, time);
         match &record.event {
             TapEvent::Open | TapEvent::Close { .. } => {}
             TapEvent::Data { dir, offset, bytes } => {
-                self.data(time, &mut flow, *dir, *offset, bytes)
+                self.data(time, &mut flow, *dir, *offset, Payload::Bytes(bytes));
             }
             TapEvent::Fin { dir, offset } => self.fin(time, &mut flow, *dir, *offset),
             TapEvent::Reset { side, offsets } => self.reset(time, &mut flow, *side, *offsets),
@@ -262,39 +321,52 @@ impl PcapSink {
         );
     }
 
+    /// Appends the segments of a data record; returns how many of its bytes were written
+    /// (fewer than asked only when a tee pipe came up short).
     fn data(
         &mut self,
         time: SystemTime,
         flow: &mut Flow,
         dir: Direction,
         offset: u64,
-        bytes: &[u8],
-    ) {
+        payload: Payload<'_>,
+    ) -> usize {
         let back = reverse(dir);
-        let count = bytes.len().div_ceil(MAX_SEGMENT);
-        for (i, chunk) in bytes.chunks(MAX_SEGMENT).enumerate() {
-            let at = offset + (i * MAX_SEGMENT) as u64;
-            let flags = if i + 1 == count { ACK | PSH } else { ACK };
+        let len = payload.len();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_SEGMENT);
+            let at = offset + done as u64;
+            let flags = if done + n == len { ACK | PSH } else { ACK };
             let seq = flow.seq_at(dir, at);
             let ack = flow.snd_nxt(back);
-            self.emit(
-                time,
-                flow,
-                Segment {
-                    dir,
-                    flags,
-                    seq,
-                    ack,
-                    payload: chunk,
-                },
-            );
+            let part = match payload {
+                Payload::Bytes(b) => Payload::Bytes(&b[done..done + n]),
+                Payload::Pipe(pipe, _) => Payload::Pipe(pipe, n),
+            };
+            let seg = Segment {
+                dir,
+                flags,
+                seq,
+                ack,
+                payload: part,
+            };
+            let got = self.emit(time, flow, seg);
+            if got == 0 {
+                break;
+            }
             flow.acked[back.index()] = flow.position(back);
             let d = &mut flow.next[dir.index()];
-            *d = (*d).max(at + chunk.len() as u64);
+            *d = (*d).max(at + got as u64);
+            done += got;
+            if got < n {
+                break;
+            }
         }
         if flow.next[dir.index()] - flow.acked[dir.index()] >= ACK_EVERY {
             self.ack(time, flow, dir);
         }
+        done
     }
 
     /// The receiver of `dir` acknowledges everything written in `dir`.
@@ -346,19 +418,22 @@ impl PcapSink {
         }
     }
 
-    /// Appends one packet (pcap record header, Ethernet, IP, TCP, payload).
-    fn emit(&mut self, time: SystemTime, flow: &mut Flow, seg: Segment<'_>) {
+    /// Appends one packet (pcap record header, Ethernet, IP, TCP, payload); returns the payload
+    /// bytes it holds. A tee pipe that comes up short gives a shorter packet (none if empty).
+    fn emit(&mut self, time: SystemTime, flow: &mut Flow, seg: Segment<'_>) -> usize {
         let src = seg.dir.source().index();
         let dst = 1 - src;
         let syn = seg.flags & SYN != 0;
         let options: &[u8] = if syn { &SYN_OPTIONS } else { &[] };
-        let tcp_len = 20 + options.len() + seg.payload.len();
+        let payload_len = seg.payload.len();
+        let tcp_len = 20 + options.len() + payload_len;
         let (ip_len, ethertype) = match flow.addrs[0] {
             IpAddr::V4(_) => (20, 0x0800u16),
             IpAddr::V6(_) => (40, 0x86ddu16),
         };
         let frame_len = 14 + ip_len + tcp_len;
         let out = self.file.room(16 + frame_len);
+        let record_start = out.len();
 
         let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
         let secs = u32::try_from(since.as_secs()).unwrap_or(u32::MAX);
@@ -415,9 +490,32 @@ impl PcapSink {
         out.extend_from_slice(&WINDOW.to_be_bytes());
         out.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
         out.extend_from_slice(options);
-        out.extend_from_slice(seg.payload);
+        let got = match seg.payload {
+            Payload::Bytes(b) => {
+                out.extend_from_slice(b);
+                b.len()
+            }
+            // SAFETY: `read_uninit` initializes the first bytes of the room, as many as it
+            // returns.
+            Payload::Pipe(pipe, n) => unsafe { out.fill_with(n, |room| pipe.read_uninit(room)) },
+        };
+        if got < payload_len {
+            // The headers announce more than the pipe gave: write the packet again with what
+            // there is (rare: only a pipe that lost bytes).
+            let bytes = out[out.len() - got..].to_vec();
+            out.truncate(record_start);
+            if bytes.is_empty() {
+                return 0;
+            }
+            let seg = Segment {
+                payload: Payload::Bytes(&bytes),
+                ..seg
+            };
+            return self.emit(time, flow, seg);
+        }
         let sum = checksum(sum_words(pseudo, &out[start..]));
         out[start + 16..start + 18].copy_from_slice(&sum.to_be_bytes());
+        got
     }
 }
 
@@ -494,6 +592,7 @@ mod tests {
         }
     }
     use crate::tap::testutil::{TempDir, bytes, conn, record};
+    use crate::tap::writer::Entry;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     use pcap_file::DataLink;
     use pcap_file::pcap::PcapReader;
@@ -797,6 +896,92 @@ mod tests {
             cached_pages_c > resident_c.len() / 2,
             "the page cache holds a buffered write ({cached_pages_c} pages)"
         );
+    }
+
+    /// Data `data` of `conn` teed into `pipe` (appended after what it holds), as the event loop
+    /// does, and the entry naming it.
+    fn teed_entry(
+        pipe: &Arc<TeePipe>,
+        conn: &Arc<ConnMeta>,
+        micros: u64,
+        dir: Direction,
+        offset: u64,
+        data: &[u8],
+    ) -> Entry {
+        let mut fds = [0; 2];
+        // SAFETY: plain pipe calls on descriptors created and closed here; `data` outlives the
+        // writes.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            assert!(libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) >= data.len() as i32);
+            let n = libc::write(fds[1], data.as_ptr().cast(), data.len());
+            assert_eq!(n, data.len() as isize);
+        }
+        let mut teed = 0;
+        while teed < data.len() {
+            teed += pipe.tee_from(fds[0], data.len() - teed).expect("tee");
+        }
+        // SAFETY: both descriptors are open and owned here.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        Entry::Teed(Teed {
+            time: record(conn, micros, TapEvent::Open).time,
+            conn: Arc::clone(conn),
+            dir,
+            offset,
+            len: data.len(),
+            pipe: Arc::clone(pipe),
+        })
+    }
+
+    #[test]
+    fn teed_data_is_read_from_the_pipe_into_the_same_packets() {
+        let dir = TempDir::new("pcap-teed");
+        let c = conn(42, "10.4.0.1:5000", "10.4.0.2:80");
+        let sizes = [300_000, 5, 70_000, 65_000, 130_001, 1];
+        let (records, sent) = bulk_records(&c, &sizes);
+        let pipe = Arc::new(TeePipe::new(1 << 20).expect("tee pipe"));
+        // Records 0 (Open) and 2 stay records; the others become teed entries naming one pipe.
+        let entries: Vec<Entry> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match &r.event {
+                TapEvent::Data { dir, offset, bytes } if i != 2 => {
+                    teed_entry(&pipe, &c, i as u64, *dir, *offset, bytes)
+                }
+                _ => Entry::Record(r.clone()),
+            })
+            .collect();
+        let (from_records, from_pipe) = (dir.path().join("r.pcap"), dir.path().join("p.pcap"));
+        let mut a = sink(&from_records, None, 1);
+        let mut b = sink(&from_pipe, None, 1);
+        a.write_batch(&records, false).expect("write records");
+        b.write_entries(&entries, false).expect("write entries");
+        assert!(b.take_missing().is_empty());
+        let (x, y) = (
+            std::fs::read(&from_records).unwrap(),
+            std::fs::read(&from_pipe).unwrap(),
+        );
+        assert!(x == y, "{}", differ(&x, &y));
+        let (client, server) = addrs(&c);
+        let conv = conversation(&read(&from_pipe), client, server);
+        assert_eq!([conv.bytes(0), conv.bytes(1)], sent);
+
+        // A pipe that lost bytes: the packets hold what it had, the rest is reported missing,
+        // and the capture stays valid.
+        let short = Arc::new(TeePipe::new(1 << 20).expect("tee pipe"));
+        let Entry::Teed(mut lost) = teed_entry(&short, &c, 50, C2U, 0, &bytes(9, 100_000)) else {
+            unreachable!()
+        };
+        lost.len = 150_000;
+        let path = dir.path().join("short.pcap");
+        let mut s = sink(&path, None, 1);
+        s.write_entries(&[Entry::Teed(lost)], false).expect("write");
+        assert_eq!(s.take_missing(), [50_000]);
+        let conv = conversation(&read(&path), client, server);
+        assert_eq!(conv.bytes(0), bytes(9, 100_000));
     }
 
     #[test]

@@ -90,7 +90,10 @@ impl TextSink {
     }
 
     /// Renders the batch into the reused buffer and writes it with one write and one flush.
-    pub(crate) fn write_batch(&mut self, batch: &[TapRecord]) -> io::Result<()> {
+    pub(crate) fn write_batch<'a>(
+        &mut self,
+        batch: impl IntoIterator<Item = &'a TapRecord>,
+    ) -> io::Result<()> {
         self.buf.clear();
         for record in batch {
             self.render(record);

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 
 use super::pcap::PcapSink;
-use super::queue::{Msg, Shared};
+use super::queue::{Msg, Shared, Teed};
 use super::record::{TapEvent, TapRecord};
 use super::text::TextSink;
 
@@ -131,7 +131,7 @@ impl Writer {
     /// The thread body. Returns after `Msg::Stop` once the queue is empty, or when every sender
     /// is gone; sends on `done` right before returning.
     pub(crate) fn run(mut self, done: Sender<()>) {
-        let mut batch: Vec<TapRecord> = Vec::new();
+        let mut batch: Vec<Entry> = Vec::new();
         let mut stopping = false;
         // The message that did not fit in the last batch.
         let mut carried: Option<Msg> = None;
@@ -158,7 +158,13 @@ impl Writer {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(record, c) => {
-                        batch.push(record);
+                        batch.push(Entry::Record(record));
+                        cost += c;
+                    }
+                    // The pcap sink alone reads teed bytes straight into its buffer; the text
+                    // sink needs them as a record.
+                    Msg::Teed(teed, c) if self.text.is_none() && self.pcap.is_some() => {
+                        batch.push(Entry::Teed(teed));
                         cost += c;
                     }
                     Msg::Teed(teed, c) => {
@@ -166,7 +172,7 @@ impl Writer {
                         if missing > 0 {
                             self.shared.count_drop(missing);
                         }
-                        batch.push(record);
+                        batch.push(Entry::Record(record));
                         cost += c;
                     }
                     Msg::Stop => stopping = true,
@@ -192,26 +198,28 @@ impl Writer {
 
     /// Writes one batch to every sink and updates the counters. `more_queued`: the next batch
     /// is already waiting.
-    fn write(&mut self, batch: &[TapRecord], more_queued: bool) {
+    fn write(&mut self, batch: &[Entry], more_queued: bool) {
         let mut failures: Vec<(String, io::Error)> = Vec::new();
         if let Some(text) = &mut self.text
-            && let Err(err) = text.sink.write_batch(batch)
+            && let Err(err) = text
+                .sink
+                .write_batch(batch.iter().filter_map(Entry::record))
         {
             failures.push((text.name.clone(), err));
         }
-        if let Some(pcap) = &mut self.pcap
-            && let Err(err) = pcap.write_batch(batch, more_queued)
-        {
-            failures.push((pcap.name(), err));
+        let mut missing = 0;
+        if let Some(pcap) = &mut self.pcap {
+            let result = pcap.write_entries(batch, more_queued);
+            for lost in pcap.take_missing() {
+                self.shared.count_drop(lost);
+                missing += lost as u64;
+            }
+            if let Err(err) = result {
+                failures.push((pcap.name(), err));
+            }
         }
         if failures.is_empty() {
-            let payload: u64 = batch
-                .iter()
-                .map(|r| match &r.event {
-                    TapEvent::Data { bytes, .. } => bytes.len() as u64,
-                    _ => 0,
-                })
-                .sum();
+            let payload: u64 = batch.iter().map(Entry::payload_len).sum::<u64>() - missing;
             self.shared
                 .records_written
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -254,6 +262,35 @@ impl Writer {
             records
         );
         self.reported_drops = (records, bytes);
+    }
+}
+
+/// One item of a batch: a record, or data still in a tee pipe (only when the pcap is the sole
+/// sink, which reads it out itself).
+pub(crate) enum Entry {
+    Record(TapRecord),
+    Teed(Teed),
+}
+
+impl Entry {
+    /// The record, unless the bytes are still in a pipe.
+    pub(crate) fn record(&self) -> Option<&TapRecord> {
+        match self {
+            Entry::Record(record) => Some(record),
+            Entry::Teed(_) => None,
+        }
+    }
+
+    /// Payload bytes the entry carries (or names, in a pipe).
+    fn payload_len(&self) -> u64 {
+        match self {
+            Entry::Record(TapRecord {
+                event: TapEvent::Data { bytes, .. },
+                ..
+            }) => bytes.len() as u64,
+            Entry::Record(_) => 0,
+            Entry::Teed(teed) => teed.len as u64,
+        }
     }
 }
 
