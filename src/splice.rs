@@ -49,6 +49,18 @@ impl KernelPipe {
         })
     }
 
+    /// A pipe holding `data` (at least 64 KiB of capacity), written into it directly.
+    #[cfg(test)]
+    pub(crate) fn holding(data: &[u8]) -> KernelPipe {
+        let mut p = KernelPipe::new(data.len().max(64 * 1024)).expect("pipe");
+        assert!(p.capacity >= data.len(), "pipe of {} bytes", p.capacity);
+        // SAFETY: writes from a live buffer into the pipe's own write end.
+        let n = unsafe { libc::write(p.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        assert_eq!(n, data.len() as isize, "one write fills the pipe");
+        p.len = data.len();
+        p
+    }
+
     /// The read end: what [`TeePipe::tee_from`] duplicates from.
     pub fn read_fd(&self) -> RawFd {
         self.read.as_raw_fd()
@@ -295,15 +307,11 @@ mod tests {
     #[test]
     fn tee_into_full_pipe_moves_nothing() {
         let (src, dst) = (
-            KernelPipe::new(64 * 1024).unwrap(),
+            KernelPipe::holding(&[7u8; 64 * 1024]),
             TeePipe::new(4096).unwrap(),
         );
-        let data = vec![7u8; 64 * 1024];
-        // SAFETY: writes from a live buffer into a pipe we own.
-        let n = unsafe { libc::write(src.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-        assert!(n > 0);
         // tee always duplicates from the head: one call fills the one-page destination.
-        let teed = dst.tee_from(src.read_fd(), n as usize).unwrap();
+        let teed = dst.tee_from(src.read_fd(), src.len).unwrap();
         assert!(teed > 0 && teed < 64 * 1024, "teed {teed}");
         assert_eq!(dst.tee_from(src.read_fd(), 1).unwrap(), 0, "full");
     }

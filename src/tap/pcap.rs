@@ -592,7 +592,6 @@ mod tests {
         }
     }
     use crate::tap::testutil::{TempDir, bytes, conn, record};
-    use crate::tap::writer::Entry;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     use pcap_file::DataLink;
     use pcap_file::pcap::PcapReader;
@@ -908,23 +907,12 @@ mod tests {
         offset: u64,
         data: &[u8],
     ) -> Entry {
-        let mut fds = [0; 2];
-        // SAFETY: plain pipe calls on descriptors created and closed here; `data` outlives the
-        // writes.
-        unsafe {
-            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
-            assert!(libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) >= data.len() as i32);
-            let n = libc::write(fds[1], data.as_ptr().cast(), data.len());
-            assert_eq!(n, data.len() as isize);
-        }
+        let src = crate::splice::KernelPipe::holding(data);
         let mut teed = 0;
         while teed < data.len() {
-            teed += pipe.tee_from(fds[0], data.len() - teed).expect("tee");
-        }
-        // SAFETY: both descriptors are open and owned here.
-        unsafe {
-            libc::close(fds[0]);
-            libc::close(fds[1]);
+            teed += pipe
+                .tee_from(src.read_fd(), data.len() - teed)
+                .expect("tee");
         }
         Entry::Teed(Teed {
             time: record(conn, micros, TapEvent::Open).time,

@@ -309,7 +309,6 @@ impl TapHandle {
     ///
     /// Never blocks. Applies snaplen like [`TapHandle::data`]. Bytes that do not fit in the queue
     /// budget or in `pipe` are dropped and counted; returns how many.
-    #[allow(clippy::too_many_arguments)]
     pub fn tee(
         &self,
         conn: &Arc<ConnMeta>,

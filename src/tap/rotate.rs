@@ -206,7 +206,7 @@ impl RotatingFile {
         let base = self.written - self.synced as u64;
         let unwritten = self.pending.len() - self.synced;
         let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
-        if unwritten >= DIRECT_MIN && whole > self.synced {
+        if unwritten >= DIRECT_MIN {
             let result = switch(file, &mut self.odirect, true)
                 .and_then(|()| file.write_all_at(&self.pending[..whole], base));
             match result {
@@ -223,7 +223,15 @@ impl RotatingFile {
                     self.direct_io = false;
                     self.direct = false;
                     let _ = switch(file, &mut self.odirect, false);
-                    return self.write_through_cache(false);
+                    // Go on as a plain file: the bytes already in it leave the buffer, and
+                    // writes continue from the file position.
+                    self.pending.consume(self.synced);
+                    self.synced = 0;
+                    if let Err(err) = (&mut &*file).seek(SeekFrom::Start(self.written)) {
+                        self.cut_back();
+                        return Err(err);
+                    }
+                    return self.write_pending(all);
                 }
                 Err(err) => {
                     self.cut_back();
@@ -232,45 +240,30 @@ impl RotatingFile {
             }
         }
         if all {
-            return self.write_through_cache(true);
+            return self.write_tail();
         }
         Ok(())
     }
 
-    /// Writes the unwritten part of `pending` at the end of the file through the page cache.
-    /// `keep_block`: keep the last partial block buffered (direct mode continues), else empty
-    /// the buffer (direct mode ends).
-    fn write_through_cache(&mut self, keep_block: bool) -> io::Result<()> {
-        let Some(file) = &mut self.file else {
+    /// Direct mode: writes the unwritten rest of `pending` (less than `DIRECT_MIN`, or a partial
+    /// block) at the end of the file through the page cache, and keeps the file's last partial
+    /// block buffered for the next direct write.
+    fn write_tail(&mut self) -> io::Result<()> {
+        let Some(file) = &self.file else {
             return Ok(());
         };
-        let result = if self.pending.len() > self.synced {
-            let new = &self.pending[self.synced..];
-            if keep_block {
-                switch(file, &mut self.odirect, false)
-                    .and_then(|()| file.write_all_at(new, self.written))
-            } else {
-                file.seek(SeekFrom::Start(self.written))
-                    .and_then(|_| file.write_all(new))
+        if self.pending.len() > self.synced {
+            let result = switch(file, &mut self.odirect, false)
+                .and_then(|()| file.write_all_at(&self.pending[self.synced..], self.written));
+            if let Err(err) = result {
+                self.cut_back();
+                return Err(err);
             }
-        } else if keep_block {
-            Ok(())
-        } else {
-            file.seek(SeekFrom::Start(self.written)).map(drop)
-        };
-        if let Err(err) = result {
-            self.cut_back();
-            return Err(err);
+            self.written += (self.pending.len() - self.synced) as u64;
         }
-        self.written += (self.pending.len() - self.synced) as u64;
-        if keep_block {
-            let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
-            self.pending.consume(whole);
-            self.synced = self.pending.len();
-        } else {
-            self.pending.clear();
-            self.synced = 0;
-        }
+        let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
+        self.pending.consume(whole);
+        self.synced = self.pending.len();
         Ok(())
     }
 
@@ -283,7 +276,7 @@ impl RotatingFile {
             self.header_written = true;
             return Ok(());
         }
-        let file = self.current()?;
+        let file = self.file.as_mut().expect("opened by current()");
         match file.write_all(&header) {
             Ok(()) => {
                 self.header_written = true;
