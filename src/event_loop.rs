@@ -629,11 +629,19 @@ impl Worker {
         Ok(exit)
     }
 
-    fn poll_timeout(&self) -> Option<Duration> {
+    fn poll_timeout(&mut self) -> Option<Duration> {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
+        // Entries of closed pairs, and superseded ones, stay in the heap until they reach the
+        // top: drop them here, so that they never wake the loop.
+        while let Some(&Reverse((t, key, id))) = self.timers.peek() {
+            if self.live_timer(t, key, id) {
+                break;
+            }
+            self.timers.pop();
+        }
         let mut next: Option<Instant> = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for l in &self.listeners {
@@ -1249,8 +1257,11 @@ impl Worker {
         pair.connect_started = now;
         let deadline = now + route.connect_timeout;
         pair.phase = Phase::Connecting { deadline };
-        pair.timer_at = Some(deadline);
-        self.timers.push(Reverse((deadline, key, pair.meta.id)));
+        // The pair's timer may already be this deadline (armed at accept, in the same round).
+        if pair.timer_at != Some(deadline) {
+            pair.timer_at = Some(deadline);
+            self.timers.push(Reverse((deadline, key, pair.meta.id)));
+        }
         None
     }
 
@@ -1536,18 +1547,23 @@ impl Worker {
         drive
     }
 
+    /// Whether the heap entry `(t, key, id)` is its pair's armed timer.
+    fn live_timer(&self, t: Instant, key: usize, id: u64) -> bool {
+        self.pairs
+            .get(key)
+            .is_some_and(|p| p.meta.id == id && p.timer_at == Some(t))
+    }
+
     fn fire_timers(&mut self, now: Instant) {
         while let Some(&Reverse((t, key, id))) = self.timers.peek() {
             if t > now {
                 break;
             }
             self.timers.pop();
-            let Some(pair) = self.pairs.get_mut(key).filter(|p| p.meta.id == id) else {
-                continue;
-            };
-            if pair.timer_at != Some(t) {
-                continue; // superseded by an earlier entry
+            if !self.live_timer(t, key, id) {
+                continue; // its pair is gone, or the entry was superseded
             }
+            let pair = &mut self.pairs[key];
             pair.timer_at = None;
             let idle = self.routes[pair.route].config.idle_timeout;
             match pair.deadline(idle) {

@@ -23,6 +23,7 @@ also_with_two_workers!(
     many_connections_no_fd_or_close_wait_leak,
     ipv6_and_hostname_upstream,
     garbage_idlers_and_instant_closers_do_not_harm_others,
+    closed_connections_leave_no_timer_wakeups,
 );
 
 #[test]
@@ -417,4 +418,57 @@ fn garbage_idlers_and_instant_closers_do_not_harm_others() {
     let t = thread::spawn(move || w.write_all(&d).unwrap());
     assert!(read_n(&mut good, data.len(), PROMPT).unwrap() == data);
     t.join().unwrap();
+}
+
+/// Context switches of every thread of `pid` so far (each wakeup of a sleeping loop is one).
+fn context_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("proxy tasks");
+    tasks
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The connect deadline of a connection that has closed must not wake the idle loop later: a
+/// sidecar that served a burst would otherwise spin through one wakeup per past connection.
+#[test]
+fn closed_connections_leave_no_timer_wakeups() {
+    let echo = Upstream::echo();
+    let timeout = Duration::from_millis(1500);
+    let config = one_route("127.0.0.1:0", echo.addr, "connect_timeout = \"1500ms\"");
+    let proxy = Proxy::with_config(&config, 1);
+    // A burst of short connections, bounded in count and time so that all of their connect
+    // deadlines come after it.
+    let start = Instant::now();
+    let mut conns = 0;
+    while conns < 300 && start.elapsed() < Duration::from_millis(500) {
+        let mut c = connect(proxy.addr());
+        c.write_all(&[conns as u8]).unwrap();
+        assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), [conns as u8]);
+        conns += 1;
+    }
+    let burst = start.elapsed();
+    assert!(conns >= 50, "only {conns} connections in {burst:?}");
+    proxy.wait_count("bytes to client", conns, PROMPT);
+    // Every connection is closed; their deadlines pass in this window.
+    let before = context_switches(proxy.pid());
+    let window_end = start + timeout + burst + Duration::from_millis(300);
+    thread::sleep(window_end.saturating_duration_since(Instant::now()));
+    let woke = context_switches(proxy.pid()) - before;
+    assert!(
+        woke < 20,
+        "an idle proxy woke {woke} times while the connect deadlines of {conns} closed \
+         connections passed"
+    );
+    // And it still serves.
+    let mut c = connect(proxy.addr());
+    c.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), b"x");
 }
