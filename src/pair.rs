@@ -273,14 +273,19 @@ impl Pair {
                 None => Wants::BeyondSnaplen,
                 Some(t) => t.handle.wants(pipe.read_total(), pipes.size()),
             };
-            let tee = wants == Wants::Tee;
-            let splice = wants != Wants::Yes;
+            let splice = !matches!(wants, Wants::Yes);
+            let queue_full = matches!(wants, Wants::QueueFull);
+            let mut tee_pipe = match wants {
+                Wants::Tee(pipe) => Some(pipe),
+                _ => None,
+            };
+            let tee = tee_pipe.is_some();
             let splice_budget = if splice { budget } else { 0 };
             let result = if splice || pipe.in_kernel() > 0 {
                 let before = pipe.read_total();
                 let mut on_fill = |src: RawFd, offset: u64, len: usize| {
-                    if let Some(t) = tap.as_mut() {
-                        let lost = t.handle.tee(meta, dir, offset, src, len);
+                    if let (Some(t), Some(tee_pipe)) = (tap.as_mut(), tee_pipe.as_mut()) {
+                        let lost = t.handle.tee(tee_pipe, meta, dir, offset, src, len);
                         if lost > 0 {
                             t.dropped_records += 1;
                             t.dropped_bytes += lost;
@@ -300,7 +305,7 @@ impl Pair {
                     on_fill,
                 );
                 let skipped = pipe.read_total() - before;
-                if let (Some(t), Wants::QueueFull, true) = (tap.as_mut(), wants, skipped > 0) {
+                if let Some(t) = tap.as_mut().filter(|_| queue_full && skipped > 0) {
                     t.handle.count_skipped(skipped);
                     t.dropped_records += 1;
                     t.dropped_bytes += skipped;

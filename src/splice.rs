@@ -145,6 +145,12 @@ impl TeePipe {
         self.pending.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether `len` more bytes fit, counting a pipe as full at half its capacity: the capacity
+    /// counts buffers (pages or socket fragments), not bytes.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.pending() + len <= self.capacity / 2
+    }
+
     /// Duplicates up to `len` bytes from the head of the pipe `src` (a [`KernelPipe::read_fd`])
     /// into this pipe, leaving `src` unchanged. `Ok(0)` when this pipe is full.
     pub fn tee_from(&self, src: RawFd, len: usize) -> io::Result<usize> {

@@ -164,8 +164,7 @@ impl Lane {
     /// are behind and no more can be had.
     fn pipe_with_room(&self, len: usize, budget: usize) -> Option<Arc<TeePipe>> {
         let mut pipes = self.pipes.lock().unwrap_or_else(|e| e.into_inner());
-        let room = |p: &TeePipe| p.pending() + len <= p.capacity() / 2;
-        if let Some(p) = pipes.iter().find(|p| room(p)) {
+        if let Some(p) = pipes.iter().find(|p| p.has_room(len)) {
             return Some(Arc::clone(p));
         }
         let held: usize = pipes.iter().map(|p| p.capacity() / 2).sum();
@@ -173,7 +172,7 @@ impl Lane {
             return None;
         }
         let pipe = Arc::new(TeePipe::new(TEE_PIPE_SIZE).ok()?);
-        if !room(&pipe) {
+        if !pipe.has_room(len) {
             return None;
         }
         pipes.push(Arc::clone(&pipe));
@@ -182,12 +181,13 @@ impl Lane {
 }
 
 /// The answer of [`TapHandle::wants`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Wants {
     /// Copy the bytes and show them to the tap.
     Yes,
-    /// Splice the bytes and give the tap a tee of them.
-    Tee,
+    /// Splice the bytes and give the tap a tee of them, into this pipe of the worker's lane
+    /// while it has room (see [`TapHandle::tee`]).
+    Tee(Arc<TeePipe>),
     /// Past snaplen: the tap never captures these bytes (not a drop).
     BeyondSnaplen,
     /// The queue is full (or the tee pipe is, behind a low-priority writer): these bytes
@@ -277,8 +277,8 @@ impl TapHandle {
 
     /// How the tap wants the bytes at stream offset `offset` of a spliced (bulk) direction, in
     /// chunks of up to `len` bytes:
-    /// - [`Wants::Tee`]: splice them and hand the tap a tee ([`TapHandle::tee`]), while this
-    ///   worker's tee pipe has room;
+    /// - [`Wants::Tee`]: splice them and hand the tap a tee ([`TapHandle::tee`]) into the pipe
+    ///   it names, one of this worker's tee pipes with room for `len` bytes;
     /// - [`Wants::Yes`]: copy them through user space and offer them to [`TapHandle::data`]
     ///   (no tee pipe, or it is behind and the writer runs at normal priority);
     /// - [`Wants::BeyondSnaplen`] / [`Wants::QueueFull`]: splice them without the tap; a full
@@ -294,23 +294,33 @@ impl TapHandle {
         {
             return Wants::QueueFull;
         }
-        match &self.lane {
-            None => Wants::Yes,
-            Some(lane) if lane.pipe_with_room(len, self.shared.budget).is_some() => Wants::Tee,
-            Some(_) if self.shared.copy_when_behind => Wants::Yes,
-            Some(_) => Wants::QueueFull,
+        if self.lane.is_none() {
+            return Wants::Yes;
         }
+        match self.lane_pipe(len) {
+            Some(pipe) => Wants::Tee(pipe),
+            None if self.shared.copy_when_behind => Wants::Yes,
+            None => Wants::QueueFull,
+        }
+    }
+
+    /// One of this worker's tee pipes with room for `len` more bytes (see [`Lane`]).
+    fn lane_pipe(&self, len: usize) -> Option<Arc<TeePipe>> {
+        self.lane.as_ref()?.pipe_with_room(len, self.shared.budget)
     }
 
     /// Captures `len` bytes, proxied in `dir` at stream `offset`, that fill the whole kernel pipe
     /// `src` (a [`KernelPipe::read_fd`](crate::splice::KernelPipe::read_fd)): duplicates them
-    /// with `tee(2)` into `pipe` and queues a record naming them; the writer reads them out.
-    /// No byte is copied on the data path.
+    /// with `tee(2)` into the tee pipe `pipe` (from [`Wants::Tee`]) and queues a record naming
+    /// them; the writer reads them out. No byte is copied on the data path. Once `pipe` has no
+    /// room left, it is replaced by another of the worker's tee pipes that has.
     ///
     /// Never blocks. Applies snaplen like [`TapHandle::data`]. Bytes that do not fit in the queue
-    /// budget or in `pipe` are dropped and counted; returns how many.
+    /// budget or in a tee pipe are dropped and counted; returns how many.
+    #[allow(clippy::too_many_arguments)]
     pub fn tee(
         &self,
+        pipe: &mut Arc<TeePipe>,
         conn: &Arc<ConnMeta>,
         dir: Direction,
         offset: u64,
@@ -321,16 +331,17 @@ impl TapHandle {
         if want == 0 {
             return 0;
         }
-        let pipe = self
-            .lane
-            .as_ref()
-            .and_then(|l| l.pipe_with_room(want, self.shared.budget));
+        if !pipe.has_room(want) {
+            // Earlier chunks filled it: go on with a pipe of the lane that has room, if any.
+            if let Some(other) = self.lane_pipe(want) {
+                *pipe = other;
+            }
+        }
         let reserved = want + RECORD_OVERHEAD;
-        let Some(pipe) = pipe.filter(|_| self.shared.try_reserve(reserved, self.shared.budget))
-        else {
+        if !pipe.has_room(want) || !self.shared.try_reserve(reserved, self.shared.budget) {
             self.shared.count_drop(want);
             return want as u64;
-        };
+        }
         // A refused tee (it should not be) loses these bytes to the tap, like a full pipe.
         let teed = pipe.tee_from(src, want).unwrap_or(0);
         if teed == 0 {
@@ -346,7 +357,7 @@ impl TapHandle {
             dir,
             offset,
             len: teed,
-            pipe,
+            pipe: Arc::clone(pipe),
         };
         let sent = self.send(Msg::Teed(record, cost), cost, teed);
         let lost = want - teed;
@@ -463,10 +474,17 @@ mod tests {
     #[test]
     fn tee_queues_the_spliced_bytes_without_consuming_them() {
         let (h, rx) = worker_handle(1 << 20, None);
-        assert_eq!(h.wants(0, 4096), Wants::Tee);
+        let mut tee = tee_pipe(&h, 0, 4096);
         let p = filled_pipe(b"spliced and teed");
         assert_eq!(
-            h.tee(&conn(), Direction::UpToDown, 100, p.read_fd(), p.len),
+            h.tee(
+                &mut tee,
+                &conn(),
+                Direction::UpToDown,
+                100,
+                p.read_fd(),
+                p.len
+            ),
             0
         );
         assert_eq!(p.len, 16, "the loop's pipe keeps its bytes");
@@ -490,9 +508,17 @@ mod tests {
     #[test]
     fn tee_applies_snaplen_and_counts_what_does_not_fit() {
         let (h, rx) = worker_handle(1 << 20, Some(10));
+        let mut tee = tee_pipe(&h, 4, 4096);
         let p = filled_pipe(b"0123456789abcdef");
         assert_eq!(
-            h.tee(&conn(), Direction::DownToUp, 4, p.read_fd(), p.len),
+            h.tee(
+                &mut tee,
+                &conn(),
+                Direction::DownToUp,
+                4,
+                p.read_fd(),
+                p.len
+            ),
             0
         );
         let Ok(Msg::Teed(teed, _)) = rx.try_recv() else {
@@ -503,18 +529,33 @@ mod tests {
         };
         assert_eq!(bytes, b"012345", "clipped at snaplen 10 from offset 4");
         assert_eq!(
-            h.tee(&conn(), Direction::DownToUp, 10, p.read_fd(), p.len),
+            h.tee(
+                &mut tee,
+                &conn(),
+                Direction::DownToUp,
+                10,
+                p.read_fd(),
+                p.len
+            ),
             0
         );
         assert!(rx.try_recv().is_err(), "nothing past snaplen");
-        assert_eq!(h.wants(10, 4096), Wants::BeyondSnaplen);
+        assert!(matches!(h.wants(10, 4096), Wants::BeyondSnaplen));
 
         // A queue without room for the chunk: dropped and counted, nothing queued.
         let (h, rx) = worker_handle(4096, None);
         let big = filled_pipe(&[1u8; 8192]);
-        assert_eq!(h.wants(0, 8192), Wants::QueueFull);
+        assert!(matches!(h.wants(0, 8192), Wants::QueueFull));
+        let mut tee = tee_pipe(&h, 0, 1024);
         assert_eq!(
-            h.tee(&conn(), Direction::DownToUp, 0, big.read_fd(), big.len),
+            h.tee(
+                &mut tee,
+                &conn(),
+                Direction::DownToUp,
+                0,
+                big.read_fd(),
+                big.len
+            ),
             8192
         );
         assert!(rx.try_recv().is_err());
@@ -529,8 +570,80 @@ mod tests {
     fn only_a_worker_handle_tees() {
         let (tx, _rx) = std::sync::mpsc::channel();
         let h = TapHandle::new(Arc::new(Shared::new(1 << 20, false)), tx, None);
-        assert_eq!(h.wants(0, 4096), Wants::Yes, "no tee pipe: copy");
-        assert_eq!(h.for_worker().wants(0, 4096), Wants::Tee);
+        assert!(matches!(h.wants(0, 4096), Wants::Yes), "no tee pipe: copy");
+        assert!(matches!(h.for_worker().wants(0, 4096), Wants::Tee(_)));
+    }
+
+    /// The pipe `wants` hands out for a chunk of `len` bytes at `offset`.
+    fn tee_pipe(h: &TapHandle, offset: u64, len: usize) -> Arc<TeePipe> {
+        match h.wants(offset, len) {
+            Wants::Tee(pipe) => pipe,
+            other => panic!("wants {other:?}, not a tee"),
+        }
+    }
+
+    #[test]
+    fn a_full_tee_pipe_hands_over_to_another() {
+        let (h, rx) = worker_handle(16 << 20, None);
+        let first = tee_pipe(&h, 0, 4096);
+        let chunk = filled_pipe(&vec![7u8; (first.capacity() / 8).min(64 * 1024)]);
+        let mut tee = Arc::clone(&first);
+        let mut offset = 0u64;
+        // Chunks go to the pipe `wants` named until it is half full, then to a new one.
+        while Arc::ptr_eq(&tee, &first) {
+            assert!(offset < 4 * first.capacity() as u64, "never handed over");
+            let lost = h.tee(
+                &mut tee,
+                &conn(),
+                Direction::UpToDown,
+                offset,
+                chunk.read_fd(),
+                chunk.len,
+            );
+            assert_eq!(lost, 0, "at offset {offset}");
+            offset += chunk.len as u64;
+        }
+        assert_eq!(
+            first.pending(),
+            first.capacity() / 2,
+            "the first pipe was filled first"
+        );
+        assert_eq!(tee.pending(), chunk.len);
+        // Each record names the pipe holding its bytes, and no byte was lost.
+        let records: Vec<_> = rx.try_iter().collect();
+        assert_eq!(records.len() as u64, offset / chunk.len as u64);
+        for (i, m) in records.into_iter().enumerate() {
+            let Msg::Teed(teed, _) = m else {
+                panic!("not teed")
+            };
+            let last = (i + 1) as u64 * chunk.len as u64 == offset;
+            assert!(
+                Arc::ptr_eq(&teed.pipe, if last { &tee } else { &first }),
+                "record {i}"
+            );
+            let (record, missing) = teed.into_record();
+            assert_eq!(missing, 0);
+            let TapEvent::Data { bytes, .. } = record.event else {
+                panic!("not data")
+            };
+            assert!(bytes.len() == chunk.len && bytes.iter().all(|&b| b == 7));
+        }
+        // The pipe in hand is used while it has room, even when an earlier one has room again.
+        let second = Arc::clone(&tee);
+        assert_eq!((first.pending(), second.pending()), (0, 0), "all read out");
+        let lost = h.tee(
+            &mut tee,
+            &conn(),
+            Direction::UpToDown,
+            offset,
+            chunk.read_fd(),
+            chunk.len,
+        );
+        assert_eq!(lost, 0);
+        assert!(Arc::ptr_eq(&tee, &second));
+        assert_eq!((first.pending(), second.pending()), (0, chunk.len));
+        // Then the writer has read the first pipe out: `wants` names it again.
+        assert!(Arc::ptr_eq(&tee_pipe(&h, offset, 4096), &first));
     }
 
     #[test]
