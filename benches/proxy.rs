@@ -187,42 +187,30 @@ struct Unit {
     higher_is_better: bool,
 }
 
-const GBPS: Unit = Unit {
-    name: "Gbit/s",
-    higher_is_better: true,
-};
-const REQS: Unit = Unit {
-    name: "req/s",
-    higher_is_better: true,
-};
-const CONNS: Unit = Unit {
-    name: "conns/s",
-    higher_is_better: true,
-};
-const MICROS: Unit = Unit {
-    name: "µs",
-    higher_is_better: false,
-};
-const KIB_CONN: Unit = Unit {
-    name: "KiB/conn",
-    higher_is_better: false,
-};
-const MS_GIB: Unit = Unit {
-    name: "CPU ms/GiB",
-    higher_is_better: false,
-};
-const US_CPU_REQ: Unit = Unit {
-    name: "CPU µs/req",
-    higher_is_better: false,
-};
-const US_CPU_CONN: Unit = Unit {
-    name: "CPU µs/conn",
-    higher_is_better: false,
-};
-const PERCENT: Unit = Unit {
-    name: "%",
-    higher_is_better: true,
-};
+/// A unit where more is better (throughput) or, with `less`, where less is (latency, cost).
+const fn more(name: &'static str) -> Unit {
+    Unit {
+        name,
+        higher_is_better: true,
+    }
+}
+
+const fn less(name: &'static str) -> Unit {
+    Unit {
+        name,
+        higher_is_better: false,
+    }
+}
+
+const GBPS: Unit = more("Gbit/s");
+const REQS: Unit = more("req/s");
+const CONNS: Unit = more("conns/s");
+const PERCENT: Unit = more("%");
+const MICROS: Unit = less("µs");
+const KIB_CONN: Unit = less("KiB/conn");
+const MS_GIB: Unit = less("CPU ms/GiB");
+const US_CPU_REQ: Unit = less("CPU µs/req");
+const US_CPU_CONN: Unit = less("CPU µs/conn");
 
 #[derive(Default)]
 struct Results {

@@ -118,15 +118,7 @@ pub fn spawn(name: &str, mut cmd: Command, log: &Path, piped_stderr: bool) -> io
     } else {
         cmd.stderr(out);
     }
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     cmd.spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("{name}: cannot start: {e}")))
 }
@@ -645,15 +637,7 @@ pub fn run_bounded(
     cmd.stderr(fs::File::create(&err)?);
     let stdout = fs::File::create(out)?;
     cmd.stdout(stdout).stdin(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("{name}: cannot start: {e}")))?;
@@ -676,5 +660,18 @@ pub fn run_bounded(
         None => Err(io::Error::other(format!(
             "{name}: timed out after {timeout:?}"
         ))),
+    }
+}
+
+/// Makes the child get SIGKILL when this process dies, so that no peer outlives a run.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
