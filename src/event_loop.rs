@@ -333,6 +333,7 @@ impl Server {
                     shared.config.listen_backlog,
                     n > 1,
                     route.transparent,
+                    &shared.config.socket,
                 )?;
                 let local = socket.local_addr().map_err(|source| SetupError::Bind {
                     route: route.name.clone(),
@@ -1057,9 +1058,6 @@ impl Worker {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let route = &self.routes[route_idx];
-        if let Err(e) = net::configure_accepted(&downstream, &self.shared.config.socket) {
-            debug!("#{id} {peer}: socket options: {e}");
-        }
         // The address the client connected to matters only to transparent mode and PROXY headers.
         let c = &route.config;
         let local = if c.original_destination || c.send_proxy_protocol.is_some() || c.transparent {
@@ -1802,6 +1800,15 @@ fn prepare_reload(
             warn!("reload: `{what}` changes from {old} to {now} at the next restart, not now");
         }
     }
+    for (table, changed) in [
+        ("[socket]", shared.config.socket != new.socket),
+        ("[admin]", shared.config.admin != new.admin),
+        ("[access_log]", shared.config.access_log != new.access_log),
+    ] {
+        if changed {
+            warn!("reload: {table} changes at the next restart, not now");
+        }
+    }
     let key = |r: &Route| (r.name.clone(), r.listen);
     let mut changes: Vec<Vec<RouteChange>> = (0..workers).map(|_| Vec::new()).collect();
     let mut summary = (0, 0, 0);
@@ -1868,6 +1875,7 @@ fn prepare_reload(
                 shared.config.listen_backlog,
                 workers > 1,
                 r.transparent,
+                &shared.config.socket,
             )
             .map_err(|e| e.to_string())?;
             addr = l.local_addr().map_err(|e| e.to_string())?;

@@ -81,13 +81,14 @@ pub enum SetupError {
 }
 
 /// Binds a non-blocking listener with `SO_REUSEADDR` (and `SO_REUSEPORT` when `reuse_port`,
-/// `IP_TRANSPARENT` when `transparent`).
+/// `IP_TRANSPARENT` when `transparent`) and the socket options its connections get.
 pub fn bind_listener(
     route: &str,
     addr: SocketAddr,
     backlog: i32,
     reuse_port: bool,
     transparent: bool,
+    opts: &SocketOptions,
 ) -> Result<TcpListener, SetupError> {
     let socket_err = |source| SetupError::Socket {
         route: route.to_string(),
@@ -108,6 +109,9 @@ pub fn bind_listener(
         // One listener per family: "[::]:80" must not also grab the IPv4 port.
         socket.set_only_v6(true).map_err(socket_err)?;
     }
+    // Accepted sockets inherit these from the listener: no syscall per connection, and buffer
+    // sizes set before listen(2) count in the window scale of the handshake.
+    apply_options(&socket, opts).map_err(socket_err)?;
     socket.set_nonblocking(true).map_err(socket_err)?;
     socket
         .bind(&addr.into())
@@ -146,11 +150,7 @@ pub fn connect_upstream(addr: SocketAddr, opts: &SocketOptions) -> io::Result<Tc
 }
 
 /// Applies `TCP_NODELAY`, keepalive (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`) and
-/// `SO_RCVBUF`/`SO_SNDBUF` to an accepted socket.
-pub fn configure_accepted(stream: &TcpStream, opts: &SocketOptions) -> io::Result<()> {
-    apply_options(&SockRef::from(stream), opts)
-}
-
+/// `SO_RCVBUF`/`SO_SNDBUF`.
 fn apply_options(socket: &Socket, opts: &SocketOptions) -> io::Result<()> {
     if opts.nodelay {
         socket.set_tcp_nodelay(true)?;

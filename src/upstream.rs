@@ -1197,7 +1197,14 @@ mod tests {
     }
 
     fn listener(at: SocketAddr) -> mio::net::TcpListener {
-        crate::net::bind_listener("test", at, 64, false, false).expect("bind a loopback listener")
+        let opts = crate::config::SocketOptions {
+            nodelay: true,
+            keepalive: None,
+            recv_buffer_size: None,
+            send_buffer_size: None,
+        };
+        crate::net::bind_listener("test", at, 64, false, false, &opts)
+            .expect("bind a loopback listener")
     }
 
     /// Drives `prober` the way the event loop does until `done` holds (at most 10 s).

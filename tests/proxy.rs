@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ also_with_two_workers!(
     ipv6_and_hostname_upstream,
     garbage_idlers_and_instant_closers_do_not_harm_others,
     closed_connections_leave_no_timer_wakeups,
+    socket_options_reach_both_sockets_of_a_pair,
 );
 
 #[test]
@@ -471,4 +472,97 @@ fn closed_connections_leave_no_timer_wakeups() {
     let mut c = connect(proxy.addr());
     c.write_all(b"x").unwrap();
     assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), b"x");
+}
+
+/// A duplicate of every TCP socket the process `pid` holds (pidfd_getfd(2): the proxy is our
+/// child, so we may), with its local and peer address.
+fn sockets_of(pid: u32) -> Vec<(std::os::fd::OwnedFd, Option<SocketAddr>, Option<SocketAddr>)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain syscalls; every descriptor returned is new and owned by the OwnedFd made here.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(target) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        use std::os::fd::AsRawFd;
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+        if fd < 0 {
+            continue; // closed meanwhile
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let s = socket2::SockRef::from(&fd);
+        let local = s.local_addr().ok().and_then(|a| a.as_socket());
+        let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
+        out.push((fd, local, peer));
+    }
+    out
+}
+
+/// `[socket]` options hold on both sockets of a pair: the accepted one inherits them from its
+/// listener, the upstream one gets them before it connects.
+#[test]
+fn socket_options_reach_both_sockets_of_a_pair() {
+    let echo = Upstream::echo();
+    let config = format!(
+        "[socket]\nnodelay = true\nkeepalive = \"37s\"\nkeepalive_interval = \"7s\"\n\
+         recv_buffer_size = \"48 KiB\"\nsend_buffer_size = \"40 KiB\"\n{}",
+        one_route("127.0.0.1:0", echo.addr, "")
+    );
+    let proxy = Proxy::with_config(&config, 1);
+    let mut c = connect(proxy.addr());
+    c.write_all(b"ping").unwrap();
+    assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"ping");
+    let client = c.local_addr().unwrap();
+    let sockets = sockets_of(proxy.pid());
+    let find = |what: &str, f: &dyn Fn(Option<SocketAddr>) -> bool| {
+        let found: Vec<_> = sockets.iter().filter(|(_, _, peer)| f(*peer)).collect();
+        assert_eq!(found.len(), 1, "{what}: {sockets:?}");
+        socket2::SockRef::from(&found[0].0)
+    };
+    let down = find("downstream socket", &|peer| peer == Some(client));
+    let up = find("upstream socket", &|peer| peer == Some(echo.addr));
+    for (side, s) in [("downstream", down), ("upstream", up)] {
+        assert!(s.tcp_nodelay().unwrap(), "{side}: TCP_NODELAY");
+        assert!(s.keepalive().unwrap(), "{side}: SO_KEEPALIVE");
+        assert_eq!(
+            s.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(37),
+            "{side}"
+        );
+        assert_eq!(
+            s.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7),
+            "{side}"
+        );
+        // The kernel doubles the size asked for, for its bookkeeping.
+        assert_eq!(
+            s.recv_buffer_size().unwrap(),
+            2 * 48 * 1024,
+            "{side}: SO_RCVBUF"
+        );
+        assert_eq!(
+            s.send_buffer_size().unwrap(),
+            2 * 40 * 1024,
+            "{side}: SO_SNDBUF"
+        );
+    }
 }

@@ -151,3 +151,45 @@ fn sighup_without_a_config_file_changes_nothing() {
     proxy.wait_log("no config file to reload", PROMPT);
     assert_eq!(ask(proxy.addr()), 1);
 }
+
+/// Process-wide settings stay as they were at start, and a reload that changes them says so.
+#[test]
+fn sighup_warns_about_settings_that_wait_for_a_restart() {
+    let one = tagged(1);
+    let dir = TempDir::new("reload-restart");
+    let path = dir.path("proxy.toml");
+    let route = format!(
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        one.addr
+    );
+    write_file(
+        &path,
+        &format!("workers = 1\n[socket]\nnodelay = true\n{route}"),
+    );
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let log = dir.path("access.log");
+    write_file(
+        &path,
+        &format!(
+            "workers = 2\n[socket]\nkeepalive = \"30s\"\n[access_log]\npath = \"{}\"\n{route}",
+            log.display()
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    for line in [
+        "`workers` changes from 1 to 2 at the next restart",
+        "[socket] changes at the next restart",
+        "[access_log] changes at the next restart",
+    ] {
+        proxy.wait_log(line, PROMPT);
+    }
+    assert_eq!(
+        proxy.count_log("[admin] changes"),
+        0,
+        "[admin] did not change"
+    );
+    // The route still serves, and nothing was logged to the access log named by the reload.
+    assert_eq!(ask(proxy.addr()), 1);
+    assert!(!log.exists(), "the access log opened before a restart");
+}
