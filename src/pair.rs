@@ -379,9 +379,15 @@ impl Pair {
         let discarded = (self.pipes[0].discard(pool) + self.pipes[1].discard(pool)) as u64;
         if reason.is_abort() {
             // SO_LINGER 0: close(2) sends RST, so the peer learns at once that the stream was cut.
-            let _ = net::set_linger_zero(&self.downstream);
-            if let Some(up) = &self.upstream {
-                let _ = net::set_linger_zero(up);
+            // A socket its peer reset is closed already: nothing to tell that side.
+            let reset_by = match reason {
+                CloseReason::Reset(side) => Some(*side),
+                _ => None,
+            };
+            for side in [Side::Downstream, Side::Upstream] {
+                if let Some(s) = self.stream(side).filter(|_| reset_by != Some(side)) {
+                    let _ = net::set_linger_zero(s);
+                }
             }
         }
         let offsets = self.offsets();
