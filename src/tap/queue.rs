@@ -589,19 +589,23 @@ mod tests {
         let chunk = filled_pipe(&vec![7u8; (first.capacity() / 8).min(64 * 1024)]);
         let mut tee = Arc::clone(&first);
         let mut offset = 0u64;
-        // Chunks go to the pipe `wants` named until it is half full, then to a new one.
-        while Arc::ptr_eq(&tee, &first) {
-            assert!(offset < 4 * first.capacity() as u64, "never handed over");
+        // Tees the chunk at `offset` into the pipe in hand; nothing may be lost.
+        let tee_chunk = |tee: &mut Arc<TeePipe>, offset: &mut u64| {
             let lost = h.tee(
-                &mut tee,
+                tee,
                 &conn(),
                 Direction::UpToDown,
-                offset,
+                *offset,
                 chunk.read_fd(),
                 chunk.len,
             );
             assert_eq!(lost, 0, "at offset {offset}");
-            offset += chunk.len as u64;
+            *offset += chunk.len as u64;
+        };
+        // Chunks go to the pipe `wants` named until it is half full, then to a new one.
+        while Arc::ptr_eq(&tee, &first) {
+            assert!(offset < 4 * first.capacity() as u64, "never handed over");
+            tee_chunk(&mut tee, &mut offset);
         }
         assert_eq!(
             first.pending(),
@@ -631,15 +635,7 @@ mod tests {
         // The pipe in hand is used while it has room, even when an earlier one has room again.
         let second = Arc::clone(&tee);
         assert_eq!((first.pending(), second.pending()), (0, 0), "all read out");
-        let lost = h.tee(
-            &mut tee,
-            &conn(),
-            Direction::UpToDown,
-            offset,
-            chunk.read_fd(),
-            chunk.len,
-        );
-        assert_eq!(lost, 0);
+        tee_chunk(&mut tee, &mut offset);
         assert!(Arc::ptr_eq(&tee, &second));
         assert_eq!((first.pending(), second.pending()), (0, chunk.len));
         // Then the writer has read the first pipe out: `wants` names it again.
