@@ -506,6 +506,8 @@ fn sockets_of(pid: u32) -> Vec<(std::os::fd::OwnedFd, Option<SocketAddr>, Option
         use std::os::fd::AsRawFd;
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
         if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::EBADF), "pidfd_getfd: {e}");
             continue; // closed meanwhile
         }
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
