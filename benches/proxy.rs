@@ -4,7 +4,7 @@
 //! Why: the numbers only mean something relative to the cost of no proxy at
 //! all and to what people would otherwise deploy, measured on the same machine
 //! in the same run. So every target runs in every round (round r runs all
-//! targets before round r+1, in a rotating order) against the same in-process
+//! targets before round r+1, in a shuffled order) against the same in-process
 //! upstreams and load generators, and the table reports medians over rounds
 //! plus tcptap/peer ratios.
 //!
@@ -512,6 +512,28 @@ fn parse_redis_csv(csv: &str, test: &str) -> Option<f64> {
             None
         }
     })
+}
+
+/// The order in which a round runs the targets of one row: a shuffle seeded by the round and
+/// the row, so that no target always goes first or always follows the same one (whatever a
+/// target leaves behind, such as disk writeback, falls on a different one each time), and a run
+/// is repeatable.
+fn order(n: usize, round: usize, sc: &Scenario) -> Vec<usize> {
+    let mut seed = sc.label().bytes().fold(round as u64 + 1, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    }) | 1; // xorshift never leaves 0
+    let mut next = move || {
+        // xorshift64*
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    v
 }
 
 // ---------------------------------------------------------------------------
@@ -1044,10 +1066,8 @@ fn main() {
     for round in 0..cfg.rounds {
         println!("round {}/{}", round + 1, cfg.rounds);
         for &sc in &scenarios {
-            // Rotate the target order each round so no target always goes first.
-            let n = targets.len();
-            for i in 0..n {
-                let t = &targets[(i + round) % n];
+            for &i in &order(targets.len(), round, &sc) {
+                let t = &targets[i];
                 let began = Instant::now();
                 match run_scenario(&cfg, &env, sc, t) {
                     Ok(ms) => {
