@@ -474,9 +474,9 @@ fn closed_connections_leave_no_timer_wakeups() {
     assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), b"x");
 }
 
-/// A duplicate of every TCP socket the process `pid` holds (pidfd_getfd(2): the proxy is our
-/// child, so we may), with its local and peer address.
-fn sockets_of(pid: u32) -> Vec<(std::os::fd::OwnedFd, Option<SocketAddr>, Option<SocketAddr>)> {
+/// A duplicate of every socket the process `pid` holds (pidfd_getfd(2): the proxy is our child,
+/// so we may), with its peer address.
+fn sockets_of(pid: u32) -> Vec<(std::os::fd::OwnedFd, Option<SocketAddr>)> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: plain syscalls; every descriptor returned is new and owned by the OwnedFd made here.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
@@ -511,10 +511,11 @@ fn sockets_of(pid: u32) -> Vec<(std::os::fd::OwnedFd, Option<SocketAddr>, Option
             continue; // closed meanwhile
         }
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let s = socket2::SockRef::from(&fd);
-        let local = s.local_addr().ok().and_then(|a| a.as_socket());
-        let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
-        out.push((fd, local, peer));
+        let peer = socket2::SockRef::from(&fd)
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket());
+        out.push((fd, peer));
     }
     out
 }
@@ -536,7 +537,7 @@ fn socket_options_reach_both_sockets_of_a_pair() {
     let client = c.local_addr().unwrap();
     let sockets = sockets_of(proxy.pid());
     let find = |what: &str, f: &dyn Fn(Option<SocketAddr>) -> bool| {
-        let found: Vec<_> = sockets.iter().filter(|(_, _, peer)| f(*peer)).collect();
+        let found: Vec<_> = sockets.iter().filter(|(_, peer)| f(*peer)).collect();
         assert_eq!(found.len(), 1, "{what}: {sockets:?}");
         socket2::SockRef::from(&found[0].0)
     };
