@@ -54,14 +54,13 @@ pub(crate) struct RotatingFile {
     rotate_bytes: Option<u64>,
     max_files: u32,
     header: [u8; GLOBAL_HEADER_LEN],
-    /// Whether to write regular files with direct I/O (configured, and not refused yet).
+    /// Whether to write regular files with direct I/O (configured, and not refused yet): the
+    /// current file is written with direct I/O when this holds and it is a regular file.
     direct_io: bool,
     /// The current file; `None` until opened (FIFO without reader, or after a rotation).
     file: Option<File>,
     /// Whether the current file is a regular file (can be cut back after a failed write).
     regular: bool,
-    /// Whether the current file is written with direct I/O.
-    direct: bool,
     /// Whether `O_DIRECT` is set on the current file's descriptor right now (switched only when
     /// a write needs the other mode, so small batches cost one `pwrite`).
     odirect: bool,
@@ -106,7 +105,6 @@ impl RotatingFile {
             direct_io: target.direct_io,
             file,
             regular,
-            direct: false,
             odirect: false,
             written: 0,
             header_written: false,
@@ -128,9 +126,8 @@ impl RotatingFile {
     }
 
     /// Whether the current file is written with direct I/O.
-    #[cfg(test)]
     pub(crate) fn is_direct(&self) -> bool {
-        self.direct
+        self.direct_io && self.regular
     }
 
     /// Returns the buffer a packet of `len` bytes is to be appended to, switching files first if
@@ -173,7 +170,7 @@ impl RotatingFile {
         if !self.header_written {
             self.write_header()?;
         }
-        if self.direct {
+        if self.is_direct() {
             return self.write_direct(all);
         }
         if self.pending.is_empty() {
@@ -221,7 +218,6 @@ impl RotatingFile {
                         self.path.display()
                     );
                     self.direct_io = false;
-                    self.direct = false;
                     let _ = switch(file, &mut self.odirect, false);
                     // Go on as a plain file: the bytes already in it leave the buffer, and
                     // writes continue from the file position.
@@ -270,7 +266,7 @@ impl RotatingFile {
     fn write_header(&mut self) -> io::Result<()> {
         let header = self.header;
         self.current()?;
-        if self.direct {
+        if self.is_direct() {
             // The file is empty: the header goes out with the first packets.
             self.pending.prepend(&header);
             self.header_written = true;
@@ -300,7 +296,6 @@ impl RotatingFile {
             self.written = 0;
             self.synced = 0;
             self.header_written = false;
-            self.direct = false;
             self.odirect = false;
             self.start_direct();
         }
@@ -311,15 +306,11 @@ impl RotatingFile {
     /// (`O_DIRECT` is set here to learn whether the file system takes it, and stays set until a
     /// write through the cache switches it off).
     fn start_direct(&mut self) {
-        let Some(file) = &self.file else { return };
-        if !(self.direct_io && self.regular) {
+        let Some(file) = self.file.as_ref().filter(|_| self.is_direct()) else {
             return;
-        }
+        };
         match set_direct(file, true) {
-            Ok(()) => {
-                self.direct = true;
-                self.odirect = true;
-            }
+            Ok(()) => self.odirect = true,
             Err(err) => {
                 info!(
                     "tap: {}: direct I/O not available ({err}); writing through the page cache",
@@ -381,7 +372,7 @@ impl RotatingFile {
 impl Drop for RotatingFile {
     fn drop(&mut self) {
         // Only a partial block held back in direct mode can be left; write it.
-        if self.direct && self.pending.len() > self.synced {
+        if self.is_direct() && self.pending.len() > self.synced {
             let _ = self.write_direct(true);
         }
     }
