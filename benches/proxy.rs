@@ -400,7 +400,8 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
         Scenario::Churn { clients } => {
             let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
             let cpu0 = r.pid().map(peers::cpu_ms_tree);
-            let res = loadgen::churn(r.addr, clients, cfg.warmup, cfg.window, cfg.churn_max);
+            let res = loadgen::churn(r.addr, clients, cfg.warmup, cfg.window, cfg.churn_max)
+                .map_err(e)?;
             let cpu1 = r.pid().map(peers::cpu_ms_tree);
             r.check_alive().map_err(e)?;
             if res.errors > 0 {
@@ -976,9 +977,10 @@ fn main() {
         cfg.idle_conns = budget.max(1);
     }
     res.note(format!(
-        "idle memory uses {} connections; churn closes each client connection with \
-         SO_LINGER 0 (RST), so the client side leaves no TIME_WAIT",
-        cfg.idle_conns
+        "idle memory uses {} connections; churn keeps {} connections in flight from one \
+         event-driven client and closes each with SO_LINGER 0 (RST), so the client side \
+         leaves no TIME_WAIT",
+        cfg.idle_conns, cfg.churn_clients
     ));
 
     let env = {
