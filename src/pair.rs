@@ -20,7 +20,7 @@ use crate::buffer::BufferPool;
 use crate::net;
 use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
 use crate::splice::PipePool;
-use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle, Wants};
+use crate::tap::{CloseKind, ConnMeta, Direction, Side, TEE_CHUNK_MAX, TapEvent, TapHandle, Wants};
 
 /// Why a pair ended; shown in the close log line and the tap.
 #[derive(Debug)]
@@ -271,7 +271,9 @@ impl Pair {
             let wants = match tap.as_ref() {
                 _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
-                Some(t) => t.handle.wants(pipe.read_total(), pipes.size()),
+                Some(t) => t
+                    .handle
+                    .wants(pipe.read_total(), pipes.size().min(TEE_CHUNK_MAX)),
             };
             let splice = !matches!(wants, Wants::Yes);
             let queue_full = matches!(wants, Wants::QueueFull);
@@ -302,6 +304,7 @@ impl Pair {
                     pool,
                     pipes,
                     splice_budget,
+                    if tee { TEE_CHUNK_MAX } else { usize::MAX },
                     on_fill,
                 );
                 let skipped = pipe.read_total() - before;

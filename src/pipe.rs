@@ -241,7 +241,8 @@ impl Pipe {
     ///
     /// With `tee`, the kernel pipe is filled only when empty, and `tee(pipe read end, offset, n)`
     /// is called right after each fill of `n` bytes at stream `offset`: the pipe then holds
-    /// exactly those bytes, for the tap to duplicate with `tee(2)`.
+    /// exactly those bytes, for the tap to duplicate with `tee(2)`. Each fill moves at most
+    /// `fill_max` bytes (what a tee can take at once).
     ///
     /// Readiness: a splice into an *empty* pipe that would block means the socket is drained. A
     /// non-empty pipe can be full with fewer bytes than its capacity (each slot holds one page
@@ -256,6 +257,7 @@ impl Pipe {
         pool: &mut BufferPool,
         pipes: &mut PipePool,
         budget: usize,
+        fill_max: usize,
         mut tee: Option<&mut dyn FnMut(std::os::fd::RawFd, u64, usize)>,
     ) -> Result<PumpStatus, PumpError> {
         use std::os::fd::AsRawFd;
@@ -323,7 +325,11 @@ impl Pipe {
                 };
                 if room {
                     let was_empty = kp.len == 0;
-                    match got(kp.fill_from(src.as_raw_fd()), src_ready, was_empty)? {
+                    match got(
+                        kp.fill_from(src.as_raw_fd(), fill_max),
+                        src_ready,
+                        was_empty,
+                    )? {
                         Got::Eof => {
                             self.set_state(PipeState::ReadClosed);
                             progress = true;

@@ -32,15 +32,16 @@ impl KernelPipe {
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let mut capacity = 64 * 1024; // the kernel's default pipe size
-        if size != capacity {
-            // SAFETY: fcntl on a descriptor we own.
-            let got =
-                unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
-            if got > 0 {
-                capacity = got as usize;
-            }
+        // SAFETY: fcntl on a descriptor we own.
+        let mut got =
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        if got <= 0 {
+            // Refused (above pipe-max-size, or past the user's pipe-user-pages-soft, where the
+            // kernel also shrinks new pipes to two pages): keep what the pipe has.
+            // SAFETY: as above.
+            got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         }
+        let capacity = if got > 0 { got as usize } else { 4096 };
         Ok(KernelPipe {
             read,
             write,
@@ -66,9 +67,11 @@ impl KernelPipe {
         self.read.as_raw_fd()
     }
 
-    /// Moves up to the pipe's free room from socket `src` into the pipe. `Ok(0)` is EOF.
-    pub fn fill_from(&mut self, src: RawFd) -> io::Result<usize> {
-        let n = splice(src, self.write.as_raw_fd(), self.capacity - self.len)?;
+    /// Moves up to `max` bytes, and at most the pipe's free room, from socket `src` into the
+    /// pipe. `Ok(0)` is EOF.
+    pub fn fill_from(&mut self, src: RawFd, max: usize) -> io::Result<usize> {
+        let room = (self.capacity - self.len).min(max);
+        let n = splice(src, self.write.as_raw_fd(), room)?;
         self.len += n;
         Ok(n)
     }
@@ -201,6 +204,10 @@ impl TeePipe {
     }
 }
 
+/// Below this capacity a kernel pipe is not worth splicing through (the default copy buffer is
+/// 64 KiB).
+const MIN_USEFUL_PIPE: usize = 64 * 1024;
+
 /// Idle kernel pipes, reused so a busy connection does not create two descriptors per burst.
 #[derive(Debug)]
 pub struct PipePool {
@@ -224,12 +231,22 @@ impl PipePool {
         self.size
     }
 
-    /// An empty pipe; fails when descriptors run out (the caller falls back to copying).
+    /// An empty pipe; fails when descriptors run out, or when the kernel grants less than
+    /// 64 KiB (or less than `size`, if smaller): past the user's pipe-user-pages-soft, new pipes
+    /// hold two pages, and splicing through those costs more than copying. The caller then
+    /// copies.
     pub fn take(&mut self) -> io::Result<KernelPipe> {
-        match self.free.pop() {
-            Some(p) => Ok(p),
-            None => KernelPipe::new(self.size),
+        if let Some(p) = self.free.pop() {
+            return Ok(p);
         }
+        let p = KernelPipe::new(self.size)?;
+        if p.capacity < self.size.min(MIN_USEFUL_PIPE) {
+            return Err(io::Error::other(format!(
+                "the kernel granted a pipe of {} bytes (pipe-user-pages-soft reached?)",
+                p.capacity
+            )));
+        }
+        Ok(p)
     }
 
     /// Returns an empty pipe; a pipe with bytes left is closed instead.
@@ -259,6 +276,16 @@ mod tests {
     }
 
     #[test]
+    fn capacity_is_what_the_kernel_granted() {
+        // The kernel rounds a pipe's size up to a power of two pages.
+        let p = KernelPipe::new(100 * 1024).unwrap();
+        assert_eq!(p.capacity, 128 * 1024);
+        // SAFETY: fcntl on the pipe's own descriptor.
+        let got = unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        assert_eq!(got as usize, p.capacity);
+    }
+
+    #[test]
     fn moves_bytes_between_sockets_and_sees_eof() {
         let [mut a, b, c, mut d] = two_connections();
         let mut pool = PipePool::new(64 * 1024, 2);
@@ -268,10 +295,10 @@ mod tests {
         b.set_nonblocking(false).unwrap();
         let mut total = 0;
         while total < 9 {
-            total += p.fill_from(b.as_raw_fd()).unwrap();
+            total += p.fill_from(b.as_raw_fd(), usize::MAX).unwrap();
         }
         assert_eq!(p.len, 9);
-        assert_eq!(p.fill_from(b.as_raw_fd()).unwrap(), 0, "EOF");
+        assert_eq!(p.fill_from(b.as_raw_fd(), usize::MAX).unwrap(), 0, "EOF");
         assert_eq!(p.drain_to(c.as_raw_fd()).unwrap(), 9);
         assert_eq!(p.len, 0);
         let mut got = [0u8; 9];
@@ -290,7 +317,7 @@ mod tests {
         b.set_nonblocking(false).unwrap();
         let mut total = 0;
         while total < 8 {
-            total += p.fill_from(b.as_raw_fd()).unwrap();
+            total += p.fill_from(b.as_raw_fd(), usize::MAX).unwrap();
         }
         assert_eq!(tee.tee_from(p.read_fd(), 8).unwrap(), 8);
         assert_eq!(tee.pending(), 8);
@@ -329,7 +356,7 @@ mod tests {
         let (b, _) = l.accept().unwrap();
         b.set_nonblocking(true).unwrap();
         let mut p = KernelPipe::new(64 * 1024).unwrap();
-        let e = p.fill_from(b.as_raw_fd()).unwrap_err();
+        let e = p.fill_from(b.as_raw_fd(), usize::MAX).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 }

@@ -112,3 +112,74 @@ fn emfile_pauses_accepting_without_spinning() {
         }
     }
 }
+
+/// Past the user's `pipe-user-pages-soft` (64 MiB of pipes for a user without
+/// CAP_SYS_RESOURCE), the kernel shrinks new pipes to two pages. Those directions copy instead of
+/// splicing through tiny pipes, and every byte still arrives. The proxy runs as `nobody` (when
+/// the test runs as root) so no other process's pipes count against the limit.
+#[test]
+fn pipe_limit_of_the_user_falls_back_to_copying() {
+    let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .expect("read pipe-user-pages-soft")
+        .trim()
+        .parse()
+        .expect("pipe-user-pages-soft");
+    if soft_pages == 0 {
+        eprintln!("pipe-user-pages-soft is 0 (no limit): nothing to run out of");
+        return;
+    }
+    // Each busy direction holds a 1 MiB pipe (256 pages): this many run past the limit.
+    let conns = soft_pages / 256 + 16;
+    const LEN: usize = 2 << 20;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TempDir::new("pipes");
+    let cfg = dir.path("proxy.toml");
+    write_file(
+        &cfg,
+        // Small fixed socket buffers toward the upstream, which does not read yet: the bytes
+        // behind them stay in each direction's pipe, so every pipe is held at once.
+        &format!(
+            "splice_pipe_size = \"1 MiB\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
+            one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
+        ),
+    );
+    let proxy = Proxy::start_in(&["--config", cfg.to_str().unwrap()], 1, None, |cmd| {
+        cmd.env("RUST_LOG", "info,tcptap::pipe=debug");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.uid(65534).gid(65534);
+        }
+    });
+    let writers: Vec<_> = (0..conns)
+        .map(|i| {
+            let mut c = connect(proxy.addr());
+            std::thread::spawn(move || {
+                c.write_all(&(i as u64).to_le_bytes()).unwrap();
+                send_pattern(&mut c, i as u64, LEN).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                c
+            })
+        })
+        .collect();
+    let mut held: Vec<_> = (0..conns).map(|_| upstream.accept().unwrap().0).collect();
+    let line = proxy.wait_log("no kernel pipe", Duration::from_secs(20));
+    assert!(line.contains("granted a pipe of"), "{line}");
+    // Now drain every connection and check each stream byte for byte.
+    let readers: Vec<_> = held
+        .drain(..)
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut id = [0u8; 8];
+                std::io::Read::read_exact(&mut s, &mut id).unwrap();
+                expect_pattern(&mut s, u64::from_le_bytes(id), LEN)
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap().unwrap(), LEN);
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+}

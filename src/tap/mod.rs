@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use log::warn;
 
-pub use queue::{TapHandle, Wants};
+pub use queue::{TEE_CHUNK_MAX, TapHandle, Wants};
 pub use record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
 
 use pcap::PcapSink;

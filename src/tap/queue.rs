@@ -149,6 +149,10 @@ impl Shared {
 /// Capacity asked for each tee pipe (the most an unprivileged process may ask for by default).
 const TEE_PIPE_SIZE: usize = 1 << 20;
 
+/// The most bytes one tee hands the tap: a kernel pipe that a tap takes tees of is filled by at
+/// most this much at a time, so that chunks fit the tee pipes (see [`TeePipe::has_room`]).
+pub const TEE_CHUNK_MAX: usize = TEE_PIPE_SIZE / 4;
+
 /// One worker's tee pipes. A pipe's capacity counts buffers (pages or socket fragments), not
 /// bytes, so each pipe takes bytes up to half its capacity; pipes are added while the writer
 /// lags, until together they could hold the whole queue budget. Records name their pipe, and
@@ -462,7 +466,7 @@ mod tests {
         a.write_all(data).unwrap();
         let mut p = crate::splice::KernelPipe::new(64 * 1024).unwrap();
         while p.len < data.len() {
-            p.fill_from(b.as_raw_fd()).unwrap();
+            p.fill_from(b.as_raw_fd(), usize::MAX).unwrap();
         }
         p
     }
