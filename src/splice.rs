@@ -32,15 +32,26 @@ impl KernelPipe {
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a descriptor we own.
-        let mut got =
-            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
-        if got <= 0 {
-            // Refused (above pipe-max-size, or past the user's pipe-user-pages-soft, where the
-            // kernel also shrinks new pipes to two pages): keep what the pipe has.
-            // SAFETY: as above.
-            got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        }
+        // Refused sizes (above pipe-max-size without CAP_SYS_RESOURCE, or more than the user's
+        // pipe-user-pages-soft has left) are asked again at half, down to the kernel's default.
+        let mut ask = size;
+        let got = loop {
+            // SAFETY: fcntl on a descriptor we own.
+            let got =
+                unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, ask as libc::c_int) };
+            if got > 0 || ask <= 64 * 1024 {
+                break got;
+            }
+            ask /= 2;
+        };
+        // Still refused: keep what the pipe has (past pipe-user-pages-soft, the kernel makes new
+        // pipes of two pages).
+        // SAFETY: as above.
+        let got = if got > 0 {
+            got
+        } else {
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) }
+        };
         let capacity = if got > 0 { got as usize } else { 4096 };
         Ok(KernelPipe {
             read,
@@ -240,6 +251,9 @@ impl PipePool {
             return Ok(p);
         }
         let p = KernelPipe::new(self.size)?;
+        if p.capacity != self.size {
+            log::debug!("kernel pipe of {} bytes ({} asked)", p.capacity, self.size);
+        }
         if p.capacity < self.size.min(MIN_USEFUL_PIPE) {
             return Err(io::Error::other(format!(
                 "the kernel granted a pipe of {} bytes (pipe-user-pages-soft reached?)",

@@ -183,3 +183,47 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
         w.join().unwrap();
     }
 }
+
+/// Without CAP_SYS_RESOURCE, a pipe size above pipe-max-size (1 MiB by default) is refused; the
+/// proxy then asks for half until the kernel agrees, instead of falling to the 64 KiB default.
+#[test]
+fn refused_pipe_size_is_halved_until_granted() {
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .expect("read pipe-max-size")
+        .trim()
+        .parse()
+        .expect("pipe-max-size");
+    let upstream = Upstream::echo();
+    let dir = TempDir::new("pipes");
+    let cfg = dir.path("proxy.toml");
+    write_file(
+        &cfg,
+        &format!(
+            "splice_pipe_size = \"{} KiB\"\n{}",
+            4 * max / 1024,
+            one_route("127.0.0.1:0", upstream.addr, "")
+        ),
+    );
+    let proxy = Proxy::start_in(&["--config", cfg.to_str().unwrap()], 1, None, |cmd| {
+        cmd.env("RUST_LOG", "info,tcptap::splice=debug");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.uid(65534).gid(65534);
+        }
+    });
+    let mut c = connect(proxy.addr());
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            send_pattern(&mut c, 7, 8 << 20).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    assert_eq!(expect_pattern(&mut c, 7, 8 << 20).unwrap(), 8 << 20);
+    writer.join().unwrap();
+    let line = proxy.wait_log("kernel pipe of", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("kernel pipe of {max} bytes")),
+        "expected pipes of pipe-max-size ({max} bytes): {line}"
+    );
+}
