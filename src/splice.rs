@@ -46,10 +46,10 @@ impl KernelPipe {
         };
         // Still refused: keep what the pipe has (past pipe-user-pages-soft, the kernel makes new
         // pipes of two pages).
-        // SAFETY: as above.
         let got = if got > 0 {
             got
         } else {
+            // SAFETY: as above.
             unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) }
         };
         let capacity = if got > 0 { got as usize } else { 4096 };
