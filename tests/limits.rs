@@ -117,8 +117,13 @@ fn emfile_pauses_accepting_without_spinning() {
 /// CAP_SYS_RESOURCE), the kernel shrinks new pipes to two pages. Those directions copy instead of
 /// splicing through tiny pipes, and every byte still arrives. The proxy runs as `nobody` (when
 /// the test runs as root) so no other process's pipes count against the limit.
+/// The two tests below run proxies as `nobody`, whose pipes the kernel counts together: one at
+/// a time.
+static NOBODY_PIPES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn pipe_limit_of_the_user_falls_back_to_copying() {
+    let _one_at_a_time = NOBODY_PIPES.lock().unwrap_or_else(|e| e.into_inner());
     let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
         .expect("read pipe-user-pages-soft")
         .trim()
@@ -188,6 +193,7 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
 /// proxy then asks for half until the kernel agrees, instead of falling to the 64 KiB default.
 #[test]
 fn refused_pipe_size_is_halved_until_granted() {
+    let _one_at_a_time = NOBODY_PIPES.lock().unwrap_or_else(|e| e.into_inner());
     let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
         .expect("read pipe-max-size")
         .trim()
