@@ -113,22 +113,42 @@ fn emfile_pauses_accepting_without_spinning() {
     }
 }
 
-/// Past the user's `pipe-user-pages-soft` (64 MiB of pipes for a user without
-/// CAP_SYS_RESOURCE), the kernel shrinks new pipes to two pages. Those directions copy instead of
-/// splicing through tiny pipes, and every byte still arrives. The proxy runs as `nobody` (when
-/// the test runs as root) so no other process's pipes count against the limit.
-/// The two tests below run proxies as `nobody`, whose pipes the kernel counts together: one at
-/// a time.
+/// The tests below run proxies as `nobody`, whose pipes the kernel counts together: one at a
+/// time.
 static NOBODY_PIPES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A number from `/proc/sys/fs/NAME`.
+fn fs_sysctl(name: &str) -> usize {
+    let path = format!("/proc/sys/fs/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Starts tcptap on config `toml`, logging with `rust_log`, as `nobody` when the test runs as
+/// root: its pipes then count against limits no other process uses.
+fn start_unprivileged(toml: &str, rust_log: &str) -> (Proxy, TempDir) {
+    let dir = TempDir::new("pipes");
+    let cfg = dir.path("proxy.toml");
+    write_file(&cfg, toml);
+    let proxy = Proxy::start_in(&["--config", cfg.to_str().unwrap()], 1, None, |cmd| {
+        cmd.env("RUST_LOG", rust_log);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.uid(65534).gid(65534);
+        }
+    });
+    (proxy, dir)
+}
+
+/// Past the user's `pipe-user-pages-soft` (64 MiB of pipes for a user without
+/// CAP_SYS_RESOURCE), the kernel shrinks new pipes to two pages. Those directions copy instead of
+/// splicing through tiny pipes, and every byte still arrives.
 #[test]
 fn pipe_limit_of_the_user_falls_back_to_copying() {
     let _one_at_a_time = NOBODY_PIPES.lock().unwrap_or_else(|e| e.into_inner());
-    let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
-        .expect("read pipe-user-pages-soft")
-        .trim()
-        .parse()
-        .expect("pipe-user-pages-soft");
+    let soft_pages = fs_sysctl("pipe-user-pages-soft");
     if soft_pages == 0 {
         eprintln!("pipe-user-pages-soft is 0 (no limit): nothing to run out of");
         return;
@@ -137,24 +157,15 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
     let conns = soft_pages / 256 + 16;
     const LEN: usize = 2 << 20;
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = TempDir::new("pipes");
-    let cfg = dir.path("proxy.toml");
-    write_file(
-        &cfg,
-        // Small fixed socket buffers toward the upstream, which does not read yet: the bytes
-        // behind them stay in each direction's pipe, so every pipe is held at once.
+    // Small fixed socket buffers toward the upstream, which does not read yet: the bytes behind
+    // them stay in each direction's pipe, so every pipe is held at once.
+    let (proxy, _dir) = start_unprivileged(
         &format!(
             "splice_pipe_size = \"1 MiB\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
             one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
         ),
+        "info,tcptap::pipe=debug",
     );
-    let proxy = Proxy::start_in(&["--config", cfg.to_str().unwrap()], 1, None, |cmd| {
-        cmd.env("RUST_LOG", "info,tcptap::pipe=debug");
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            cmd.uid(65534).gid(65534);
-        }
-    });
     let writers: Vec<_> = (0..conns)
         .map(|i| {
             let mut c = connect(proxy.addr());
@@ -194,29 +205,16 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
 #[test]
 fn refused_pipe_size_is_halved_until_granted() {
     let _one_at_a_time = NOBODY_PIPES.lock().unwrap_or_else(|e| e.into_inner());
-    let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .expect("read pipe-max-size")
-        .trim()
-        .parse()
-        .expect("pipe-max-size");
+    let max = fs_sysctl("pipe-max-size");
     let upstream = Upstream::echo();
-    let dir = TempDir::new("pipes");
-    let cfg = dir.path("proxy.toml");
-    write_file(
-        &cfg,
+    let (proxy, _dir) = start_unprivileged(
         &format!(
             "splice_pipe_size = \"{} KiB\"\n{}",
             4 * max / 1024,
             one_route("127.0.0.1:0", upstream.addr, "")
         ),
+        "info,tcptap::splice=debug",
     );
-    let proxy = Proxy::start_in(&["--config", cfg.to_str().unwrap()], 1, None, |cmd| {
-        cmd.env("RUST_LOG", "info,tcptap::splice=debug");
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            cmd.uid(65534).gid(65534);
-        }
-    });
     let mut c = connect(proxy.addr());
     let writer = {
         let mut c = c.try_clone().unwrap();
