@@ -177,12 +177,12 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
             })
         })
         .collect();
-    let mut held: Vec<_> = (0..conns).map(|_| upstream.accept().unwrap().0).collect();
+    let held: Vec<_> = (0..conns).map(|_| upstream.accept().unwrap().0).collect();
     let line = proxy.wait_log("no kernel pipe", Duration::from_secs(20));
     assert!(line.contains("granted a pipe of"), "{line}");
     // Now drain every connection and check each stream byte for byte.
     let readers: Vec<_> = held
-        .drain(..)
+        .into_iter()
         .map(|mut s| {
             std::thread::spawn(move || {
                 s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
