@@ -128,18 +128,14 @@ fn fs_sysctl(name: &str) -> usize {
 
 /// Starts tcptap on config `toml`, logging with `rust_log`, as `nobody` when the test runs as
 /// root: its pipes then count against limits no other process uses.
-fn start_unprivileged(toml: &str, rust_log: &str) -> (Proxy, TempDir) {
-    let dir = TempDir::new("pipes");
-    let cfg = dir.path("proxy.toml");
-    write_file(&cfg, toml);
-    let proxy = Proxy::start_in(&["--config", cfg.to_str().unwrap()], 1, None, |cmd| {
+fn start_unprivileged(toml: &str, rust_log: &str) -> Proxy {
+    Proxy::with_config_in(toml, 1, |cmd| {
         cmd.env("RUST_LOG", rust_log);
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             cmd.uid(65534).gid(65534);
         }
-    });
-    (proxy, dir)
+    })
 }
 
 /// Past the user's `pipe-user-pages-soft` (64 MiB of pipes for a user without
@@ -159,7 +155,7 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     // Small fixed socket buffers toward the upstream, which does not read yet: the bytes behind
     // them stay in each direction's pipe, so every pipe is held at once.
-    let (proxy, _dir) = start_unprivileged(
+    let proxy = start_unprivileged(
         &format!(
             "splice_pipe_size = \"1 MiB\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
             one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
@@ -207,7 +203,7 @@ fn refused_pipe_size_is_halved_until_granted() {
     let _one_at_a_time = NOBODY_PIPES.lock().unwrap_or_else(|e| e.into_inner());
     let max = fs_sysctl("pipe-max-size");
     let upstream = Upstream::echo();
-    let (proxy, _dir) = start_unprivileged(
+    let proxy = start_unprivileged(
         &format!(
             "splice_pipe_size = \"{} KiB\"\n{}",
             4 * max / 1024,

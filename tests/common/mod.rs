@@ -147,6 +147,11 @@ impl Proxy {
 
     /// Starts `tcptap --config <file>` with `toml` as the file.
     pub fn with_config(toml: &str, routes: usize) -> Proxy {
+        Proxy::with_config_in(toml, routes, |_| {})
+    }
+
+    /// Like `with_config`, with a hook to adjust the command (environment, user, limits).
+    pub fn with_config_in(toml: &str, routes: usize, adjust: impl FnOnce(&mut Command)) -> Proxy {
         let dir = TempDir::new("cfg");
         let path = dir.path("proxy.toml");
         std::fs::write(&path, toml).expect("write config");
@@ -154,7 +159,7 @@ impl Proxy {
             &["--config", path.to_str().unwrap()],
             routes,
             Some(dir),
-            |_| {},
+            adjust,
         )
     }
 
