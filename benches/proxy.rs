@@ -12,8 +12,8 @@
 //! request/response (1 and 64 connections; req/s, p50, p99), connection churn,
 //! idle memory per connection, proxy CPU per GiB, per request and per
 //! connection, the share of the bytes a tap
-//! captured, and iperf3 / redis-benchmark through each target when those are
-//! installed.
+//! captured, and iperf3 / redis-benchmark / wrk through each target when those
+//! are installed.
 //!
 //! Columns: tcptap variants (copy path, tap to pcap / log / a blocked FIFO, two
 //! workers), haproxy `mode tcp` with nbthread 1, nbthread 1 with forced splice,
@@ -25,7 +25,7 @@
 //! - `TCPTAP_BENCH_ROUNDS` (default 3), `TCPTAP_BENCH_SECS` (measured window
 //!   per row and target, default 0.6), `TCPTAP_BENCH_IDLE_CONNS` (10000).
 //! - `TCPTAP_BENCH_TARGETS=direct,tcptap,...` and
-//!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis` to select.
+//!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis,wrk` to select.
 //! - `TCPTAP_BENCH_BIN`: the tcptap binary to use instead of Cargo's.
 //! - `TCPTAP_BENCH_RUST_LOG`: RUST_LOG for tcptap (default
 //!   `info,tcptap::conn=warn`: no line per connection).
@@ -276,6 +276,7 @@ enum Scenario {
     Idle,
     Iperf3,
     Redis,
+    Wrk { conns: usize },
 }
 
 impl Scenario {
@@ -287,6 +288,7 @@ impl Scenario {
             Scenario::Idle => "idle memory".into(),
             Scenario::Iperf3 => "iperf3".into(),
             Scenario::Redis => "redis-benchmark".into(),
+            Scenario::Wrk { conns } => format!("wrk {conns}c"),
         }
     }
 }
@@ -298,6 +300,8 @@ struct Env {
     tmp: peers::TempDir,
     iperf3: Option<PathBuf>,
     redis: Option<(PathBuf, peers::ProcGuard, u16)>,
+    /// wrk and the HTTP upstream it is run against.
+    wrk: Option<(PathBuf, EchoUpstream)>,
     /// Connection limit passed to peers that have one.
     max_conns: usize,
 }
@@ -498,8 +502,116 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
                 out.push((format!("redis {test} -c 50"), REQS, rps));
             }
         }
+        Scenario::Wrk { conns } => {
+            let (bin, http) = env.wrk.as_ref().ok_or("wrk not installed")?;
+            let mut r = t.start(http.addr, env.max_conns).map_err(e)?;
+            let cpu0 = r.pid().map(peers::cpu_ms_tree);
+            let mut cmd = Command::new(bin);
+            cmd.args(["-t", "1", "-c", &conns.to_string()])
+                .args(["-d", &format!("{}s", cfg.iperf_secs), "--latency"])
+                .arg(format!("http://{}/", r.addr));
+            let text = peers::run_bounded(
+                "wrk",
+                cmd,
+                &env.tmp.0.join("wrk.txt"),
+                Duration::from_secs(cfg.iperf_secs as u64 + 20),
+            )
+            .map_err(e)?;
+            let cpu1 = r.pid().map(peers::cpu_ms_tree);
+            r.check_alive().map_err(e)?;
+            let rep = parse_wrk(&text)?;
+            let label = sc.label();
+            out.push((label.clone(), REQS, rep.per_sec));
+            out.push((format!("{label} p50"), MICROS, rep.p50_us));
+            out.push((format!("{label} p99"), MICROS, rep.p99_us));
+            if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
+                let per = (c1 - c0) * 1000.0 / rep.requests.max(1.0);
+                out.push((format!("cpu {label}"), US_CPU_REQ, per));
+            }
+        }
     }
     Ok(out)
+}
+
+/// What `wrk --latency` reports: requests in total and per second, and latency percentiles.
+#[derive(Debug, PartialEq)]
+struct WrkReport {
+    requests: f64,
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Parses wrk's text report (`  123456 requests in 3.00s, ...`, `Requests/sec: 41152.00`, and
+/// the `Latency Distribution` lines such as `     50%  839.00us`). Errors on socket errors and
+/// non-2xx/3xx responses: through a proxy that works there are none.
+fn parse_wrk(text: &str) -> Result<WrkReport, String> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key).map(str::trim))
+            .ok_or_else(|| format!("wrk: no `{key}` in its report:\n{text}"))
+    };
+    let latency_us = |v: &str| -> Option<f64> {
+        let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+        let (num, unit) = v.split_at(split);
+        let scale = match unit {
+            "us" => 1.0,
+            "ms" => 1e3,
+            "s" => 1e6,
+            "m" => 60e6,
+            _ => return None,
+        };
+        Some(num.parse::<f64>().ok()? * scale)
+    };
+    if let Some(l) = text.lines().find(|l| {
+        let l = l.trim();
+        l.starts_with("Socket errors:") || l.starts_with("Non-2xx")
+    }) {
+        return Err(format!("wrk: {}", l.trim()));
+    }
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.trim()))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("wrk: no `N requests in` line:\n{text}"))?;
+    let per_sec = field("Requests/sec:")?
+        .parse()
+        .map_err(|e| format!("wrk: Requests/sec: {e}"))?;
+    let p = |q: &str| {
+        field(q).and_then(|v| latency_us(v).ok_or_else(|| format!("wrk: latency {q} {v:?}")))
+    };
+    Ok(WrkReport {
+        requests,
+        per_sec,
+        p50_us: p("50%")?,
+        p99_us: p("99%")?,
+    })
+}
+
+/// Checks [`parse_wrk`] on a report of wrk 4.
+fn wrk_parse_self_check() {
+    let ok = "Running 3s test @ http://127.0.0.1:4000/\n  1 threads and 64 connections\n  \
+              Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency     1.52ms  \
+              405.21us   9.80ms   80.19%\n    Req/Sec    42.10k     2.01k   45.34k    73.33%\n  \
+              Latency Distribution\n     50%    1.43ms\n     75%    1.71ms\n     90%    \
+              2.01ms\n     99%    2.89ms\n  125731 requests in 3.00s, 137.89MB read\n\
+              Requests/sec:  41905.63\nTransfer/sec:     45.96MB\n";
+    assert_eq!(
+        parse_wrk(ok),
+        Ok(WrkReport {
+            requests: 125731.0,
+            per_sec: 41905.63,
+            p50_us: 1430.0,
+            p99_us: 2890.0
+        })
+    );
+    let us = ok.replace("1.43ms", "839.00us");
+    assert_eq!(parse_wrk(&us).map(|r| r.p50_us), Ok(839.0));
+    let bad = ok.replace(
+        "Requests/sec",
+        "  Socket errors: connect 0, read 3, write 0, timeout 0\nRequests/sec",
+    );
+    assert!(parse_wrk(&bad).is_err());
 }
 
 /// `"SET","81234.56",...` → 81234.56 (redis-benchmark --csv, any version).
@@ -960,6 +1072,8 @@ fn main() {
     if cfg.smoke {
         println!("proxy bench: smoke run (pass --bench, as `cargo bench` does, for the suite)");
         loadgen::histogram_self_check();
+        loadgen::http_self_check();
+        wrk_parse_self_check();
     }
     let mut res = Results::default();
     let mut versions = Vec::new();
@@ -1016,12 +1130,24 @@ fn main() {
         } else {
             None
         };
+        let wrk = if cfg.group_on("wrk") {
+            match peers::which("wrk") {
+                Some(bin) => Some((bin, EchoUpstream::start_http().expect("HTTP upstream"))),
+                None => {
+                    res.note("wrk not installed: wrk rows skipped".into());
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Env {
             bulk: BulkUpstream::start().expect("bulk upstream"),
             echo: EchoUpstream::start().expect("echo upstream"),
             tmp,
             iperf3,
             redis,
+            wrk,
             max_conns: cfg.idle_conns + 64,
         }
     };
@@ -1051,6 +1177,14 @@ fn main() {
     }
     if env.redis.is_some() {
         scenarios.push(Scenario::Redis);
+    }
+    if env.wrk.is_some() {
+        scenarios.push(Scenario::Wrk { conns: 64 });
+        res.note(format!(
+            "wrk: 1 thread, 64 keep-alive connections, each GET answered with a {} KiB body \
+             by an HTTP upstream in the harness",
+            loadgen::HTTP_BODY / 1024
+        ));
     }
 
     println!(

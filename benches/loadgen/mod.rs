@@ -247,12 +247,14 @@ impl Drop for BulkLoad {
 }
 
 // ---------------------------------------------------------------------------
-// Echo upstream (mio)
+// Echo and HTTP upstreams (mio)
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 
+/// A single-threaded upstream that answers what each connection sends: an echo, or an HTTP/1.1
+/// server with a fixed response.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -263,10 +265,29 @@ pub struct EchoUpstream {
 struct EchoConn {
     stream: MioStream,
     pending: Vec<u8>,
+    /// HTTP: how many bytes of the `\r\n\r\n` that ends a request head were seen last.
+    matched: usize,
 }
 
+/// Makes progress on one connection; true when it should be closed.
+type Service = fn(&mut EchoConn, &mut [u8]) -> bool;
+
+/// Body size of the HTTP upstream's response.
+pub const HTTP_BODY: usize = 1024;
+
 impl EchoUpstream {
+    /// Echoes every byte back.
     pub fn start() -> io::Result<Self> {
+        Self::start_service("echo-upstream", echo_service)
+    }
+
+    /// HTTP/1.1 with keep-alive for wrk: every request head (a GET, no body) gets `200 OK` with
+    /// a body of [`HTTP_BODY`] bytes; pipelined requests are answered in order.
+    pub fn start_http() -> io::Result<Self> {
+        Self::start_service("http-upstream", http_service)
+    }
+
+    fn start_service(name: &str, service: Service) -> io::Result<Self> {
         let std_l = TcpListener::bind(localhost0())?;
         std_l.set_nonblocking(true)?;
         let addr = std_l.local_addr()?;
@@ -278,8 +299,8 @@ impl EchoUpstream {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("echo-upstream".into())
-            .spawn(move || echo_loop(poll, listener, stop2))?;
+            .name(name.into())
+            .spawn(move || echo_loop(poll, listener, stop2, service))?;
         Ok(Self {
             addr,
             stop,
@@ -299,7 +320,7 @@ impl Drop for EchoUpstream {
     }
 }
 
-fn echo_loop(mut poll: Poll, listener: MioListener, stop: Arc<AtomicBool>) {
+fn echo_loop(mut poll: Poll, listener: MioListener, stop: Arc<AtomicBool>, service: Service) {
     let mut events = Events::with_capacity(1024);
     let mut conns: HashMap<usize, EchoConn> = HashMap::new();
     let mut next = FIRST_CONN;
@@ -333,6 +354,7 @@ fn echo_loop(mut poll: Poll, listener: MioListener, stop: Arc<AtomicBool>) {
                                     EchoConn {
                                         stream,
                                         pending: Vec::new(),
+                                        matched: 0,
                                     },
                                 );
                             }
@@ -345,7 +367,7 @@ fn echo_loop(mut poll: Poll, listener: MioListener, stop: Arc<AtomicBool>) {
                 WAKER => {}
                 Token(tok) => {
                     let close = match conns.get_mut(&tok) {
-                        Some(c) => echo_service(c, &mut buf),
+                        Some(c) => service(c, &mut buf),
                         None => false,
                     };
                     if close {
@@ -366,6 +388,50 @@ fn echo_loop(mut poll: Poll, listener: MioListener, stop: Arc<AtomicBool>) {
 
 /// Make progress on one echo connection. Returns true when it should be closed.
 fn echo_service(c: &mut EchoConn, buf: &mut [u8]) -> bool {
+    serve(c, buf, |c, bytes| c.pending.extend_from_slice(bytes))
+}
+
+fn http_service(c: &mut EchoConn, buf: &mut [u8]) -> bool {
+    serve(c, buf, |c, bytes| {
+        for _ in 0..http_requests_ended(&mut c.matched, bytes) {
+            c.pending.extend_from_slice(http_response());
+        }
+    })
+}
+
+fn http_response() -> &'static [u8] {
+    static RESPONSE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    RESPONSE.get_or_init(|| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {HTTP_BODY}\r\n\r\n"
+        )
+        .into_bytes();
+        r.extend((0..HTTP_BODY).map(|i| b'a' + (i % 26) as u8));
+        r
+    })
+}
+
+/// Counts the request heads that end in `bytes` (at each `\r\n\r\n`); `matched` carries a
+/// terminator split across reads.
+fn http_requests_ended(matched: &mut usize, bytes: &[u8]) -> usize {
+    const END: &[u8; 4] = b"\r\n\r\n";
+    let mut ended = 0;
+    for &b in bytes {
+        *matched = if b == END[*matched] {
+            *matched + 1
+        } else {
+            usize::from(b == b'\r')
+        };
+        if *matched == END.len() {
+            ended += 1;
+            *matched = 0;
+        }
+    }
+    ended
+}
+
+/// Flushes what is pending, reads, and hands what was read to `answer`, until `WouldBlock`.
+fn serve(c: &mut EchoConn, buf: &mut [u8], answer: impl Fn(&mut EchoConn, &[u8])) -> bool {
     loop {
         // Flush what is pending before reading more (backpressure).
         while !c.pending.is_empty() {
@@ -381,7 +447,7 @@ fn echo_service(c: &mut EchoConn, buf: &mut [u8]) -> bool {
         }
         match c.stream.read(buf) {
             Ok(0) => return true,
-            Ok(n) => c.pending.extend_from_slice(&buf[..n]),
+            Ok(n) => answer(c, &buf[..n]),
             Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return true,
@@ -823,4 +889,21 @@ pub fn histogram_self_check() {
         "histogram p99 {p99}"
     );
     assert_eq!(h.count(), 10_000);
+}
+
+/// Checks the HTTP upstream's request counting, including a terminator split across reads.
+pub fn http_self_check() {
+    let mut m = 0;
+    assert_eq!(
+        http_requests_ended(&mut m, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /"),
+        1
+    );
+    assert_eq!(http_requests_ended(&mut m, b" HTTP/1.1\r\n\r"), 0);
+    assert_eq!(http_requests_ended(&mut m, b"\n"), 1);
+    assert_eq!(http_requests_ended(&mut m, b"\r\r\n\r\n\r\n\r"), 1);
+    assert_eq!(m, 3, "a later request head's end has begun");
+    let r = http_response();
+    let head = r.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    assert!(r.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert_eq!(head.map(|h| r.len() - h), Some(HTTP_BODY));
 }
