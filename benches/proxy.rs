@@ -6,7 +6,8 @@
 //! in the same run. So every target runs in every round (round r runs all
 //! targets before round r+1, in a shuffled order) against the same in-process
 //! upstreams and load generators, and the table reports medians over rounds
-//! plus tcptap/peer ratios.
+//! plus tcptap/peer ratios: the median of the ratios within each round, which
+//! cancels the load of a shared machine drifting between rounds.
 //!
 //! Rows: bulk throughput (1 and 8 connections; d→u, u→d, both), 64-byte
 //! request/response (1 and 64 connections; req/s, p50, p99), connection churn,
@@ -238,29 +239,50 @@ impl Results {
     }
 
     fn median(&self, metric: &str, target: &str) -> Option<f64> {
-        let mut v: Vec<f64> = self
-            .values
-            .get(&(metric.to_owned(), target.to_owned()))?
-            .iter()
-            .flatten()
-            .copied()
-            .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        })
+        median(
+            self.values
+                .get(&(metric.to_owned(), target.to_owned()))?
+                .iter()
+                .flatten()
+                .copied()
+                .collect(),
+        )
+    }
+
+    /// The median over rounds of `a / b` within each round that measured both. The targets of a
+    /// row run one after the other in a round, so each quotient compares them under the same
+    /// machine load, which drifts between rounds on a shared machine.
+    fn paired_ratio(&self, metric: &str, a: &str, b: &str) -> Option<f64> {
+        let get = |t: &str| self.values.get(&(metric.to_owned(), t.to_owned()));
+        let (xa, xb) = (get(a)?, get(b)?);
+        median(
+            xa.iter()
+                .zip(xb)
+                .filter_map(|(x, y)| match (x, y) {
+                    (Some(x), Some(y)) if *y != 0.0 => Some(x / y),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 
     fn note(&mut self, s: String) {
         println!("note: {s}");
         self.notes.push(s);
     }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 type Measured = Vec<(String, Unit, f64)>;
@@ -905,11 +927,11 @@ fn markdown_table(res: &Results, targets: &[Target]) -> String {
             }
         }
         for (a, b) in &ratios {
-            match (res.median(m, a), res.median(m, b)) {
-                (Some(x), Some(y)) if y != 0.0 => {
-                    let _ = write!(s, " {:.2} |", x / y);
+            match res.paired_ratio(m, a, b) {
+                Some(r) => {
+                    let _ = write!(s, " {r:.2} |");
                 }
-                _ => s.push_str(" – |"),
+                None => s.push_str(" – |"),
             }
         }
         s.push('\n');
@@ -995,7 +1017,8 @@ fn write_results(
     }
     let _ = writeln!(
         md,
-        "\nMedians over rounds; ratio columns divide the medians (for ↓ rows, \
+        "\nMedians over rounds. A ratio column is the median over rounds of the ratio \
+         measured within each round, where the two targets ran one after the other (for ↓ rows, \
          below 1 means tcptap is better). `–`: not measured or failed.\n"
     );
     md.push_str(table);
