@@ -596,6 +596,9 @@ fn parse_wrk(text: &str) -> Result<WrkReport, String> {
         .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.trim()))
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| format!("wrk: no `N requests in` line:\n{text}"))?;
+    if requests == 0.0 {
+        return Err("wrk: no request completed".into());
+    }
     let per_sec = field("Requests/sec:")?
         .parse()
         .map_err(|e| format!("wrk: Requests/sec: {e}"))?;
@@ -634,6 +637,7 @@ fn wrk_parse_self_check() {
         "  Socket errors: connect 0, read 3, write 0, timeout 0\nRequests/sec",
     );
     assert!(parse_wrk(&bad).is_err());
+    assert!(parse_wrk(&ok.replace("125731 requests", "0 requests")).is_err());
 }
 
 /// `"SET","81234.56",...` → 81234.56 (redis-benchmark --csv, any version).
@@ -674,35 +678,6 @@ fn order(n: usize, round: usize, sc: &Scenario) -> Vec<usize> {
 // ---------------------------------------------------------------------------
 // Targets
 
-fn tcptap_bin() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("TCPTAP_BENCH_BIN") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("TCPTAP_BENCH_BIN={} does not exist", p.display()))
-        };
-    }
-    // Set by Cargo for benches when the package has a `tcptap` binary target.
-    if let Some(p) = option_env!("CARGO_BIN_EXE_tcptap") {
-        return Ok(PathBuf::from(p));
-    }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let p = target_dir.join("release").join("tcptap");
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "tcptap binary not found: no `tcptap` bin target in this build and no {} \
-             (build it with `cargo build --release`, set TCPTAP_BENCH_BIN, or exclude it \
-             with TCPTAP_BENCH_TARGETS=direct,haproxy,...)",
-            p.display()
-        ))
-    }
-}
-
 fn nginx_stream_module() -> Result<Option<PathBuf>, String> {
     let bin = peers::which("nginx").ok_or("not installed")?;
     let out = Command::new(&bin)
@@ -733,7 +708,7 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
     }];
     let want_tcptap = TCPTAP_VARIANTS.iter().any(|(n, _)| cfg.target_on(n));
     if want_tcptap {
-        match tcptap_bin() {
+        match peers::tcptap_bin() {
             Ok(bin) => {
                 let level = std::env::var("TCPTAP_BENCH_RUST_LOG")
                     .unwrap_or_else(|_| "info,tcptap::conn=warn".into());

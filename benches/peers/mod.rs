@@ -388,7 +388,9 @@ impl Target {
         let log = dir.0.join("stderr.log");
         let (addr, guard) = match &self.kind {
             Kind::Direct => unreachable!(),
-            Kind::Tcptap { bin, args } => start_tcptap(&self.name, bin, args, upstream, &dir.0)?,
+            Kind::Tcptap { bin, args } => {
+                start_tcptap(&self.name, &[], bin, args, upstream, &dir.0)?
+            }
             Kind::Haproxy {
                 bin,
                 threads,
@@ -495,16 +497,25 @@ fn guard(name: &str, cmd: Command, log: &Path) -> io::Result<ProcGuard> {
 
 /// Start tcptap on 127.0.0.1:0 and read the real address from the
 /// `listening on <ADDR>` info line on its stderr. A thread keeps draining
-/// stderr into the log file so the pipe never fills up.
-fn start_tcptap(
+/// stderr into the log file so the pipe never fills up. A non-empty `wrapper`
+/// (e.g. `valgrind --tool=callgrind`) runs tcptap as its last argument.
+pub fn start_tcptap(
     name: &str,
+    wrapper: &[String],
     bin: &Path,
     args: &[String],
     upstream: SocketAddr,
     dir: &Path,
 ) -> io::Result<(SocketAddr, ProcGuard)> {
     let log = dir.join("stderr.log");
-    let mut cmd = Command::new(bin);
+    let mut cmd = match wrapper.split_first() {
+        Some((prog, rest)) => {
+            let mut c = Command::new(prog);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--upstream")
@@ -558,7 +569,13 @@ fn start_tcptap(
                 }
             }
         })?;
-    let end = Instant::now() + START_TIMEOUT;
+    // A wrapper such as valgrind takes far longer to start.
+    let limit = if wrapper.is_empty() {
+        START_TIMEOUT
+    } else {
+        START_TIMEOUT * 6
+    };
+    let end = Instant::now() + limit;
     loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(addr) => return Ok((addr, g)),
@@ -580,7 +597,7 @@ fn start_tcptap(
         }
         if Instant::now() > end {
             return Err(io::Error::other(format!(
-                "{name}: no `listening on <ADDR>` line on stderr after {START_TIMEOUT:?} \
+                "{name}: no `listening on <ADDR>` line on stderr after {limit:?} \
                  (RUST_LOG must enable info for it):\n{}",
                 g.log_tail()
             )));
@@ -593,6 +610,36 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("listening on ")? + "listening on ".len()..];
     let tok = rest.split_whitespace().next()?;
     tok.trim_end_matches([',', ';']).parse().ok()
+}
+
+/// The tcptap binary to measure: `TCPTAP_BENCH_BIN`, else the one Cargo built.
+pub fn tcptap_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("TCPTAP_BENCH_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("TCPTAP_BENCH_BIN={} does not exist", p.display()))
+        };
+    }
+    // Set by Cargo for benches when the package has a `tcptap` binary target.
+    if let Some(p) = option_env!("CARGO_BIN_EXE_tcptap") {
+        return Ok(PathBuf::from(p));
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let p = target_dir.join("release").join("tcptap");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "tcptap binary not found: no `tcptap` bin target in this build and no {} \
+             (build it with `cargo build --release`, set TCPTAP_BENCH_BIN, or exclude it \
+             with TCPTAP_BENCH_TARGETS=direct,haproxy,...)",
+            p.display()
+        ))
+    }
 }
 
 // ---------------------------------------------------------------------------
