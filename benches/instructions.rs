@@ -208,6 +208,7 @@ fn measure(
     // the output or split it per thread.
     let wrapper = [
         valgrind.display().to_string(),
+        "--command-line-only=yes".to_owned(),
         "--tool=callgrind".to_owned(),
         "--quiet".to_owned(),
         "--separate-threads=no".to_owned(),
