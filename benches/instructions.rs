@@ -221,11 +221,7 @@ fn measure(
         .run(addr, n, sunk)
         .map_err(|e| format!("{} with n = {n}: {e}\n{}", case.name, guard.log_tail()))?;
     let log = guard.log.clone();
-    // SAFETY: kill(2) on the PID of our own child, which the guard has not reaped.
-    unsafe {
-        libc::kill(guard.pid() as libc::pid_t, libc::SIGTERM);
-    }
-    match guard.wait_exit(Duration::from_secs(60)) {
+    match guard.terminate(Duration::from_secs(60)) {
         Some(st) if st.success() => {}
         other => {
             return Err(format!(

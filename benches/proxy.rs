@@ -95,7 +95,8 @@ struct Config {
     idle_conns: usize,
     churn_clients: usize,
     churn_max: u64,
-    iperf_secs: u32,
+    /// Duration of an iperf3 or wrk run.
+    tool_secs: u32,
     redis_n: u32,
     targets: Option<Vec<String>>,
     groups: Option<Vec<String>>,
@@ -126,7 +127,7 @@ impl Config {
     fn from_env() -> Self {
         let smoke = !std::env::args().any(|a| a == "--bench");
         let quick = !smoke && std::env::var("TCPTAP_BENCH_QUICK").is_ok_and(|v| v != "0");
-        let (rounds, secs, idle, iperf_secs, redis_n): (usize, f64, usize, u32, u32) = if smoke {
+        let (rounds, secs, idle, tool_secs, redis_n): (usize, f64, usize, u32, u32) = if smoke {
             (1, 0.1, 100, 1, 1000)
         } else if quick {
             (1, 0.2, 1000, 1, 5000)
@@ -151,7 +152,7 @@ impl Config {
                 .clamp(1, 100_000),
             churn_clients: 4,
             churn_max: 200_000,
-            iperf_secs,
+            tool_secs,
             redis_n,
             targets: if smoke {
                 Some(vec!["direct".into(), "tcptap".into()])
@@ -338,11 +339,7 @@ fn secs(d: Duration) -> f64 {
 fn tap_captured_share(r: &mut peers::Running) -> Option<f64> {
     let g = r.proc.take()?;
     let log = g.log.clone();
-    // SAFETY: kill(2) on the PID of our own child, which the guard has not reaped.
-    unsafe {
-        libc::kill(g.pid() as libc::pid_t, libc::SIGTERM);
-    }
-    g.wait_exit(Duration::from_secs(10))?;
+    g.terminate(Duration::from_secs(10))?;
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
@@ -483,12 +480,12 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             let mut cmd = Command::new(bin);
             cmd.args(["-c", "127.0.0.1", "-p"])
                 .arg(r.addr.port().to_string())
-                .args(["-t", &cfg.iperf_secs.to_string(), "-J"]);
+                .args(["-t", &cfg.tool_secs.to_string(), "-J"]);
             let json = peers::run_bounded(
                 "iperf3 -c",
                 cmd,
                 &env.tmp.0.join("iperf3-c.json"),
-                Duration::from_secs(cfg.iperf_secs as u64 + 20),
+                Duration::from_secs(cfg.tool_secs as u64 + 20),
             )
             .map_err(e)?;
             r.check_alive().map_err(e)?;
@@ -497,7 +494,7 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             let bps = v["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .ok_or_else(|| format!("iperf3: no end.sum_received ({})", v["error"]))?;
-            out.push((format!("iperf3 -t {}", cfg.iperf_secs), GBPS, bps / 1e9));
+            out.push((format!("iperf3 -t {}", cfg.tool_secs), GBPS, bps / 1e9));
         }
         Scenario::Redis => {
             let (_, _, port) = env.redis.as_ref().ok_or("redis not installed")?;
@@ -530,13 +527,13 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             let cpu0 = r.pid().map(peers::cpu_ms_tree);
             let mut cmd = Command::new(bin);
             cmd.args(["-t", "1", "-c", &conns.to_string()])
-                .args(["-d", &format!("{}s", cfg.iperf_secs), "--latency"])
+                .args(["-d", &format!("{}s", cfg.tool_secs), "--latency"])
                 .arg(format!("http://{}/", r.addr));
             let text = peers::run_bounded(
                 "wrk",
                 cmd,
                 &env.tmp.0.join("wrk.txt"),
-                Duration::from_secs(cfg.iperf_secs as u64 + 20),
+                Duration::from_secs(cfg.tool_secs as u64 + 20),
             )
             .map_err(e)?;
             let cpu1 = r.pid().map(peers::cpu_ms_tree);
@@ -547,7 +544,7 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             out.push((format!("{label} p50"), MICROS, rep.p50_us));
             out.push((format!("{label} p99"), MICROS, rep.p99_us));
             if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
-                let per = (c1 - c0) * 1000.0 / rep.requests.max(1.0);
+                let per = (c1 - c0) * 1000.0 / rep.requests;
                 out.push((format!("cpu {label}"), US_CPU_REQ, per));
             }
         }
@@ -1048,7 +1045,7 @@ fn write_results(
             "quick": cfg.quick,
             "idle_conns": cfg.idle_conns,
             "churn_clients": cfg.churn_clients,
-            "iperf3_secs": cfg.iperf_secs,
+            "tool_secs": cfg.tool_secs,
             "redis_requests": cfg.redis_n,
         },
         "targets": targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),

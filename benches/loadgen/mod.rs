@@ -10,7 +10,8 @@
 //! - [`EchoUpstream`]: one mio thread that echoes every byte back; it holds
 //!   any number of connections, so it serves ping-pong, churn and the idle
 //!   connections of the memory measurement. It closes with RST, so no target
-//!   leaves TIME_WAIT sockets for the next one to step around.
+//!   leaves TIME_WAIT sockets for the next one to step around. Started with
+//!   `start_http`, the same loop answers HTTP/1.1 requests for wrk instead.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};

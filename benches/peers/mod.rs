@@ -72,6 +72,18 @@ impl ProcGuard {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
+    /// Asks the child to stop (SIGTERM, a graceful shutdown) and waits for it as [`wait_exit`]
+    /// does.
+    ///
+    /// [`wait_exit`]: ProcGuard::wait_exit
+    pub fn terminate(self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on the PID of our own child, which the guard has not reaped.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
+        }
+        self.wait_exit(timeout)
+    }
+
     /// Wait (bounded) for the child to exit on its own; kill it after `timeout`.
     pub fn wait_exit(mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + timeout;
