@@ -53,6 +53,9 @@ struct Case {
     args: &'static [&'static str],
     work: Work,
     n: usize,
+    /// The run must leave every proxied byte in `{tmp}/tap.pcap`: a capture that dropped a
+    /// share depending on timing would make the count depend on timing too.
+    whole_pcap: bool,
 }
 
 const CASES: &[Case] = &[
@@ -61,42 +64,54 @@ const CASES: &[Case] = &[
         args: &[],
         work: Work::Rr,
         n: 2000,
+        whole_pcap: false,
     },
     Case {
         name: "rr 64B, pcap",
         args: &["--tap-pcap", "{tmp}/tap.pcap"],
         work: Work::Rr,
         n: 2000,
+        whole_pcap: false,
     },
     Case {
         name: "rr 64B, log",
         args: &["--tap-log", "{tmp}/tap.log"],
         work: Work::Rr,
         n: 2000,
+        whole_pcap: false,
     },
     Case {
         name: "churn",
         args: &[],
         work: Work::Churn,
         n: 300,
+        whole_pcap: false,
     },
     Case {
         name: "bulk d→u, splice",
         args: &[],
         work: Work::Bulk,
         n: 64,
+        whole_pcap: false,
     },
     Case {
         name: "bulk d→u, copy",
         args: &["config:splice = false\n"],
         work: Work::Bulk,
         n: 64,
+        whole_pcap: false,
     },
+    // A writer at normal priority and a queue larger than the data: nothing is dropped.
     Case {
         name: "bulk d→u, pcap",
-        args: &["--tap-pcap", "{tmp}/tap.pcap"],
+        args: &[
+            "--tap-pcap",
+            "{tmp}/tap.pcap",
+            "config:[tap]\nwriter_priority = \"normal\"\nqueue_size = \"256 MiB\"\n",
+        ],
         work: Work::Bulk,
         n: 32,
+        whole_pcap: true,
     },
 ];
 
@@ -228,6 +243,18 @@ fn measure(
                 "{}: tcptap under callgrind did not exit cleanly ({other:?}):\n{}",
                 case.name,
                 std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+    }
+    if case.whole_pcap {
+        let pcap = dir.join("tap.pcap");
+        let size = std::fs::metadata(&pcap)
+            .map_err(|e| format!("{}: {e}", pcap.display()))?
+            .len();
+        if size < (n * MIB) as u64 {
+            return Err(format!(
+                "{}: the capture holds {size} bytes, less than the {n} MiB proxied",
+                case.name
             ));
         }
     }

@@ -378,6 +378,7 @@ mod tests {
     use std::io::Write;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc::Receiver;
     use std::time::Instant;
 
@@ -462,6 +463,65 @@ mod tests {
         // After shutdown nothing is admitted.
         assert!(!tap.data(&c, Direction::DownToUp, 0, b"late"));
         drop(gate_tx); // lets the abandoned writer finish
+    }
+
+    /// A sink that counts its write calls and the bytes written.
+    struct CountingWriter {
+        writes: Arc<AtomicU64>,
+        bytes: Arc<AtomicU64>,
+    }
+
+    impl Write for CountingWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn small_records_are_written_in_batches() {
+        // Request/response traffic: small records a little apart. The writer must not wake up
+        // and write once per record; it lingers so that each write carries a batch.
+        let writes = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let sink = CountingWriter {
+            writes: Arc::clone(&writes),
+            bytes: Arc::clone(&bytes),
+        };
+        let text = NamedText {
+            name: "counting".to_owned(),
+            sink: TextSink::new(Box::new(sink), false, None),
+        };
+        let (tap, guard) = spawn(&config(1 << 20), Some(text), None).expect("spawn");
+        let c = conn(1, "10.0.0.1:1000", "10.0.0.2:2000");
+        let records = 300u64;
+        let gap = Duration::from_micros(100);
+        let started = Instant::now();
+        for i in 0..records {
+            // Pace the records without sleeping (a sleep may last far longer than asked).
+            let due = started + gap * i as u32;
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+            assert!(tap.data(&c, Direction::DownToUp, i * 64, &[b'x'; 64]));
+        }
+        let stats = guard.shutdown(Duration::from_secs(5));
+        let elapsed = started.elapsed();
+        assert_eq!(stats.records_written, records);
+        assert!(bytes.load(Ordering::Relaxed) > records * 64);
+        // Every batch but the last is followed by a linger, so batches cannot outnumber the
+        // lingers that fit in the run, whatever the scheduling; one write per record would.
+        let most = elapsed.as_micros() / writer::LINGER.as_micros() + 1;
+        let made = u128::from(writes.load(Ordering::Relaxed));
+        assert!(
+            made <= most,
+            "{made} writes for {records} records in {elapsed:?} (at most {most})"
+        );
     }
 
     #[test]

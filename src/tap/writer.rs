@@ -2,7 +2,12 @@
 //!
 //! Invariants:
 //! - The thread blocks only for the first record of a batch (or in a sink's write); the rest of
-//!   the batch is taken with `try_recv`, up to `MAX_BATCH_COST` / `MAX_BATCH_RECORDS`. Each sink
+//!   the batch is taken with `try_recv`, up to `MAX_BATCH_COST` / `MAX_BATCH_RECORDS`.
+//! - After a small batch that emptied the queue the thread sleeps `LINGER` before it waits on
+//!   the queue again, so that small records (request/response traffic) arrive in batches: one
+//!   wake-up and one write per `LINGER`, not a futex wake, a context switch and a write per
+//!   record. The loop side never waits for this: sends to a receiver that is not parked are a
+//!   lock-free push. Output is at most `LINGER` later, which a reader cannot notice. Each sink
 //!   renders a batch into a reused buffer and writes it with one write call and one flush
 //!   (a pcap rotation inside a batch adds the writes of the file switch). The one exception: a
 //!   pcap file written with direct I/O may keep up to `DIRECT_MIN` bytes (and then a partial
@@ -41,6 +46,11 @@ const MAX_BATCH_COST: usize = 1 << 20;
 const MAX_BATCH_RECORDS: usize = 4096;
 /// Minimum time between two warnings of the same kind.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the writer lets records accumulate after a batch below `LINGER_BELOW`.
+pub(crate) const LINGER: Duration = Duration::from_millis(5);
+/// Batches of at least this queue cost are followed by no linger: the writer is busy (bulk data)
+/// and waiting would only let the queue fill.
+const LINGER_BELOW: usize = 64 * 1024;
 /// How often an idle writer looks at the drop counters.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -188,9 +198,13 @@ impl Writer {
             if !batch.is_empty() {
                 self.write(&batch, carried.is_some());
             }
+            let linger = !stopping && carried.is_none() && cost < LINGER_BELOW && !batch.is_empty();
             batch.clear();
             self.shared.release(cost);
             self.report_drops(false);
+            if linger {
+                std::thread::sleep(LINGER);
+            }
         }
         self.report_drops(true);
         let _ = done.send(());
