@@ -26,10 +26,14 @@
 //!   is forgotten at its Close record; records of a connection whose Open was lost are rendered
 //!   the same way (every record carries its `ConnMeta`).
 //! - ANSI colours are used only when the caller says so (stdout that is a terminal).
+//! - Rendering is linear in the payload, with no formatting machinery per byte: the dump, the
+//!   escapes and the timestamp are written from lookup tables, and the part of the line start
+//!   that names the connection is rendered once per connection.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::record::{Direction, TapEvent, TapRecord};
 
@@ -67,6 +71,16 @@ const PLAIN: Palette = Palette {
     reset: "",
 };
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// What the sink remembers of a connection until its Close record.
+struct ConnText {
+    /// Next expected stream offset per direction.
+    next: [u64; 2],
+    /// `#id downstream -> upstream `, the part of every line start that names the connection.
+    name: String,
+}
+
 /// Renders records into text and writes each batch with one `write_all`.
 pub(crate) struct TextSink {
     out: Box<dyn Write + Send>,
@@ -74,18 +88,33 @@ pub(crate) struct TextSink {
     snaplen: Option<u64>,
     /// Reused render buffer (one batch).
     buf: String,
-    /// Next expected stream offset per connection id and direction.
-    next: HashMap<u64, [u64; 2]>,
+    /// Per connection id.
+    conns: HashMap<u64, ConnText>,
+    /// The timestamp up to the seconds (`2024-05-01T12:00:00`) of the last record's second.
+    second: Option<(u64, String)>,
+    /// The payload line lead (`  > `, coloured or not) per direction.
+    leads: [String; 2],
 }
 
 impl TextSink {
     pub(crate) fn new(out: Box<dyn Write + Send>, color: bool, snaplen: Option<u64>) -> TextSink {
+        let palette = if color { &COLOR } else { &PLAIN };
+        let leads = Direction::BOTH.map(|dir| {
+            format!(
+                "  {}{}{} ",
+                dir_color(palette, dir),
+                dir_mark(dir),
+                palette.reset
+            )
+        });
         TextSink {
             out,
-            palette: if color { &COLOR } else { &PLAIN },
+            palette,
             snaplen,
             buf: String::new(),
-            next: HashMap::new(),
+            conns: HashMap::new(),
+            second: None,
+            leads,
         }
     }
 
@@ -124,7 +153,7 @@ impl TextSink {
             TapEvent::Data { dir, offset, bytes } => {
                 self.catch_up(record, *dir, *offset);
                 let end = offset.saturating_add(bytes.len() as u64);
-                self.advance(id, *dir, end);
+                self.advance(record, *dir, end);
                 self.header(record);
                 let p = self.palette;
                 let _ = writeln!(
@@ -135,11 +164,11 @@ impl TextSink {
                     p.reset,
                     bytes.len()
                 );
-                let lead = format!("  {}{}{} ", dir_color(p, *dir), dir_mark(*dir), p.reset);
+                let lead = &self.leads[dir.index()];
                 if is_text(bytes) {
-                    render_text(&mut self.buf, &lead, bytes);
+                    render_text(&mut self.buf, lead, bytes);
                 } else {
-                    render_hex(&mut self.buf, &lead, *offset, bytes);
+                    render_hex(&mut self.buf, lead, *offset, bytes);
                 }
             }
             TapEvent::Fin { dir, offset } => {
@@ -176,8 +205,8 @@ impl TextSink {
                 for dir in Direction::BOTH {
                     self.catch_up(record, dir, offsets[dir.index()]);
                 }
-                self.next.remove(&id);
                 self.header(record);
+                self.conns.remove(&id);
                 let p = self.palette;
                 let _ = writeln!(
                     self.buf,
@@ -192,22 +221,46 @@ impl TextSink {
     /// Writes the common line start: time, connection id and addresses.
     fn header(&mut self, record: &TapRecord) {
         let p = self.palette;
-        let _ = write!(
-            self.buf,
-            "{}{}{} #{} {} -> {} ",
-            p.dim,
-            humantime::format_rfc3339_micros(record.time),
-            p.reset,
-            record.conn.id,
-            record.conn.downstream,
-            record.conn.upstream
-        );
+        self.buf.push_str(p.dim);
+        self.timestamp(record.time);
+        self.buf.push_str(p.reset);
+        self.buf.push(' ');
+        let conn = conn_text(&mut self.conns, record);
+        self.buf.push_str(&conn.name);
+    }
+
+    /// Appends `time` as RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`).
+    fn timestamp(&mut self, time: SystemTime) {
+        let Ok(since) = time.duration_since(UNIX_EPOCH) else {
+            let _ = write!(self.buf, "{}", humantime::format_rfc3339_micros(time));
+            return;
+        };
+        let secs = since.as_secs();
+        let second = match &self.second {
+            Some((s, text)) if *s == secs => text,
+            _ => {
+                let mut text = humantime::format_rfc3339_seconds(UNIX_EPOCH + since).to_string();
+                text.pop(); // the `Z`
+                &self.second.insert((secs, text)).1
+            }
+        };
+        self.buf.push_str(second);
+        let mut micros = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
+        let mut left = since.subsec_micros();
+        for digit in micros[1..7].iter_mut().rev() {
+            *digit = b'0' + (left % 10) as u8;
+            left /= 10;
+        }
+        self.buf.push_str(ascii(&micros));
     }
 
     /// If `offset` is past the next expected offset of `dir`, writes "not captured" markers for
     /// the gap and moves the expectation to `offset`.
     fn catch_up(&mut self, record: &TapRecord, dir: Direction, offset: u64) {
-        let expected = self.next.get(&record.conn.id).map_or(0, |n| n[dir.index()]);
+        let expected = self
+            .conns
+            .get(&record.conn.id)
+            .map_or(0, |c| c.next[dir.index()]);
         if offset <= expected {
             return;
         }
@@ -230,13 +283,22 @@ impl TextSink {
                 p.reset
             );
         }
-        self.advance(record.conn.id, dir, offset);
+        self.advance(record, dir, offset);
     }
 
-    fn advance(&mut self, id: u64, dir: Direction, end: u64) {
-        let next = &mut self.next.entry(id).or_insert([0; 2])[dir.index()];
+    fn advance(&mut self, record: &TapRecord, dir: Direction, end: u64) {
+        let next = &mut conn_text(&mut self.conns, record).next[dir.index()];
         *next = (*next).max(end);
     }
+}
+
+/// The state of the record's connection, made on its first record.
+fn conn_text<'a>(conns: &'a mut HashMap<u64, ConnText>, record: &TapRecord) -> &'a mut ConnText {
+    let conn = &record.conn;
+    conns.entry(conn.id).or_insert_with(|| ConnText {
+        next: [0; 2],
+        name: format!("#{} {} -> {} ", conn.id, conn.downstream, conn.upstream),
+    })
 }
 
 /// Splits the uncaptured range `[from, to)` into (bytes lost below snaplen, bytes beyond it).
@@ -279,22 +341,51 @@ fn allowed_control(c: char) -> bool {
 
 /// True when `bytes` is (almost) all printable UTF-8, tab, CR and LF.
 pub(crate) fn is_text(bytes: &[u8]) -> bool {
+    let limit = bytes.len() / TEXT_BAD_RATIO;
+    if bytes.is_ascii() {
+        let bad: usize = bytes
+            .chunks(255)
+            .map(|chunk| {
+                usize::from(count_bytes(chunk, |b| {
+                    b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n') || b == 0x7f
+                }))
+            })
+            .sum();
+        return bad <= limit;
+    }
+    // Decided as soon as `bad` passes the limit (binary data after a few bytes).
     let mut bad = 0usize;
     for chunk in bytes.utf8_chunks() {
         bad += chunk.invalid().len();
-        bad += chunk
-            .valid()
-            .chars()
-            .filter(|c| c.is_control() && !allowed_control(*c))
-            .map(char::len_utf8)
-            .sum::<usize>();
+        for c in chunk.valid().chars() {
+            if c.is_control() && !allowed_control(c) {
+                bad += c.len_utf8();
+            }
+        }
+        if bad > limit {
+            return false;
+        }
     }
-    bad * TEXT_BAD_RATIO <= bytes.len()
+    true
+}
+
+/// How many of at most 255 bytes match `pred`, branch-free so that the compiler runs it over
+/// many bytes at a time.
+fn count_bytes(bytes: &[u8], pred: impl Fn(u8) -> bool) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |n, &b| n.wrapping_add(u8::from(pred(b))))
 }
 
 /// Renders text line by line, each prefixed with `lead`.
 fn render_text(out: &mut String, lead: &str, bytes: &[u8]) {
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
+    let mut start = 0;
+    // Each line ends after its newline; a last line without one ends with the bytes.
+    let unterminated = bytes.last().is_some_and(|&b| b != b'\n');
+    let ends = memchr::memchr_iter(b'\n', bytes).map(|i| i + 1);
+    for end in ends.chain(unterminated.then_some(bytes.len())) {
+        let line = &bytes[start..end];
+        start = end;
         let content = match line.strip_suffix(b"\n") {
             Some(content) => content.strip_suffix(b"\r").unwrap_or(content),
             None => line,
@@ -307,50 +398,93 @@ fn render_text(out: &mut String, lead: &str, bytes: &[u8]) {
 
 /// Appends `bytes` as text, escaping control characters (except tab) and invalid UTF-8.
 fn escape_into(out: &mut String, bytes: &[u8]) {
+    // The common case, a line of printable ASCII (and tabs): one pass, branch-free, one copy.
+    let plain = bytes.iter().fold(true, |plain, &b| {
+        plain & !((b < 0x20 && b != b'\t') || b >= 0x7f)
+    });
+    if plain {
+        out.push_str(ascii(bytes));
+        return;
+    }
     for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
+        let text = chunk.valid();
+        // Runs of characters shown as they are go in with one copy.
+        let mut shown = 0;
+        for (i, c) in text.char_indices() {
+            if !c.is_control() || c == '\t' {
+                continue;
+            }
+            out.push_str(&text[shown..i]);
             if c == '\r' {
                 out.push_str("\\r");
-            } else if c.is_control() && c != '\t' {
+            } else {
                 let mut utf8 = [0u8; 4];
                 for b in c.encode_utf8(&mut utf8).bytes() {
-                    let _ = write!(out, "\\x{b:02x}");
+                    push_hex_escape(out, b);
                 }
-            } else {
-                out.push(c);
             }
+            shown = i + c.len_utf8();
         }
-        for b in chunk.invalid() {
-            let _ = write!(out, "\\x{b:02x}");
+        out.push_str(&text[shown..]);
+        for &b in chunk.invalid() {
+            push_hex_escape(out, b);
         }
     }
 }
 
+/// Appends `\xNN`.
+fn push_hex_escape(out: &mut String, b: u8) {
+    out.push_str(ascii(&[
+        b'\\',
+        b'x',
+        HEX[usize::from(b >> 4)],
+        HEX[usize::from(b & 0xf)],
+    ]));
+}
+
+/// Bytes this module made of ASCII characters only, as a `str`.
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
 /// Renders a `hexdump -C` style dump; offsets start at the stream offset `base`.
 fn render_hex(out: &mut String, lead: &str, base: u64, bytes: &[u8]) {
+    // One row: offset (8 digits unless larger), 2 spaces, 16 columns of 3 with one more space
+    // after the 8th, ` |`, up to 16 characters, `|` and a newline.
+    const ROW: usize = 8 + 2 + 16 * 3 + 1 + 2 + 16 + 2;
     for (row_index, row) in bytes.chunks(16).enumerate() {
         out.push_str(lead);
-        let _ = write!(out, "{:08x}  ", base.wrapping_add(row_index as u64 * 16));
-        for i in 0..16 {
-            match row.get(i) {
-                Some(b) => {
-                    let _ = write!(out, "{b:02x} ");
-                }
-                None => out.push_str("   "),
-            }
-            if i == 7 {
-                out.push(' ');
+        let offset = base.wrapping_add(row_index as u64 * 16);
+        let mut line = [b' '; ROW];
+        let mut n = 0;
+        if offset > u64::from(u32::MAX) {
+            let _ = write!(out, "{offset:x}");
+        } else {
+            for shift in (0..8).rev() {
+                line[n] = HEX[(offset >> (shift * 4)) as usize & 0xf];
+                n += 1;
             }
         }
-        out.push_str(" |");
-        for b in row {
-            out.push(if b.is_ascii_graphic() || *b == b' ' {
-                char::from(*b)
+        n += 2;
+        for (i, b) in row.iter().enumerate() {
+            let at = n + i * 3 + usize::from(i >= 8);
+            line[at] = HEX[usize::from(b >> 4)];
+            line[at + 1] = HEX[usize::from(b & 0xf)];
+        }
+        n += 16 * 3 + 1 + 1;
+        line[n] = b'|';
+        n += 1;
+        for &b in row {
+            line[n] = if b.is_ascii_graphic() || b == b' ' {
+                b
             } else {
-                '.'
-            });
+                b'.'
+            };
+            n += 1;
         }
-        out.push_str("|\n");
+        line[n] = b'|';
+        line[n + 1] = b'\n';
+        out.push_str(ascii(&line[..n + 2]));
     }
 }
 
@@ -500,7 +634,7 @@ mod tests {
                 "{HEAD}close: reset by upstream, client -> upstream 150 bytes, upstream -> client 0 bytes, tap dropped 1 records (97 bytes)\n"
             )
         );
-        assert!(s.next.is_empty(), "state is forgotten at Close");
+        assert!(s.conns.is_empty(), "state is forgotten at Close");
     }
 
     #[test]
@@ -524,6 +658,174 @@ mod tests {
             },
         );
         assert!(!out.contains('\x1b'));
+    }
+
+    /// The straightforward renderings, with the formatting machinery, that the table-driven
+    /// ones must match byte for byte.
+    mod reference {
+        use std::fmt::Write as _;
+
+        pub(super) fn is_text(bytes: &[u8]) -> bool {
+            let mut bad = 0usize;
+            for chunk in bytes.utf8_chunks() {
+                bad += chunk.invalid().len();
+                bad += chunk
+                    .valid()
+                    .chars()
+                    .filter(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'))
+                    .map(char::len_utf8)
+                    .sum::<usize>();
+            }
+            bad * super::TEXT_BAD_RATIO <= bytes.len()
+        }
+
+        pub(super) fn escape_into(out: &mut String, bytes: &[u8]) {
+            for chunk in bytes.utf8_chunks() {
+                for c in chunk.valid().chars() {
+                    if c == '\r' {
+                        out.push_str("\\r");
+                    } else if c.is_control() && c != '\t' {
+                        let mut utf8 = [0u8; 4];
+                        for b in c.encode_utf8(&mut utf8).bytes() {
+                            let _ = write!(out, "\\x{b:02x}");
+                        }
+                    } else {
+                        out.push(c);
+                    }
+                }
+                for b in chunk.invalid() {
+                    let _ = write!(out, "\\x{b:02x}");
+                }
+            }
+        }
+
+        pub(super) fn render_text(out: &mut String, lead: &str, bytes: &[u8]) {
+            for line in bytes.split_inclusive(|b| *b == b'\n') {
+                let content = match line.strip_suffix(b"\n") {
+                    Some(content) => content.strip_suffix(b"\r").unwrap_or(content),
+                    None => line,
+                };
+                out.push_str(lead);
+                escape_into(out, content);
+                out.push('\n');
+            }
+        }
+
+        pub(super) fn render_hex(out: &mut String, lead: &str, base: u64, bytes: &[u8]) {
+            for (row_index, row) in bytes.chunks(16).enumerate() {
+                out.push_str(lead);
+                let _ = write!(out, "{:08x}  ", base.wrapping_add(row_index as u64 * 16));
+                for i in 0..16 {
+                    match row.get(i) {
+                        Some(b) => {
+                            let _ = write!(out, "{b:02x} ");
+                        }
+                        None => out.push_str("   "),
+                    }
+                    if i == 7 {
+                        out.push(' ');
+                    }
+                }
+                out.push_str(" |");
+                for b in row {
+                    out.push(if b.is_ascii_graphic() || *b == b' ' {
+                        char::from(*b)
+                    } else {
+                        '.'
+                    });
+                }
+                out.push_str("|\n");
+            }
+        }
+    }
+
+    /// Deterministic pseudo-random inputs: binary, ASCII text with controls, and UTF-8 with C1
+    /// controls and broken sequences.
+    fn samples() -> Vec<Vec<u8>> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pieces: [&[u8]; 8] = [
+            b"GET / HTTP/1.1\r\n",
+            b"\t",
+            b"\x00",
+            b"\x7f",
+            "é✓".as_bytes(),
+            "\u{85}".as_bytes(),
+            b"\xe2\x9c",
+            b"\r",
+        ];
+        let mut out = vec![
+            Vec::new(),
+            b"a".to_vec(),
+            b"\n".to_vec(),
+            b"\r\n\r\n".to_vec(),
+            b"a\nb".to_vec(),
+            b"a\r\nb\n".to_vec(),
+        ];
+        for len in [1usize, 7, 8, 15, 16, 17, 31, 33, 100, 1000] {
+            out.push((0..len).map(|_| next() as u8).collect());
+            let mut mixed = Vec::new();
+            while mixed.len() < len {
+                let piece = pieces[next() as usize % pieces.len()];
+                mixed.extend_from_slice(piece);
+                mixed.push(b' ' + (next() % 95) as u8);
+            }
+            out.push(mixed);
+        }
+        out
+    }
+
+    #[test]
+    fn fast_renderings_match_the_reference() {
+        for bytes in samples() {
+            assert_eq!(is_text(&bytes), reference::is_text(&bytes), "{bytes:?}");
+            let (mut fast, mut slow) = (String::new(), String::new());
+            escape_into(&mut fast, &bytes);
+            reference::escape_into(&mut slow, &bytes);
+            assert_eq!(fast, slow, "{bytes:?}");
+            let (mut fast, mut slow) = (String::new(), String::new());
+            render_text(&mut fast, "  > ", &bytes);
+            reference::render_text(&mut slow, "  > ", &bytes);
+            assert_eq!(fast, slow, "{bytes:?}");
+            for base in [0, 0x4d2, u64::from(u32::MAX) - 20, 1 << 40, u64::MAX - 5] {
+                let (mut fast, mut slow) = (String::from("x"), String::from("x"));
+                render_hex(&mut fast, "  < ", base, &bytes);
+                reference::render_hex(&mut slow, "  < ", base, &bytes);
+                assert_eq!(fast, slow, "{bytes:?} at {base:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn timestamps_match_humantime() {
+        let mut s = sink(None);
+        let mut micros = 1_714_564_799_999_990u64;
+        // Across second boundaries, in the same second, and back in time.
+        for step in [1u64, 3, 5, 999_991, 7, 1_000_000, 86_400_000_000] {
+            micros += step;
+            for time in [
+                UNIX_EPOCH + Duration::from_micros(micros),
+                UNIX_EPOCH + Duration::from_micros(micros / 2),
+            ] {
+                s.buf.clear();
+                s.timestamp(time);
+                assert_eq!(
+                    s.buf,
+                    humantime::format_rfc3339_micros(time).to_string(),
+                    "{time:?}"
+                );
+            }
+        }
+        // Nanoseconds below a microsecond are cut, as humantime does.
+        let time = UNIX_EPOCH + Duration::new(1_714_564_800, 123_456_789);
+        s.buf.clear();
+        s.timestamp(time);
+        assert_eq!(s.buf, "2024-05-01T12:00:00.123456Z");
     }
 
     #[test]
