@@ -60,10 +60,12 @@ impl AlignedBuf {
         self.len -= n;
     }
 
+    #[inline]
     pub(crate) fn push(&mut self, byte: u8) {
         self.extend_from_slice(&[byte]);
     }
 
+    #[inline]
     pub(crate) fn extend_from_slice(&mut self, bytes: &[u8]) {
         self.reserve(bytes.len());
         // SAFETY: `reserve` made room for `bytes.len()` more bytes after `len`; the source is a
@@ -119,11 +121,19 @@ impl AlignedBuf {
         got
     }
 
+    /// Makes room for `extra` more bytes. The check is inlined into every append (a packet
+    /// is a dozen of them); growing is the rare, out-of-line part.
+    #[inline]
     fn reserve(&mut self, extra: usize) {
-        let need = self.len.checked_add(extra).expect("buffer size overflow");
-        if need <= self.cap {
-            return;
+        if extra > self.cap - self.len {
+            self.grow(extra);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, extra: usize) {
+        let need = self.len.checked_add(extra).expect("buffer size overflow");
         let cap = need
             .max(self.cap * 2)
             .max(64 * 1024)

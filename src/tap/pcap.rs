@@ -594,7 +594,11 @@ mod tests {
             // Chained over pieces of even length, as the pseudo-header and headers are.
             let split = (len / 3) & !1;
             let chained = sum_words(sum_words(0, &data[..split]), &data[split..]);
-            assert_eq!(checksum(chained), naive(&data), "len {len} split at {split}");
+            assert_eq!(
+                checksum(chained),
+                naive(&data),
+                "len {len} split at {split}"
+            );
             assert_eq!(
                 checksum(sum_words(0, &vec![0xff; len])),
                 naive(&vec![0xff; len]),
