@@ -40,6 +40,9 @@ const MIB: usize = 1 << 20;
 enum Work {
     /// Requests of 64 bytes, each echoed, over one connection.
     Rr,
+    /// The same with requests of 1 KiB of text lines (an HTTP request head): what the log
+    /// shows as text rather than as a hexdump.
+    RrText,
     /// Connections: connect, one 64-byte request/response, close.
     Churn,
     /// MiB written one way, then EOF, read to the end on the other side.
@@ -81,6 +84,13 @@ const CASES: &[Case] = &[
         whole_pcap: false,
     },
     Case {
+        name: "rr 1K text, log",
+        args: &["--tap-log", "{tmp}/tap.log"],
+        work: Work::RrText,
+        n: 2000,
+        whole_pcap: false,
+    },
+    Case {
         name: "churn",
         args: &[],
         work: Work::Churn,
@@ -118,7 +128,7 @@ const CASES: &[Case] = &[
 impl Work {
     fn unit(self) -> &'static str {
         match self {
-            Work::Rr => "request",
+            Work::Rr | Work::RrText => "request",
             Work::Churn => "connection",
             Work::Bulk => "MiB",
         }
@@ -142,21 +152,29 @@ impl Work {
             s.set_nodelay(true)?;
             Ok(s)
         };
-        let ping = |mut s: &TcpStream, i: usize| -> io::Result<()> {
-            let msg = [(i % 251) as u8; MSG];
-            s.write_all(&msg)?;
-            let mut back = [0u8; MSG];
+        let echo = |mut s: &TcpStream, msg: &[u8]| -> io::Result<()> {
+            s.write_all(msg)?;
+            let mut back = vec![0u8; msg.len()];
             s.read_exact(&mut back)?;
             if back != msg {
                 return Err(io::Error::other("echo returned other bytes"));
             }
             Ok(())
         };
+        let ping = |s: &TcpStream, i: usize| echo(s, &[(i % 251) as u8; MSG]);
         match self {
             Work::Rr => {
                 let s = connect()?;
                 for i in 0..n {
                     ping(&s, i)?;
+                    in_time()?;
+                }
+                loadgen::close_with_rst(s);
+            }
+            Work::RrText => {
+                let s = connect()?;
+                for i in 0..n {
+                    echo(&s, &text_request(i))?;
                     in_time()?;
                 }
                 loadgen::close_with_rst(s);
@@ -193,6 +211,21 @@ impl Work {
         }
         Ok(())
     }
+}
+
+/// 1 KiB of HTTP-like request head, numbered `i`.
+fn text_request(i: usize) -> Vec<u8> {
+    let mut r = format!("GET /items/{i} HTTP/1.1\r\nHost: example.test\r\n").into_bytes();
+    let mut h = 0;
+    while r.len() < 1000 {
+        r.extend_from_slice(
+            format!("X-Header-{h}: value {i} of the request, some text\r\n").as_bytes(),
+        );
+        h += 1;
+    }
+    r.extend_from_slice(b"\r\n");
+    r.resize(1024, b'.');
+    r
 }
 
 /// The total instruction count (`Ir`) of a callgrind output file: its `totals:` line, or the
@@ -302,7 +335,7 @@ fn main() {
     for case in CASES {
         let upstream = match case.work {
             Work::Bulk => bulk.addr,
-            Work::Rr | Work::Churn => echo.addr,
+            Work::Rr | Work::RrText | Work::Churn => echo.addr,
         };
         let counts: Result<Vec<u64>, String> = [case.n, 2 * case.n]
             .iter()

@@ -31,7 +31,6 @@
 //!   that names the connection is rendered once per connection.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -86,8 +85,9 @@ pub(crate) struct TextSink {
     out: Box<dyn Write + Send>,
     palette: &'static Palette,
     snaplen: Option<u64>,
-    /// Reused render buffer (one batch).
-    buf: String,
+    /// Reused render buffer (one batch). Bytes, not a `String`: everything appended is UTF-8
+    /// (text the sink checked or built), and appending bytes spares a validation per piece.
+    buf: Vec<u8>,
     /// Per connection id.
     conns: HashMap<u64, ConnText>,
     /// The timestamp up to the seconds (`2024-05-01T12:00:00`) of the last record's second.
@@ -111,7 +111,7 @@ impl TextSink {
             out,
             palette,
             snaplen,
-            buf: String::new(),
+            buf: Vec::new(),
             conns: HashMap::new(),
             second: None,
             leads,
@@ -129,10 +129,10 @@ impl TextSink {
         }
         let result = self
             .out
-            .write_all(self.buf.as_bytes())
+            .write_all(&self.buf)
             .and_then(|()| self.out.flush());
         if self.buf.capacity() > 16 << 20 {
-            self.buf = String::new();
+            self.buf = Vec::new();
         }
         result
     }
@@ -165,10 +165,13 @@ impl TextSink {
                     bytes.len()
                 );
                 let lead = &self.leads[dir.index()];
-                if is_text(bytes) {
-                    render_text(&mut self.buf, lead, bytes);
-                } else {
-                    render_hex(&mut self.buf, lead, *offset, bytes);
+                // Clean text is the common case and the cheapest to check and render.
+                if !render_clean_text(&mut self.buf, lead, bytes) {
+                    if is_text(bytes) {
+                        render_text(&mut self.buf, lead, bytes);
+                    } else {
+                        render_hex(&mut self.buf, lead, *offset, bytes);
+                    }
                 }
             }
             TapEvent::Fin { dir, offset } => {
@@ -221,12 +224,12 @@ impl TextSink {
     /// Writes the common line start: time, connection id and addresses.
     fn header(&mut self, record: &TapRecord) {
         let p = self.palette;
-        self.buf.push_str(p.dim);
+        self.buf.extend_from_slice(p.dim.as_bytes());
         self.timestamp(record.time);
-        self.buf.push_str(p.reset);
-        self.buf.push(' ');
+        self.buf.extend_from_slice(p.reset.as_bytes());
+        self.buf.push(b' ');
         let conn = conn_text(&mut self.conns, record);
-        self.buf.push_str(&conn.name);
+        self.buf.extend_from_slice(conn.name.as_bytes());
     }
 
     /// Appends `time` as RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`).
@@ -244,14 +247,14 @@ impl TextSink {
                 &self.second.insert((secs, text)).1
             }
         };
-        self.buf.push_str(second);
+        self.buf.extend_from_slice(second.as_bytes());
         let mut micros = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
         let mut left = since.subsec_micros();
         for digit in micros[1..7].iter_mut().rev() {
             *digit = b'0' + (left % 10) as u8;
             left /= 10;
         }
-        self.buf.push_str(ascii(&micros));
+        self.buf.extend_from_slice(&micros);
     }
 
     /// If `offset` is past the next expected offset of `dir`, writes "not captured" markers for
@@ -377,33 +380,81 @@ fn count_bytes(bytes: &[u8], pred: impl Fn(u8) -> bool) -> u8 {
         .fold(0u8, |n, &b| n.wrapping_add(u8::from(pred(b))))
 }
 
-/// Renders text line by line, each prefixed with `lead`.
-fn render_text(out: &mut String, lead: &str, bytes: &[u8]) {
-    let mut start = 0;
-    // Each line ends after its newline; a last line without one ends with the bytes.
+/// The lines of `bytes`: each ends after its newline, a last line without one with the bytes.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     let unterminated = bytes.last().is_some_and(|&b| b != b'\n');
     let ends = memchr::memchr_iter(b'\n', bytes).map(|i| i + 1);
-    for end in ends.chain(unterminated.then_some(bytes.len())) {
-        let line = &bytes[start..end];
-        start = end;
-        let content = match line.strip_suffix(b"\n") {
-            Some(content) => content.strip_suffix(b"\r").unwrap_or(content),
-            None => line,
-        };
-        out.push_str(lead);
-        escape_into(out, content);
-        out.push('\n');
+    let mut start = 0;
+    ends.chain(unterminated.then_some(bytes.len()))
+        .map(move |end| {
+            let line = &bytes[start..end];
+            start = end;
+            line
+        })
+}
+
+/// A line without its line end (LF or CR LF).
+fn content(line: &[u8]) -> &[u8] {
+    match line.strip_suffix(b"\n") {
+        Some(content) => content.strip_suffix(b"\r").unwrap_or(content),
+        None => line,
+    }
+}
+
+/// Renders `bytes` line by line, each prefixed with `lead`, if it is printable ASCII, tabs and
+/// line ends (LF, or CR LF) only, the usual text protocol, whose lines are shown as they are.
+/// Otherwise appends nothing and returns false. The checks are branch-free passes, which the
+/// compiler runs over many bytes at a time.
+fn render_clean_text(out: &mut Vec<u8>, lead: &str, bytes: &[u8]) -> bool {
+    let mut other = 0u8;
+    let mut crs = 0usize;
+    for chunk in bytes.chunks(128) {
+        let mut chunk_crs = 0u8;
+        for &b in chunk {
+            // `|`, not `||`: no branch per byte.
+            let shown = (b.wrapping_sub(0x20) < 0x5f) | (b == b'\t') | (b == b'\n') | (b == b'\r');
+            other |= u8::from(!shown);
+            chunk_crs += u8::from(b == b'\r');
+        }
+        crs += usize::from(chunk_crs);
+    }
+    if other != 0 {
+        return false;
+    }
+    let start = out.len();
+    let mut crlfs = 0;
+    for line in lines(bytes) {
+        let content = content(line);
+        crlfs += usize::from(line.len() - content.len() == 2);
+        out.extend_from_slice(lead.as_bytes());
+        out.extend_from_slice(content);
+        out.push(b'\n');
+    }
+    // A CR anywhere but before an LF is shown escaped: not for this path.
+    if crlfs != crs {
+        out.truncate(start);
+        return false;
+    }
+    true
+}
+
+/// Renders text line by line, each prefixed with `lead`, escaping what is not shown as is.
+fn render_text(out: &mut Vec<u8>, lead: &str, bytes: &[u8]) {
+    for line in lines(bytes) {
+        out.extend_from_slice(lead.as_bytes());
+        escape_into(out, content(line));
+        out.push(b'\n');
     }
 }
 
 /// Appends `bytes` as text, escaping control characters (except tab) and invalid UTF-8.
-fn escape_into(out: &mut String, bytes: &[u8]) {
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     // The common case, a line of printable ASCII (and tabs): one pass, branch-free, one copy.
     let plain = bytes.iter().fold(true, |plain, &b| {
         plain & !((b < 0x20 && b != b'\t') || b >= 0x7f)
     });
     if plain {
-        out.push_str(ascii(bytes));
+        out.extend_from_slice(bytes);
         return;
     }
     for chunk in bytes.utf8_chunks() {
@@ -414,9 +465,9 @@ fn escape_into(out: &mut String, bytes: &[u8]) {
             if !c.is_control() || c == '\t' {
                 continue;
             }
-            out.push_str(&text[shown..i]);
+            out.extend_from_slice(&text.as_bytes()[shown..i]);
             if c == '\r' {
-                out.push_str("\\r");
+                out.extend_from_slice(b"\\r");
             } else {
                 let mut utf8 = [0u8; 4];
                 for b in c.encode_utf8(&mut utf8).bytes() {
@@ -425,7 +476,7 @@ fn escape_into(out: &mut String, bytes: &[u8]) {
             }
             shown = i + c.len_utf8();
         }
-        out.push_str(&text[shown..]);
+        out.extend_from_slice(&text.as_bytes()[shown..]);
         for &b in chunk.invalid() {
             push_hex_escape(out, b);
         }
@@ -433,27 +484,22 @@ fn escape_into(out: &mut String, bytes: &[u8]) {
 }
 
 /// Appends `\xNN`.
-fn push_hex_escape(out: &mut String, b: u8) {
-    out.push_str(ascii(&[
+fn push_hex_escape(out: &mut Vec<u8>, b: u8) {
+    out.extend_from_slice(&[
         b'\\',
         b'x',
         HEX[usize::from(b >> 4)],
         HEX[usize::from(b & 0xf)],
-    ]));
-}
-
-/// Bytes this module made of ASCII characters only, as a `str`.
-fn ascii(bytes: &[u8]) -> &str {
-    std::str::from_utf8(bytes).unwrap_or_default()
+    ]);
 }
 
 /// Renders a `hexdump -C` style dump; offsets start at the stream offset `base`.
-fn render_hex(out: &mut String, lead: &str, base: u64, bytes: &[u8]) {
+fn render_hex(out: &mut Vec<u8>, lead: &str, base: u64, bytes: &[u8]) {
     // One row: offset (8 digits unless larger), 2 spaces, 16 columns of 3 with one more space
     // after the 8th, ` |`, up to 16 characters, `|` and a newline.
     const ROW: usize = 8 + 2 + 16 * 3 + 1 + 2 + 16 + 2;
     for (row_index, row) in bytes.chunks(16).enumerate() {
-        out.push_str(lead);
+        out.extend_from_slice(lead.as_bytes());
         let offset = base.wrapping_add(row_index as u64 * 16);
         let mut line = [b' '; ROW];
         let mut n = 0;
@@ -484,7 +530,7 @@ fn render_hex(out: &mut String, lead: &str, base: u64, bytes: &[u8]) {
         }
         line[n] = b'|';
         line[n + 1] = b'\n';
-        out.push_str(ascii(&line[..n + 2]));
+        out.extend_from_slice(&line[..n + 2]);
     }
 }
 
@@ -515,7 +561,12 @@ mod tests {
     fn render(sink: &mut TextSink, event: TapEvent) -> String {
         sink.buf.clear();
         sink.render(&rec(event));
-        sink.buf.clone()
+        utf8(&sink.buf)
+    }
+
+    /// The rendered bytes as text, checking they are UTF-8.
+    fn utf8(bytes: &[u8]) -> String {
+        String::from_utf8(bytes.to_vec()).expect("the log is UTF-8")
     }
 
     fn sink(snaplen: Option<u64>) -> TextSink {
@@ -544,9 +595,9 @@ mod tests {
     #[test]
     fn utf8_text_is_kept() {
         assert!(is_text("héllo wörld ✓\n".as_bytes()));
-        let mut out = String::new();
+        let mut out = Vec::new();
         escape_into(&mut out, "é\u{1b}[0m".as_bytes());
-        assert_eq!(out, "é\\x1b[0m");
+        assert_eq!(utf8(&out), "é\\x1b[0m");
     }
 
     #[test]
@@ -569,10 +620,10 @@ mod tests {
         );
         assert_eq!(out, expected);
         // Exactly like `hexdump -C` for a mixed row.
-        let mut hex = String::new();
+        let mut hex = Vec::new();
         render_hex(&mut hex, "", 0, b"hello\x00world");
         assert_eq!(
-            hex,
+            utf8(&hex),
             "00000000  68 65 6c 6c 6f 00 77 6f  72 6c 64                 |hello.world|\n"
         );
     }
@@ -762,6 +813,10 @@ mod tests {
         let mut out = vec![
             Vec::new(),
             b"a".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            b"line\tone\nline two\r\nthree".to_vec(),
+            b"cr\rinside\r\n".to_vec(),
+            b"ends with cr\r".to_vec(),
             b"\n".to_vec(),
             b"\r\n\r\n".to_vec(),
             b"a\nb".to_vec(),
@@ -784,21 +839,40 @@ mod tests {
     fn fast_renderings_match_the_reference() {
         for bytes in samples() {
             assert_eq!(is_text(&bytes), reference::is_text(&bytes), "{bytes:?}");
-            let (mut fast, mut slow) = (String::new(), String::new());
+            let (mut fast, mut slow) = (Vec::new(), String::new());
             escape_into(&mut fast, &bytes);
             reference::escape_into(&mut slow, &bytes);
-            assert_eq!(fast, slow, "{bytes:?}");
-            let (mut fast, mut slow) = (String::new(), String::new());
+            assert_eq!(utf8(&fast), slow, "{bytes:?}");
+            let (mut fast, mut slow) = (Vec::new(), String::new());
             render_text(&mut fast, "  > ", &bytes);
             reference::render_text(&mut slow, "  > ", &bytes);
-            assert_eq!(fast, slow, "{bytes:?}");
+            assert_eq!(utf8(&fast), slow, "{bytes:?}");
+            let mut clean = b"x".to_vec();
+            if render_clean_text(&mut clean, "  > ", &bytes) {
+                assert_eq!(utf8(&clean), format!("x{slow}"), "{bytes:?}");
+            } else {
+                assert_eq!(clean, b"x", "nothing appended");
+            }
             for base in [0, 0x4d2, u64::from(u32::MAX) - 20, 1 << 40, u64::MAX - 5] {
-                let (mut fast, mut slow) = (String::from("x"), String::from("x"));
+                let (mut fast, mut slow) = (b"x".to_vec(), String::from("x"));
                 render_hex(&mut fast, "  < ", base, &bytes);
                 reference::render_hex(&mut slow, "  < ", base, &bytes);
-                assert_eq!(fast, slow, "{bytes:?} at {base:#x}");
+                assert_eq!(utf8(&fast), slow, "{bytes:?} at {base:#x}");
             }
         }
+    }
+
+    #[test]
+    fn clean_text_is_what_needs_no_escape() {
+        let clean = |bytes: &[u8]| render_clean_text(&mut Vec::new(), "", bytes);
+        assert!(clean(b"GET / HTTP/1.1\r\nHost: x\tz\r\n\r\n"));
+        assert!(clean(b"no line end"));
+        assert!(clean(b""));
+        assert!(!clean(b"a\rb\n"), "a CR inside a line is escaped");
+        assert!(!clean(b"ends with CR\r"));
+        assert!(!clean(b"bell\x07"));
+        assert!(!clean("é".as_bytes()));
+        assert!(!clean(b"del\x7f"));
     }
 
     #[test]
@@ -815,7 +889,7 @@ mod tests {
                 s.buf.clear();
                 s.timestamp(time);
                 assert_eq!(
-                    s.buf,
+                    utf8(&s.buf),
                     humantime::format_rfc3339_micros(time).to_string(),
                     "{time:?}"
                 );
@@ -825,7 +899,7 @@ mod tests {
         let time = UNIX_EPOCH + Duration::new(1_714_564_800, 123_456_789);
         s.buf.clear();
         s.timestamp(time);
-        assert_eq!(s.buf, "2024-05-01T12:00:00.123456Z");
+        assert_eq!(utf8(&s.buf), "2024-05-01T12:00:00.123456Z");
     }
 
     #[test]
