@@ -154,7 +154,7 @@ impl AlignedBuf {
 
     fn free(&mut self) {
         if self.cap > 0 {
-            // SAFETY: `ptr` was allocated in `reserve` with exactly this layout.
+            // SAFETY: `ptr` was allocated in `grow` with exactly this layout.
             unsafe {
                 dealloc(
                     self.ptr.as_ptr(),

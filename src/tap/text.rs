@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::record::{Direction, TapEvent, TapRecord};
+use super::record::{ConnMeta, Direction, TapEvent, TapRecord};
 
 /// Payloads whose share of non-text bytes is at most 1/`TEXT_BAD_RATIO` are shown as text.
 const TEXT_BAD_RATIO: usize = 32;
@@ -228,21 +228,54 @@ impl TextSink {
         self.timestamp(record.time);
         self.buf.extend_from_slice(p.reset.as_bytes());
         self.buf.push(b' ');
-        let conn = conn_text(&mut self.conns, record);
-        self.buf.extend_from_slice(conn.name.as_bytes());
+        // Connections with data have their name rendered once; other records (an Open, or a
+        // Close whose connection sent nothing) format it here and leave no state behind, so a
+        // lost Close leaks nothing for them.
+        match self.conns.get(&record.conn.id) {
+            Some(known) => self.buf.extend_from_slice(known.name.as_bytes()),
+            None => {
+                let _ = write!(self.buf, "{}", conn_name(&record.conn));
+            }
+        }
     }
 
     /// Appends `time` as RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`).
+    /// A clock outside years 1970–9999 (which RFC 3339 dates cannot show) gives seconds since
+    /// the epoch instead: `@-86400.000000`.
     fn timestamp(&mut self, time: SystemTime) {
-        let Ok(since) = time.duration_since(UNIX_EPOCH) else {
-            let _ = write!(self.buf, "{}", humantime::format_rfc3339_micros(time));
-            return;
+        /// 9999-12-31T23:59:59Z.
+        const LAST_SECOND: u64 = 253_402_300_799;
+        let since = match time.duration_since(UNIX_EPOCH) {
+            Ok(since) if since.as_secs() <= LAST_SECOND => since,
+            Ok(since) => {
+                let _ = write!(
+                    self.buf,
+                    "@{}.{:06}",
+                    since.as_secs(),
+                    since.subsec_micros()
+                );
+                return;
+            }
+            Err(before) => {
+                let before = before.duration();
+                let _ = write!(
+                    self.buf,
+                    "@-{}.{:06}",
+                    before.as_secs(),
+                    before.subsec_micros()
+                );
+                return;
+            }
         };
         let secs = since.as_secs();
         let second = match &self.second {
             Some((s, text)) if *s == secs => text,
             _ => {
-                let mut text = humantime::format_rfc3339_seconds(UNIX_EPOCH + since).to_string();
+                let mut text = String::new();
+                let _ = std::fmt::Write::write_fmt(
+                    &mut text,
+                    format_args!("{}", humantime::format_rfc3339_seconds(UNIX_EPOCH + since)),
+                );
                 text.pop(); // the `Z`
                 &self.second.insert((secs, text)).1
             }
@@ -295,13 +328,18 @@ impl TextSink {
     }
 }
 
-/// The state of the record's connection, made on its first record.
+/// The state of the record's connection, made on its first data (or gap). The name is taken
+/// from that record: a connection's `ConnMeta` does not change once it is proxying.
 fn conn_text<'a>(conns: &'a mut HashMap<u64, ConnText>, record: &TapRecord) -> &'a mut ConnText {
-    let conn = &record.conn;
-    conns.entry(conn.id).or_insert_with(|| ConnText {
+    conns.entry(record.conn.id).or_insert_with(|| ConnText {
         next: [0; 2],
-        name: format!("#{} {} -> {} ", conn.id, conn.downstream, conn.upstream),
+        name: conn_name(&record.conn),
     })
+}
+
+/// `#id downstream -> upstream `.
+fn conn_name(conn: &ConnMeta) -> String {
+    format!("#{} {} -> {} ", conn.id, conn.downstream, conn.upstream)
 }
 
 /// Splits the uncaptured range `[from, to)` into (bytes lost below snaplen, bytes beyond it).
@@ -709,6 +747,11 @@ mod tests {
             },
         );
         assert!(!out.contains('\x1b'));
+        assert!(out.contains("#7 10.0.0.1:50000 -> [2001:db8::2]:80 FIN"));
+        // Records of a connection that sent nothing leave no state behind, in case its Close
+        // is lost.
+        render(&mut plain, TapEvent::Open);
+        assert!(plain.conns.is_empty());
     }
 
     /// The straightforward renderings, with the formatting machinery, that the table-driven
@@ -900,6 +943,24 @@ mod tests {
         s.buf.clear();
         s.timestamp(time);
         assert_eq!(utf8(&s.buf), "2024-05-01T12:00:00.123456Z");
+        // A clock outside what RFC 3339 shows gives seconds since the epoch, not a panic.
+        for (time, shown) in [
+            (
+                UNIX_EPOCH - Duration::new(86_400, 500_000),
+                "@-86400.000500",
+            ),
+            (
+                UNIX_EPOCH + Duration::from_secs(253_402_300_800),
+                "@253402300800.000000",
+            ),
+        ] {
+            s.buf.clear();
+            s.timestamp(time);
+            assert_eq!(utf8(&s.buf), shown);
+        }
+        s.buf.clear();
+        s.timestamp(UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+        assert_eq!(utf8(&s.buf), "9999-12-31T23:59:59.000000Z");
     }
 
     #[test]

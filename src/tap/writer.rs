@@ -3,11 +3,13 @@
 //! Invariants:
 //! - The thread blocks only for the first record of a batch (or in a sink's write); the rest of
 //!   the batch is taken with `try_recv`, up to `MAX_BATCH_COST` / `MAX_BATCH_RECORDS`.
-//! - After a small batch that emptied the queue the thread sleeps `LINGER` before it waits on
-//!   the queue again, so that small records (request/response traffic) arrive in batches: one
+//! - After a small batch that emptied the queue the thread sleeps up to `LINGER` before it waits
+//!   on the queue again, so that small records (request/response traffic) arrive in batches: one
 //!   wake-up and one write per `LINGER`, not a futex wake, a context switch and a write per
 //!   record. The loop side never waits for this: sends to a receiver that is not parked are a
-//!   lock-free push. Output is at most `LINGER` later, which a reader cannot notice. Each sink
+//!   lock-free push. Output is at most `LINGER` later, which a reader cannot notice. The sleep
+//!   is cut short, at the next `LINGER_SLICE`, once `LINGER_BELOW` of cost is queued (a burst of
+//!   bulk data must not fill the queue while the writer sleeps) or the tap is closing. Each sink
 //!   renders a batch into a reused buffer and writes it with one write call and one flush
 //!   (a pcap rotation inside a batch adds the writes of the file switch). The one exception: a
 //!   pcap file written with direct I/O may keep up to `DIRECT_MIN` bytes (and then a partial
@@ -48,6 +50,8 @@ const MAX_BATCH_RECORDS: usize = 4096;
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the writer lets records accumulate after a batch below `LINGER_BELOW`.
 pub(crate) const LINGER: Duration = Duration::from_millis(5);
+/// The steps of a linger, between which the writer looks at the queued cost.
+const LINGER_SLICE: Duration = Duration::from_millis(1);
 /// Batches of at least this queue cost are followed by no linger: the writer is busy (bulk data)
 /// and waiting would only let the queue fill.
 const LINGER_BELOW: usize = 64 * 1024;
@@ -203,11 +207,26 @@ impl Writer {
             self.shared.release(cost);
             self.report_drops(false);
             if linger {
-                std::thread::sleep(LINGER);
+                self.linger();
             }
         }
         self.report_drops(true);
         let _ = done.send(());
+    }
+
+    /// Sleeps `LINGER`, in slices, unless a burst queues `LINGER_BELOW` or the tap closes.
+    fn linger(&self) {
+        let until = Instant::now() + LINGER;
+        loop {
+            let now = Instant::now();
+            if now >= until
+                || self.shared.queued_cost.load(Ordering::Relaxed) >= LINGER_BELOW
+                || self.shared.closed.load(Ordering::Relaxed)
+            {
+                return;
+            }
+            std::thread::sleep(LINGER_SLICE.min(until - now));
+        }
     }
 
     /// Writes one batch to every sink and updates the counters. `more_queued`: the next batch
