@@ -247,23 +247,12 @@ impl TextSink {
         const LAST_SECOND: u64 = 253_402_300_799;
         let since = match time.duration_since(UNIX_EPOCH) {
             Ok(since) if since.as_secs() <= LAST_SECOND => since,
-            Ok(since) => {
-                let _ = write!(
-                    self.buf,
-                    "@{}.{:06}",
-                    since.as_secs(),
-                    since.subsec_micros()
-                );
-                return;
-            }
-            Err(before) => {
-                let before = before.duration();
-                let _ = write!(
-                    self.buf,
-                    "@-{}.{:06}",
-                    before.as_secs(),
-                    before.subsec_micros()
-                );
+            outside => {
+                let (sign, d) = match outside {
+                    Ok(after) => ("", after),
+                    Err(before) => ("-", before.duration()),
+                };
+                let _ = write!(self.buf, "@{sign}{}.{:06}", d.as_secs(), d.subsec_micros());
                 return;
             }
         };
