@@ -567,7 +567,8 @@ fn duration_ms(d: Duration) -> f64 {
 
 /// Appends one line (with its `\n`) for `s` to `out`.
 fn format_entry(s: &ConnSummary, format: Format, out: &mut Vec<u8>) {
-    let start = humantime::format_rfc3339_millis(s.start).to_string();
+    let start = crate::tap::outside_rfc3339(s.start, 3)
+        .unwrap_or_else(|| humantime::format_rfc3339_millis(s.start).to_string());
     match format {
         Format::Json => {
             let line = JsonLine {
@@ -751,6 +752,32 @@ mod tests {
         assert_eq!(v["route"], "we\"ird\nroute");
         assert_eq!(v["end"], "reset_by_upstream");
         assert_eq!(v["u2d_end"], "reset_by_upstream");
+    }
+
+    #[test]
+    fn test_clock_outside_rfc3339_years_is_logged_as_epoch_seconds() {
+        // humantime panics on these; the writer thread must keep logging.
+        for (start, text) in [
+            (
+                SystemTime::UNIX_EPOCH - Duration::from_micros(86_400_000_500),
+                "@-86400.000",
+            ),
+            (
+                SystemTime::UNIX_EPOCH + Duration::from_millis(253_402_300_800_250),
+                "@253402300800.250",
+            ),
+        ] {
+            let mut entry = summary(7);
+            entry.start = start;
+            let mut json = Vec::new();
+            format_entry(&entry, Format::Json, &mut json);
+            let v: serde_json::Value = serde_json::from_slice(&json).expect("JSON line");
+            assert_eq!(v["start"], text);
+            let mut line = Vec::new();
+            format_entry(&entry, Format::Text, &mut line);
+            let line = String::from_utf8(line).expect("UTF-8");
+            assert!(line.starts_with(&format!("start={text} ")), "{line}");
+        }
     }
 
     #[test]

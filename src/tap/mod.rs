@@ -35,6 +35,8 @@ mod rotate;
 mod text;
 mod writer;
 
+pub(crate) use text::outside_rfc3339;
+
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::sync::Arc;

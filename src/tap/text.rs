@@ -239,20 +239,14 @@ impl TextSink {
         }
     }
 
-    /// Appends `time` as RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`).
-    /// A clock outside years 1970–9999 (which RFC 3339 dates cannot show) gives seconds since
-    /// the epoch instead: `@-86400.000000`.
+    /// Appends `time` as RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`), or
+    /// as seconds since the epoch outside the years RFC 3339 can show (see [`outside_rfc3339`]).
     fn timestamp(&mut self, time: SystemTime) {
-        /// 9999-12-31T23:59:59Z.
-        const LAST_SECOND: u64 = 253_402_300_799;
         let since = match time.duration_since(UNIX_EPOCH) {
-            Ok(since) if since.as_secs() <= LAST_SECOND => since,
-            outside => {
-                let (sign, d) = match outside {
-                    Ok(after) => ("", after),
-                    Err(before) => ("-", before.duration()),
-                };
-                let _ = write!(self.buf, "@{sign}{}.{:06}", d.as_secs(), d.subsec_micros());
+            Ok(since) if since.as_secs() <= LAST_RFC3339_SECOND => since,
+            _ => {
+                let text = outside_rfc3339(time, 6).unwrap_or_default();
+                self.buf.extend_from_slice(text.as_bytes());
                 return;
             }
         };
@@ -559,6 +553,27 @@ fn render_hex(out: &mut Vec<u8>, lead: &str, base: u64, bytes: &[u8]) {
         line[n + 1] = b'\n';
         out.extend_from_slice(&line[..n + 2]);
     }
+}
+
+/// 9999-12-31T23:59:59Z, the last second an RFC 3339 date can show.
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
+/// `time` as seconds since the epoch with `digits` decimals (`@-86400.000`) when it lies outside
+/// the years 1970–9999, which RFC 3339 dates cannot show (humantime panics on them); `None` when
+/// RFC 3339 can show it. A clock set before 1970 must not stop a log.
+pub(crate) fn outside_rfc3339(time: SystemTime, digits: u32) -> Option<String> {
+    let (sign, d) = match time.duration_since(UNIX_EPOCH) {
+        Ok(since) if since.as_secs() <= LAST_RFC3339_SECOND => return None,
+        Ok(after) => ("", after),
+        Err(before) => ("-", before.duration()),
+    };
+    let digits = digits.min(9);
+    let fraction = d.subsec_nanos() / 10u32.pow(9 - digits);
+    Some(format!(
+        "@{sign}{}.{fraction:0width$}",
+        d.as_secs(),
+        width = digits as usize
+    ))
 }
 
 #[cfg(test)]
