@@ -696,6 +696,9 @@ impl Worker {
                 r.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
                 r.closing |= event.is_read_closed() || event.is_error();
                 r.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
+                r.connected |= (event.is_writable() || event.is_readable())
+                    && !event.is_error()
+                    && !event.is_write_closed();
                 if event.is_error() && pair.phase == Phase::Established {
                     if let Some(reason) = pair.check_socket_error(side) {
                         self.closing.push((key, pair.meta.id, reason));

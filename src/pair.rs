@@ -220,12 +220,17 @@ impl Pair {
         }
     }
 
-    /// After a writable or error event while connecting: done, still in progress, or failed.
-    /// (mio's recipe: writable, then `take_error()` is `None`, then `peer_addr()` succeeds.)
+    /// After an event while connecting: done, still in progress, or failed. A clean event (see
+    /// `Readiness::connected`) settles it without a syscall; otherwise mio's recipe: writable,
+    /// then `take_error()` is `None`, then `peer_addr()` succeeds.
     pub fn check_connected(&mut self) -> Result<bool, io::Error> {
         let Some(upstream) = self.upstream.as_ref() else {
             return Ok(false);
         };
+        if self.ready[Side::Upstream.index()].connected {
+            self.phase = Phase::Established;
+            return Ok(true);
+        }
         if let Some(e) = upstream.take_error()? {
             return Err(e);
         }

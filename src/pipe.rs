@@ -66,6 +66,10 @@ pub struct Readiness {
     /// what is already queued, so reads go on until EOF or `WouldBlock`, never stop at a short
     /// read.
     pub closing: bool,
+    /// An event showed a connecting socket connected: writable or readable with neither
+    /// `EPOLLERR` nor `EPOLLHUP`, which is how epoll reports a failed connect. (HAProxy trusts
+    /// the same flags; only an event with either flag needs `SO_ERROR` and `getpeername`.)
+    pub connected: bool,
 }
 
 /// Why a pump stopped without error.
@@ -550,6 +554,7 @@ mod tests {
             readable: true,
             writable: true,
             closing: false,
+            connected: true,
         }
     }
 
