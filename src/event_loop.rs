@@ -228,6 +228,9 @@ struct Worker {
     /// Current pause after running out of descriptors; reset once a pair starts fine.
     accept_backoff: Duration,
     last_fd_warning: Option<Instant>,
+    /// When "no free local port" was last logged, and the connects that failed so since then.
+    last_port_warning: Option<Instant>,
+    port_failures_unwarned: u64,
 }
 
 impl Server {
@@ -396,6 +399,8 @@ impl Server {
                 sigints: 0,
                 accept_backoff: MIN_ACCEPT_BACKOFF,
                 last_fd_warning: None,
+                last_port_warning: None,
+                port_failures_unwarned: 0,
             });
         }
         for w in &mut workers {
@@ -1051,6 +1056,34 @@ impl Worker {
         self.accept_backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
     }
 
+    /// `connect(2)` found no free local port toward `dst`. Each failure is in the metrics and
+    /// the connection's close line; this says why and what to do, at most every 10 s (per
+    /// worker).
+    fn warn_no_local_port(&mut self, dst: SocketAddr, now: Instant) {
+        self.port_failures_unwarned += 1;
+        if self
+            .last_port_warning
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return;
+        }
+        let failed = std::mem::take(&mut self.port_failures_unwarned);
+        let since = match self.last_port_warning.replace(now) {
+            Some(_) => format!(" ({failed} failed connects since the previous warning)"),
+            None => String::new(),
+        };
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .map(|r| r.split_whitespace().collect::<Vec<_>>().join("-"))
+            .unwrap_or_else(|_| "?".into());
+        warn!(
+            "no free local port to connect to {dst}{since}: every port of \
+             net.ipv4.ip_local_port_range ({range}) is in use toward that address, usually by \
+             this proxy's TIME_WAIT sockets to it (clients that close first leave one per \
+             connection for 60 s). Set net.ipv4.tcp_tw_reuse=1, widen the range, or give the \
+             route more upstream addresses"
+        );
+    }
+
     fn start_pair(
         &mut self,
         route_idx: usize,
@@ -1232,6 +1265,9 @@ impl Worker {
                     .on_connect_failure(ConnectFailure::of_error(&e));
                 if net::is_resource_exhaustion(&e) {
                     self.pause_accepting(now, &e);
+                }
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                    self.warn_no_local_port(dst, now);
                 }
                 return Some(CloseReason::ConnectFailed(e));
             }

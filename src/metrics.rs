@@ -133,16 +133,20 @@ pub enum ConnectFailure {
     Timeout,
     /// EHOSTUNREACH, ENETUNREACH, EHOSTDOWN, ENETDOWN: no route to the upstream.
     Unreachable,
+    /// EADDRNOTAVAIL: no free local port toward that address (the ephemeral range is held,
+    /// usually by this proxy's own TIME_WAIT sockets to it).
+    NoLocalPort,
     /// Anything else.
     Other,
 }
 
 impl ConnectFailure {
     /// Every cause, in rendering order.
-    pub const ALL: [ConnectFailure; 4] = [
+    pub const ALL: [ConnectFailure; 5] = [
         ConnectFailure::Refused,
         ConnectFailure::Timeout,
         ConnectFailure::Unreachable,
+        ConnectFailure::NoLocalPort,
         ConnectFailure::Other,
     ];
 
@@ -152,6 +156,7 @@ impl ConnectFailure {
             ConnectFailure::Refused => "refused",
             ConnectFailure::Timeout => "timeout",
             ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::NoLocalPort => "no_local_port",
             ConnectFailure::Other => "other",
         }
     }
@@ -170,6 +175,7 @@ impl ConnectFailure {
             Some(libc::EHOSTDOWN | libc::ENETDOWN | libc::EHOSTUNREACH | libc::ENETUNREACH) => {
                 ConnectFailure::Unreachable
             }
+            Some(libc::EADDRNOTAVAIL) => ConnectFailure::NoLocalPort,
             _ => ConnectFailure::Other,
         }
     }
@@ -1029,6 +1035,10 @@ pub(crate) mod tests {
         assert_eq!(
             ConnectFailure::of_error(&e(libc::EHOSTDOWN)),
             ConnectFailure::Unreachable
+        );
+        assert_eq!(
+            ConnectFailure::of_error(&e(libc::EADDRNOTAVAIL)),
+            ConnectFailure::NoLocalPort
         );
         assert_eq!(
             ConnectFailure::of_error(&e(libc::EACCES)),

@@ -1,14 +1,17 @@
 //! File-descriptor limits: connections are capped so clients wait in the backlog instead of being
 //! rejected, and if descriptors run out anyway the proxy pauses accepting with backoff instead of
-//! spinning, then serves again once descriptors free up.
+//! spinning, then serves again once descriptors free up. Pipe limits: directions fall back to
+//! copying. Local ports: running out of them toward an upstream is explained once and counted.
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::*;
 
 fn set_nofile(pid: u32, limit: u64) -> libc::rlimit {
@@ -225,5 +228,95 @@ fn refused_pipe_size_is_halved_until_granted() {
     assert!(
         line.contains(&format!("kernel pipe of {max} bytes")),
         "expected pipes of pipe-max-size ({max} bytes): {line}"
+    );
+}
+
+/// A client socket bound to `port` on 127.0.0.1 (inside the test's namespace, where the
+/// ephemeral range is too small to give clients ports of their own).
+fn connect_from(port: u16, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap_or_else(|e| panic!("bind client to port {port}: {e}"));
+    s.connect_timeout(&to.into(), PROMPT)
+        .unwrap_or_else(|e| panic!("connect from port {port} to {to}: {e}"));
+    s.into()
+}
+
+/// Every local port toward the upstream is taken, by one open connection and the TIME_WAIT
+/// sockets that clients closing first leave on the proxy's side. The next clients are reset,
+/// the failures are counted as `no_local_port`, one warning says why and what to change, and the
+/// open connection keeps flowing.
+#[test]
+fn local_port_exhaustion_is_explained_and_spares_open_connections() {
+    let ns = NetNs::new();
+    let echo = ns.run_inside(Upstream::echo);
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"{}\"\n",
+        echo.addr
+    );
+    let proxy = Proxy::with_config_cmd(ns.command(binary()), &toml, 1);
+    let admin = proxy.admin_addr();
+    // Listeners are bound; from here on, connects get one of four ports, reused only after
+    // TIME_WAIT (60 s) ends.
+    let to = proxy.addr();
+    let series = "tcptap_upstream_connect_failures_total{route=\"r\",cause=\"no_local_port\"}";
+    ns.run_inside(|| {
+        // /proc/sys/net is the namespace of the thread that opens it.
+        for (key, value) in [
+            ("ip_local_port_range", "40000 40003"),
+            ("tcp_tw_reuse", "0"),
+        ] {
+            let path = format!("/proc/sys/net/ipv4/{key}");
+            std::fs::write(&path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+        let mut open = connect_from(50_000, to);
+        open.write_all(b"open").unwrap();
+        assert_eq!(read_n(&mut open, 4, PROMPT).unwrap(), b"open");
+        // Three clients that close first: the proxy passes their FIN on, the upstream answers
+        // with its own, and the proxy's upstream socket is left in TIME_WAIT.
+        for i in 1..=3u16 {
+            let mut c = connect_from(50_000 + i, to);
+            c.write_all(b"bye").unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), b"bye");
+        }
+        for (i, port) in [50_010u16, 50_011].into_iter().enumerate() {
+            let mut c = connect_from(port, to);
+            let _ = c.write_all(b"lost");
+            let mut buf = [0u8; 16];
+            c.set_read_timeout(Some(PROMPT)).unwrap();
+            match c.read(&mut buf) {
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+                Ok(n) => panic!("client {i} without a local port upstream got {n} bytes, no reset"),
+            }
+            let (status, body) = http_get(admin, "/metrics");
+            assert_eq!(status, 200);
+            assert_eq!(metric(&body, series), Some(i as f64 + 1.0), "{body}");
+        }
+        // The open connection is untouched.
+        open.write_all(b"still").unwrap();
+        assert_eq!(read_n(&mut open, 5, PROMPT).unwrap(), b"still");
+    });
+    let line = proxy.wait_log("no free local port to connect to", PROMPT);
+    assert!(
+        line.contains(&echo.addr.to_string())
+            && line.contains("(40000-40003)")
+            && line.contains("TIME_WAIT")
+            && line.contains("net.ipv4.tcp_tw_reuse=1"),
+        "{line}"
+    );
+    assert_eq!(
+        proxy.count_log("no free local port"),
+        1,
+        "one warning per 10 s:\n{}",
+        proxy.logs()
+    );
+    assert_eq!(
+        proxy.count_log("Cannot assign requested address"),
+        2,
+        "{}",
+        proxy.logs()
     );
 }
