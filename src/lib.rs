@@ -17,6 +17,7 @@
 //! - [`splice`]: the zero-copy path (socket → kernel pipe → socket) for routes without a tap.
 //! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
 //! - [`stats`]: process-wide counters.
+//! - [`logging`]: the process log, written to stderr off the event loops through a bounded queue.
 //! - [`proxy_protocol`]: HAProxy PROXY protocol v1/v2 encoder and bounded incremental parser.
 //! - [`upstream`]: several upstreams per route: policy, connect retries, health checks, DNS re-resolution.
 //! - [`orig_dst`]: the original destination of a redirected connection (`SO_ORIGINAL_DST`), TPROXY.
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod buffer;
 pub mod config;
 pub mod event_loop;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod orig_dst;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tcptap::{Config, Exit, Overrides, Server};
@@ -110,11 +111,24 @@ fn raise_fd_limit() {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match load(&args) {
+    tcptap::logging::init();
+    let code = run(&args);
+    // Lines still queued for a stderr that is not being read are given a moment, not forever.
+    tcptap::logging::flush(Duration::from_secs(2));
+    code
+}
+
+/// Prints a fatal error after the log lines queued before it.
+fn fatal(message: std::fmt::Arguments<'_>) {
+    tcptap::logging::flush(Duration::from_secs(2));
+    eprintln!("tcptap: {message}");
+}
+
+fn run(args: &Args) -> ExitCode {
+    let config = match load(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tcptap: {e}");
+            fatal(format_args!("{e}"));
             return ExitCode::from(2);
         }
     };
@@ -131,22 +145,22 @@ fn main() -> ExitCode {
     let mut server = match Server::bind(config) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("tcptap: {}", error_chain(&e));
+            fatal(format_args!("{}", error_chain(&e)));
             return ExitCode::from(2);
         }
     };
-    if let Some(path) = config_path(&args) {
-        server.set_reload_source(path, overrides(&args));
+    if let Some(path) = config_path(args) {
+        server.set_reload_source(path, overrides(args));
     }
     if let Err(e) = server.handle_signals() {
-        eprintln!("tcptap: {}", error_chain(&e));
+        fatal(format_args!("{}", error_chain(&e)));
         return ExitCode::FAILURE;
     }
     match server.run() {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
         Ok(Exit::Immediate) => ExitCode::from(130),
         Err(e) => {
-            eprintln!("tcptap: event loop failed: {e}");
+            fatal(format_args!("event loop failed: {e}"));
             ExitCode::FAILURE
         }
     }

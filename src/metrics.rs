@@ -469,7 +469,7 @@ impl Metrics {
             w.sample("tcptap_buffered_bytes", &[("route", name)], r.buffered());
         }
 
-        let globals: [(&str, &str, &str, u64); 10] = [
+        let globals: [(&str, &str, &str, u64); 11] = [
             (
                 "tcptap_tap_records_written_total",
                 "counter",
@@ -517,6 +517,12 @@ impl Metrics {
                 "counter",
                 "Access log write errors.",
                 extra.access_log_write_errors,
+            ),
+            (
+                "tcptap_log_lines_dropped_total",
+                "counter",
+                "Process log lines dropped because stderr did not keep up.",
+                crate::logging::dropped_total(),
             ),
             (
                 "tcptap_config_generation",

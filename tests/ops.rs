@@ -234,3 +234,83 @@ fn sigusr1_reopens_the_access_log() {
         1
     );
 }
+
+/// The sum of the counts in the proxy's "N log line(s) dropped" lines.
+fn log_lines_reported_dropped(proxy: &Proxy) -> usize {
+    proxy
+        .logs()
+        .lines()
+        .filter_map(|l| {
+            let (head, _) = l.split_once(" log line")?;
+            head.rsplit(' ').next()?.parse::<usize>().ok()
+        })
+        .sum()
+}
+
+/// A stderr nobody reads (a stalled log collector) fills its pipe; the proxy goes on proxying,
+/// drops the log lines that do not fit its queue, and once stderr is read again it writes the
+/// lines it kept and how many it dropped: every connection's line is either there or counted.
+#[test]
+fn a_stderr_nobody_reads_never_stalls_proxying() {
+    let echo = Upstream::echo();
+    let toml = one_route(
+        "127.0.0.1:0",
+        echo.addr,
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+    );
+    let proxy = Proxy::with_config(&toml, 1);
+    let admin = proxy.admin_addr();
+    proxy.stall_logs(4096);
+    // About 130 bytes of log per connection: 4,000 overflow the pipe and the 256 KiB queue.
+    const N: usize = 4000;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for i in 0..N {
+        let mut c = connect(proxy.addr());
+        c.write_all(b"ping").unwrap();
+        let got = read_n(&mut c, 4, PROMPT)
+            .unwrap_or_else(|e| panic!("connection {i} with stderr unread: {e}"));
+        assert_eq!(got, b"ping");
+        assert!(Instant::now() < deadline, "{i} connections in 120 s");
+    }
+    proxy.resume_logs();
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let (written, dropped) = (
+            proxy.count_log("client closed first"),
+            log_lines_reported_dropped(&proxy),
+        );
+        if written + dropped == N && dropped > 0 {
+            let (status, body) = http_get(admin, "/metrics");
+            assert_eq!(status, 200);
+            assert_eq!(
+                metric(&body, "tcptap_log_lines_dropped_total"),
+                Some(dropped as f64),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{written} connection lines written and {dropped} reported dropped, of {N}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM while stderr is not being read: queued log lines get a bounded moment, then the proxy
+/// exits as usual.
+#[test]
+fn sigterm_exits_while_stderr_is_not_read() {
+    let echo = Upstream::echo();
+    let upstream = echo.addr.to_string();
+    let mut proxy = Proxy::start(&["--listen", "127.0.0.1:0", "--upstream", &upstream], 1);
+    proxy.stall_logs(4096);
+    for _ in 0..200 {
+        let mut c = connect(proxy.addr());
+        c.write_all(b"ping").unwrap();
+        assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"ping");
+    }
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+}

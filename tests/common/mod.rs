@@ -119,6 +119,10 @@ pub struct Proxy {
     pub child: Child,
     pub addrs: Vec<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// While true, the thread reading the proxy's stderr stops reading (see `stall_logs`).
+    stalled: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// The read end of the proxy's stderr pipe (owned by the reading thread).
+    stderr_fd: std::os::fd::RawFd,
     _dir: Option<TempDir>,
 }
 
@@ -210,12 +214,30 @@ impl Proxy {
         adjust(&mut cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
+        let stderr_fd = std::os::fd::AsRawFd::as_raw_fd(&stderr);
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let stalled = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let (tx, rx) = mpsc::channel();
         let sink = logs.clone();
+        let gate = stalled.clone();
         thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
+            let mut reader = BufReader::new(stderr);
+            loop {
+                {
+                    let (stalled, resumed) = &*gate;
+                    let mut s = stalled.lock().unwrap();
+                    while *s {
+                        s = resumed.wait(s).unwrap();
+                    }
+                }
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if line.ends_with('\n') {
+                    line.pop();
+                }
                 if std::env::var_os("TCPTAP_TEST_ECHO").is_some() {
                     eprintln!("proxy: {line}");
                 }
@@ -249,8 +271,26 @@ impl Proxy {
             child,
             addrs,
             logs,
+            stalled,
+            stderr_fd,
             _dir: dir,
         }
+    }
+
+    /// Stops reading the proxy's stderr (after at most the line being read now) and shrinks its
+    /// pipe to `pipe_size` bytes: what a stalled log collector looks like to the proxy.
+    pub fn stall_logs(&self, pipe_size: usize) {
+        *self.stalled.0.lock().unwrap() = true;
+        // SAFETY: F_SETPIPE_SZ on a descriptor the reading thread keeps open for our lifetime.
+        let rc =
+            unsafe { libc::fcntl(self.stderr_fd, libc::F_SETPIPE_SZ, pipe_size as libc::c_int) };
+        assert!(rc >= 0, "F_SETPIPE_SZ: {}", io::Error::last_os_error());
+    }
+
+    /// Reads the proxy's stderr again.
+    pub fn resume_logs(&self) {
+        *self.stalled.0.lock().unwrap() = false;
+        self.stalled.1.notify_all();
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,0 +1,258 @@
+//! The process log (env_logger's filter and format) written to stderr by a thread of its own.
+//!
+//! env_logger writes each record to stderr in the calling thread, so a stderr that nobody reads
+//! (a stalled log collector, a full pipe, a terminal on hold) would stop an event loop in
+//! `write(2)` and every connection with it. Here env_logger formats into [`QueueWriter`], which
+//! appends the line to a bounded queue and returns: a full queue drops the line and counts it
+//! ([`dropped_total`], `tcptap_log_lines_dropped_total` in `/metrics`). The writer thread writes
+//! whatever has gathered in one `write(2)`, and after a loss it adds a line saying how many lines
+//! were dropped. At exit, [`flush`] gives the queue a bounded time to reach stderr.
+
+use std::io::{self, IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Bytes of formatted lines the queue holds (about 1,500 connection lines) before it drops.
+pub const QUEUE_BYTES: usize = 256 * 1024;
+
+/// Lines dropped since start.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static QUEUE: OnceLock<Queue> = OnceLock::new();
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Formatted lines, oldest first.
+    bytes: Vec<u8>,
+    /// Lines dropped since the writer last reported a loss.
+    dropped: u64,
+    /// The writer holds a batch it has not finished writing.
+    writing: bool,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    /// Signalled when lines arrive (to the writer) and when a batch is written (to [`flush`]).
+    changed: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding the lock cannot leave `Pending` inconsistent: keep logging.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one formatted line, or drops it when it does not fit. Never blocks on output.
+    fn push(&self, line: &[u8]) {
+        let mut p = self.lock();
+        if p.bytes.len() + line.len() > QUEUE_BYTES {
+            p.dropped += 1;
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let was_empty = p.bytes.is_empty();
+        p.bytes.extend_from_slice(line);
+        drop(p);
+        if was_empty {
+            self.changed.notify_all();
+        }
+    }
+
+    /// The writer thread: takes everything queued and writes it in one go, for ever.
+    fn run(&self, out: &mut dyn Write) {
+        let mut batch = Vec::new();
+        loop {
+            let dropped;
+            {
+                let mut p = self.lock();
+                p.writing = false;
+                self.changed.notify_all();
+                while p.bytes.is_empty() && p.dropped == 0 {
+                    p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                std::mem::swap(&mut batch, &mut p.bytes);
+                dropped = std::mem::take(&mut p.dropped);
+                p.writing = true;
+            }
+            if dropped > 0 {
+                dropped_line(&mut batch, dropped, SystemTime::now());
+            }
+            // A stderr that is gone (EPIPE, EBADF) loses these lines: nothing else can show them.
+            let _ = out.write_all(&batch);
+            let _ = out.flush();
+            batch.clear();
+            if batch.capacity() > QUEUE_BYTES {
+                batch = Vec::new();
+            }
+        }
+    }
+
+    /// Waits until every queued line is written, or `timeout` passes. True if all were written.
+    fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.lock();
+        while !p.bytes.is_empty() || p.dropped > 0 || p.writing {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            p = self
+                .changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Appends the line that reports `n` lost lines, in env_logger's default format.
+fn dropped_line(out: &mut Vec<u8>, n: u64, now: SystemTime) {
+    let time = crate::tap::outside_rfc3339(now, 0)
+        .unwrap_or_else(|| humantime::format_rfc3339_seconds(now).to_string());
+    let _ = writeln!(
+        out,
+        "[{time} WARN  tcptap::logging] {n} log line{} dropped: stderr was not read fast enough",
+        if n == 1 { "" } else { "s" }
+    );
+}
+
+/// What env_logger writes to: each record arrives in one `write`, which queues it.
+#[derive(Debug)]
+pub struct QueueWriter(&'static Queue);
+
+impl Write for QueueWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the global logger: env_logger's filter (`RUST_LOG`, default `info`) and format
+/// (colored when stderr is a terminal, unless `RUST_LOG_STYLE` or `NO_COLOR` says otherwise),
+/// writing through the queue to stderr.
+pub fn init() {
+    let queue = QUEUE.get_or_init(Queue::default);
+    let env = env_logger::Env::default().default_filter_or("info");
+    let mut builder = env_logger::Builder::from_env(env);
+    if std::env::var_os("RUST_LOG_STYLE").is_none() {
+        let color = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        builder.write_style(if color {
+            env_logger::WriteStyle::Always
+        } else {
+            env_logger::WriteStyle::Never
+        });
+    }
+    builder.target(env_logger::Target::Pipe(Box::new(QueueWriter(queue))));
+    let spawned = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || queue.run(&mut io::stderr()));
+    if spawned.is_err() {
+        // No thread, no queue: write in place, as env_logger does by default.
+        builder.target(env_logger::Target::Stderr);
+    }
+    builder.init();
+}
+
+/// Waits up to `timeout` for queued lines to reach stderr (before exiting or printing an error
+/// directly). Returns at once when nothing is queued or the logger was not installed here.
+pub fn flush(timeout: Duration) -> bool {
+    QUEUE.get().is_none_or(|q| q.flush(timeout))
+}
+
+/// Log lines dropped since start because stderr did not keep up.
+pub fn dropped_total() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::mpsc;
+
+    /// A writer that blocks each write until the test lets it through.
+    struct Gate {
+        open: mpsc::Receiver<()>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.open.recv().map_err(|_| io::ErrorKind::BrokenPipe)?;
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_output_drops_and_counts_lines_then_reports_them() {
+        let queue: &'static Queue = Box::leak(Box::default());
+        let (open, gate) = mpsc::channel();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut out = Gate {
+            open: gate,
+            got: got.clone(),
+        };
+        std::thread::spawn(move || queue.run(&mut out));
+        let mut line = vec![b'x'; 63];
+        line.push(b'\n');
+        // The first line is taken by the writer, which then blocks; the queue fills behind it.
+        QueueWriter(queue).write_all(&line).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !queue.lock().writing {
+            assert!(
+                Instant::now() < deadline,
+                "the writer never took the first line"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !queue.flush(Duration::from_millis(50)),
+            "the output is blocked"
+        );
+        let start = Instant::now();
+        let sent = QUEUE_BYTES / line.len() + 500;
+        for _ in 0..sent {
+            QueueWriter(queue).write_all(&line).unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "queueing must not wait for the output"
+        );
+        let dropped = queue.lock().dropped;
+        assert!(dropped >= 500, "{dropped} dropped");
+        // Let everything through: the lines kept, then one line counting the others.
+        for _ in 0..3 {
+            open.send(()).unwrap();
+        }
+        assert!(queue.flush(Duration::from_secs(10)));
+        let text = String::from_utf8(got.lock().unwrap().clone()).unwrap();
+        let kept = text
+            .lines()
+            .filter(|l| l.bytes().all(|b| b == b'x'))
+            .count() as u64;
+        assert_eq!(
+            kept + dropped,
+            1 + sent as u64,
+            "every line written or counted"
+        );
+        let report = text.lines().last().unwrap();
+        assert!(
+            report.ends_with(&format!(
+                "WARN  tcptap::logging] {dropped} log lines dropped: stderr was not read fast \
+                 enough"
+            )),
+            "{report}"
+        );
+        drop(open);
+    }
+}
