@@ -20,6 +20,13 @@ pub const QUEUE_BYTES: usize = 256 * 1024;
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
+/// After writing a batch smaller than this, the writer lets lines gather for up to [`LINGER`]:
+/// a line a millisecond then costs one `write(2)` every few milliseconds, not a wake-up each.
+const LINGER_BELOW: usize = 64 * 1024;
+/// How long lines may wait for the next write (checked every [`LINGER_SLICE`]).
+const LINGER: Duration = Duration::from_millis(5);
+const LINGER_SLICE: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Default)]
 struct Pending {
     /// Formatted lines, oldest first.
@@ -28,13 +35,19 @@ struct Pending {
     dropped: u64,
     /// The writer holds a batch it has not finished writing.
     writing: bool,
+    /// The writer waits on `arrived` for lines: the next line must wake it.
+    parked: bool,
+    /// Threads in [`Queue::flush`], waiting on `written`.
+    flushing: usize,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     pending: Mutex<Pending>,
-    /// Signalled when lines arrive (to the writer) and when a batch is written (to [`flush`]).
-    changed: Condvar,
+    /// Lines arrived for a parked writer.
+    arrived: Condvar,
+    /// A batch was written (for [`Queue::flush`]).
+    written: Condvar,
 }
 
 impl Queue {
@@ -43,19 +56,20 @@ impl Queue {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one formatted line, or drops it when it does not fit. Never blocks on output.
+    /// Appends one formatted line, or drops it when it does not fit. Never blocks on output;
+    /// wakes the writer only when it is parked.
     fn push(&self, line: &[u8]) {
         let mut p = self.lock();
         if p.bytes.len() + line.len() > QUEUE_BYTES {
             p.dropped += 1;
             DROPPED.fetch_add(1, Ordering::Relaxed);
-            return;
+        } else {
+            p.bytes.extend_from_slice(line);
         }
-        let was_empty = p.bytes.is_empty();
-        p.bytes.extend_from_slice(line);
+        let wake = std::mem::take(&mut p.parked);
         drop(p);
-        if was_empty {
-            self.changed.notify_all();
+        if wake {
+            self.arrived.notify_one();
         }
     }
 
@@ -67,10 +81,14 @@ impl Queue {
             {
                 let mut p = self.lock();
                 p.writing = false;
-                self.changed.notify_all();
-                while p.bytes.is_empty() && p.dropped == 0 {
-                    p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+                if p.flushing > 0 {
+                    self.written.notify_all();
                 }
+                while p.bytes.is_empty() && p.dropped == 0 {
+                    p.parked = true;
+                    p = self.arrived.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                p.parked = false;
                 std::mem::swap(&mut batch, &mut p.bytes);
                 dropped = std::mem::take(&mut p.dropped);
                 p.writing = true;
@@ -81,9 +99,26 @@ impl Queue {
             // A stderr that is gone (EPIPE, EBADF) loses these lines: nothing else can show them.
             let _ = out.write_all(&batch);
             let _ = out.flush();
+            let small = batch.len() < LINGER_BELOW;
             batch.clear();
             if batch.capacity() > QUEUE_BYTES {
                 batch = Vec::new();
+            }
+            if small {
+                self.linger();
+            }
+        }
+    }
+
+    /// Lets lines gather after a small batch, until [`LINGER`] passes, [`LINGER_BELOW`] bytes are
+    /// queued, or someone flushes.
+    fn linger(&self) {
+        let until = Instant::now() + LINGER;
+        while Instant::now() < until {
+            std::thread::sleep(LINGER_SLICE);
+            let p = self.lock();
+            if p.bytes.len() >= LINGER_BELOW || p.flushing > 0 {
+                return;
             }
         }
     }
@@ -92,17 +127,22 @@ impl Queue {
     fn flush(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut p = self.lock();
-        while !p.bytes.is_empty() || p.dropped > 0 || p.writing {
+        p.flushing += 1;
+        let done = loop {
+            if p.bytes.is_empty() && p.dropped == 0 && !p.writing {
+                break true;
+            }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
+                break false;
             };
             p = self
-                .changed
+                .written
                 .wait_timeout(p, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
-        true
+        };
+        p.flushing -= 1;
+        done
     }
 }
 
@@ -254,5 +294,47 @@ mod tests {
             "{report}"
         );
         drop(open);
+    }
+
+    /// Counts the writes it is given.
+    struct Counting(Arc<Mutex<(usize, usize)>>);
+
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut c = self.0.lock().unwrap();
+            c.0 += 1;
+            c.1 += buf.len();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn paced_lines_are_written_in_batches() {
+        let queue: &'static Queue = Box::leak(Box::default());
+        let counts = Arc::new(Mutex::new((0, 0)));
+        let mut out = Counting(counts.clone());
+        std::thread::spawn(move || queue.run(&mut out));
+        let line = b"[2026-01-01T00:00:00Z INFO  tcptap::conn] #1 a connection line\n";
+        let start = Instant::now();
+        const LINES: usize = 300;
+        for _ in 0..LINES {
+            QueueWriter(queue).write_all(line).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(queue.flush(Duration::from_secs(10)));
+        let elapsed = start.elapsed();
+        let (writes, bytes) = *counts.lock().unwrap();
+        assert_eq!(bytes, LINES * line.len(), "every line written");
+        // One write per linger period at most (plus the first line, written at once). Without
+        // the linger, a writer woken for each line makes about one write per line.
+        let bound = (elapsed.as_micros() / LINGER.as_micros()) as usize + 2;
+        assert!(
+            writes <= bound,
+            "{writes} writes for {LINES} lines in {elapsed:?} (at most {bound})"
+        );
     }
 }
