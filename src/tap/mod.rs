@@ -16,7 +16,8 @@
 //!   buffer, between packet headers, when the pcap is the only sink). Each tee pipe is fed by
 //!   one thread and read in queue order, so a record's bytes are at the head of its pipe when
 //!   the writer takes it. Teed bytes are charged to the queue budget like copied ones.
-//! - The writer runs at nice 19 unless configured otherwise ([`WriterPriority`]).
+//! - The writer runs at nice 19, and at most a quarter of a core while CPUs are contended, unless
+//!   configured otherwise ([`WriterPriority`]).
 //! - Snaplen is applied on the loop side: only the first `snaplen` bytes of each direction of each
 //!   connection are ever queued.
 //! - The writer thread is the only one doing tap I/O; a sink that blocks forever blocks only it,
@@ -33,6 +34,7 @@ mod queue;
 mod record;
 mod rotate;
 mod text;
+mod throttle;
 mod writer;
 
 pub(crate) use text::outside_rfc3339;
@@ -108,9 +110,10 @@ pub struct TapConfig {
 /// How the tap writer thread competes for CPU with the event loops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriterPriority {
-    /// The lowest time-sharing priority (nice 19): the writer gets little CPU while the event
-    /// loops want it, and bulk bytes it has fallen behind on are dropped (and counted): the tap
-    /// costs proxying as little as it can. (Not `SCHED_IDLE`: on a machine kept busy by other
+    /// The lowest time-sharing priority (nice 19), and while the kernel reports tasks waiting
+    /// for CPU (PSI) at most a quarter of one core (see `throttle`): the writer gets little CPU
+    /// while the event loops want it, and bulk bytes it has fallen behind on are dropped (and
+    /// counted): the tap costs proxying as little as it can. (Not `SCHED_IDLE`: on a machine kept busy by other
     /// processes that would starve it completely, and an unprivileged process cannot undo it.)
     #[default]
     Low,
@@ -270,6 +273,16 @@ fn spawn(
     text: Option<NamedText>,
     pcap: Option<PcapSink>,
 ) -> Result<(TapHandle, TapGuard), TapError> {
+    spawn_throttled(cfg, text, pcap, throttle::Throttle::for_this_thread)
+}
+
+/// [`spawn`], with the low-priority writer's throttle made by `throttle` on the writer thread.
+fn spawn_throttled(
+    cfg: &TapConfig,
+    text: Option<NamedText>,
+    pcap: Option<PcapSink>,
+    throttle: fn() -> Option<throttle::Throttle>,
+) -> Result<(TapHandle, TapGuard), TapError> {
     let shared = Arc::new(Shared::new(
         cfg.queue_bytes,
         cfg.writer_priority == WriterPriority::Normal,
@@ -281,8 +294,10 @@ fn spawn(
     let thread = std::thread::Builder::new()
         .name("tap-writer".to_owned())
         .spawn(move || {
+            let mut writer = writer;
             if priority == WriterPriority::Low {
                 writer::set_low_priority();
+                writer.throttle = throttle();
             }
             writer.run(done_tx)
         })
@@ -524,6 +539,81 @@ mod tests {
         assert!(
             made <= most,
             "{made} writes for {records} records in {elapsed:?} (at most {most})"
+        );
+    }
+
+    /// The CPU time the tap's writer thread has used so far.
+    fn writer_cpu(guard: &TapGuard) -> Duration {
+        use std::os::unix::thread::JoinHandleExt;
+        let thread = guard.inner.as_ref().expect("running").thread.as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is alive (joined only at shutdown); `clock` is a valid out pointer.
+        assert_eq!(
+            unsafe { libc::pthread_getcpuclockid(thread, &mut clock) },
+            0
+        );
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and out pointer.
+        assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn a_contended_cpu_keeps_the_low_priority_writer_to_a_quarter_core() {
+        // A pressure source saying that tasks waited for a CPU all the time.
+        fn always_contended() -> Option<u64> {
+            static TOTAL: AtomicU64 = AtomicU64::new(0);
+            Some(TOTAL.fetch_add(10_000_000, Ordering::Relaxed))
+        }
+        fn contended() -> Option<throttle::Throttle> {
+            throttle::Throttle::with_source(always_contended)
+        }
+        let sink = CountingWriter {
+            writes: Arc::new(AtomicU64::new(0)),
+            bytes: Arc::new(AtomicU64::new(0)),
+        };
+        let text = NamedText {
+            name: "counting".to_owned(),
+            sink: TextSink::new(Box::new(sink), false, None),
+        };
+        let cfg = config(4 << 20);
+        let (tap, guard) = spawn_throttled(&cfg, Some(text), None, contended).expect("spawn");
+        let c = conn(3, "10.0.0.1:1000", "10.0.0.2:2000");
+        // Binary records (a hexdump each): as much work as the writer is willing to do.
+        let chunk: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+        let before = writer_cpu(&guard);
+        let started = Instant::now();
+        let mut offset = 0u64;
+        while started.elapsed() < Duration::from_millis(1500) {
+            if !tap.data(&c, Direction::DownToUp, offset, &chunk) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            offset += chunk.len() as u64;
+        }
+        let used = writer_cpu(&guard) - before;
+        let wall = started.elapsed();
+        let closing = Instant::now();
+        let stats = guard.shutdown(Duration::from_secs(10));
+        // A pause ends at the next slice once the tap closes; draining what is queued (at most
+        // 4 MiB of hexdump) is quick.
+        assert!(
+            closing.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            closing.elapsed()
+        );
+        assert!(stats.records_written > 0, "{stats:?}");
+        let share = used.as_secs_f64() / wall.as_secs_f64();
+        // A quarter of a core, plus the batch under way when the measurement ends (a 64 KiB
+        // hexdump takes well under 50 ms).
+        let most = 0.25 + 0.05 / wall.as_secs_f64();
+        assert!(
+            share <= most,
+            "the writer used {:.0}% of a core ({used:?} in {wall:?}; at most {:.0}%)",
+            share * 100.0,
+            most * 100.0,
         );
     }
 

@@ -15,6 +15,8 @@
 //!   pcap file written with direct I/O may keep up to `DIRECT_MIN` bytes (and then a partial
 //!   block) for the next batch while that batch is already queued, so once the queue is
 //!   drained every record is in the file.
+//! - A low-priority writer sleeps after a batch while the CPUs are contended, three times the CPU
+//!   time it used (`throttle`); the sleep ends early when the tap closes.
 //! - The queue cost of a batch is released only after the batch was written, so the loop-side
 //!   budget also bounds what the writer holds.
 //! - Write errors are counted (one per failed batch and sink), reported with `warn!` at most once
@@ -41,6 +43,7 @@ use super::pcap::PcapSink;
 use super::queue::{Msg, Shared, Teed};
 use super::record::{TapEvent, TapRecord};
 use super::text::TextSink;
+use super::throttle::Throttle;
 
 /// Largest queue cost taken into one batch.
 const MAX_BATCH_COST: usize = 1 << 20;
@@ -55,6 +58,8 @@ const LINGER_SLICE: Duration = Duration::from_millis(1);
 /// Batches of at least this queue cost are followed by no linger: the writer is busy (bulk data)
 /// and waiting would only let the queue fill.
 const LINGER_BELOW: usize = 64 * 1024;
+/// The steps of a CPU-cap pause, between which the writer looks whether the tap is closing.
+const PAUSE_SLICE: Duration = Duration::from_millis(10);
 /// How often an idle writer looks at the drop counters.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -122,6 +127,8 @@ pub(crate) struct Writer {
     drop_warnings: RateLimit,
     /// Drops already reported: (records, bytes).
     reported_drops: (u64, u64),
+    /// The CPU cap of a low-priority writer (none at normal priority or without PSI).
+    pub(crate) throttle: Option<Throttle>,
 }
 
 impl Writer {
@@ -139,6 +146,7 @@ impl Writer {
             error_warnings: RateLimit::new(WARN_INTERVAL),
             drop_warnings: RateLimit::new(WARN_INTERVAL),
             reported_drops: (0, 0),
+            throttle: None,
         }
     }
 
@@ -209,6 +217,12 @@ impl Writer {
             if linger {
                 self.linger();
             }
+            if let Some(throttle) = self.throttle.as_mut().filter(|_| !stopping) {
+                let pause = throttle.after_batch();
+                if !pause.is_zero() {
+                    self.pause(pause);
+                }
+            }
         }
         self.report_drops(true);
         let _ = done.send(());
@@ -226,6 +240,18 @@ impl Writer {
                 return;
             }
             std::thread::sleep(LINGER_SLICE.min(until - now));
+        }
+    }
+
+    /// Sleeps `pause` (the CPU cap), in slices, unless the tap closes meanwhile.
+    fn pause(&self, pause: Duration) {
+        let until = Instant::now() + pause;
+        loop {
+            let now = Instant::now();
+            if now >= until || self.shared.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(PAUSE_SLICE.min(until - now));
         }
     }
 
