@@ -9,7 +9,7 @@
 //! were dropped. At exit, [`flush`] gives the queue a bounded time to reach stderr.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,10 +18,13 @@ pub const QUEUE_BYTES: usize = 256 * 1024;
 
 /// Lines dropped since start.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Whether the "N lines dropped" line is written: `RUST_LOG` lets WARN of `tcptap::logging` through.
+static REPORT_DROPS: AtomicBool = AtomicBool::new(true);
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
 /// After writing a batch smaller than this, the writer lets lines gather for up to [`LINGER`]:
-/// a line a millisecond then costs one `write(2)` every few milliseconds, not a wake-up each.
+/// a line a millisecond then costs one `write(2)` every few milliseconds, and the threads that
+/// log do not wake the writer (a futex call each) for every line.
 const LINGER_BELOW: usize = 64 * 1024;
 /// How long lines may wait for the next write (checked every [`LINGER_SLICE`]).
 const LINGER: Duration = Duration::from_millis(5);
@@ -93,12 +96,13 @@ impl Queue {
                 dropped = std::mem::take(&mut p.dropped);
                 p.writing = true;
             }
-            if dropped > 0 {
+            if dropped > 0 && REPORT_DROPS.load(Ordering::Relaxed) {
                 dropped_line(&mut batch, dropped, SystemTime::now());
             }
-            // A stderr that is gone (EPIPE, EBADF) loses these lines: nothing else can show them.
-            let _ = out.write_all(&batch);
-            let _ = out.flush();
+            let lost = write_out(out, &batch);
+            if lost > 0 {
+                DROPPED.fetch_add(lost, Ordering::Relaxed);
+            }
             let small = batch.len() < LINGER_BELOW;
             batch.clear();
             if batch.capacity() > QUEUE_BYTES {
@@ -146,6 +150,24 @@ impl Queue {
     }
 }
 
+/// Writes `batch`, waiting out `EAGAIN` (a stderr some other process made non-blocking). After
+/// any other error (EPIPE, EBADF: stderr is gone) it gives up: returns the lines not written.
+fn write_out(out: &mut dyn Write, mut batch: &[u8]) -> u64 {
+    while !batch.is_empty() {
+        match out.write(batch) {
+            Ok(0) => break,
+            Ok(n) => batch = &batch[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = out.flush();
+    memchr::memchr_iter(b'\n', batch).count() as u64
+}
+
 /// Appends the line that reports `n` lost lines, in env_logger's default format.
 fn dropped_line(out: &mut Vec<u8>, n: u64, now: SystemTime) {
     let time = crate::tap::outside_rfc3339(now, 0)
@@ -172,15 +194,22 @@ impl Write for QueueWriter {
     }
 }
 
-/// Installs the global logger: env_logger's filter (`RUST_LOG`, default `info`) and format
-/// (colored when stderr is a terminal, unless `RUST_LOG_STYLE` or `NO_COLOR` says otherwise),
-/// writing through the queue to stderr.
+/// Installs the global logger: env_logger's filter (`RUST_LOG`, default `info`) and format,
+/// writing through the queue to stderr, and a panic hook that lets queued lines out first.
+/// Colors as env_logger chooses them for a terminal: `RUST_LOG_STYLE=always|never` decides;
+/// otherwise colored when `CLICOLOR_FORCE` is set, or when stderr is a terminal, `NO_COLOR` is
+/// unset and `TERM` is not `dumb`.
 pub fn init() {
     let queue = QUEUE.get_or_init(Queue::default);
     let env = env_logger::Env::default().default_filter_or("info");
     let mut builder = env_logger::Builder::from_env(env);
-    if std::env::var_os("RUST_LOG_STYLE").is_none() {
-        let color = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let style = std::env::var("RUST_LOG_STYLE").unwrap_or_default();
+    if style != "always" && style != "never" {
+        let set = |name| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+        let color = set("CLICOLOR_FORCE")
+            || (io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::env::var_os("TERM").is_none_or(|t| t != "dumb"));
         builder.write_style(if color {
             env_logger::WriteStyle::Always
         } else {
@@ -196,6 +225,16 @@ pub fn init() {
         builder.target(env_logger::Target::Stderr);
     }
     builder.init();
+    REPORT_DROPS.store(
+        log::log_enabled!(target: "tcptap::logging", log::Level::Warn),
+        Ordering::Relaxed,
+    );
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // The lines logged before a panic explain it: let them out first, briefly.
+        flush(Duration::from_millis(200));
+        report(info);
+    }));
 }
 
 /// Waits up to `timeout` for queued lines to reach stderr (before exiting or printing an error
@@ -336,5 +375,51 @@ mod tests {
             writes <= bound,
             "{writes} writes for {LINES} lines in {elapsed:?} (at most {bound})"
         );
+    }
+
+    /// Refuses with `EAGAIN` `again` times, then takes 10 bytes a call; then fails with `EPIPE`
+    /// once `limit` bytes are in.
+    struct Flaky {
+        again: usize,
+        limit: usize,
+        got: Vec<u8>,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.again > 0 {
+                self.again -= 1;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if self.got.len() >= self.limit {
+                return Err(io::Error::from_raw_os_error(libc::EPIPE));
+            }
+            let n = buf.len().min(10);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn eagain_is_waited_out_and_a_gone_stderr_counts_what_it_lost() {
+        let batch = b"one line\nanother line\na third one\n";
+        let mut out = Flaky {
+            again: 3,
+            limit: usize::MAX,
+            got: Vec::new(),
+        };
+        assert_eq!(write_out(&mut out, batch), 0);
+        assert_eq!(out.got, batch);
+        let mut out = Flaky {
+            again: 0,
+            limit: 10,
+            got: Vec::new(),
+        };
+        // "one line\na": the first line is out; the second and third are lost.
+        assert_eq!(write_out(&mut out, batch), 2);
     }
 }

@@ -112,26 +112,22 @@ fn raise_fd_limit() {
 fn main() -> ExitCode {
     let args = Args::parse();
     tcptap::logging::init();
-    let code = run(&args);
-    // Lines still queued for a stderr that is not being read are given a moment, not forever.
+    let (code, fatal) = match run(&args) {
+        Ok(code) => (code, None),
+        Err((code, message)) => (code, Some(message)),
+    };
+    // Lines still queued for a stderr that is not being read get a moment, not forever; a fatal
+    // error comes after them.
     tcptap::logging::flush(Duration::from_secs(2));
+    if let Some(message) = fatal {
+        eprintln!("tcptap: {message}");
+    }
     code
 }
 
-/// Prints a fatal error after the log lines queued before it.
-fn fatal(message: std::fmt::Arguments<'_>) {
-    tcptap::logging::flush(Duration::from_secs(2));
-    eprintln!("tcptap: {message}");
-}
-
-fn run(args: &Args) -> ExitCode {
-    let config = match load(args) {
-        Ok(c) => c,
-        Err(e) => {
-            fatal(format_args!("{e}"));
-            return ExitCode::from(2);
-        }
-    };
+/// The exit code, or the exit code and the message of a fatal error.
+fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
+    let config = load(args).map_err(|e| (ExitCode::from(2), e))?;
     if args.check_config {
         println!(
             "{}: configuration OK ({} route{})",
@@ -139,29 +135,19 @@ fn run(args: &Args) -> ExitCode {
             config.routes.len(),
             if config.routes.len() == 1 { "" } else { "s" }
         );
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     raise_fd_limit();
-    let mut server = match Server::bind(config) {
-        Ok(s) => s,
-        Err(e) => {
-            fatal(format_args!("{}", error_chain(&e)));
-            return ExitCode::from(2);
-        }
-    };
+    let mut server = Server::bind(config).map_err(|e| (ExitCode::from(2), error_chain(&e)))?;
     if let Some(path) = config_path(args) {
         server.set_reload_source(path, overrides(args));
     }
-    if let Err(e) = server.handle_signals() {
-        fatal(format_args!("{}", error_chain(&e)));
-        return ExitCode::FAILURE;
-    }
+    server
+        .handle_signals()
+        .map_err(|e| (ExitCode::FAILURE, error_chain(&e)))?;
     match server.run() {
-        Ok(Exit::Graceful) => ExitCode::SUCCESS,
-        Ok(Exit::Immediate) => ExitCode::from(130),
-        Err(e) => {
-            fatal(format_args!("event loop failed: {e}"));
-            ExitCode::FAILURE
-        }
+        Ok(Exit::Graceful) => Ok(ExitCode::SUCCESS),
+        Ok(Exit::Immediate) => Ok(ExitCode::from(130)),
+        Err(e) => Err((ExitCode::FAILURE, format!("event loop failed: {e}"))),
     }
 }

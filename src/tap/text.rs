@@ -568,6 +568,9 @@ pub(crate) fn outside_rfc3339(time: SystemTime, digits: u32) -> Option<String> {
         Err(before) => ("-", before.duration()),
     };
     let digits = digits.min(9);
+    if digits == 0 {
+        return Some(format!("@{sign}{}", d.as_secs()));
+    }
     let fraction = d.subsec_nanos() / 10u32.pow(9 - digits);
     Some(format!(
         "@{sign}{}.{fraction:0width$}",

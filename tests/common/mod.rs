@@ -281,7 +281,8 @@ impl Proxy {
     /// pipe to `pipe_size` bytes: what a stalled log collector looks like to the proxy.
     pub fn stall_logs(&self, pipe_size: usize) {
         *self.stalled.0.lock().unwrap() = true;
-        // SAFETY: F_SETPIPE_SZ on a descriptor the reading thread keeps open for our lifetime.
+        // SAFETY: F_SETPIPE_SZ on the descriptor the reading thread holds until EOF, and the proxy
+        // (which holds the write end) is running: callers stall the log of a live proxy.
         let rc =
             unsafe { libc::fcntl(self.stderr_fd, libc::F_SETPIPE_SZ, pipe_size as libc::c_int) };
         assert!(rc >= 0, "F_SETPIPE_SZ: {}", io::Error::last_os_error());
