@@ -215,12 +215,12 @@ impl Writer {
             self.shared.release(cost);
             self.report_drops(false);
             if linger {
-                self.linger();
+                self.nap(LINGER, LINGER_SLICE, true);
             }
             if let Some(throttle) = self.throttle.as_mut().filter(|_| !stopping) {
                 let pause = throttle.after_batch();
                 if !pause.is_zero() {
-                    self.pause(pause);
+                    self.nap(pause, PAUSE_SLICE, false);
                 }
             }
         }
@@ -228,30 +228,20 @@ impl Writer {
         let _ = done.send(());
     }
 
-    /// Sleeps `LINGER`, in slices, unless a burst queues `LINGER_BELOW` or the tap closes.
-    fn linger(&self) {
-        let until = Instant::now() + LINGER;
+    /// Sleeps `for_how_long` in steps of `slice`; wakes early when the tap closes, and when
+    /// `burst` is set also once a burst has queued `LINGER_BELOW` (the linger after a small
+    /// batch; the CPU cap's pause lets the queue fill).
+    fn nap(&self, for_how_long: Duration, slice: Duration, burst: bool) {
+        let until = Instant::now() + for_how_long;
         loop {
             let now = Instant::now();
             if now >= until
-                || self.shared.queued_cost.load(Ordering::Relaxed) >= LINGER_BELOW
+                || (burst && self.shared.queued_cost.load(Ordering::Relaxed) >= LINGER_BELOW)
                 || self.shared.closed.load(Ordering::Relaxed)
             {
                 return;
             }
-            std::thread::sleep(LINGER_SLICE.min(until - now));
-        }
-    }
-
-    /// Sleeps `pause` (the CPU cap), in slices, unless the tap closes meanwhile.
-    fn pause(&self, pause: Duration) {
-        let until = Instant::now() + pause;
-        loop {
-            let now = Instant::now();
-            if now >= until || self.shared.closed.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(PAUSE_SLICE.min(until - now));
+            std::thread::sleep(slice.min(until - now));
         }
     }
 
