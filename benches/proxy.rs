@@ -13,8 +13,9 @@
 //! request/response (1 and 64 connections; req/s, p50, p99), connection churn,
 //! idle memory per connection, proxy CPU per GiB, per request and per
 //! connection, the share of the bytes a tap
-//! captured, and iperf3 / redis-benchmark / wrk through each target when those
-//! are installed.
+//! captured, and iperf3 / redis-benchmark (keep-alive SET/GET, and PING with a
+//! new connection per request) / wrk through each target when those are
+//! installed.
 //!
 //! Columns: tcptap variants (copy path, tap to pcap / log / a blocked FIFO, two
 //! workers), haproxy `mode tcp` with nbthread 1, nbthread 1 with forced splice,
@@ -98,6 +99,8 @@ struct Config {
     /// Duration of an iperf3 or wrk run.
     tool_secs: u32,
     redis_n: u32,
+    /// Connections of the redis-benchmark churn row (one PING each).
+    redis_churn_n: u32,
     targets: Option<Vec<String>>,
     groups: Option<Vec<String>>,
 }
@@ -154,6 +157,7 @@ impl Config {
             churn_max: 200_000,
             tool_secs,
             redis_n,
+            redis_churn_n: redis_n / 5,
             targets: if smoke {
                 Some(vec!["direct".into(), "tcptap".into()])
             } else {
@@ -293,13 +297,25 @@ type Measured = Vec<(String, Unit, f64)>;
 
 #[derive(Clone, Copy, Debug)]
 enum Scenario {
-    Bulk { conns: usize, dir: Dir },
-    PingPong { conns: usize },
-    Churn { clients: usize },
+    Bulk {
+        conns: usize,
+        dir: Dir,
+    },
+    PingPong {
+        conns: usize,
+    },
+    Churn {
+        clients: usize,
+    },
     Idle,
     Iperf3,
     Redis,
-    Wrk { conns: usize },
+    /// redis-benchmark opening a new connection per request (`-k 0`): churn as users measure
+    /// it, where the client closes first, so each close is a FIN handshake, not the RST of `Churn`.
+    RedisChurn,
+    Wrk {
+        conns: usize,
+    },
 }
 
 impl Scenario {
@@ -311,6 +327,7 @@ impl Scenario {
             Scenario::Idle => "idle memory".into(),
             Scenario::Iperf3 => "iperf3".into(),
             Scenario::Redis => "redis-benchmark".into(),
+            Scenario::RedisChurn => "redis-benchmark -k 0".into(),
             Scenario::Wrk { conns } => format!("wrk {conns}c"),
         }
     }
@@ -386,10 +403,8 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             let label = sc.label();
             out.push((label.clone(), GBPS, bytes * 8.0 / secs(t1 - t0) / 1e9));
             if let (Some(c0), Some(c1)) = (c0, c1) {
-                if conns == 1 {
-                    let gib = bytes / (1u64 << 30) as f64;
-                    out.push((format!("cpu {}", label), MS_GIB, (c1 - c0) / gib));
-                }
+                let gib = bytes / (1u64 << 30) as f64;
+                out.push((format!("cpu {}", label), MS_GIB, (c1 - c0) / gib));
             }
             // A tap that cannot keep up drops (and counts) what it cannot take: throughput
             // alone would hide that, so report the share of the bytes the tap captured.
@@ -521,6 +536,36 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
                 out.push((format!("redis {test} -c 50"), REQS, rps));
             }
         }
+        Scenario::RedisChurn => {
+            let (_, _, port) = env.redis.as_ref().ok_or("redis not installed")?;
+            let bench = peers::which("redis-benchmark").ok_or("redis-benchmark not installed")?;
+            let mut r = t
+                .start(SocketAddr::from(([127, 0, 0, 1], *port)), env.max_conns)
+                .map_err(e)?;
+            let cpu0 = r.pid().map(peers::cpu_ms_tree);
+            let mut cmd = Command::new(bench);
+            cmd.args(["-h", "127.0.0.1", "-p"])
+                .arg(r.addr.port().to_string())
+                .args(["-t", "ping_inline", "-n", &cfg.redis_churn_n.to_string()])
+                .args(["-c", "50", "-k", "0", "--csv"]);
+            let csv = peers::run_bounded(
+                "redis-benchmark",
+                cmd,
+                &env.tmp.0.join("redis-benchmark-k0.csv"),
+                Duration::from_secs(120),
+            )
+            .map_err(e)?;
+            let cpu1 = r.pid().map(peers::cpu_ms_tree);
+            r.check_alive().map_err(e)?;
+            let rate = parse_redis_csv(&csv, "PING_INLINE")
+                .ok_or_else(|| format!("redis-benchmark: no PING_INLINE row in {csv:?}"))?;
+            let label = "redis PING -k 0 -c 50";
+            out.push((label.into(), CONNS, rate));
+            if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
+                let per = (c1 - c0) * 1000.0 / cfg.redis_churn_n as f64;
+                out.push((format!("cpu {label}"), US_CPU_CONN, per));
+            }
+        }
         Scenario::Wrk { conns } => {
             let (bin, http) = env.wrk.as_ref().ok_or("wrk not installed")?;
             let mut r = t.start(http.addr, env.max_conns).map_err(e)?;
@@ -635,6 +680,17 @@ fn wrk_parse_self_check() {
     );
     assert!(parse_wrk(&bad).is_err());
     assert!(parse_wrk(&ok.replace("125731 requests", "0 requests")).is_err());
+}
+
+fn redis_parse_self_check() {
+    let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\"\n\
+               \"PING_INLINE\",\"15748.03\",\"0.240\",\"0.024\"\n\
+               \"SET\",\"20202.02\",\"0.171\",\"0.032\"\n\
+               \"GET\",\"12048.19\",\"0.306\",\"0.016\"\n";
+    assert_eq!(parse_redis_csv(csv, "PING_INLINE"), Some(15748.03));
+    assert_eq!(parse_redis_csv(csv, "SET"), Some(20202.02));
+    assert_eq!(parse_redis_csv(csv, "GET"), Some(12048.19));
+    assert_eq!(parse_redis_csv(csv, "INCR"), None);
 }
 
 /// `"SET","81234.56",...` → 81234.56 (redis-benchmark --csv, any version).
@@ -1047,6 +1103,7 @@ fn write_results(
             "churn_clients": cfg.churn_clients,
             "tool_secs": cfg.tool_secs,
             "redis_requests": cfg.redis_n,
+            "redis_churn_connections": cfg.redis_churn_n,
         },
         "targets": targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
         "versions": versions,
@@ -1069,6 +1126,7 @@ fn main() {
         loadgen::histogram_self_check();
         loadgen::http_self_check();
         wrk_parse_self_check();
+        redis_parse_self_check();
     }
     let mut res = Results::default();
     let mut versions = Vec::new();
@@ -1172,6 +1230,7 @@ fn main() {
     }
     if env.redis.is_some() {
         scenarios.push(Scenario::Redis);
+        scenarios.push(Scenario::RedisChurn);
     }
     if env.wrk.is_some() {
         scenarios.push(Scenario::Wrk { conns: 64 });
