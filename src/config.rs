@@ -443,6 +443,9 @@ pub struct Overrides {
     pub workers: Option<String>,
 }
 
+/// The longest duration any setting takes.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 struct Ctx<'a> {
     origin: &'a str,
 }
@@ -457,12 +460,17 @@ impl Ctx<'_> {
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(text.trim()).map_err(|e| {
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
             self.invalid(
                 key,
                 format!("{text:?} is not a duration ({e}); write e.g. \"500ms\", \"5s\", \"2m\""),
             )
-        })
+        })?;
+        // Deadlines are `Instant + duration`: keep far from where that overflows.
+        if d > MAX_DURATION {
+            return Err(self.invalid(key, format!("{text:?} is longer than 100 years")));
+        }
+        Ok(d)
     }
 
     fn positive_duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -809,7 +817,32 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         }
     };
     if log.is_none() && pcap.is_none() {
+        // The global [tap] may hold settings for --tap-log / --tap-pcap to use. A [route.tap]
+        // replaces [tap] for its route, so settings without an output there would be ignored.
+        let set = [
+            ("snaplen", raw.snaplen.is_some()),
+            ("queue_size", raw.queue_size.is_some()),
+            ("writer_priority", raw.writer_priority.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, set)| *set).filter(|_| prefix != "tap") {
+            return Err(ctx.invalid(
+                format!("{prefix}.{key}"),
+                format!(
+                    "is set but neither `{prefix}.log` nor `{prefix}.pcap` is: a [route.tap] \
+                     replaces [tap] for its route, so it names its own outputs (an empty \
+                     [route.tap] turns the tap off for the route)"
+                ),
+            ));
+        }
         return Ok(None);
+    }
+    if let (Some(LogTarget::File(l)), Some(p)) = (&log, &pcap) {
+        if crate::tap::same_file(l, &p.path) {
+            return Err(ctx.invalid(
+                format!("{prefix}.pcap"),
+                format!("{} is also the text log: use two files", l.display()),
+            ));
+        }
     }
     Ok(Some(TapConfig {
         log,
@@ -818,6 +851,51 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         queue_bytes,
         writer_priority,
     }))
+}
+
+/// Route names must differ (they label metrics and logs), and two taps with different settings
+/// must not write the same file (each would truncate and interleave the other's output).
+fn check_route_names_and_taps(
+    ctx: &Ctx<'_>,
+    routes: &[Route],
+    raw: &[RawRoute],
+) -> Result<(), ConfigError> {
+    // The key that set route i's tap: its own [route.tap], else the global [tap].
+    let tap_key = |i: usize| match raw.get(i).and_then(|r| r.tap.as_ref()) {
+        Some(_) => format!("route[{i}].tap"),
+        None => "tap".to_string(),
+    };
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(j) = routes[..i].iter().position(|o| o.name == r.name) {
+            return Err(ctx.invalid(
+                format!("route[{i}].name"),
+                format!(
+                    "{:?} is already the name of route[{j}]; route names label logs and metrics, \
+                     so they must differ",
+                    r.name
+                ),
+            ));
+        }
+        let Some(tc) = &r.tap else { continue };
+        for (j, o) in routes[..i].iter().enumerate() {
+            let Some(oc) = o.tap.as_ref().filter(|oc| *oc != tc) else {
+                continue;
+            };
+            if let Some((key, other_key, path)) = tc.shared_file(oc) {
+                return Err(ctx.invalid(
+                    format!("{}.{key}", tap_key(i)),
+                    format!(
+                        "{} is also written by `{}.{other_key}` (route[{j}]), a tap with other \
+                         settings; routes can share a tap file only by sharing the whole tap \
+                         (the same settings, the path spelled the same)",
+                        path.display(),
+                        tap_key(j)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Config {
@@ -928,19 +1006,16 @@ impl Config {
         };
 
         // The global tap: the file's [tap], with --tap-log / --tap-pcap on top.
+        // The flags only set paths, which nothing here rejects: every error is about a key of
+        // the file (or of the command line, when there is no file: then `file_ctx` says so).
         let mut raw_tap = raw.tap.take().unwrap_or_default();
-        let tap_from_cli = ov.tap_log.is_some() || ov.tap_pcap.is_some();
         if let Some(l) = &ov.tap_log {
             raw_tap.log = Some(l.clone());
         }
         if let Some(p) = &ov.tap_pcap {
             raw_tap.pcap = Some(p.clone());
         }
-        let global_tap = tap(
-            if tap_from_cli { &cli_ctx } else { &file_ctx },
-            "tap",
-            &raw_tap,
-        )?;
+        let global_tap = tap(&file_ctx, "tap", &raw_tap)?;
 
         let mut routes = Vec::new();
         match (&ov.listen, &ov.upstream) {
@@ -1045,6 +1120,7 @@ impl Config {
                 ));
             }
         }
+        check_route_names_and_taps(&file_ctx, &routes, &raw.route)?;
         let (admin, access_log) = ops_sections(
             &file_ctx,
             raw.admin.as_ref(),
@@ -1098,6 +1174,154 @@ mod tests {
             e.contains("test.toml") && e.contains("splice_pipe_size"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        let c = parse(&format!("idle_timeout = \"99y\"\n{MINIMAL}")).unwrap();
+        assert!(c.routes[0].idle_timeout.unwrap() > Duration::from_secs(98 * 365 * 86400));
+        let e = err(&format!("idle_timeout = \"500000000000y\"\n{MINIMAL}"));
+        assert!(e.contains("idle_timeout") && e.contains("100 years"), "{e}");
+        let e = err(&format!("{MINIMAL}connect_timeout = \"200y\"\n"));
+        assert!(
+            e.contains("route[0].connect_timeout") && e.contains("100 years"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn route_names_must_differ() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[route]]\n{a}listen = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+                 [[route]]\n{b}listen = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
+            )
+        };
+        let e = err(&two("name = \"x\"\n", "name = \"x\"\n"));
+        assert!(
+            e.contains("test.toml") && e.contains("route[1].name") && e.contains("route[0]"),
+            "{e}"
+        );
+        // A default name counts too.
+        let e = err(&two("", "name = \"route0\"\n"));
+        assert!(
+            e.contains("route[1].name") && e.contains("\"route0\""),
+            "{e}"
+        );
+        let c = parse(&two("", "")).unwrap();
+        assert_eq!(c.routes[0].name, "route0");
+        assert_eq!(c.routes[1].name, "route1");
+    }
+
+    #[test]
+    fn taps_with_different_settings_must_not_share_a_file() {
+        let route = |tap: &str| {
+            format!("[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n{tap}")
+        };
+        let global = "[tap]\npcap = \"cap.pcap\"\n";
+        // The same settings share one writer: fine.
+        let c = parse(&format!(
+            "{global}{}{}",
+            route(""),
+            route("[route.tap]\npcap = \"cap.pcap\"\n")
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].tap, c.routes[1].tap);
+        // The same file spelled another way would start a second writer on it.
+        let e = err(&format!(
+            "{global}{}{}",
+            route(""),
+            route("[route.tap]\npcap = \"./cap.pcap\"\n")
+        ));
+        assert!(
+            e.contains("route[1].tap.pcap") && e.contains("spelled"),
+            "{e}"
+        );
+        // Other settings, same file (however it is spelled): rejected, naming both keys.
+        let e = err(&format!(
+            "{global}{}{}",
+            route(""),
+            route("[route.tap]\npcap = \"./cap.pcap\"\nsnaplen = \"1 KiB\"\n")
+        ));
+        assert!(
+            e.contains("test.toml")
+                && e.contains("route[1].tap.pcap")
+                && e.contains("`tap.pcap` (route[0])")
+                && e.contains("cap.pcap"),
+            "{e}"
+        );
+        // A pcap that is another tap's text log.
+        let e = err(&format!(
+            "{}{}",
+            route("[route.tap]\nlog = \"t.out\"\n"),
+            route("[route.tap]\npcap = \"t.out\"\n")
+        ));
+        assert!(
+            e.contains("route[1].tap.pcap") && e.contains("route[0].tap.log"),
+            "{e}"
+        );
+        // One tap whose log and pcap are one file.
+        let e = err(&format!(
+            "[tap]\nlog = \"t.out\"\npcap = \"t.out\"\n{MINIMAL}"
+        ));
+        assert!(
+            e.contains("tap.pcap") && e.contains("also the text log"),
+            "{e}"
+        );
+        // stdout is not a file: two taps may both log there.
+        parse(&format!(
+            "[tap]\nlog = \"-\"\n{}{}",
+            route(""),
+            route("[route.tap]\nlog = \"-\"\nsnaplen = \"1 KiB\"\n")
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_route_tap_names_its_outputs() {
+        let with = |tap: &str| format!("[tap]\npcap = \"cap.pcap\"\n{MINIMAL}{tap}");
+        // An empty [route.tap] turns the tap off for the route.
+        assert_eq!(parse(&with("[route.tap]\n")).unwrap().routes[0].tap, None);
+        // Settings without an output would be ignored: rejected.
+        let e = err(&with("[route.tap]\nsnaplen = \"1 KiB\"\n"));
+        assert!(
+            e.contains("route[0].tap.snaplen") && e.contains("names its own outputs"),
+            "{e}"
+        );
+        // The global [tap] may hold settings for --tap-pcap / --tap-log.
+        let c = Config::from_toml_str(
+            &format!("[tap]\nsnaplen = \"1 KiB\"\n{MINIMAL}"),
+            "test.toml",
+            &Overrides {
+                tap_pcap: Some("x.pcap".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].tap.as_ref().unwrap().snaplen, Some(1024));
+        assert_eq!(
+            parse(&format!("[tap]\nsnaplen = \"1 KiB\"\n{MINIMAL}"))
+                .unwrap()
+                .routes[0]
+                .tap,
+            None
+        );
+    }
+
+    #[test]
+    fn an_error_in_the_files_tap_names_the_file_when_flags_add_outputs() {
+        let e = Config::from_toml_str(
+            &format!("[tap]\nqueue_size = \"1 KiB\"\n{MINIMAL}"),
+            "q.toml",
+            &Overrides {
+                tap_pcap: Some("x.pcap".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("queue_size too small")
+        .to_string();
+        assert!(e.contains("q.toml") && e.contains("tap.queue_size"), "{e}");
+        assert!(!e.contains("command line"), "{e}");
     }
 
     #[test]

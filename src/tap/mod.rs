@@ -40,7 +40,7 @@ mod writer;
 pub(crate) use text::outside_rfc3339;
 
 use std::io::{self, IsTerminal};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -105,6 +105,54 @@ pub struct TapConfig {
     pub queue_bytes: usize,
     /// CPU priority of the writer thread.
     pub writer_priority: WriterPriority,
+}
+
+impl TapConfig {
+    /// The files this tap writes (the text log unless it goes to stdout, and the pcap), each
+    /// with the config key that names it.
+    pub fn files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        let log = match &self.log {
+            Some(LogTarget::File(p)) => Some(("log", p.as_path())),
+            _ => None,
+        };
+        log.into_iter()
+            .chain(self.pcap.as_ref().map(|p| ("pcap", p.path.as_path())))
+    }
+
+    /// The first file this tap shares with `other`: `(key here, key there, path)`. Two writers
+    /// on one file would truncate and interleave each other's output.
+    pub fn shared_file<'a>(
+        &'a self,
+        other: &TapConfig,
+    ) -> Option<(&'static str, &'static str, &'a Path)> {
+        self.files().find_map(|(key, path)| {
+            other
+                .files()
+                .find(|(_, p)| same_file(path, p))
+                .map(|(other_key, _)| (key, other_key, path))
+        })
+    }
+}
+
+/// Whether two configured paths name the same file: compared with `.` components dropped and
+/// the parent directory resolved when it exists (symlinks, `..`), so `cap.pcap`, `./cap.pcap`
+/// and `/abs/dir/cap.pcap` match.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    fn norm(p: &Path) -> PathBuf {
+        let lexical: PathBuf = p
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        let parent = match lexical.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        match (std::fs::canonicalize(&parent), lexical.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            _ => lexical,
+        }
+    }
+    a == b || norm(a) == norm(b)
 }
 
 /// How the tap writer thread competes for CPU with the event loops.
