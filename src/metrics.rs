@@ -380,10 +380,21 @@ impl Metrics {
     }
 
     /// Appends every metric to `out` in the Prometheus text format. `routes[i]` names route `i`;
-    /// routes beyond the shorter of the two lists are left out.
+    /// routes beyond the shorter of the two lists are left out. Routes with the same name (a
+    /// reload that moved a route to another `listen` address removes it and adds it again) are
+    /// one series: Prometheus rejects duplicates, and the counters carry on.
     pub fn render_prometheus(&self, routes: &[&str], extra: &ExtraGauges, out: &mut String) {
-        let routes: Vec<(&str, &RouteMetrics)> =
-            routes.iter().copied().zip(self.routes.iter()).collect();
+        let mut merged: Vec<(&str, Vec<&RouteMetrics>)> = Vec::new();
+        for (name, r) in routes.iter().copied().zip(self.routes.iter()) {
+            match merged.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, same)) => same.push(r),
+                None => merged.push((name, vec![r])),
+            }
+        }
+        let routes: Vec<(&str, Merged<'_>)> = merged
+            .iter()
+            .map(|(name, rs)| (*name, Merged(rs.as_slice())))
+            .collect();
         let mut w = Exposition { out };
 
         w.family(
@@ -440,11 +451,7 @@ impl Metrics {
             "Time to establish the upstream connection (successful connects).",
         );
         for (name, r) in &routes {
-            w.histogram(
-                "tcptap_upstream_connect_duration_seconds",
-                name,
-                &r.connect_latency,
-            );
+            w.histogram("tcptap_upstream_connect_duration_seconds", name, r);
         }
         w.family(
             "tcptap_bytes_total",
@@ -560,6 +567,33 @@ impl Metrics {
     }
 }
 
+/// The metrics of the routes that share a name, read as one route.
+struct Merged<'a>(&'a [&'a RouteMetrics]);
+
+impl Merged<'_> {
+    fn sum<T: std::iter::Sum<T>>(&self, f: impl Fn(&RouteMetrics) -> T) -> T {
+        self.0.iter().map(|r| f(r)).sum()
+    }
+    fn accepted(&self) -> u64 {
+        self.sum(RouteMetrics::accepted)
+    }
+    fn active(&self) -> i64 {
+        self.sum(RouteMetrics::active)
+    }
+    fn closed(&self, cause: CloseCause) -> u64 {
+        self.sum(|r| r.closed(cause))
+    }
+    fn connect_failures(&self, cause: ConnectFailure) -> u64 {
+        self.sum(|r| r.connect_failures(cause))
+    }
+    fn bytes(&self, dir: Direction) -> u64 {
+        self.sum(|r| r.bytes(dir))
+    }
+    fn buffered(&self) -> i64 {
+        self.sum(RouteMetrics::buffered)
+    }
+}
+
 /// Writes exposition-format lines into a string (writing to a `String` cannot fail).
 struct Exposition<'a> {
     out: &'a mut String,
@@ -589,9 +623,10 @@ impl Exposition<'_> {
         let _ = writeln!(self.out, " {value}");
     }
 
-    fn histogram(&mut self, name: &str, route: &str, h: &Histogram) {
-        let counts: [u64; BUCKETS] = std::array::from_fn(|i| h.buckets[i].load(Relaxed));
-        let sum_us = h.sum_us.load(Relaxed);
+    fn histogram(&mut self, name: &str, route: &str, r: &Merged<'_>) {
+        let counts: [u64; BUCKETS] =
+            std::array::from_fn(|i| r.sum(|m| m.connect_latency.buckets[i].load(Relaxed)));
+        let sum_us = r.sum(|m| m.connect_latency.sum_us.load(Relaxed));
         let bucket = format!("{name}_bucket");
         let mut cumulative = 0u64;
         for (i, count) in counts.iter().enumerate() {
@@ -711,6 +746,14 @@ pub(crate) mod tests {
             samples.push((name, labels, value));
         }
         check_histograms(&types, &samples);
+        for (i, (name, labels, _)) in samples.iter().enumerate() {
+            assert!(
+                !samples[..i]
+                    .iter()
+                    .any(|(n, l, _)| n == name && l == labels),
+                "duplicate series {name} {labels:?}"
+            );
+        }
         samples
     }
 
@@ -952,6 +995,31 @@ pub(crate) mod tests {
         assert_eq!(
             value(&s, "tcptap_connections_accepted_total", &[("route", "web")]),
             0.0
+        );
+    }
+
+    #[test]
+    fn test_routes_with_one_name_render_as_one_series() {
+        // A reload that moves route `api` to another listen address removes it (slot 0) and
+        // adds it again (slot 2).
+        let m = Metrics::new(3);
+        m.route(0).on_accept();
+        m.route(0).on_connected(Duration::from_millis(3));
+        m.route(0).on_close(CloseCause::ClientClosedFirst);
+        m.route(2).on_accept();
+        m.route(2).on_connected(Duration::from_millis(3));
+        m.route(1).on_accept();
+        let mut out = String::new();
+        m.render_prometheus(&["api", "web", "api"], &ExtraGauges::default(), &mut out);
+        let s = check_exposition(&out);
+        let api = [("route", "api")];
+        assert_eq!(value(&s, "tcptap_connections_accepted_total", &api), 2.0);
+        assert_eq!(value(&s, "tcptap_connections_active", &api), 1.0);
+        let bucket = "tcptap_upstream_connect_duration_seconds_bucket";
+        assert_eq!(value(&s, bucket, &[("route", "api"), ("le", "+Inf")]), 2.0);
+        assert_eq!(
+            value(&s, "tcptap_connections_accepted_total", &[("route", "web")]),
+            1.0
         );
     }
 
