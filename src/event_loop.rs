@@ -105,6 +105,9 @@ struct Shared {
     reload_targets: Mutex<Vec<(Sender<ReloadPlan>, Arc<Waker>)>>,
     /// Tap writers started by reloads, flushed at exit like the others.
     reload_taps: Mutex<Vec<TapGuard>>,
+    /// Every tap writer running, with its config: a reload reuses these (a second writer on a
+    /// file would truncate it), and `/metrics` sums them.
+    running_taps: Arc<Mutex<Vec<(tap::TapConfig, TapHandle)>>>,
     /// Local addresses of upstream sockets opened for `original-destination` routes: a client
     /// connecting from one of them is this proxy itself, caught by a REDIRECT rule that does not
     /// exclude the proxy's own traffic.
@@ -271,7 +274,7 @@ impl Server {
             }
             None => (None, None),
         };
-        let tap_handles: Vec<TapHandle> = started.iter().map(|(_, h)| h.clone()).collect();
+        let running_taps = Arc::new(Mutex::new(started));
         let n = config.workers.get();
         let shared = Arc::new(Shared {
             request: AtomicU8::new(RUN),
@@ -295,6 +298,7 @@ impl Server {
             generation: AtomicU64::new(1),
             reload_targets: Mutex::new(Vec::new()),
             reload_taps: Mutex::new(Vec::new()),
+            running_taps: running_taps.clone(),
             config,
         });
         let mut workers = Vec::with_capacity(n);
@@ -424,7 +428,11 @@ impl Server {
                     metrics: shared.metrics.clone(),
                     routes: shared.route_names.clone(),
                     draining: shared.draining.clone(),
-                    extra: Box::new(move || extra_gauges(&tap_handles, access.as_ref())),
+                    extra: Box::new(move || {
+                        let taps: Vec<TapHandle> =
+                            lock(&running_taps).iter().map(|(_, h)| h.clone()).collect();
+                        extra_gauges(&taps, access.as_ref())
+                    }),
                     loops,
                     snapshot_timeout: admin::DEFAULT_SNAPSHOT_TIMEOUT,
                 };
@@ -1834,7 +1842,26 @@ fn prepare_reload(
             shared.config.splice_pipe_size,
             new.splice_pipe_size,
         ),
-    ] {
+    ]
+    .into_iter()
+    .map(|(what, old, now)| (what, old.to_string(), now.to_string()))
+    .chain([
+        (
+            "drain_timeout",
+            humantime::format_duration(shared.config.drain_timeout).to_string(),
+            humantime::format_duration(new.drain_timeout).to_string(),
+        ),
+        (
+            "listen_backlog",
+            shared.config.listen_backlog.to_string(),
+            new.listen_backlog.to_string(),
+        ),
+        (
+            "splice",
+            shared.config.splice.to_string(),
+            new.splice.to_string(),
+        ),
+    ]) {
         if old != now {
             warn!("reload: `{what}` changes from {old} to {now} at the next restart, not now");
         }
@@ -1851,16 +1878,33 @@ fn prepare_reload(
     let key = |r: &Route| (r.name.clone(), r.listen);
     let mut changes: Vec<Vec<RouteChange>> = (0..workers).map(|_| Vec::new()).collect();
     let mut summary = (0, 0, 0);
-    let mut started: Vec<(tap::TapConfig, TapHandle)> = Vec::new();
+    // Taps running now (those of removed routes included: they still hold their files), then
+    // the ones this reload starts.
+    let mut running: Vec<(tap::TapConfig, TapHandle)> = lock(&shared.running_taps).clone();
+    let already = running.len();
     let mut new_guards = Vec::new();
     let mut tap_for =
         |tc: &Option<tap::TapConfig>, route: &str| -> Result<Option<TapHandle>, String> {
             let Some(tc) = tc else { return Ok(None) };
-            if let Some((_, h)) = started.iter().find(|(c, _)| c == tc) {
+            if let Some((_, h)) = running.iter().find(|(c, _)| c == tc) {
+                return Ok(Some(h.clone()));
+            }
+            // A new writer on a file a running one writes would truncate it and interleave
+            // the two: the route keeps to the running writer until the next restart.
+            if let Some((key, path, h)) = running.iter().find_map(|(c, h)| {
+                tc.shared_file(c)
+                    .map(|(key, _, path)| (key, path.to_path_buf(), h))
+            }) {
+                warn!(
+                    "reload: route `{route}`: tap {key} {} is written by a running tap with other \
+                     settings; the route uses that tap, and the new tap settings take effect at \
+                     the next restart",
+                    path.display()
+                );
                 return Ok(Some(h.clone()));
             }
             let (h, g) = tap::start(tc).map_err(|e| format!("route `{route}`: {e}"))?;
-            started.push((tc.clone(), h.clone()));
+            running.push((tc.clone(), h.clone()));
             new_guards.push(g);
             Ok(Some(h))
         };
@@ -1876,6 +1920,9 @@ fn prepare_reload(
             }
             Some(r) if r != old => {
                 summary.2 += 1;
+                if re_resolved(r) != re_resolved(old) {
+                    warn_resolver_fixed(r);
+                }
                 let tap = if r.tap != old.tap {
                     Some(tap_for(&r.tap, &r.name)?)
                 } else {
@@ -1921,6 +1968,9 @@ fn prepare_reload(
             listeners.push(l);
         }
         let tap = tap_for(&r.tap, &r.name)?;
+        if re_resolved(r).is_some() {
+            warn_resolver_fixed(r);
+        }
         added.push((r.clone(), tap, listeners));
     }
     summary.0 = added.len();
@@ -1944,6 +1994,7 @@ fn prepare_reload(
         }
     }
     lock(&shared.reload_taps).extend(new_guards);
+    lock(&shared.running_taps).extend(running.drain(already..));
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.metrics.on_reload(Some(generation));
     info!(
@@ -1961,6 +2012,27 @@ fn prepare_reload(
         let _ = waker.wake();
     }
     Ok(())
+}
+
+/// What the resolver thread does for a route: its interval and the host names it resolves.
+/// The thread is set up at startup; reloads do not change it.
+fn re_resolved(r: &Route) -> Option<(Duration, Vec<&str>)> {
+    let set = &r.upstream_set;
+    let names: Vec<&str> = (set.targets.iter())
+        .filter(|t| !t.is_literal())
+        .map(|t| t.name.as_str())
+        .collect();
+    set.resolve_interval
+        .filter(|_| !names.is_empty())
+        .map(|i| (i, names))
+}
+
+fn warn_resolver_fixed(r: &Route) {
+    warn!(
+        "reload: route `{}`: host names are resolved again (`resolve_interval`) as configured at \
+         startup; this route's changes to that take effect at the next restart",
+        r.name
+    );
 }
 
 /// Locks a read-write lock for writing (nothing panics while holding it).

@@ -171,7 +171,8 @@ fn sighup_warns_about_settings_that_wait_for_a_restart() {
     write_file(
         &path,
         &format!(
-            "workers = 2\n[socket]\nkeepalive = \"30s\"\n[access_log]\npath = \"{}\"\n{route}",
+            "workers = 2\ndrain_timeout = \"7s\"\nsplice = false\nlisten_backlog = 64\n\
+             [socket]\nkeepalive = \"30s\"\n[access_log]\npath = \"{}\"\n{route}",
             log.display()
         ),
     );
@@ -179,6 +180,9 @@ fn sighup_warns_about_settings_that_wait_for_a_restart() {
     proxy.wait_log("configuration generation 2", PROMPT);
     for line in [
         "`workers` changes from 1 to 2 at the next restart",
+        "`drain_timeout` changes from 30s to 7s at the next restart",
+        "`listen_backlog` changes from 1024 to 64 at the next restart",
+        "`splice` changes from true to false at the next restart",
         "[socket] changes at the next restart",
         "[access_log] changes at the next restart",
     ] {

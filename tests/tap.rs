@@ -748,3 +748,166 @@ fn tap_writer_runs_at_low_priority_unless_configured() {
         );
     }
 }
+
+const SIGHUP: i32 = 1;
+const SIGTERM: i32 = 15;
+
+/// Sends `msg`, shuts the write side, expects it echoed; returns the client's address.
+fn echo_once(addr: SocketAddr, msg: &[u8]) -> SocketAddr {
+    let mut c = connect(addr);
+    c.write_all(msg).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), msg);
+    c.local_addr().unwrap()
+}
+
+/// The address route `name` listens on, from its (last) log line.
+fn listening_on(proxy: &Proxy, name: &str) -> SocketAddr {
+    let line = proxy.wait_log(&format!("route `{name}`: listening on "), PROMPT);
+    let rest = &line[line.find("listening on ").unwrap() + 13..];
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// The client → proxy bytes of `client`'s conversation in a capture.
+fn captured_request(
+    flows: &BTreeMap<(SocketAddr, SocketAddr), Flow>,
+    client: SocketAddr,
+) -> Vec<u8> {
+    let (_, f) = flows
+        .iter()
+        .find(|((src, _), _)| *src == client)
+        .unwrap_or_else(|| panic!("no conversation of {client} in the capture: {flows:?}"));
+    f.bytes(false)
+}
+
+/// A reload that adds a route sharing the running tap, or gives that tap other settings, must
+/// not start a second writer on its file: that truncated the capture taken so far and then
+/// interleaved two writers in it. A tap on a new file starts as usual.
+#[test]
+fn reloads_keep_the_one_writer_of_a_capture_file() {
+    let up = Upstream::echo();
+    let dir = TempDir::new("reload-tap");
+    let path = dir.path("proxy.toml");
+    let (pcap, other) = (dir.path("cap.pcap"), dir.path("other.pcap"));
+    let route = |name: &str, tap: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n{tap}",
+            up.addr
+        )
+    };
+    let head = |extra: &str| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[tap]\npcap = \"{}\"\nwriter_priority = \"normal\"\n{extra}",
+            pcap.display()
+        )
+    };
+    write_file(&path, &format!("{}{}", head(""), route("a", "")));
+    let mut proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let a = proxy.addrs[0];
+    let mut sent: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    for i in 0..3 {
+        let msg = format!("before the reloads {i}").into_bytes();
+        sent.push((echo_once(a, &msg), msg));
+    }
+    // The first conversations are in the file before the reloads.
+    let admin = proxy.admin_addr();
+    let deadline = Instant::now() + PROMPT;
+    while metric(
+        &http_get(admin, "/metrics").1,
+        "tcptap_tap_records_written_total",
+    ) < Some(6.0)
+    {
+        assert!(Instant::now() < deadline, "tap records not written");
+        thread::sleep(Duration::from_millis(10));
+    }
+
+    // Reload 1: route `b` with the same (global) tap.
+    write_file(
+        &path,
+        &format!("{}{}{}", head(""), route("a", ""), route("b", "")),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    let b = listening_on(&proxy, "b");
+    for (addr, msg) in [(a, &b"a after reload 1"[..]), (b, b"b after reload 1")] {
+        sent.push((echo_once(addr, msg), msg.to_vec()));
+    }
+
+    // Reload 2: the global tap gets another setting (same file), and route `c` a tap of its own.
+    let c_tap = format!("[route.tap]\npcap = \"{}\"\n", other.display());
+    write_file(
+        &path,
+        &format!(
+            "{}{}{}{}",
+            head("snaplen = \"1 MiB\"\n"),
+            route("a", ""),
+            route("b", ""),
+            route("c", &c_tap)
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    proxy.wait_log("is written by a running tap with other settings", PROMPT);
+    let c = listening_on(&proxy, "c");
+    for (addr, msg) in [(a, &b"a after reload 2"[..]), (b, b"b after reload 2")] {
+        sent.push((echo_once(addr, msg), msg.to_vec()));
+    }
+    let c_client = echo_once(c, b"c after reload 2");
+
+    proxy.signal(SIGTERM);
+    assert!(proxy.wait_exit(Duration::from_secs(10)).success());
+    let flows = read_pcap(&pcap);
+    for (client, msg) in &sent {
+        assert_eq!(&captured_request(&flows, *client), msg, "{}", proxy.logs());
+    }
+    assert_eq!(
+        captured_request(&read_pcap(&other), c_client),
+        b"c after reload 2"
+    );
+    if tshark().is_some() {
+        let out = Command::new("tshark")
+            .args(["-r", pcap.to_str().unwrap(), "-qz", "expert,error"])
+            .output()
+            .expect("run tshark");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("Malformed"),
+            "{text}"
+        );
+    }
+}
+
+/// The tap totals in `/metrics` include taps that a reload started.
+#[test]
+fn a_tap_started_by_a_reload_counts_in_metrics() {
+    let up = Upstream::echo();
+    let dir = TempDir::new("reload-tap-metrics");
+    let path = dir.path("proxy.toml");
+    let route = format!(
+        "[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        up.addr
+    );
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    write_file(&path, &format!("{admin}{route}"));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let pcap = dir.path("cap.pcap");
+    write_file(
+        &path,
+        &format!("{admin}[tap]\npcap = \"{}\"\n{route}", pcap.display()),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    echo_once(proxy.addrs[0], b"tapped");
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let (_, body) = http_get(proxy.admin_addr(), "/metrics");
+        if metric(&body, "tcptap_tap_records_written_total") >= Some(2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tap records not counted:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
