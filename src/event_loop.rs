@@ -658,7 +658,9 @@ impl Worker {
         }
         let mut next: Option<Instant> = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        for l in &self.listeners {
+        // A closed listener's pause (drain, removed route) wakes nobody: its deadline, once
+        // past, would make every wait return at once.
+        for l in self.listeners.iter().filter(|l| l.socket.is_some()) {
             if let Some(t) = l.paused_until {
                 consider(t);
             }

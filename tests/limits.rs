@@ -317,3 +317,52 @@ fn local_port_exhaustion_is_explained_and_spares_open_connections() {
         proxy.logs()
     );
 }
+
+/// Listeners closed by a graceful shutdown while accepting was paused for lack of descriptors:
+/// the pause must not keep waking the loop once it is over.
+#[test]
+fn a_drain_that_starts_while_accepts_are_paused_does_not_spin() {
+    let echo = Upstream::echo();
+    let mut proxy = Proxy::forwarding_to(echo.addr);
+    let old = set_nofile(proxy.pid(), 40);
+    let mut clients: Vec<_> = (0..60).map(|_| connect(proxy.addr())).collect();
+    for c in clients.iter_mut() {
+        let _ = c.write_all(b"?");
+    }
+    proxy.wait_log("pausing accepts", PROMPT);
+    proxy.signal(15);
+    proxy.wait_log("shutting down: listeners closed", PROMPT);
+    // The pause lasts at most a second; the drain (open connections) up to 30 s. Count the
+    // threads' wake-ups from then on: a loop woken by a stale deadline sleeps and wakes about
+    // a thousand times a second; an idle drain, a handful.
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(1200));
+    let w0 = wakeups(proxy.pid());
+    std::thread::sleep(Duration::from_millis(1000));
+    let woke = wakeups(proxy.pid()) - w0;
+    assert!(
+        woke < 100,
+        "{woke} wake-ups in a second of an idle drain (started {:?} ago)",
+        t0.elapsed()
+    );
+    set_nofile(proxy.pid(), old.rlim_cur);
+    clients.clear();
+    assert!(proxy.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// Context switches of every thread of process `pid` so far.
+fn wakeups(pid: u32) -> u64 {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                n += v.trim().parse::<u64>().unwrap();
+            }
+        }
+    }
+    n
+}
