@@ -1268,6 +1268,11 @@ mod tests {
             e.contains("tap.pcap") && e.contains("also the text log"),
             "{e}"
         );
+        // Nor is a character device.
+        parse(&format!(
+            "[tap]\nlog = \"/dev/null\"\npcap = \"/dev/null\"\n{MINIMAL}"
+        ))
+        .unwrap();
         // stdout is not a file: two taps may both log there.
         parse(&format!(
             "[tap]\nlog = \"-\"\n{}{}",

@@ -134,10 +134,15 @@ impl TapConfig {
     }
 }
 
-/// Whether two configured paths name the same file: compared with `.` components dropped and
-/// the parent directory resolved when it exists (symlinks, `..`), so `cap.pcap`, `./cap.pcap`
-/// and `/abs/dir/cap.pcap` match.
+/// Whether two configured paths name the same file, which two writers would truncate and
+/// interleave: compared with `.` components dropped and the parent directory resolved when it
+/// exists (symlinks, `..`), so `cap.pcap`, `./cap.pcap` and `/abs/dir/cap.pcap` match. A
+/// character device (`/dev/null`) takes any number of writers.
 pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::metadata(a).is_ok_and(|m| m.file_type().is_char_device()) {
+        return false;
+    }
     fn norm(p: &Path) -> PathBuf {
         let lexical: PathBuf = p
             .components()
