@@ -1,6 +1,6 @@
-//! The admin endpoint: a small HTTP/1.1 server on its own thread serving `GET /metrics`
-//! (Prometheus text format), `GET /healthz` (200 `ok`, 503 `draining`) and `GET /connections`
-//! (JSON array of live connections).
+//! The admin endpoint: a small HTTP/1.1 server serving `GET /metrics` (Prometheus text format),
+//! `GET /healthz` (200 `ok`, 503 `draining`) and `GET /connections` (JSON array of live
+//! connections).
 //!
 //! Invariants:
 //! - The data path is never blocked or slowed by a request: `/metrics` reads relaxed atomics,
@@ -8,20 +8,35 @@
 //!   may touch, so the admin thread puts a [`SnapshotRequest`] in a bounded queue, wakes the loop,
 //!   and waits for the answer for at most [`AdminState::snapshot_timeout`] (503 after that). The
 //!   loop answers with a `try_send` into a one-slot channel, so it never waits for the admin thread.
-//! - One request per connection (`Connection: close`), handled one at a time. The request head
-//!   (request line + headers) is parsed by `httparse` from at most [`MAX_REQUEST_HEAD`] bytes read
-//!   within [`REQUEST_DEADLINE`]; every socket operation has a timeout. A malformed request gets 400,
-//!   an oversized head 431, a slow one 408, an unknown path 404, another method than GET/HEAD 405;
+//! - One request per connection (`Connection: close`). The request head (request line + headers)
+//!   is parsed by `httparse` from at most [`MAX_REQUEST_HEAD`] bytes read within
+//!   [`REQUEST_DEADLINE`]; every socket operation has a timeout. A malformed request gets 400, an
+//!   oversized head 431, a slow one 408, an unknown path 404, another method than GET/HEAD 405;
 //!   none of them ends the server.
-//! - [`AdminServer::shutdown`] (or drop) stops the thread through a `mio::Waker` and joins it; it
-//!   returns within one request's worst-case time (the deadlines above).
+//! - No admin client holds up another. One thread accepts; each connection is served by a thread
+//!   of its own (blocking I/O with the deadlines above), at most [`MAX_CONNECTIONS`] at once. A
+//!   silent or slow client thus costs its own thread its own deadline, while a liveness probe or a
+//!   scrape next to it is answered at once. Threads rather than a non-blocking state machine:
+//!   `/connections` blocks on the loops' answers, and a thread per connection keeps that and the
+//!   deadlines as the straight-line code above; a few dozen mostly idle threads with small stacks
+//!   cost little, and the endpoint sees a handful of connections at a time. At the limit, the
+//!   connection that has waited longest without being answered (no request yet, or a response
+//!   being written or lingered over) is shut down to make room, so idle connections cannot lock
+//!   out a probe however many there are; only when every connection is busy computing its
+//!   response (or as many again, shut down, are still ending after [`ENDING_WAIT`]) is a new one
+//!   refused with a 503 written without waiting. Both are counted in `/metrics` and logged (a
+//!   warning at most every [`LIMIT_WARNING_EVERY`]). No admin thread touches the event loops.
+//! - [`AdminServer::shutdown`] (or drop) stops the accepting thread through a `mio::Waker`, shuts
+//!   down the socket of every connection still open, so that their threads end at once, and waits
+//!   for those threads (a bounded time: a thread waiting for a loop's `/connections` answer ends
+//!   within [`AdminState::snapshot_timeout`]).
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,6 +64,20 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Snapshot requests that may wait for the loop at once; more get 503 at once.
 pub const SNAPSHOT_QUEUE: usize = 4;
+/// Admin connections served at once, one thread each; see the module documentation for what
+/// happens past it.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Stack of a connection thread: request parsing and response building keep their buffers on the
+/// heap, so this is ample, and it bounds the address space 32 threads reserve.
+const CONN_STACK: usize = 256 * 1024;
+/// How long a new connection may wait for the threads of connections shut down to make room
+/// (which end at once once scheduled) before it is refused.
+const ENDING_WAIT: Duration = Duration::from_millis(250);
+/// At most one warning about the connection limit per this long.
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// On shutdown, how long to wait for connection threads beyond the snapshot timeout; the sockets
+/// are shut down first, so they normally end at once.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -179,7 +208,7 @@ pub fn answer_snapshots(
     n
 }
 
-/// Everything the admin thread reads.
+/// Everything the admin threads read.
 pub struct AdminState {
     /// The counters `/metrics` renders.
     pub metrics: Arc<Metrics>,
@@ -222,7 +251,8 @@ impl AdminServer {
         self.local_addr
     }
 
-    /// Stops accepting, finishes the request in progress, and joins the thread.
+    /// Stops accepting, shuts down the connections still open (a request in progress gets no
+    /// response), and joins the threads.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -253,6 +283,15 @@ fn context(addr: SocketAddr, what: &str, e: io::Error) -> io::Error {
 
 /// Binds `addr` and serves the admin endpoints on a new thread.
 pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServer, io::Error> {
+    start_with_limit(addr, state, MAX_CONNECTIONS)
+}
+
+/// [`start`] with another limit of connections served at once (tests use a small one).
+fn start_with_limit(
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+    limit: usize,
+) -> Result<AdminServer, io::Error> {
     let mut listener = TcpListener::bind(addr).map_err(|e| context(addr, "bind", e))?;
     let local_addr = listener
         .local_addr()
@@ -264,11 +303,12 @@ pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServer, io
     let waker =
         Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| context(addr, "waker", e))?);
     let stop = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared::new(state, limit));
     let thread = {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("tcptap-admin".into())
-            .spawn(move || serve(poll, listener, &stop, &state))
+            .spawn(move || serve(poll, listener, &stop, &shared))
             .map_err(|e| context(addr, "spawn thread", e))?
     };
     info!("admin endpoint listening on http://{local_addr}/ (/metrics, /healthz, /connections)");
@@ -280,20 +320,184 @@ pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServer, io
     })
 }
 
-fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, state: &AdminState) {
+/// What the accepting thread and the connection threads share.
+struct Shared {
+    state: Arc<AdminState>,
+    /// Connections served at once, not counting those shut down whose threads are ending.
+    limit: usize,
+    /// One slot per connection thread, from the accept until the thread ends.
+    conns: Mutex<Vec<Slot>>,
+    /// Signalled when a slot is given back.
+    conn_ended: Condvar,
+    next_id: AtomicU64,
+    /// Connections shut down to make room for a new one.
+    evicted: AtomicU64,
+    /// Connections refused with 503 (or closed when no thread could be started).
+    refused: AtomicU64,
+}
+
+/// A connection being served, as the accepting thread sees it.
+struct Slot {
+    id: u64,
+    /// The connection's socket (a duplicate descriptor), to shut it down from another thread.
+    socket: TcpStream,
+    /// Since when the connection has been waiting on its client: its accept, then the start of
+    /// its response. The one waiting longest makes room first.
+    waiting_since: Instant,
+    /// Computing its response: never shut down to make room.
+    busy: bool,
+    /// Shut down (to make room, or by the server's shutdown): its thread is ending.
+    shut: bool,
+}
+
+impl Shared {
+    fn new(state: Arc<AdminState>, limit: usize) -> Shared {
+        Shared {
+            state,
+            limit,
+            conns: Mutex::new(Vec::with_capacity(2 * limit)),
+            conn_ended: Condvar::new(),
+            next_id: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn conns(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a slot for a new connection whose socket is `socket`. At the limit, first shuts down
+    /// the connection that has waited longest on its client. `None`: no room (every connection
+    /// is busy, or as many threads as the limit are still ending after [`ENDING_WAIT`]).
+    fn admit(&self, socket: TcpStream) -> Option<u64> {
+        let mut conns = self.conns();
+        // Threads still ending count too: threads are bounded by twice the limit. Shut down
+        // connections end at once, but a burst of new ones can outrun their threads: wait for
+        // them a little rather than refuse.
+        let deadline = Instant::now() + ENDING_WAIT;
+        while conns.len() >= 2 * self.limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            conns = self
+                .conn_ended
+                .wait_timeout(conns, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        if conns.iter().filter(|c| !c.shut).count() >= self.limit {
+            let oldest = conns
+                .iter_mut()
+                .filter(|c| !c.shut && !c.busy)
+                .min_by_key(|c| c.waiting_since)?;
+            // Its thread's blocked read or write returns at once, and the thread ends.
+            let _ = oldest.socket.shutdown(Shutdown::Both);
+            oldest.shut = true;
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        conns.push(Slot {
+            id,
+            socket,
+            waiting_since: Instant::now(),
+            busy: false,
+            shut: false,
+        });
+        Some(id)
+    }
+
+    /// Connections being served (not shut down).
+    fn active(&self) -> usize {
+        self.conns().iter().filter(|c| !c.shut).count()
+    }
+
+    /// Shuts down every connection and waits up to `wait` for their threads to give their slots
+    /// back; false if some did not.
+    fn shut_all_and_wait(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut conns = self.conns();
+        for c in conns.iter_mut().filter(|c| !c.shut) {
+            let _ = c.socket.shutdown(Shutdown::Both);
+            c.shut = true;
+        }
+        while !conns.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    "admin: {} connection threads still running at shutdown; not waiting for them",
+                    conns.len()
+                );
+                return false;
+            }
+            conns = self
+                .conn_ended
+                .wait_timeout(conns, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+/// A connection thread's slot, given back when the thread ends (a panic included).
+struct SlotGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl SlotGuard {
+    /// Marks the connection as computing its response (`true`) or waiting on its client again.
+    /// False when it has been shut down meanwhile.
+    fn set_busy(&self, busy: bool) -> bool {
+        let mut conns = self.shared.conns();
+        let Some(slot) = conns.iter_mut().find(|c| c.id == self.id) else {
+            return false;
+        };
+        if slot.shut {
+            return false;
+        }
+        slot.busy = busy;
+        if !busy {
+            slot.waiting_since = Instant::now();
+        }
+        true
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut conns = self.shared.conns();
+        conns.retain(|c| c.id != self.id);
+        drop(conns);
+        self.shared.conn_ended.notify_all();
+    }
+}
+
+fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, shared: &Arc<Shared>) {
     let mut events = Events::with_capacity(8);
+    let mut last_warning = None;
+    // Connection threads not known to have ended: at most twice the limit after each reaping.
+    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(2 * shared.limit);
     while !stop.load(Ordering::SeqCst) {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             log::error!("admin: poll failed, the admin endpoint stops: {e}");
-            return;
+            break;
         }
         // Accept until WouldBlock (edge-triggered), checking the stop flag between connections.
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
-                Ok((stream, peer)) => handle(TcpStream::from(stream), peer, state),
+                Ok((stream, peer)) => {
+                    threads.retain(|t| !t.is_finished());
+                    let stream = TcpStream::from(stream);
+                    if let Some(t) = accept(shared, stream, peer, &mut last_warning) {
+                        threads.push(t);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -304,7 +508,93 @@ fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, state: &Admin
             }
         }
     }
+    drop(listener);
+    if shared.shut_all_and_wait(shared.state.snapshot_timeout + SHUTDOWN_GRACE) {
+        // Every thread gave its slot back, the last thing it does: these joins do not wait.
+        for t in threads {
+            let _ = t.join();
+        }
+    }
     debug!("admin: stopped");
+}
+
+/// Hands a new connection (still non-blocking) to a thread of its own, or refuses it.
+fn accept(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    last_warning: &mut Option<Instant>,
+) -> Option<JoinHandle<()>> {
+    let evicted_before = shared.evicted.load(Ordering::Relaxed);
+    let admitted = match stream.try_clone() {
+        Ok(socket) => shared.admit(socket),
+        Err(e) => {
+            debug!("admin: {peer}: cannot duplicate the socket: {e}");
+            None
+        }
+    };
+    let Some(id) = admitted else {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        debug!("admin: {peer}: refused, {} connections busy", shared.limit);
+        refuse(stream);
+        warn_at_limit(shared, last_warning);
+        return None;
+    };
+    if shared.evicted.load(Ordering::Relaxed) != evicted_before {
+        debug!("admin: {peer}: the longest-waiting connection was shut down to make room");
+        warn_at_limit(shared, last_warning);
+    }
+    let slot = SlotGuard {
+        shared: shared.clone(),
+        id,
+    };
+    let spawned = std::thread::Builder::new()
+        .name("tcptap-admin-conn".into())
+        .stack_size(CONN_STACK)
+        .spawn(move || handle(stream, peer, &slot));
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            // The closure is dropped with its socket and slot: the client sees the connection close.
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            warn!("admin: {peer}: cannot start a thread for the connection: {e}");
+            None
+        }
+    }
+}
+
+/// At most one warning per [`LIMIT_WARNING_EVERY`] about connections shut down or refused.
+fn warn_at_limit(shared: &Shared, last_warning: &mut Option<Instant>) {
+    if last_warning.is_some_and(|t| t.elapsed() < LIMIT_WARNING_EVERY) {
+        return;
+    }
+    *last_warning = Some(Instant::now());
+    warn!(
+        "admin: {} connections open at once, the limit (clients that connect and send nothing?): \
+         {} shut down to make room and {} refused so far",
+        shared.limit,
+        shared.evicted.load(Ordering::Relaxed),
+        shared.refused.load(Ordering::Relaxed)
+    );
+}
+
+/// Answers 503 and closes, without waiting: the socket is still non-blocking, and a fresh
+/// socket's send buffer takes the short response. What already arrived of the request is read
+/// first, so that the close does not reset the connection.
+fn refuse(mut stream: TcpStream) {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..=MAX_REQUEST_HEAD / scratch.len() {
+        match stream.read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = write_response(
+        &mut stream,
+        &Response::text(503, "too many admin connections\n"),
+        false,
+    );
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 /// An HTTP response: status, content type, body; HEAD requests get the headers only.
@@ -340,7 +630,7 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-fn handle(mut stream: TcpStream, peer: SocketAddr, state: &AdminState) {
+fn handle(mut stream: TcpStream, peer: SocketAddr, slot: &SlotGuard) {
     if let Err(e) = stream
         .set_nonblocking(false)
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
@@ -353,7 +643,13 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, state: &AdminState) {
         Ok(Some(req)) => {
             let head_only = req.method == "HEAD";
             let what = format!("{} {}", req.method, req.target);
-            (route(&req, state), head_only, what)
+            if !slot.set_busy(true) {
+                debug!("admin: {peer}: {what}: shut down before the response");
+                return;
+            }
+            let response = route(&req, &slot.shared);
+            slot.set_busy(false);
+            (response, head_only, what)
         }
         Ok(None) => {
             debug!("admin: {peer}: closed before sending a request");
@@ -478,7 +774,8 @@ fn check_headers(version: Option<u8>, headers: &[httparse::Header<'_>]) -> Resul
     Ok(())
 }
 
-fn route(req: &Request<'_>, state: &AdminState) -> Response {
+fn route(req: &Request<'_>, shared: &Shared) -> Response {
+    let state = &*shared.state;
     if !req.target.starts_with('/') {
         return Response::text(400, "request target must be a path\n");
     }
@@ -493,7 +790,7 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
         return r;
     }
     match path {
-        "/metrics" => metrics(state),
+        "/metrics" => metrics(shared),
         "/healthz" => {
             if state.draining.load(Ordering::Relaxed) {
                 Response::text(503, "draining\n")
@@ -505,14 +802,18 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
     }
 }
 
-fn metrics(state: &AdminState) -> Response {
+fn metrics(shared: &Shared) -> Response {
+    let state = &*shared.state;
     let names = state
         .routes
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let routes: Vec<&str> = names.iter().map(String::as_str).collect();
-    let extra = (state.extra)();
+    let mut extra = (state.extra)();
+    extra.admin_connections_active = shared.active() as u64;
+    extra.admin_connections_evicted = shared.evicted.load(Ordering::Relaxed);
+    extra.admin_connections_refused = shared.refused.load(Ordering::Relaxed);
     let mut body = String::with_capacity(16 * 1024);
     state.metrics.render_prometheus(&routes, &extra, &mut body);
     Response {
@@ -877,6 +1178,142 @@ mod tests {
         );
         assert!(started.elapsed() < TIMEOUT);
         f.server.shutdown();
+    }
+
+    /// Starts a server serving at most `limit` connections at once, with a fake loop's queue.
+    fn start_limited(limit: usize) -> (AdminServer, Receiver<SnapshotRequest>) {
+        let (tx, rx) = snapshot_channel();
+        let state = AdminState {
+            metrics: Arc::new(Metrics::new(1)),
+            routes: Arc::new(std::sync::RwLock::new(vec!["web".into()])),
+            draining: Arc::new(AtomicBool::new(false)),
+            extra: Box::new(ExtraGauges::default),
+            loops: vec![SnapshotTarget {
+                snapshots: tx,
+                wake: Arc::new(|| {}),
+            }],
+            snapshot_timeout: TIMEOUT,
+        };
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let server = start_with_limit(addr, Arc::new(state), limit).expect("start");
+        (server, rx)
+    }
+
+    /// A connection that sends nothing.
+    fn silent(addr: SocketAddr) -> TcpStream {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s
+    }
+
+    /// Reads until EOF; panics if that takes `limit` or more.
+    fn read_to_end_within(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
+        let started = Instant::now();
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .unwrap_or_else(|e| panic!("no EOF after {:?}: {e}", started.elapsed()));
+        got
+    }
+
+    #[test]
+    fn test_longest_waiting_connection_makes_room() {
+        let (server, _rx) = start_limited(2);
+        let addr = server.local_addr();
+        let mut first = silent(addr);
+        let mut second = silent(addr);
+        let started = Instant::now();
+        let (status, _, _) = get(addr, "/healthz");
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // `first` made room: closed, no response. `second` was not touched: it gets its 408.
+        // (Checked before the next request, which could make room by closing `second`.)
+        assert_eq!(read_to_end_within(&mut first, Duration::from_secs(1)), b"");
+        let mut resp = Vec::new();
+        second.read_to_end(&mut resp).unwrap();
+        assert!(
+            resp.starts_with(b"HTTP/1.1 408 "),
+            "{:?}",
+            String::from_utf8_lossy(&resp)
+        );
+        let (_, _, body) = get(addr, "/metrics");
+        let samples = check_exposition(&body);
+        let value = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
+        assert!(
+            value("tcptap_admin_connections_evicted_total") >= Some(1.0),
+            "{body}"
+        );
+        assert_eq!(value("tcptap_admin_connections_refused_total"), Some(0.0));
+        server.shutdown();
+    }
+
+    #[test]
+    fn test_busy_connections_refuse_a_new_one_with_503() {
+        let (server, rx) = start_limited(2);
+        let addr = server.local_addr();
+        // Two listings the fake loop does not answer yet: both connections are busy.
+        let listings: Vec<_> = (0..2)
+            .map(|_| std::thread::spawn(move || get(addr, "/connections")))
+            .collect();
+        let held: Vec<SnapshotRequest> = (0..2)
+            .map(|_| rx.recv_timeout(TIMEOUT).expect("listing requested"))
+            .collect();
+        // No connection may be shut down to make room: the third is refused at once. (It sends
+        // nothing, so the close after the 503 cannot turn into a reset.)
+        let started = Instant::now();
+        let mut third = silent(addr);
+        let resp = read_to_end_within(&mut third, Duration::from_secs(1));
+        let resp = String::from_utf8(resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+        assert!(
+            resp.ends_with("\r\n\r\ntoo many admin connections\n"),
+            "{resp}"
+        );
+        eprintln!("refused in {:?}", started.elapsed());
+        for r in held {
+            assert!(r.answer(Vec::new()));
+        }
+        for l in listings {
+            let (status, _, body) = l.join().unwrap();
+            assert_eq!((status, body.as_str()), (200, "[]\n"));
+        }
+        let (_, _, body) = get(addr, "/metrics");
+        let samples = check_exposition(&body);
+        let value = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
+        assert_eq!(
+            value("tcptap_admin_connections_refused_total"),
+            Some(1.0),
+            "{body}"
+        );
+        // This request, and the listings if their threads have not ended yet.
+        let active = value("tcptap_admin_connections_active").unwrap();
+        assert!((1.0..=2.0).contains(&active), "{body}");
+        server.shutdown();
+    }
+
+    #[test]
+    fn test_shutdown_does_not_wait_for_silent_or_slow_clients() {
+        let (f, _rx) = start_server(DEFAULT_SNAPSHOT_TIMEOUT);
+        let addr = f.server.local_addr();
+        let mut clients: Vec<TcpStream> = (0..3).map(|_| silent(addr)).collect();
+        let mut partial = silent(addr);
+        partial
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost:")
+            .unwrap();
+        clients.push(partial);
+        // Accepted after them: once it is answered, they all have a connection thread.
+        assert_eq!(get(addr, "/healthz").0, 200);
+        let started = Instant::now();
+        f.server.shutdown();
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(500), "shutdown took {took:?}");
+        for mut c in clients {
+            assert_eq!(read_to_end_within(&mut c, Duration::from_secs(1)), b"");
+        }
     }
 
     #[test]

@@ -223,7 +223,7 @@ struct Worker {
     /// Pairs to close at the end of the batch.
     closing: Vec<(usize, u64, CloseReason)>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
-    /// `/connections` requests from the admin thread.
+    /// `/connections` requests from the admin endpoint's threads.
     snapshots: Receiver<SnapshotRequest>,
     budget: usize,
     draining: Option<Instant>,

@@ -1,5 +1,5 @@
-//! Per-route operational metrics, shared between the event loop (writer) and the admin thread
-//! (reader), rendered in the Prometheus text exposition format (version 0.0.4).
+//! Per-route operational metrics, shared between the event loop (writer) and the admin threads
+//! (readers), rendered in the Prometheus text exposition format (version 0.0.4).
 //!
 //! Invariants:
 //! - The event loop only ever does relaxed `fetch_add`/`store` on atomics here: no lock, no
@@ -326,6 +326,12 @@ pub struct ExtraGauges {
     pub access_log_dropped: u64,
     /// Access log write errors (each may lose a batch of lines).
     pub access_log_write_errors: u64,
+    /// Admin connections being served now.
+    pub admin_connections_active: u64,
+    /// Admin connections shut down to make room for a new one at the connection limit.
+    pub admin_connections_evicted: u64,
+    /// Admin connections refused at the connection limit.
+    pub admin_connections_refused: u64,
 }
 
 /// All metrics of one proxy process.
@@ -476,7 +482,7 @@ impl Metrics {
             w.sample("tcptap_buffered_bytes", &[("route", name)], r.buffered());
         }
 
-        let globals: [(&str, &str, &str, u64); 11] = [
+        let globals: [(&str, &str, &str, u64); 14] = [
             (
                 "tcptap_tap_records_written_total",
                 "counter",
@@ -530,6 +536,24 @@ impl Metrics {
                 "counter",
                 "Process log lines dropped because stderr did not keep up.",
                 crate::logging::dropped_total(),
+            ),
+            (
+                "tcptap_admin_connections_active",
+                "gauge",
+                "Admin endpoint connections being served.",
+                extra.admin_connections_active,
+            ),
+            (
+                "tcptap_admin_connections_evicted_total",
+                "counter",
+                "Admin endpoint connections still waiting on their client, shut down to make room at the connection limit.",
+                extra.admin_connections_evicted,
+            ),
+            (
+                "tcptap_admin_connections_refused_total",
+                "counter",
+                "Admin endpoint connections refused (503) at the connection limit.",
+                extra.admin_connections_refused,
             ),
             (
                 "tcptap_config_generation",

@@ -4,10 +4,13 @@
 mod common;
 
 use std::io::Write;
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use tcptap::admin::MAX_CONNECTIONS;
 
 fn ops_config(dir: &TempDir, routes: &str) -> String {
     format!(
@@ -316,4 +319,188 @@ fn sigterm_exits_while_stderr_is_not_read() {
     proxy.signal(libc::SIGTERM);
     let status = proxy.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}");
+}
+
+/// The time an admin request may take while other admin clients misbehave: far below the 2 s
+/// request deadline each of them may use.
+const ADMIN_ANSWER: Duration = Duration::from_secs(1);
+
+/// `GET path` whose whole exchange (connect, request, response, close) must end within `limit`:
+/// (status, body).
+fn get_within(admin: SocketAddr, path: &str, limit: Duration) -> (u16, String) {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&admin, limit).expect("connect to admin");
+    s.set_write_timeout(Some(limit)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: tcptap\r\n\r\n").unwrap();
+    let left = limit.saturating_sub(started.elapsed());
+    let raw = read_to_end(&mut s, left).unwrap_or_else(|e| {
+        panic!(
+            "GET {path}: {e} after {:?} (limit {limit:?})",
+            started.elapsed()
+        )
+    });
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A client that sends the start of a request, then one more header byte every 50 ms, never
+/// finishing it, until it is stopped or its connection fails.
+struct Trickler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<TcpStream>>,
+}
+
+impl Trickler {
+    fn start(admin: SocketAddr) -> Trickler {
+        let mut s = connect(admin);
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tcptap\r\nX-Slow: ")
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) && s.write_all(b"a").is_ok() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                s
+            })
+        };
+        Trickler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops trickling; returns the connection.
+    fn stop(mut self) -> TcpStream {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().expect("trickler")
+    }
+}
+
+impl Drop for Trickler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The status of the response the admin endpoint sends a client that has not finished its
+/// request, once its request deadline has passed.
+fn status_after_deadline(s: &mut TcpStream) -> String {
+    let raw = read_to_end(s, PROMPT).expect("the admin endpoint answers and closes");
+    let text = String::from_utf8_lossy(&raw);
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// Admin clients that connect and say nothing, or trickle a request that never ends, do not
+/// hold up anyone else's request: a liveness probe and a scrape are answered at once.
+#[test]
+fn admin_answers_while_other_clients_stay_silent() {
+    let dir = TempDir::new("ops");
+    let echo = Upstream::echo();
+    let routes = format!(
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr
+    );
+    let proxy = Proxy::with_config(&ops_config(&dir, &routes), 1);
+    let admin = proxy.admin_addr();
+    // Connected (in the accept queue) before the requests below, so they are accepted first.
+    let opened = Instant::now();
+    let mut silent: Vec<TcpStream> = (0..6).map(|_| connect(admin)).collect();
+    let trickler = Trickler::start(admin);
+    for path in ["/healthz", "/metrics"] {
+        let started = Instant::now();
+        let (status, body) = get_within(admin, path, ADMIN_ANSWER);
+        assert_eq!(status, 200, "{path}: {body}");
+        if path == "/metrics" {
+            assert_eq!(
+                metric(&body, "tcptap_connections_active{route=\"web\"}"),
+                Some(0.0),
+                "{body}"
+            );
+        }
+        eprintln!("{path} answered in {:?}", started.elapsed());
+    }
+    // The misbehaving clients still get what they got before, each on its own deadline (2 s
+    // from its accept), not one after the other.
+    for s in &mut silent {
+        assert!(status_after_deadline(s).starts_with("HTTP/1.1 408 "));
+    }
+    let mut slow = trickler.stop();
+    assert!(status_after_deadline(&mut slow).starts_with("HTTP/1.1 408 "));
+    assert!(
+        opened.elapsed() < Duration::from_secs(5),
+        "7 timed-out requests took {:?}",
+        opened.elapsed()
+    );
+}
+
+/// More silent clients than the admin endpoint serves at once: the ones that waited longest are
+/// closed to make room, so requests are still answered at once, and its threads stay bounded.
+#[test]
+fn admin_makes_room_when_more_clients_stay_silent_than_its_limit() {
+    // Past the limit by more than the limit: unbounded, there would be a thread for each.
+    const EXTRA: usize = 2 * MAX_CONNECTIONS + 8;
+    let dir = TempDir::new("ops");
+    let echo = Upstream::echo();
+    let routes = format!(
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr
+    );
+    let proxy = Proxy::with_config(&ops_config(&dir, &routes), 1);
+    let admin = proxy.admin_addr();
+    let threads_before = proc_status_kib(proxy.pid(), "Threads:");
+    assert!(threads_before > 0);
+    let mut silent: Vec<TcpStream> = (0..MAX_CONNECTIONS + EXTRA)
+        .map(|_| connect(admin))
+        .collect();
+    let started = Instant::now();
+    let (status, body) = get_within(admin, "/healthz", ADMIN_ANSWER);
+    assert_eq!(status, 200, "{body}");
+    eprintln!(
+        "/healthz answered in {:?} with {} silent clients",
+        started.elapsed(),
+        silent.len()
+    );
+    // Accepted after every silent client (the accept queue is in order): they were all seen.
+    let threads = proc_status_kib(proxy.pid(), "Threads:");
+    assert!(
+        threads <= threads_before + 2 * MAX_CONNECTIONS as u64,
+        "{threads} threads, {threads_before} before"
+    );
+    let (status, body) = get_within(admin, "/metrics", ADMIN_ANSWER);
+    assert_eq!(status, 200, "{body}");
+    // EXTRA for the silent ones past the limit, one for /healthz.
+    let evicted = metric(&body, "tcptap_admin_connections_evicted_total").unwrap();
+    assert!(evicted >= (EXTRA + 1) as f64, "{body}");
+    assert_eq!(
+        metric(&body, "tcptap_admin_connections_refused_total"),
+        Some(0.0),
+        "{body}"
+    );
+    let served = metric(&body, "tcptap_admin_connections_active").unwrap();
+    assert!(served <= MAX_CONNECTIONS as f64, "{body}");
+    // The oldest were closed at once, without a response; the newest are still served as
+    // before: 408 once their own deadline passes.
+    for (i, s) in silent.iter_mut().enumerate().take(EXTRA + 1) {
+        let got = read_to_end(s, ADMIN_ANSWER)
+            .unwrap_or_else(|e| panic!("silent client {i} was not closed: {e}"));
+        assert!(got.is_empty(), "silent client {i} got {got:?}");
+    }
+    for s in &mut silent[EXTRA + 2..] {
+        assert!(status_after_deadline(s).starts_with("HTTP/1.1 408 "));
+    }
+    proxy.wait_log("shut down to make room", PROMPT);
 }
