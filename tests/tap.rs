@@ -953,3 +953,86 @@ fn pcap_shows_the_proxys_resets_at_the_end_of_the_drain() {
     let clients = [&open, &up_fin].map(|c| c.local_addr().unwrap());
     assert_proxy_resets(&pcap, &log, &clients, up.addr.port(), "aborted at shutdown");
 }
+
+/// The tap's totals in `/metrics`: payload bytes (written, dropped).
+fn tap_bytes(admin: SocketAddr) -> (u64, u64) {
+    let (status, body) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let get = |series| metric(&body, series).unwrap_or_else(|| panic!("no {series}:\n{body}"));
+    (
+        get("tcptap_tap_bytes_written_total") as u64,
+        get("tcptap_tap_dropped_bytes_total") as u64,
+    )
+}
+
+/// A queue far smaller than the tee chunk of the default configuration (256 KiB) still takes
+/// bulk data while the writer keeps up: the sender goes on only once the writer has written
+/// every byte so far, so nothing may be dropped.
+#[test]
+fn a_small_tap_queue_captures_bulk_data_a_writer_keeps_up_with() {
+    // Each round, both ways, twice over (the cost of a round the writer has written may still
+    // count in the queue for a moment), stays within the queue.
+    const ROUND: usize = 12 << 10;
+    const ROUNDS: usize = 128;
+    let dir = TempDir::new("small-queue");
+    let pcap = dir.path("cap.pcap");
+    let echo = Upstream::echo();
+    // 4 KiB buffers: the first full read makes each direction bulk, moved by splice(2) with tees
+    // for the tap from then on.
+    let config = format!(
+        "buffer_size = \"4 KiB\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [tap]\npcap = \"{}\"\nqueue_size = \"64 KiB\"\nwriter_priority = \"normal\"\n\
+         [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        pcap.display(),
+        echo.addr
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let admin = proxy.admin_addr();
+    let data = Pattern::bytes(21, ROUND * ROUNDS);
+    let mut c = connect(proxy.addr());
+    for (r, round) in data.chunks(ROUND).enumerate() {
+        c.write_all(round).unwrap();
+        assert!(read_n(&mut c, ROUND, PROMPT).unwrap() == round, "round {r}");
+        // Wait for the writer to catch up.
+        let want = 2 * ((r + 1) * ROUND) as u64;
+        let deadline = Instant::now() + TAP_FLUSH;
+        loop {
+            let (written, dropped) = tap_bytes(admin);
+            assert_eq!(
+                dropped, 0,
+                "round {r}: the tap dropped bytes ({written} of {want} written)"
+            );
+            if written == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {r}: {written} of {want} bytes written"
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(read_to_end(&mut c, PROMPT).unwrap().is_empty());
+    proxy.wait_count("bytes to client", 1, PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let line = proxy.wait_log("write errors", PROMPT);
+    let total = 2 * data.len();
+    assert!(
+        line.contains(&format!(
+            "({total} bytes) written, 0 records (0 bytes) dropped, 0 write errors"
+        )),
+        "{line}"
+    );
+    let flows = read_pcap(&pcap);
+    let client = c.local_addr().unwrap();
+    for key in [(client, echo.addr), (echo.addr, client)] {
+        let flow = &flows[&key];
+        assert!(
+            flow.bytes(false) == data,
+            "{key:?}: bytes differ in the capture"
+        );
+        assert_eq!(flow.fin_at, Some(data.len() as u64), "{key:?}: FIN");
+    }
+}
