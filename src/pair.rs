@@ -20,7 +20,7 @@ use crate::buffer::BufferPool;
 use crate::net;
 use crate::pipe::{Pipe, PipeState, PumpError, PumpStatus, Readiness};
 use crate::splice::PipePool;
-use crate::tap::{CloseKind, ConnMeta, Direction, Side, TEE_CHUNK_MAX, TapEvent, TapHandle, Wants};
+use crate::tap::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapHandle, Wants};
 
 /// Why a pair ended; shown in the close log line and the tap.
 #[derive(Debug)]
@@ -272,13 +272,13 @@ impl Pair {
             // spliced bytes while its tee pipe has room; a tap whose queue is full, or that is
             // past snaplen, takes nothing, and a full queue counts the bytes as dropped. Back to
             // copying only once the kernel pipe is empty, so bytes stay in order: until then the
-            // splice pump only drains (a budget of 0 reads nothing).
+            // splice pump only drains (a budget of 0 reads nothing). The tap takes chunks that
+            // its queue can hold several of (see `TapHandle::chunk_max`).
+            let chunk = tap.as_ref().map_or(usize::MAX, |t| t.handle.chunk_max());
             let wants = match tap.as_ref() {
                 _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
-                Some(t) => t
-                    .handle
-                    .wants(pipe.read_total(), pipes.size().min(TEE_CHUNK_MAX)),
+                Some(t) => t.handle.wants(pipe.read_total(), pipes.size().min(chunk)),
             };
             let splice = !matches!(wants, Wants::Yes);
             let queue_full = matches!(wants, Wants::QueueFull);
@@ -309,7 +309,7 @@ impl Pair {
                     pool,
                     pipes,
                     splice_budget,
-                    if tee { TEE_CHUNK_MAX } else { usize::MAX },
+                    if tee { chunk } else { usize::MAX },
                     on_fill,
                 );
                 let skipped = pipe.read_total() - before;
@@ -322,10 +322,9 @@ impl Pair {
             } else {
                 let mut on_read = |offset: u64, bytes: &[u8]| {
                     if let Some(t) = tap.as_mut() {
-                        if !t.handle.data(meta, dir, offset, bytes) {
-                            t.dropped_records += 1;
-                            t.dropped_bytes += bytes.len() as u64;
-                        }
+                        let (records, lost) = t.handle.data_in_chunks(meta, dir, offset, bytes);
+                        t.dropped_records += records;
+                        t.dropped_bytes += lost;
                     }
                 };
                 pipe.pump(

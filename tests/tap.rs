@@ -23,6 +23,8 @@ struct Flow {
     data: BTreeMap<u64, Vec<u8>>,
     fin_at: Option<u64>,
     rst: bool,
+    /// Stream offset of the RST's sequence number (a FIN before it counts one).
+    rst_at: Option<u64>,
 }
 
 impl Flow {
@@ -85,6 +87,7 @@ fn read_pcap(path: &Path) -> BTreeMap<(SocketAddr, SocketAddr), Flow> {
         }
         if tcp.rst() {
             f.rst = true;
+            f.rst_at = Some(off);
         }
     }
     flows
@@ -750,7 +753,6 @@ fn tap_writer_runs_at_low_priority_unless_configured() {
 }
 
 const SIGHUP: i32 = 1;
-const SIGTERM: i32 = 15;
 
 /// Sends `msg`, shuts the write side, expects it echoed; returns the client's address.
 fn echo_once(addr: SocketAddr, msg: &[u8]) -> SocketAddr {
@@ -909,5 +911,290 @@ fn a_tap_started_by_a_reload_counts_in_metrics() {
             "tap records not counted:\n{body}"
         );
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What tshark makes of the RSTs and the sequence analysis of a capture.
+struct TsharkResets {
+    /// `(source port, destination port)` of every RST.
+    rsts: Vec<(u16, u16)>,
+    /// `-z expert` lines about sequence or acknowledgement numbers (segments not captured, ACKs
+    /// of unseen segments, retransmissions, out-of-order, ...).
+    seq_warnings: Vec<String>,
+    /// The whole `-z expert` output, for messages.
+    expert: String,
+}
+
+fn tshark_resets(pcap: &Path) -> TsharkResets {
+    let out = Command::new("tshark")
+        .args(["-r", pcap.to_str().unwrap(), "-T", "fields"])
+        .args(["-e", "tcp.srcport", "-e", "tcp.dstport"])
+        .args(["-Y", "tcp.flags.reset==1"])
+        .output()
+        .expect("run tshark");
+    assert!(out.status.success(), "{out:?}");
+    let rsts = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let mut ports = l.split('\t').map(|p| p.trim().parse::<u16>().unwrap());
+            (ports.next().unwrap(), ports.next().unwrap())
+        })
+        .collect();
+    let out = Command::new("tshark")
+        .args(["-r", pcap.to_str().unwrap(), "-qz", "expert,note"])
+        .output()
+        .expect("run tshark");
+    assert!(out.status.success(), "{out:?}");
+    let expert = String::from_utf8_lossy(&out.stdout).into_owned();
+    let seq_warnings = expert
+        .lines()
+        .filter(|l| {
+            let l = l.to_lowercase();
+            [
+                "not captured",
+                "unseen",
+                "retransmission",
+                "out-of-order",
+                "dup ack",
+                "lost",
+                "spurious",
+                "zero window",
+                "keep-alive",
+                "malformed",
+                "checksum",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
+        })
+        .map(str::to_owned)
+        .collect();
+    TsharkResets {
+        rsts,
+        seq_warnings,
+        expert,
+    }
+}
+
+/// Checks a capture and a tap log of connections the proxy reset itself (`why`), one per client
+/// of `clients`, all to the upstream port `up`: in the capture, a RST toward each side right
+/// after what each side sent (FIN included), in tshark too, with no complaint about sequence
+/// numbers; in the log, the reset by the proxy.
+fn assert_proxy_resets(pcap: &Path, log: &Path, clients: &[SocketAddr], up: u16, why: &str) {
+    let flows = read_pcap(pcap);
+    for client in clients {
+        for (from, to) in [(client.port(), up), (up, client.port())] {
+            let flow = flows
+                .iter()
+                .find(|((s, d), _)| s.port() == from && d.port() == to)
+                .map(|(_, f)| f)
+                .unwrap_or_else(|| panic!("no flow {from} -> {to} in the capture"));
+            assert!(flow.rst, "{from} -> {to}: no RST in the capture");
+            let end = flow.bytes(false).len() as u64 + u64::from(flow.fin_at.is_some());
+            assert_eq!(
+                flow.rst_at,
+                Some(end),
+                "{from} -> {to}: RST sequence number"
+            );
+        }
+    }
+    let text = std::fs::read_to_string(log).unwrap();
+    for client in clients {
+        let about = |needle: &str| {
+            text.lines()
+                .any(|l| l.contains(&format!(" {client} ")) && l.contains(needle))
+        };
+        assert!(
+            about("RESET by proxy"),
+            "the tap log does not show {client} reset by the proxy:\n{text}"
+        );
+        assert!(about(&format!("close: {why}")), "{text}");
+    }
+    let Some(_) = tshark() else { return };
+    let t = tshark_resets(pcap);
+    for client in clients {
+        for (from, to) in [(client.port(), up), (up, client.port())] {
+            assert_eq!(
+                t.rsts.iter().filter(|&&r| r == (from, to)).count(),
+                1,
+                "tshark: one RST {from} -> {to}; RSTs: {:?}",
+                t.rsts
+            );
+        }
+    }
+    assert!(
+        t.seq_warnings.is_empty(),
+        "tshark complains about sequence numbers: {:?}\n{}",
+        t.seq_warnings,
+        t.expert
+    );
+}
+
+/// An upstream that echoes a 5-byte request; a request starting with `F` also gets its FIN. Then
+/// it keeps the connection open, never closing its side, until the proxy resets it.
+fn echo_once_upstream() -> Upstream {
+    Upstream::start(|mut s| {
+        let mut req = [0u8; 5];
+        s.read_exact(&mut req).unwrap();
+        s.write_all(&req).unwrap();
+        if req[0] == b'F' {
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                // The client's FIN: a reset shows up as the socket's error.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while s.take_error().is_ok_and(|e| e.is_none()) && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                break;
+            }
+        }
+    })
+}
+
+#[test]
+fn pcap_shows_the_proxys_resets_at_idle_timeout() {
+    let dir = TempDir::new("idle-rst");
+    let (pcap, log) = (dir.path("cap.pcap"), dir.path("tap.log"));
+    let up = echo_once_upstream();
+    let config = format!(
+        "idle_timeout = \"2s\"\n[tap]\npcap = \"{}\"\nlog = \"{}\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        pcap.display(),
+        log.display(),
+        up.addr
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    // Both directions open; then one where the upstream has sent its FIN, and one where the
+    // client has sent its own.
+    let mut open = connect(proxy.addr());
+    open.write_all(b"hello").unwrap();
+    assert_eq!(read_n(&mut open, 5, PROMPT).unwrap(), b"hello");
+    let mut up_fin = connect(proxy.addr());
+    up_fin.write_all(b"FIN!!").unwrap();
+    assert_eq!(read_to_end(&mut up_fin, PROMPT).unwrap(), b"FIN!!");
+    let mut client_fin = connect(proxy.addr());
+    client_fin.write_all(b"bye..").unwrap();
+    client_fin.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_n(&mut client_fin, 5, PROMPT).unwrap(), b"bye..");
+    // Then nothing moves: the proxy resets each of them.
+    let err = read_to_end(&mut open, Duration::from_secs(20)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    let err = read_to_end(&mut client_fin, Duration::from_secs(20)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    proxy.wait_count("idle timeout", 3, Duration::from_secs(20));
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let clients = [&open, &up_fin, &client_fin].map(|c| c.local_addr().unwrap());
+    assert_proxy_resets(&pcap, &log, &clients, up.addr.port(), "idle timeout");
+}
+
+#[test]
+fn pcap_shows_the_proxys_resets_at_the_end_of_the_drain() {
+    let dir = TempDir::new("drain-rst");
+    let (pcap, log) = (dir.path("cap.pcap"), dir.path("tap.log"));
+    let up = echo_once_upstream();
+    let config = format!(
+        "drain_timeout = \"300ms\"\n[tap]\npcap = \"{}\"\nlog = \"{}\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        pcap.display(),
+        log.display(),
+        up.addr
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let mut open = connect(proxy.addr());
+    open.write_all(b"hello").unwrap();
+    assert_eq!(read_n(&mut open, 5, PROMPT).unwrap(), b"hello");
+    let mut up_fin = connect(proxy.addr());
+    up_fin.write_all(b"FIN!!").unwrap();
+    assert_eq!(read_to_end(&mut up_fin, PROMPT).unwrap(), b"FIN!!");
+    proxy.signal(SIGTERM);
+    let err = read_to_end(&mut open, Duration::from_secs(20)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    proxy.wait_count("aborted at end of shutdown drain", 2, PROMPT);
+    let clients = [&open, &up_fin].map(|c| c.local_addr().unwrap());
+    assert_proxy_resets(&pcap, &log, &clients, up.addr.port(), "aborted at shutdown");
+}
+
+/// The tap's totals in `/metrics`: payload bytes (written, dropped).
+fn tap_bytes(admin: SocketAddr) -> (u64, u64) {
+    let (status, body) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let get = |series| metric(&body, series).unwrap_or_else(|| panic!("no {series}:\n{body}"));
+    (
+        get("tcptap_tap_bytes_written_total") as u64,
+        get("tcptap_tap_dropped_bytes_total") as u64,
+    )
+}
+
+/// A queue far smaller than the tee chunk of the default configuration (256 KiB) still takes
+/// bulk data while the writer keeps up: the sender goes on only once the writer has written
+/// every byte so far, so nothing may be dropped.
+#[test]
+fn a_small_tap_queue_captures_bulk_data_a_writer_keeps_up_with() {
+    // Each round, both ways, twice over (the cost of a round the writer has written may still
+    // count in the queue for a moment), stays within the queue.
+    const ROUND: usize = 12 << 10;
+    const ROUNDS: usize = 128;
+    let dir = TempDir::new("small-queue");
+    let pcap = dir.path("cap.pcap");
+    let echo = Upstream::echo();
+    // 4 KiB buffers: the first full read makes each direction bulk, moved by splice(2) with tees
+    // for the tap from then on.
+    let config = format!(
+        "buffer_size = \"4 KiB\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [tap]\npcap = \"{}\"\nqueue_size = \"64 KiB\"\nwriter_priority = \"normal\"\n\
+         [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        pcap.display(),
+        echo.addr
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let admin = proxy.admin_addr();
+    let data = Pattern::bytes(21, ROUND * ROUNDS);
+    let mut c = connect(proxy.addr());
+    for (r, round) in data.chunks(ROUND).enumerate() {
+        c.write_all(round).unwrap();
+        assert!(read_n(&mut c, ROUND, PROMPT).unwrap() == round, "round {r}");
+        // Wait for the writer to catch up.
+        let want = 2 * ((r + 1) * ROUND) as u64;
+        let deadline = Instant::now() + TAP_FLUSH;
+        loop {
+            let (written, dropped) = tap_bytes(admin);
+            assert_eq!(
+                dropped, 0,
+                "round {r}: the tap dropped bytes ({written} of {want} written)"
+            );
+            if written == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {r}: {written} of {want} bytes written"
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(read_to_end(&mut c, PROMPT).unwrap().is_empty());
+    proxy.wait_count("bytes to client", 1, PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let line = proxy.wait_log("write errors", PROMPT);
+    let total = 2 * data.len();
+    assert!(
+        line.contains(&format!(
+            "({total} bytes) written, 0 records (0 bytes) dropped, 0 write errors"
+        )),
+        "{line}"
+    );
+    let flows = read_pcap(&pcap);
+    let client = c.local_addr().unwrap();
+    for key in [(client, echo.addr), (echo.addr, client)] {
+        let flow = &flows[&key];
+        assert!(
+            flow.bytes(false) == data,
+            "{key:?}: bytes differ in the capture"
+        );
+        assert_eq!(flow.fin_at, Some(data.len() as u64), "{key:?}: FIN");
     }
 }

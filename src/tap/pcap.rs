@@ -20,8 +20,10 @@
 //!   `ACK_EVERY` bytes are unacknowledged, and after the last FIN at Close.
 //! - Payloads are split into segments of at most `MAX_SEGMENT` bytes (IP length limit); the last
 //!   segment of a record has PSH.
-//! - Fin → FIN/ACK, Reset → RST/ACK from the side that reset, Close after a failed connect →
-//!   SYN then RST/ACK. Per-connection state is forgotten at Close.
+//! - Fin → FIN/ACK, Reset → RST/ACK from the side that reset. A connection the proxy resets
+//!   itself (idle timeout, end of the shutdown drain: a Close without a Reset before it) →
+//!   RST/ACK toward each side, i.e. one from each address. Close after a failed connect → SYN
+//!   then RST/ACK toward the client. Per-connection state is forgotten at Close.
 //! - IPv4 header checksum and TCP checksum (with the IPv4 or IPv6 pseudo-header) are correct.
 //! - Timestamps are the record times.
 
@@ -403,13 +405,40 @@ impl PcapSink {
         flow.reset = true;
     }
 
+    /// The proxy reset both sides itself: a RST toward the client (from the upstream's address)
+    /// and one toward the upstream (from the client's), in the order the proxy closes the
+    /// sockets, each at the next sequence number of its sender and acknowledging everything of
+    /// the other.
+    fn abort(&mut self, time: SystemTime, flow: &mut Flow, offsets: [u64; 2]) {
+        for dir in Direction::BOTH {
+            let next = &mut flow.next[dir.index()];
+            *next = (*next).max(offsets[dir.index()]);
+        }
+        for dir in [Direction::UpToDown, Direction::DownToUp] {
+            let back = reverse(dir);
+            let seg = Segment::control(dir, RST | ACK, flow.snd_nxt(dir), flow.snd_nxt(back));
+            self.emit(time, flow, seg);
+        }
+        flow.reset = true;
+    }
+
     fn close(&mut self, time: SystemTime, flow: &mut Flow, kind: CloseKind, offsets: [u64; 2]) {
         if flow.reset {
             return;
         }
-        if let CloseKind::Reset(side) = kind {
-            self.reset(time, flow, side, offsets);
-            return;
+        match kind {
+            // Normally after the Reset record, which wrote the RST already.
+            CloseKind::Reset(side) | CloseKind::Error(side) => {
+                self.reset(time, flow, side, offsets);
+                return;
+            }
+            // The proxy reset the sides itself; the handshake is written, so both ends of the
+            // conversation are shown reset.
+            CloseKind::IdleTimeout | CloseKind::Shutdown | CloseKind::ConnectFailed => {
+                self.abort(time, flow, offsets);
+                return;
+            }
+            CloseKind::Normal => {}
         }
         for dir in Direction::BOTH {
             if flow.fin[dir.index()] && flow.acked[dir.index()] < flow.position(dir) {
@@ -1352,6 +1381,116 @@ mod tests {
                 (&follows[1].1[..], &follows[1].2[..]),
                 (&b"ping"[..], &b"pong"[..])
             );
+        }
+    }
+
+    #[test]
+    fn resets_by_the_proxy_reach_both_sides() {
+        let dir = TempDir::new("pcap-abort");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, None, 1);
+        let close = |c: &Arc<ConnMeta>, t, kind, offsets| {
+            record(
+                c,
+                t,
+                TapEvent::Close {
+                    kind,
+                    offsets,
+                    dropped_records: 0,
+                    dropped_bytes: 0,
+                },
+            )
+        };
+        // #50: idle timeout with both directions open.
+        let a = conn(50, "192.0.2.1:3000", "192.0.2.2:4000");
+        // #51: the end of the shutdown drain after the upstream's FIN.
+        let b = conn(51, "[2001:db8::a]:3001", "[2001:db8::b]:4001");
+        // #52: idle timeout after the client's FIN.
+        let c = conn(52, "192.0.2.5:3002", "192.0.2.6:4002");
+        // #53: an error whose Reset record was lost: the Close still ends it.
+        let e = conn(53, "192.0.2.7:3003", "192.0.2.8:4003");
+        let batch = vec![
+            record(&a, 0, TapEvent::Open),
+            record(&a, 1, data(C2U, 0, b"ping")),
+            record(&a, 2, data(U2C, 0, b"pong!")),
+            record(&b, 3, data(C2U, 0, b"get")),
+            record(&b, 4, data(U2C, 0, b"body")),
+            record(
+                &b,
+                5,
+                TapEvent::Fin {
+                    dir: U2C,
+                    offset: 4,
+                },
+            ),
+            record(&c, 6, data(C2U, 0, b"bye")),
+            record(
+                &c,
+                7,
+                TapEvent::Fin {
+                    dir: C2U,
+                    offset: 3,
+                },
+            ),
+            record(&c, 8, data(U2C, 0, b"ok")),
+            record(&e, 9, data(C2U, 0, b"x")),
+            close(&a, 10, CloseKind::IdleTimeout, [4, 5]),
+            close(&b, 11, CloseKind::Shutdown, [3, 4]),
+            close(&c, 12, CloseKind::IdleTimeout, [3, 2]),
+            close(&e, 13, CloseKind::Error(Side::Downstream), [1, 0]),
+        ];
+        s.write_batch(&batch, false).expect("write");
+        assert!(s.flows.is_empty());
+        let pkts = read(&path);
+        // (connection, RSTs per direction, stream position of each RST: bytes, plus a FIN).
+        for (conn_meta, rsts, at) in [
+            (&a, [true, true], [4, 5]),
+            (&b, [true, true], [3, 5]),
+            (&c, [true, true], [4, 2]),
+            (&e, [true, false], [1, 0]),
+        ] {
+            let (client, server) = addrs(conn_meta);
+            let conv = conversation(&pkts, client, server);
+            assert_eq!(conv.rsts, rsts, "#{}", conn_meta.id);
+            assert_eq!(conv.contiguous, [true, true], "#{}", conn_meta.id);
+            let isn = |from| pkts.iter().find(|p| p.src == from && p.flags & SYN != 0);
+            let isn = [isn(client).unwrap().seq, isn(server).unwrap().seq];
+            let ends = [client, server];
+            for d in 0..2 {
+                let Some(rst) = pkts.iter().find(|p| p.src == ends[d] && p.flags & RST != 0) else {
+                    continue;
+                };
+                assert_eq!(rst.flags, RST | ACK, "#{}", conn_meta.id);
+                assert_eq!(rst.seq, isn[d].wrapping_add(1 + at[d]), "#{}", conn_meta.id);
+                assert_eq!(
+                    rst.ack,
+                    isn[1 - d].wrapping_add(1 + at[1 - d]),
+                    "#{}",
+                    conn_meta.id
+                );
+            }
+            // Toward the client first, as the proxy closes its sockets.
+            if rsts == [true, true] {
+                let last: Vec<_> = pkts
+                    .iter()
+                    .filter(|p| [client, server].contains(&p.src))
+                    .rev()
+                    .take(2)
+                    .map(|p| (p.src, p.flags))
+                    .collect();
+                assert_eq!(last, [(client, RST | ACK), (server, RST | ACK)]);
+            }
+        }
+        if let Some((_, text)) = tshark(&path, 0) {
+            for word in [
+                "not captured",
+                "unseen",
+                "Retransmission",
+                "Out-Of-Order",
+                "Dup",
+            ] {
+                assert!(!text.contains(word), "tshark: {word}\n{text}");
+            }
         }
     }
 

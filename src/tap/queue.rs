@@ -150,8 +150,13 @@ impl Shared {
 const TEE_PIPE_SIZE: usize = 1 << 20;
 
 /// The most bytes one tee hands the tap: a kernel pipe that a tap takes tees of is filled by at
-/// most this much at a time, so that chunks fit the tee pipes (see [`TeePipe::has_room`]).
+/// most this much at a time, so that chunks fit the tee pipes (see [`TeePipe::has_room`]). A
+/// small queue budget lowers it further (see [`TapHandle::chunk_max`]).
 pub const TEE_CHUNK_MAX: usize = TEE_PIPE_SIZE / 4;
+
+/// A chunk handed to the tap costs at most this share of the queue budget, so that the queue
+/// holds this many chunks: a writer that keeps up empties it while the next ones come in.
+pub(crate) const CHUNKS_PER_QUEUE: usize = 4;
 
 /// One worker's tee pipes. A pipe's capacity counts buffers (pages or socket fragments), not
 /// bytes, so each pipe takes bytes up to half its capacity; pipes are added while the writer
@@ -262,6 +267,29 @@ impl TapHandle {
         self.push(conn, event, cost, bytes.len())
     }
 
+    /// Queues `bytes` like [`TapHandle::data`], in records of at most
+    /// [`TapHandle::chunk_max`] bytes: a read larger than that (a large `buffer_size`, or a
+    /// small queue) is captured as far as the queue has room, where one record of it would
+    /// never fit. Returns the records and the payload bytes dropped.
+    pub fn data_in_chunks(
+        &self,
+        conn: &Arc<ConnMeta>,
+        dir: Direction,
+        offset: u64,
+        bytes: &[u8],
+    ) -> (u64, u64) {
+        let mut dropped = (0, 0);
+        let mut at = offset;
+        for piece in bytes.chunks(self.chunk_max()) {
+            if !self.data(conn, dir, at, piece) {
+                dropped.0 += 1;
+                dropped.1 += piece.len() as u64;
+            }
+            at += piece.len() as u64;
+        }
+        dropped
+    }
+
     /// Queues a connection event (`Open`, `Fin`, `Reset`, `Close`).
     ///
     /// Never blocks, never does I/O. Control records may use a small reserve beyond the queue
@@ -277,6 +305,16 @@ impl TapHandle {
             return false;
         }
         self.push(conn, event, RECORD_OVERHEAD, 0)
+    }
+
+    /// The most bytes the tap takes in one record, a tee or a copied chunk: [`TEE_CHUNK_MAX`], or
+    /// less when the queue budget is small, so that the queue holds [`CHUNKS_PER_QUEUE`] such
+    /// records. Larger chunks would never fit in a small queue, however fast the writer (with a
+    /// budget of 16 MiB, the default, this is [`TEE_CHUNK_MAX`]).
+    pub fn chunk_max(&self) -> usize {
+        (self.shared.budget / CHUNKS_PER_QUEUE)
+            .saturating_sub(RECORD_OVERHEAD)
+            .clamp(1, TEE_CHUNK_MAX)
     }
 
     /// How the tap wants the bytes at stream offset `offset` of a spliced (bulk) direction, in
@@ -644,6 +682,62 @@ mod tests {
         assert_eq!((first.pending(), second.pending()), (0, chunk.len));
         // Then the writer has read the first pipe out: `wants` names it again.
         assert!(Arc::ptr_eq(&tee_pipe(&h, offset, 4096), &first));
+    }
+
+    #[test]
+    fn chunks_fit_the_queue_several_times() {
+        for (budget, chunk) in [
+            (16 << 20, TEE_CHUNK_MAX),
+            (1 << 20, TEE_CHUNK_MAX - RECORD_OVERHEAD),
+            (128 << 10, (32 << 10) - RECORD_OVERHEAD),
+            (64 << 10, (16 << 10) - RECORD_OVERHEAD),
+            (4 << 10, 1024 - RECORD_OVERHEAD),
+        ] {
+            let (h, _rx) = worker_handle(budget, None);
+            assert_eq!(h.chunk_max(), chunk, "budget {budget}");
+            // An empty queue takes a tee of a whole chunk, and holds four of them.
+            assert!(
+                matches!(h.wants(0, chunk), Wants::Tee(_)),
+                "budget {budget}"
+            );
+            assert!(CHUNKS_PER_QUEUE * (chunk + RECORD_OVERHEAD) <= budget);
+        }
+    }
+
+    #[test]
+    fn a_read_larger_than_a_chunk_is_queued_in_chunks() {
+        let budget = 64 << 10;
+        let (h, rx) = worker_handle(budget, None);
+        let chunk = h.chunk_max();
+        // A whole buffer of 64 KiB: as one record it would cost more than the budget and be
+        // dropped whole; in chunks, all but what the records' overhead leaves no room for fits.
+        let read: Vec<u8> = (0..budget).map(|i| i as u8).collect();
+        let kept = CHUNKS_PER_QUEUE * chunk;
+        assert_eq!(
+            h.data_in_chunks(&conn(), Direction::DownToUp, 1000, &read),
+            (1, (budget - kept) as u64)
+        );
+        let mut offset = 1000;
+        let mut got = Vec::new();
+        for m in rx.try_iter() {
+            let Msg::Record(record, cost) = m else {
+                panic!("not a record")
+            };
+            let TapEvent::Data {
+                offset: at, bytes, ..
+            } = record.event
+            else {
+                panic!("not data")
+            };
+            assert_eq!(at, offset);
+            assert!(bytes.len() <= chunk);
+            assert_eq!(cost, bytes.len() + RECORD_OVERHEAD);
+            offset += bytes.len() as u64;
+            got.extend(bytes);
+        }
+        assert!(got == read[..kept], "the chunks are queued in order");
+        assert_eq!(h.queued_cost(), budget);
+        assert_eq!(h.stats().dropped_bytes, (budget - kept) as u64);
     }
 
     #[test]

@@ -125,6 +125,20 @@ pub enum CloseKind {
     Error(Side),
 }
 
+impl CloseKind {
+    /// The sides the proxy reset itself to end the connection, in words for the log: both at an
+    /// idle timeout or at the end of the shutdown drain, the client when its upstream could not
+    /// be reached (the upstream connection never opened), none otherwise (a peer's reset or
+    /// error has a [`TapEvent::Reset`] record of its own).
+    pub fn reset_by_proxy(self) -> Option<&'static str> {
+        match self {
+            CloseKind::IdleTimeout | CloseKind::Shutdown => Some("client and upstream"),
+            CloseKind::ConnectFailed => Some("client"),
+            CloseKind::Normal | CloseKind::Reset(_) | CloseKind::Error(_) => None,
+        }
+    }
+}
+
 impl fmt::Display for CloseKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -167,7 +181,8 @@ pub enum TapEvent {
         /// Bytes proxied so far in each direction, indexed by [`Direction::index`].
         offsets: [u64; 2],
     },
-    /// The pair is gone. Always the last record of a connection.
+    /// The pair is gone. Always the last record of a connection. A pair the proxy cut itself
+    /// (see [`CloseKind::reset_by_proxy`]) was reset, with no record before this one saying so.
     Close {
         /// How it ended.
         kind: CloseKind,

@@ -208,6 +208,15 @@ impl TextSink {
                 for dir in Direction::BOTH {
                     self.catch_up(record, dir, offsets[dir.index()]);
                 }
+                if let Some(sides) = kind.reset_by_proxy() {
+                    self.header(record);
+                    let p = self.palette;
+                    let _ = writeln!(
+                        self.buf,
+                        "{}RESET by proxy{} to {sides} ({kind})",
+                        p.alert, p.reset
+                    );
+                }
                 self.header(record);
                 self.conns.remove(&id);
                 let p = self.palette;
@@ -731,6 +740,50 @@ mod tests {
             )
         );
         assert!(s.conns.is_empty(), "state is forgotten at Close");
+    }
+
+    #[test]
+    fn resets_by_the_proxy_are_shown_before_the_close() {
+        let close = |kind| TapEvent::Close {
+            kind,
+            offsets: [5, 7],
+            dropped_records: 0,
+            dropped_bytes: 0,
+        };
+        for (kind, line) in [
+            (
+                CloseKind::IdleTimeout,
+                "RESET by proxy to client and upstream (idle timeout)",
+            ),
+            (
+                CloseKind::Shutdown,
+                "RESET by proxy to client and upstream (aborted at shutdown)",
+            ),
+            (
+                CloseKind::ConnectFailed,
+                "RESET by proxy to client (upstream connect failed)",
+            ),
+        ] {
+            let mut s = sink(None);
+            assert_eq!(
+                render(&mut s, close(kind)),
+                format!(
+                    "{HEAD}client -> upstream [... 5 bytes not captured (tap queue full) ...]\n\
+                     {HEAD}upstream -> client [... 7 bytes not captured (tap queue full) ...]\n\
+                     {HEAD}{line}\n\
+                     {HEAD}close: {kind}, client -> upstream 5 bytes, upstream -> client 7 bytes, tap dropped 0 records (0 bytes)\n"
+                )
+            );
+        }
+        // A clean close, or one a peer's Reset record told about, gets no such line.
+        for kind in [
+            CloseKind::Normal,
+            CloseKind::Reset(Side::Downstream),
+            CloseKind::Error(Side::Upstream),
+        ] {
+            let mut s = sink(None);
+            assert!(!render(&mut s, close(kind)).contains("RESET"), "{kind}");
+        }
     }
 
     #[test]

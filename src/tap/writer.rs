@@ -8,13 +8,13 @@
 //!   wake-up and one write per `LINGER`, not a futex wake, a context switch and a write per
 //!   record. The loop side never waits for this: sends to a receiver that is not parked are a
 //!   lock-free push. Output is at most `LINGER` later, which a reader cannot notice. The sleep
-//!   is cut short, at the next `LINGER_SLICE`, once `LINGER_BELOW` of cost is queued (a burst of
-//!   bulk data must not fill the queue while the writer sleeps) or the tap is closing. Each sink
-//!   renders a batch into a reused buffer and writes it with one write call and one flush
-//!   (a pcap rotation inside a batch adds the writes of the file switch). The one exception: a
-//!   pcap file written with direct I/O may keep up to `DIRECT_MIN` bytes (and then a partial
-//!   block) for the next batch while that batch is already queued, so once the queue is
-//!   drained every record is in the file.
+//!   is cut short, at the next `LINGER_SLICE`, once `LINGER_BELOW` of cost is queued, or one
+//!   chunk of a queue too small for that (a burst of bulk data must not fill the queue while the
+//!   writer sleeps), or the tap is closing. Each sink renders a batch into a reused buffer and
+//!   writes it with one write call and one flush (a pcap rotation inside a batch adds the
+//!   writes of the file switch). The one exception: a pcap file written with direct I/O may
+//!   keep up to `DIRECT_MIN` bytes (and then a partial block) for the next batch while that
+//!   batch is already queued, so once the queue is drained every record is in the file.
 //! - A low-priority writer sleeps after a batch while the CPUs are contended, three times the CPU
 //!   time it used (`throttle`); the sleep ends early when the tap closes.
 //! - The queue cost of a batch is released only after the batch was written, so the loop-side
@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 
 use super::pcap::PcapSink;
-use super::queue::{Msg, Shared, Teed};
+use super::queue::{CHUNKS_PER_QUEUE, Msg, Shared, Teed};
 use super::record::{TapEvent, TapRecord};
 use super::text::TextSink;
 use super::throttle::Throttle;
@@ -55,8 +55,9 @@ const WARN_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) const LINGER: Duration = Duration::from_millis(5);
 /// The steps of a linger, between which the writer looks at the queued cost.
 const LINGER_SLICE: Duration = Duration::from_millis(1);
-/// Batches of at least this queue cost are followed by no linger: the writer is busy (bulk data)
-/// and waiting would only let the queue fill.
+/// Batches of at least this queue cost (or of one chunk, in a queue of less than four times
+/// this) are followed by no linger: the writer is busy (bulk data) and waiting would only let
+/// the queue fill.
 const LINGER_BELOW: usize = 64 * 1024;
 /// The steps of a CPU-cap pause, between which the writer looks whether the tap is closing.
 const PAUSE_SLICE: Duration = Duration::from_millis(10);
@@ -210,7 +211,7 @@ impl Writer {
             if !batch.is_empty() {
                 self.write(&batch, carried.is_some());
             }
-            let linger = !stopping && carried.is_none() && cost < LINGER_BELOW && !batch.is_empty();
+            let linger = !stopping && carried.is_none() && cost < self.burst() && !batch.is_empty();
             batch.clear();
             self.shared.release(cost);
             self.report_drops(false);
@@ -228,15 +229,21 @@ impl Writer {
         let _ = done.send(());
     }
 
+    /// The queue cost that makes a burst: `LINGER_BELOW`, or in a smaller queue one chunk of
+    /// bulk data (see `TapHandle::chunk_max`), which it holds only a few of.
+    fn burst(&self) -> usize {
+        LINGER_BELOW.min(self.shared.budget / CHUNKS_PER_QUEUE)
+    }
+
     /// Sleeps `for_how_long` in steps of `slice`; wakes early when the tap closes, and when
-    /// `burst` is set also once a burst has queued `LINGER_BELOW` (the linger after a small
+    /// `burst` is set also once a burst has queued [`Writer::burst`] (the linger after a small
     /// batch; the CPU cap's pause lets the queue fill).
     fn nap(&self, for_how_long: Duration, slice: Duration, burst: bool) {
         let until = Instant::now() + for_how_long;
         loop {
             let now = Instant::now();
             if now >= until
-                || (burst && self.shared.queued_cost.load(Ordering::Relaxed) >= LINGER_BELOW)
+                || (burst && self.shared.queued_cost.load(Ordering::Relaxed) >= self.burst())
                 || self.shared.closed.load(Ordering::Relaxed)
             {
                 return;
