@@ -4,10 +4,12 @@
 //! serves both. Reserved tokens count down from `usize::MAX`: the waker, the signal pipe, then one per
 //! listener.
 //!
-//! Readiness is edge-triggered: each socket is registered once for READABLE|WRITABLE and the pair keeps
-//! what the kernel reported in [`Readiness`] until an operation returns `WouldBlock`. Work per pair per
-//! wake-up is capped (`budget`); a pair that used its budget is driven again before the loop sleeps,
-//! so one busy pair cannot starve the others.
+//! Readiness is edge-triggered: each socket is registered once for READABLE|WRITABLE|PRIORITY and the
+//! pair keeps what the kernel reported in [`Readiness`] until an operation returns `WouldBlock`.
+//! PRIORITY (`EPOLLPRI`: TCP urgent data) is part of the one registration and costs no syscall; epoll
+//! wakes a socket for it anyway, with its data. Work per pair per wake-up is capped (`budget`); a
+//! pair that used its budget is driven again before the loop sleeps, so one busy pair cannot starve
+//! the others.
 //!
 //! Pairs are closed only after the whole event batch was handled, and work items carry the
 //! connection id, so an event or work item can never land on a slab key that was reused.
@@ -712,6 +714,13 @@ impl Worker {
                 r.connected |= (event.is_writable() || event.is_readable())
                     && !event.is_error()
                     && !event.is_write_closed();
+                // EPOLLPRI is in every event while urgent data waits unread (tcp_poll). Once the
+                // FIN is in, `urgent` may also stand for a splice's 0 that a read must confirm.
+                if event.is_priority() {
+                    r.urgent = true;
+                } else if event.is_readable() && !event.is_read_closed() {
+                    r.urgent = false;
+                }
                 if event.is_error() && pair.phase == Phase::Established {
                     if let Some(reason) = pair.check_socket_error(side) {
                         self.closing.push((key, pair.meta.id, reason));
@@ -1116,7 +1125,7 @@ impl Worker {
         if let Err(e) = self.poll.registry().register(
             &mut downstream,
             Token(key << 1),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
             warn!("#{id} {peer}: cannot register socket: {e}");
             let _ = net::set_linger_zero(&downstream);
@@ -1283,7 +1292,7 @@ impl Worker {
         if let Err(e) = registry.register(
             &mut stream,
             Token(key << 1 | 1),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
             return Some(CloseReason::ConnectFailed(e));
         }

@@ -272,7 +272,8 @@ impl Pair {
             // spliced bytes while its tee pipe has room; a tap whose queue is full, or that is
             // past snaplen, takes nothing, and a full queue counts the bytes as dropped. Back to
             // copying only once the kernel pipe is empty, so bytes stay in order: until then the
-            // splice pump only drains (a budget of 0 reads nothing).
+            // splice pump only drains (a budget of 0 reads nothing). Urgent data is copied too
+            // (see `Readiness::urgent`).
             let wants = match tap.as_ref() {
                 _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
@@ -280,7 +281,7 @@ impl Pair {
                     .handle
                     .wants(pipe.read_total(), pipes.size().min(TEE_CHUNK_MAX)),
             };
-            let splice = !matches!(wants, Wants::Yes);
+            let splice = !matches!(wants, Wants::Yes) && !src_ready.urgent;
             let queue_full = matches!(wants, Wants::QueueFull);
             let mut tee_pipe = match wants {
                 Wants::Tee(pipe) => Some(pipe),
