@@ -1249,6 +1249,12 @@ impl Worker {
                 }
             }
             pair.pipes[Direction::DownToUp.index()].prefix(&mut self.pool, &header);
+            // `drive` counts what pumping changes, so it takes the header off as it is written
+            // (and `close` whatever is left): count it in here.
+            self.shared
+                .metrics
+                .route(route_idx)
+                .add_buffered(header.len() as i64);
         }
         match self.connect_to(key, dst, now) {
             None => None,
