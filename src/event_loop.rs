@@ -1433,6 +1433,7 @@ impl Worker {
     /// Reads the client's PROXY protocol header without reading past it: peeks, parses, then
     /// consumes exactly the header's bytes.
     fn read_proxy_header(&mut self, key: usize, now: Instant) -> Drive {
+        const CLOSED: &str = "client closed before sending its PROXY protocol header";
         loop {
             let pair = &mut self.pairs[key];
             if !pair.ready[Side::Downstream.index()].readable {
@@ -1447,11 +1448,7 @@ impl Worker {
             };
             pair.header.resize(want, 0);
             let n = match pair.downstream.peek(&mut pair.header) {
-                Ok(0) => {
-                    return Drive::Close(CloseReason::Refused(
-                        "client closed before sending its PROXY protocol header".into(),
-                    ));
-                }
+                Ok(0) => return Drive::Close(CloseReason::Refused(CLOSED.into())),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     pair.ready[Side::Downstream.index()].readable = false;
@@ -1469,6 +1466,10 @@ impl Worker {
                     }
                     if n >= want {
                         continue; // now that 16 bytes are in, the v2 length is known
+                    }
+                    if pair.ready[Side::Downstream.index()].closing {
+                        // The client closed after a header prefix: the rest will never come.
+                        return Drive::Close(CloseReason::Refused(CLOSED.into()));
                     }
                     // Everything the kernel has is a header prefix: wait for more.
                     pair.ready[Side::Downstream.index()].readable = false;

@@ -83,3 +83,44 @@ fn buffered_bytes_gauge_counts_the_proxy_header() {
     proxy.wait_count("upstream connect failed", 3, PROMPT);
     assert_eq!(buffered_once_closed(admin, "dead"), 0.0);
 }
+
+#[test]
+fn client_closing_inside_its_header_is_closed_at_once() {
+    let up = Upstream::echo();
+    // A header timeout far beyond the deadline below: only the client's close can end these.
+    let config = format!(
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+         accept_proxy_protocol = true\nproxy_protocol_timeout = \"60s\"\n",
+        up.addr
+    );
+    let proxy = Proxy::with_config(&config, 1);
+    let v2_prefix = &tcptap::proxy_protocol::V2_SIGNATURE[..10];
+    let prefixes: [&[u8]; 3] = [b"PROXY TCP4 1.2.3.4", b"PROXY", v2_prefix];
+    for (i, prefix) in prefixes.into_iter().enumerate() {
+        let start = Instant::now();
+        let mut c = connect(proxy.addr());
+        c.write_all(prefix).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        // EOF or reset: either way the proxy let go, long before the header timeout.
+        let mut rest = Vec::new();
+        c.set_read_timeout(Some(PROMPT)).unwrap();
+        match c.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("prefix {prefix:?}: no close within {PROMPT:?}: {e}"),
+        }
+        assert!(rest.is_empty());
+        assert!(start.elapsed() < PROMPT, "prefix {prefix:?}");
+        proxy.wait_count(
+            "refused: client closed before sending its PROXY protocol header",
+            i + 1,
+            PROMPT,
+        );
+    }
+    assert_eq!(common::close_wait_on(&[proxy.addr().port()]), 0);
+    assert_eq!(
+        up.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no upstream connect without a header"
+    );
+}
