@@ -4,10 +4,12 @@
 //! serves both. Reserved tokens count down from `usize::MAX`: the waker, the signal pipe, then one per
 //! listener.
 //!
-//! Readiness is edge-triggered: each socket is registered once for READABLE|WRITABLE and the pair keeps
-//! what the kernel reported in [`Readiness`] until an operation returns `WouldBlock`. Work per pair per
-//! wake-up is capped (`budget`); a pair that used its budget is driven again before the loop sleeps,
-//! so one busy pair cannot starve the others.
+//! Readiness is edge-triggered: each socket is registered once for READABLE|WRITABLE|PRIORITY and the
+//! pair keeps what the kernel reported in [`Readiness`] until an operation returns `WouldBlock`.
+//! PRIORITY (`EPOLLPRI`: TCP urgent data) is part of the one registration and costs no syscall; epoll
+//! wakes a socket for it anyway, with its data. Work per pair per wake-up is capped (`budget`); a
+//! pair that used its budget is driven again before the loop sleeps, so one busy pair cannot starve
+//! the others.
 //!
 //! Pairs are closed only after the whole event batch was handled, and work items carry the
 //! connection id, so an event or work item can never land on a slab key that was reused.
@@ -714,6 +716,13 @@ impl Worker {
                 r.connected |= (event.is_writable() || event.is_readable())
                     && !event.is_error()
                     && !event.is_write_closed();
+                // EPOLLPRI is in every event while urgent data waits unread (tcp_poll). Once the
+                // FIN is in, `urgent` may also stand for a splice's 0 that a read must confirm.
+                if event.is_priority() {
+                    r.urgent = true;
+                } else if event.is_readable() && !event.is_read_closed() {
+                    r.urgent = false;
+                }
                 if event.is_error() && pair.phase == Phase::Established {
                     if let Some(reason) = pair.check_socket_error(side) {
                         self.closing.push((key, pair.meta.id, reason));
@@ -1118,7 +1127,7 @@ impl Worker {
         if let Err(e) = self.poll.registry().register(
             &mut downstream,
             Token(key << 1),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
             warn!("#{id} {peer}: cannot register socket: {e}");
             let _ = net::set_linger_zero(&downstream);
@@ -1242,6 +1251,12 @@ impl Worker {
                 }
             }
             pair.pipes[Direction::DownToUp.index()].prefix(&mut self.pool, &header);
+            // `drive` counts what pumping changes, so it takes the header off as it is written
+            // (and `close` whatever is left): count it in here.
+            self.shared
+                .metrics
+                .route(route_idx)
+                .add_buffered(header.len() as i64);
         }
         match self.connect_to(key, dst, now) {
             None => None,
@@ -1285,7 +1300,7 @@ impl Worker {
         if let Err(e) = registry.register(
             &mut stream,
             Token(key << 1 | 1),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
             return Some(CloseReason::ConnectFailed(e));
         }
@@ -1420,6 +1435,7 @@ impl Worker {
     /// Reads the client's PROXY protocol header without reading past it: peeks, parses, then
     /// consumes exactly the header's bytes.
     fn read_proxy_header(&mut self, key: usize, now: Instant) -> Drive {
+        const CLOSED: &str = "client closed before sending its PROXY protocol header";
         loop {
             let pair = &mut self.pairs[key];
             if !pair.ready[Side::Downstream.index()].readable {
@@ -1434,11 +1450,7 @@ impl Worker {
             };
             pair.header.resize(want, 0);
             let n = match pair.downstream.peek(&mut pair.header) {
-                Ok(0) => {
-                    return Drive::Close(CloseReason::Refused(
-                        "client closed before sending its PROXY protocol header".into(),
-                    ));
-                }
+                Ok(0) => return Drive::Close(CloseReason::Refused(CLOSED.into())),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     pair.ready[Side::Downstream.index()].readable = false;
@@ -1456,6 +1468,10 @@ impl Worker {
                     }
                     if n >= want {
                         continue; // now that 16 bytes are in, the v2 length is known
+                    }
+                    if pair.ready[Side::Downstream.index()].closing {
+                        // The client closed after a header prefix: the rest will never come.
+                        return Drive::Close(CloseReason::Refused(CLOSED.into()));
                     }
                     // Everything the kernel has is a header prefix: wait for more.
                     pair.ready[Side::Downstream.index()].readable = false;

@@ -165,7 +165,7 @@ pub struct Pair {
     pub ready: [Readiness; 2],
     /// When it was accepted.
     pub started: Instant,
-    /// When a byte last moved (idle timeout).
+    /// When a byte was last read or written (idle timeout).
     pub last_active: Instant,
     /// The side that sent the first EOF.
     pub first_fin: Option<Side>,
@@ -201,6 +201,15 @@ impl Pair {
     /// Bytes proxied `[d→u, u→d]` (read from the source).
     pub fn offsets(&self) -> [u64; 2] {
         [self.pipes[0].read_total(), self.pipes[1].read_total()]
+    }
+
+    /// Bytes read plus bytes written, both directions: activity, for the idle timeout (a client
+    /// slowly reading what the proxy buffered is not idle).
+    fn moved(&self) -> u64 {
+        self.pipes
+            .iter()
+            .map(|p| p.read_total() + p.written_total())
+            .sum()
     }
 
     /// When this pair times out, if ever.
@@ -256,7 +265,7 @@ impl Pair {
         let Some(upstream) = self.upstream.as_ref() else {
             return Drive::Idle;
         };
-        let before = self.offsets();
+        let before = self.moved();
         let states = [self.pipes[0].state(), self.pipes[1].state()];
         let mut yielded = false;
         for dir in Direction::BOTH {
@@ -272,15 +281,16 @@ impl Pair {
             // spliced bytes while its tee pipe has room; a tap whose queue is full, or that is
             // past snaplen, takes nothing, and a full queue counts the bytes as dropped. Back to
             // copying only once the kernel pipe is empty, so bytes stay in order: until then the
-            // splice pump only drains (a budget of 0 reads nothing). The tap takes chunks that
-            // its queue can hold several of (see `TapHandle::chunk_max`).
+            // splice pump only drains (a budget of 0 reads nothing). Urgent data is copied too
+            // (see `Readiness::urgent`). The tap takes chunks that its queue can hold several of
+            // (see `TapHandle::chunk_max`).
             let chunk = tap.as_ref().map_or(usize::MAX, |t| t.handle.chunk_max());
             let wants = match tap.as_ref() {
                 _ if !(pipe.zero_copy && pipe.is_bulk()) => Wants::Yes, // copy, tap or not
                 None => Wants::BeyondSnaplen,
                 Some(t) => t.handle.wants(pipe.read_total(), pipes.size().min(chunk)),
             };
-            let splice = !matches!(wants, Wants::Yes);
+            let splice = !matches!(wants, Wants::Yes) && !src_ready.urgent;
             let queue_full = matches!(wants, Wants::QueueFull);
             let mut tee_pipe = match wants {
                 Wants::Tee(pipe) => Some(pipe),
@@ -344,7 +354,7 @@ impl Pair {
                 Err(PumpError::Write(e)) => return Drive::Close(classify(dir.source().other(), e)),
             }
         }
-        if self.offsets() != before {
+        if self.moved() != before {
             self.last_active = now;
         }
         for dir in Direction::BOTH {

@@ -70,6 +70,13 @@ pub struct Readiness {
     /// `EPOLLERR` nor `EPOLLHUP`, which is how epoll reports a failed connect. (HAProxy trusts
     /// the same flags; only an event with either flag needs `SO_ERROR` and `getpeername`.)
     pub connected: bool,
+    /// TCP urgent data may wait before the next bytes: an event had `EPOLLPRI`, or a splice
+    /// returned 0. `splice(2)` stops at the urgent mark (EAGAIN, or 0 once the FIN is in, which
+    /// only looks like EOF), so the direction copies instead: a read skips the urgent byte (it is
+    /// not forwarded) and goes on with the stream, and its 0 is the real EOF. Cleared once a
+    /// copying read finds the socket drained, or by a readable event without `EPOLLPRI` before
+    /// the FIN.
+    pub urgent: bool,
 }
 
 /// Why a pump stopped without error.
@@ -241,7 +248,8 @@ impl Pipe {
     }
 
     /// The zero-copy pump: like [`pump`](Pipe::pump), with `splice(2)` through a kernel pipe
-    /// instead of a user-space buffer. Same states, same EOF and error rules.
+    /// instead of a user-space buffer. Same states and error rules; a splice's 0 is not taken as
+    /// EOF but handed to [`pump`](Pipe::pump) to confirm (see [`Readiness::urgent`]).
     ///
     /// With `tee`, the kernel pipe is filled only when empty, and `tee(pipe read end, offset, n)`
     /// is called right after each fill of `n` bytes at stream `offset`: the pipe then holds
@@ -300,10 +308,11 @@ impl Pipe {
                 break PumpStatus::Blocked;
             }
             if self.state == PipeState::Open && src_ready.readable {
-                if read_now >= budget {
-                    // Budget 0 (only drain): once drained, yield so the caller can switch pumps;
-                    // while bytes wait for a writable destination, wait for its event.
-                    if budget == 0 && self.in_kernel() > 0 {
+                if read_now >= budget || src_ready.urgent {
+                    // Budget 0 (only drain), or urgent data (copy it): once drained, yield so
+                    // the caller can switch pumps; while bytes wait for a writable destination,
+                    // wait for its event.
+                    if (budget == 0 || src_ready.urgent) && self.in_kernel() > 0 {
                         break PumpStatus::Blocked;
                     }
                     break PumpStatus::Yielded;
@@ -335,7 +344,9 @@ impl Pipe {
                         was_empty,
                     )? {
                         Got::Eof => {
-                            self.set_state(PipeState::ReadClosed);
+                            // An EOF, or the urgent mark with the FIN behind it: a copying read
+                            // tells them apart (see `Readiness::urgent`).
+                            src_ready.urgent = true;
                             progress = true;
                         }
                         Got::Bytes(n) => {
@@ -428,13 +439,14 @@ impl Pipe {
                         }
                         Got::Bytes(n) => {
                             debug_assert!(n <= room, "read more than the space offered");
-                            if n < room && !src_ready.closing && !self.bulk {
+                            if n < room && !src_ready.closing && !src_ready.urgent && !self.bulk {
                                 // A short read took everything the socket held. Linux signals
                                 // every later arrival with a new edge, so the read that would
                                 // only say `WouldBlock` is skipped (as nginx does). Not after a
                                 // FIN or error was reported: their edge is already consumed.
                                 // Not for bulk data either: there the next read usually finds
-                                // more bytes that arrived meanwhile, which saves a wake-up.
+                                // more bytes that arrived meanwhile, which saves a wake-up. Nor
+                                // at urgent data, where a read stops short at the urgent mark.
                                 src_ready.readable = false;
                             } else if n == room && whole {
                                 self.bulk = true;
@@ -446,7 +458,13 @@ impl Pipe {
                             read_now += n;
                             progress = true;
                         }
-                        Got::Nothing { retry } => progress |= retry,
+                        Got::Nothing { retry } => {
+                            if !src_ready.readable {
+                                // Drained: a read skips the urgent byte, so none is left.
+                                src_ready.urgent = false;
+                            }
+                            progress |= retry;
+                        }
                     }
                 }
             }
@@ -555,6 +573,7 @@ mod tests {
             writable: true,
             closing: false,
             connected: true,
+            urgent: false,
         }
     }
 
@@ -800,5 +819,89 @@ mod tests {
             &mut |_, _| {},
         );
         assert!(matches!(res, Err(PumpError::Write(e)) if e.kind() == io::ErrorKind::WriteZero));
+    }
+
+    #[test]
+    fn test_splice_stopped_at_urgent_mark_with_fin_is_not_eof() {
+        use std::os::fd::AsRawFd;
+        let pair = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (a, l.accept().unwrap().0)
+        };
+        let ((mut client, src), (dst, mut server)) = (pair(), pair());
+        client.write_all(b"head").unwrap();
+        // SAFETY: send(2) of one byte from a live local on a socket we own.
+        let urgent = b'U';
+        let n = unsafe {
+            libc::send(
+                client.as_raw_fd(),
+                (&raw const urgent).cast(),
+                1,
+                libc::MSG_OOB,
+            )
+        };
+        assert_eq!(n, 1);
+        client.write_all(b"tail").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        // The FIN comes after every byte: once it is in, so is the rest.
+        let mut pfd = libc::pollfd {
+            fd: src.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd we own.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "FIN in");
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let (src, dst) = (
+            mio::net::TcpStream::from_std(src),
+            mio::net::TcpStream::from_std(dst),
+        );
+        let mut pipe = Pipe::new(Direction::DownToUp);
+        pipe.zero_copy = true;
+        let mut pool = BufferPool::new(64 * 1024, 2);
+        let mut pipes = PipePool::new(64 * 1024, 2);
+        // As after an event that came before the urgent byte: no EPOLLPRI seen.
+        let (mut src_ready, mut dst_ready) = (ready(), ready());
+        src_ready.closing = true;
+        let status = pipe
+            .pump_splice(
+                &src,
+                &mut src_ready,
+                &dst,
+                &mut dst_ready,
+                &mut pool,
+                &mut pipes,
+                1 << 20,
+                usize::MAX,
+                None,
+            )
+            .unwrap();
+        // splice(2) moved the bytes up to the urgent mark, then returned 0 there.
+        assert_eq!(pipe.written_total(), 4);
+        assert_eq!(status, PumpStatus::Yielded, "copy next");
+        assert_eq!(
+            pipe.state(),
+            PipeState::Open,
+            "a 0 at the urgent mark is no EOF"
+        );
+        assert!(src_ready.urgent && src_ready.readable);
+        // The copying read skips the urgent byte, forwards the rest, then sees the real EOF.
+        pipe.pump(
+            &mut &src,
+            &mut src_ready,
+            &mut &dst,
+            &mut dst_ready,
+            &mut pool,
+            1 << 20,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(pipe.state(), PipeState::WriteShut);
+        assert_eq!(pipe.read_total(), 8);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"headtail");
     }
 }

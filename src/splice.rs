@@ -79,7 +79,9 @@ impl KernelPipe {
     }
 
     /// Moves up to `max` bytes, and at most the pipe's free room, from socket `src` into the
-    /// pipe. `Ok(0)` is EOF.
+    /// pipe. `Ok(0)` is EOF, or TCP urgent data next with the FIN behind it: the kernel's
+    /// splice stops at the urgent mark (EAGAIN before the FIN), where a `recv(2)` skips the
+    /// urgent byte and reads on.
     pub fn fill_from(&mut self, src: RawFd, max: usize) -> io::Result<usize> {
         let room = (self.capacity - self.len).min(max);
         let n = splice(src, self.write.as_raw_fd(), room)?;
