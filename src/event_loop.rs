@@ -1156,6 +1156,7 @@ impl Worker {
         entry.insert(Pair {
             meta,
             route: route_idx,
+            idle_timeout: route.config.idle_timeout,
             downstream,
             upstream: None,
             local,
@@ -1570,8 +1571,7 @@ impl Worker {
                         .metrics
                         .route(pair.route)
                         .on_connected(now.duration_since(pair.connect_started));
-                    let idle = self.routes[pair.route].config.idle_timeout;
-                    if let Some(t) = pair.deadline(idle) {
+                    if let Some(t) = pair.deadline() {
                         // Arm the idle timer now only if it is due before the connect timer
                         // still in the heap (which re-arms itself when it fires).
                         if pair.timer_at.is_none_or(|at| t < at) {
@@ -1628,8 +1628,7 @@ impl Worker {
             }
             let pair = &mut self.pairs[key];
             pair.timer_at = None;
-            let idle = self.routes[pair.route].config.idle_timeout;
-            match pair.deadline(idle) {
+            match pair.deadline() {
                 Some(d) if d <= now => {
                     let reason = match pair.phase {
                         Phase::AwaitingHeader { .. } => Some(CloseReason::ProxyHeaderTimeout),

@@ -144,6 +144,8 @@ pub struct Pair {
     pub meta: Arc<ConnMeta>,
     /// Index of the route that accepted it.
     pub route: usize,
+    /// The route's `idle_timeout` when it accepted the connection: a reload does not change it.
+    pub idle_timeout: Option<Duration>,
     /// The accepted client socket.
     pub downstream: TcpStream,
     /// The backend socket (none while waiting for a PROXY protocol header).
@@ -213,10 +215,10 @@ impl Pair {
     }
 
     /// When this pair times out, if ever.
-    pub fn deadline(&self, idle_timeout: Option<Duration>) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::Connecting { deadline } | Phase::AwaitingHeader { deadline } => Some(deadline),
-            Phase::Established => idle_timeout.map(|t| self.last_active + t),
+            Phase::Established => self.idle_timeout.map(|t| self.last_active + t),
         }
     }
 

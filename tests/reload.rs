@@ -197,3 +197,44 @@ fn sighup_warns_about_settings_that_wait_for_a_restart() {
     assert_eq!(ask(proxy.addr()), 1);
     assert!(!log.exists(), "the access log opened before a restart");
 }
+
+/// Open connections keep the `idle_timeout` they started with; new ones get the reloaded one.
+#[test]
+fn open_connections_keep_their_idle_timeout_across_a_reload() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("reload-idle");
+    let path = dir.path("proxy.toml");
+    let config = |idle: &str| {
+        format!(
+            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+             idle_timeout = \"{idle}\"\n",
+            echo.addr
+        )
+    };
+    write_file(&path, &config("1s"));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let mut old = connect(proxy.addr());
+    old.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut old, 2, PROMPT).unwrap(), b"hi");
+    write_file(&path, &config("1h"));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    let mut new = connect(proxy.addr());
+    new.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut new, 2, PROMPT).unwrap(), b"hi");
+    // The old connection is reset after its 1 s of silence.
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match old.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "old connection not reset at its idle timeout: {other:?} after {:?}",
+            t0.elapsed()
+        ),
+    }
+    // The new one, idle for longer than 1 s by now, still echoes.
+    std::thread::sleep(Duration::from_millis(1200));
+    new.write_all(b"still").unwrap();
+    assert_eq!(read_n(&mut new, 5, PROMPT).unwrap(), b"still");
+}
