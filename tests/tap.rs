@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
@@ -1053,26 +1053,40 @@ fn echo_once_upstream() -> Upstream {
     })
 }
 
-#[test]
-fn pcap_shows_the_proxys_resets_at_idle_timeout() {
-    let dir = TempDir::new("idle-rst");
-    let (pcap, log) = (dir.path("cap.pcap"), dir.path("tap.log"));
-    let up = echo_once_upstream();
+/// A proxy tapping to `pcap` and `log` in front of [`echo_once_upstream`], with `setting` (a
+/// top-level config line), and two connections through it: one with both directions open, one
+/// whose upstream has sent its FIN.
+fn proxy_with_open_and_half_closed(
+    setting: &str,
+    pcap: &Path,
+    log: &Path,
+    up: &Upstream,
+) -> (Proxy, TcpStream, TcpStream) {
     let config = format!(
-        "idle_timeout = \"2s\"\n[tap]\npcap = \"{}\"\nlog = \"{}\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        "{setting}\n[tap]\npcap = \"{}\"\nlog = \"{}\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
         pcap.display(),
         log.display(),
         up.addr
     );
-    let mut proxy = Proxy::with_config(&config, 1);
-    // Both directions open; then one where the upstream has sent its FIN, and one where the
-    // client has sent its own.
+    let proxy = Proxy::with_config(&config, 1);
     let mut open = connect(proxy.addr());
     open.write_all(b"hello").unwrap();
     assert_eq!(read_n(&mut open, 5, PROMPT).unwrap(), b"hello");
     let mut up_fin = connect(proxy.addr());
     up_fin.write_all(b"FIN!!").unwrap();
     assert_eq!(read_to_end(&mut up_fin, PROMPT).unwrap(), b"FIN!!");
+    (proxy, open, up_fin)
+}
+
+#[test]
+fn pcap_shows_the_proxys_resets_at_idle_timeout() {
+    let dir = TempDir::new("idle-rst");
+    let (pcap, log) = (dir.path("cap.pcap"), dir.path("tap.log"));
+    let up = echo_once_upstream();
+    // Both directions open; then one where the upstream has sent its FIN, and one where the
+    // client has sent its own.
+    let (mut proxy, mut open, up_fin) =
+        proxy_with_open_and_half_closed("idle_timeout = \"2s\"", &pcap, &log, &up);
     let mut client_fin = connect(proxy.addr());
     client_fin.write_all(b"bye..").unwrap();
     client_fin.shutdown(Shutdown::Write).unwrap();
@@ -1094,19 +1108,8 @@ fn pcap_shows_the_proxys_resets_at_the_end_of_the_drain() {
     let dir = TempDir::new("drain-rst");
     let (pcap, log) = (dir.path("cap.pcap"), dir.path("tap.log"));
     let up = echo_once_upstream();
-    let config = format!(
-        "drain_timeout = \"300ms\"\n[tap]\npcap = \"{}\"\nlog = \"{}\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-        pcap.display(),
-        log.display(),
-        up.addr
-    );
-    let mut proxy = Proxy::with_config(&config, 1);
-    let mut open = connect(proxy.addr());
-    open.write_all(b"hello").unwrap();
-    assert_eq!(read_n(&mut open, 5, PROMPT).unwrap(), b"hello");
-    let mut up_fin = connect(proxy.addr());
-    up_fin.write_all(b"FIN!!").unwrap();
-    assert_eq!(read_to_end(&mut up_fin, PROMPT).unwrap(), b"FIN!!");
+    let (mut proxy, mut open, up_fin) =
+        proxy_with_open_and_half_closed("drain_timeout = \"300ms\"", &pcap, &log, &up);
     proxy.signal(SIGTERM);
     let err = read_to_end(&mut open, Duration::from_secs(20)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");

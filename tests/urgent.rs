@@ -104,22 +104,27 @@ fn expect_clean_close(proxy: &Proxy, c: &mut TcpStream) {
     assert_eq!(proxy.count_log("reset"), 0, "{}", proxy.logs());
 }
 
-#[test]
-fn urgent_byte_in_spliced_stream_then_fin_forwards_the_rest() {
-    let (up, rx) = reporting_upstream();
-    let proxy = Proxy::forwarding_to(up.addr);
-    let mut c = bulk_start(&proxy, &rx);
-    // The urgent byte, more data and the FIN all arrive before the proxy looks: splice would
-    // stop at the urgent mark with the FIN in.
-    let tail = Pattern::bytes(2, 100_000);
-    while_stopped(&proxy, || {
+/// A spliced stream, then the urgent byte, more data and the FIN, all arriving before the proxy
+/// looks: splice would stop at the urgent mark with the FIN in. Every other byte must arrive,
+/// then a clean close.
+fn urgent_byte_then_fin(proxy: &Proxy, rx: &mpsc::Receiver<Seen>, seed: u64) {
+    let mut c = bulk_start(proxy, rx);
+    let tail = Pattern::bytes(seed, 100_000);
+    while_stopped(proxy, || {
         send_oob(&c, b'U');
         c.write_all(&tail).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
     });
-    expect_bytes(&rx, &tail, "data after the urgent byte");
-    expect_eof(&rx, "after the whole stream");
-    expect_clean_close(&proxy, &mut c);
+    expect_bytes(rx, &tail, "data after the urgent byte");
+    expect_eof(rx, "after the whole stream");
+    expect_clean_close(proxy, &mut c);
+}
+
+#[test]
+fn urgent_byte_in_spliced_stream_then_fin_forwards_the_rest() {
+    let (up, rx) = reporting_upstream();
+    let proxy = Proxy::forwarding_to(up.addr);
+    urgent_byte_then_fin(&proxy, &rx, 2);
 }
 
 #[test]
@@ -139,16 +144,7 @@ fn urgent_byte_in_tapped_spliced_stream_then_fin_forwards_the_rest() {
         ],
         1,
     );
-    let mut c = bulk_start(&proxy, &rx);
-    let tail = Pattern::bytes(5, 100_000);
-    while_stopped(&proxy, || {
-        send_oob(&c, b'U');
-        c.write_all(&tail).unwrap();
-        c.shutdown(Shutdown::Write).unwrap();
-    });
-    expect_bytes(&rx, &tail, "data after the urgent byte");
-    expect_eof(&rx, "after the whole stream");
-    expect_clean_close(&proxy, &mut c);
+    urgent_byte_then_fin(&proxy, &rx, 5);
 }
 
 #[test]
