@@ -109,7 +109,18 @@ fn raise_fd_limit() {
     }
 }
 
+/// A write past `RLIMIT_FSIZE` (a tap file or the access log growing past `ulimit -f`) raises
+/// SIGXFSZ, which by default kills the process, and every connection with it. Ignored, the write
+/// fails with `EFBIG` instead, and the sink counts it as a write error.
+fn ignore_sigxfsz() {
+    // SAFETY: setting a standard signal's disposition to SIG_IGN, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() -> ExitCode {
+    ignore_sigxfsz();
     let args = Args::parse();
     tcptap::logging::init();
     let (code, fatal) = match run(&args) {

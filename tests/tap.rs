@@ -1201,3 +1201,60 @@ fn a_small_tap_queue_captures_bulk_data_a_writer_keeps_up_with() {
         assert_eq!(flow.fin_at, Some(data.len() as u64), "{key:?}: FIN");
     }
 }
+
+/// A tap log that reaches the file size limit (`ulimit -f`): the kernel's SIGXFSZ used to kill
+/// the proxy and every connection with it. Proxying goes on, the failed writes are counted, and
+/// the log is not left with a torn last line.
+#[test]
+fn a_tap_log_at_the_file_size_limit_neither_kills_nor_tears() {
+    const LIMIT: u64 = 20_000;
+    let up = Upstream::echo();
+    let dir = TempDir::new("fsize");
+    let log = dir.path("tap.log");
+    let mut proxy = Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+            "--tap-log",
+            log.to_str().unwrap(),
+        ],
+        1,
+    );
+    let lim = libc::rlimit {
+        rlim_cur: LIMIT,
+        rlim_max: LIMIT,
+    };
+    // SAFETY: prlimit on our own child with a valid pointer.
+    let rc = unsafe {
+        libc::prlimit(
+            proxy.pid() as i32,
+            libc::RLIMIT_FSIZE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    // Far more log than the limit holds, one conversation after the other.
+    for i in 0..300 {
+        let msg = format!("message {i:04} through a tap whose log is full");
+        echo_once(proxy.addr(), msg.as_bytes());
+    }
+    proxy.signal(SIGTERM);
+    assert_eq!(
+        proxy.wait_exit(TAP_FLUSH).code(),
+        Some(0),
+        "{}",
+        proxy.logs()
+    );
+    let line = proxy.wait_log("write errors", PROMPT);
+    assert!(!line.contains(" 0 write errors"), "{line}");
+    let text = std::fs::read(&log).unwrap();
+    assert!(
+        text.len() as u64 <= LIMIT && text.len() > 1000,
+        "{} bytes",
+        text.len()
+    );
+    assert_eq!(text.last(), Some(&b'\n'), "torn last line");
+}

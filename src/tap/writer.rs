@@ -423,8 +423,20 @@ impl Write for LogFile {
         self.file()?.write(buf)
     }
 
+    /// A batch that fails part-way (disk full, file size limit) is cut off the file again, so
+    /// the next batch does not continue a torn line.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file()?.write_all(buf)
+        let file = self.file()?;
+        let before = file
+            .metadata()
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .map(|m| m.len());
+        let result = file.write_all(buf);
+        if let (Err(_), Some(len)) = (&result, before) {
+            let _ = file.set_len(len);
+        }
+        result
     }
 
     fn flush(&mut self) -> io::Result<()> {
