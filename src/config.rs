@@ -982,11 +982,22 @@ impl Config {
             Some(Toggle::Flag(true)) => Some(Duration::from_secs(60)),
             Some(Toggle::Text(t)) => file_ctx.optional_duration("socket.keepalive", t)?,
         };
+        // Linux takes TCP_KEEPIDLE and TCP_KEEPINTVL in whole seconds up to 32767.
+        let keepalive_secs = |key: &str, d: Duration| {
+            if d > Duration::from_secs(32_767) {
+                Err(file_ctx.invalid(key, "must be at most 32767s (about 9 hours)"))
+            } else {
+                Ok(d)
+            }
+        };
         let keepalive = match keepalive {
             Some(idle) => Some(Keepalive {
-                idle,
+                idle: keepalive_secs("socket.keepalive", idle)?,
                 interval: match &rs.keepalive_interval {
-                    Some(t) => file_ctx.positive_duration("socket.keepalive_interval", t)?,
+                    Some(t) => keepalive_secs(
+                        "socket.keepalive_interval",
+                        file_ctx.positive_duration("socket.keepalive_interval", t)?,
+                    )?,
                     None => Duration::from_secs(10),
                 },
             }),
@@ -1172,6 +1183,19 @@ mod tests {
         let e = err(&format!("splice_pipe_size = \"1 KiB\"\n{MINIMAL}"));
         assert!(
             e.contains("test.toml") && e.contains("splice_pipe_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keepalive_times_fit_the_kernel() {
+        let with = |s: &str| format!("[socket]\n{s}{MINIMAL}");
+        parse(&with("keepalive = \"9h\"\n")).unwrap();
+        let e = err(&with("keepalive = \"10h\"\n"));
+        assert!(e.contains("socket.keepalive") && e.contains("32767"), "{e}");
+        let e = err(&with("keepalive = \"60s\"\nkeepalive_interval = \"10h\"\n"));
+        assert!(
+            e.contains("socket.keepalive_interval") && e.contains("32767"),
             "{e}"
         );
     }
