@@ -675,7 +675,9 @@ impl Worker {
                 consider(t);
             }
         }
-        if self.wakers.len() > 1 && self.listeners.iter().any(|l| l.blocked_by_limit) {
+        if self.wakers.len() > 1
+            && (self.listeners.iter()).any(|l| l.blocked_by_limit && l.socket.is_some())
+        {
             consider(now + LIMIT_RETRY);
         }
         // Round up to a millisecond so a timer is never polled for a zero timeout in a busy loop.

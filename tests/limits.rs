@@ -377,3 +377,29 @@ fn wakeups(pid: u32) -> u64 {
     }
     n
 }
+
+/// Workers at their connection limit retry accepting every 20 ms (another worker may have freed
+/// a slot); once a graceful shutdown has closed the listeners, they stop.
+#[test]
+fn a_drain_stops_the_retries_of_listeners_at_their_limit() {
+    let echo = Upstream::echo();
+    let config = format!(
+        "workers = 2\nmax_connections = 1\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        echo.addr
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let mut held = connect(proxy.addr());
+    held.write_all(b"held").unwrap();
+    assert_eq!(read_n(&mut held, 4, PROMPT).unwrap(), b"held");
+    // Clients beyond the limit wait in the backlogs: both workers are at the limit.
+    let waiting: Vec<_> = (0..8).map(|_| connect(proxy.addr())).collect();
+    proxy.signal(15);
+    proxy.wait_log("shutting down: listeners closed", PROMPT);
+    let w0 = wakeups(proxy.pid());
+    std::thread::sleep(Duration::from_millis(1000));
+    let woke = wakeups(proxy.pid()) - w0;
+    assert!(woke < 20, "{woke} wake-ups in a second of an idle drain");
+    drop(waiting);
+    drop(held);
+    assert!(proxy.wait_exit(Duration::from_secs(10)).success());
+}
