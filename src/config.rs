@@ -836,14 +836,6 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         }
         return Ok(None);
     }
-    if let (Some(LogTarget::File(l)), Some(p)) = (&log, &pcap) {
-        if crate::tap::same_file(l, &p.path) {
-            return Err(ctx.invalid(
-                format!("{prefix}.pcap"),
-                format!("{} is also the text log: use two files", l.display()),
-            ));
-        }
-    }
     Ok(Some(TapConfig {
         log,
         pcap,
@@ -859,11 +851,15 @@ fn check_route_names_and_taps(
     ctx: &Ctx<'_>,
     routes: &[Route],
     raw: &[RawRoute],
+    (log_flag, pcap_flag): (bool, bool),
 ) -> Result<(), ConfigError> {
-    // The key that set route i's tap: its own [route.tap], else the global [tap].
-    let tap_key = |i: usize| match raw.get(i).and_then(|r| r.tap.as_ref()) {
-        Some(_) => format!("route[{i}].tap"),
-        None => "tap".to_string(),
+    // What set route i's tap `log` or `pcap`: its own [route.tap], else the global [tap] or
+    // the flag that replaced that key.
+    let tap_key = |i: usize, key: &str| match raw.get(i).and_then(|r| r.tap.as_ref()) {
+        Some(_) => format!("route[{i}].tap.{key}"),
+        None if key == "log" && log_flag => "--tap-log".to_string(),
+        None if key == "pcap" && pcap_flag => "--tap-pcap".to_string(),
+        None => format!("tap.{key}"),
     };
     for (i, r) in routes.iter().enumerate() {
         if let Some(j) = routes[..i].iter().position(|o| o.name == r.name) {
@@ -877,19 +873,31 @@ fn check_route_names_and_taps(
             ));
         }
         let Some(tc) = &r.tap else { continue };
+        if let (Some(LogTarget::File(l)), Some(p)) = (&tc.log, &tc.pcap) {
+            if crate::tap::same_file(l, &p.path) {
+                return Err(ctx.invalid(
+                    tap_key(i, "pcap"),
+                    format!(
+                        "{} is also the text log (`{}`): use two files",
+                        p.path.display(),
+                        tap_key(i, "log")
+                    ),
+                ));
+            }
+        }
         for (j, o) in routes[..i].iter().enumerate() {
             let Some(oc) = o.tap.as_ref().filter(|oc| *oc != tc) else {
                 continue;
             };
             if let Some((key, other_key, path)) = tc.shared_file(oc) {
                 return Err(ctx.invalid(
-                    format!("{}.{key}", tap_key(i)),
+                    tap_key(i, key),
                     format!(
-                        "{} is also written by `{}.{other_key}` (route[{j}]), a tap with other \
-                         settings; routes can share a tap file only by sharing the whole tap \
-                         (the same settings, the path spelled the same)",
+                        "{} is also written by `{}` (route[{j}]), a tap with other settings; \
+                         routes can share a tap file only by sharing the whole tap (the same \
+                         settings, the path spelled the same)",
                         path.display(),
-                        tap_key(j)
+                        tap_key(j, other_key)
                     ),
                 ));
             }
@@ -1017,8 +1025,9 @@ impl Config {
         };
 
         // The global tap: the file's [tap], with --tap-log / --tap-pcap on top.
-        // The flags only set paths, which nothing here rejects: every error is about a key of
-        // the file (or of the command line, when there is no file: then `file_ctx` says so).
+        // The flags only set paths, which `tap` does not check (the check of files shared
+        // between taps names the flags): every error here is about a key of the file (or of
+        // the command line, when there is no file: then `file_ctx` says so).
         let mut raw_tap = raw.tap.take().unwrap_or_default();
         if let Some(l) = &ov.tap_log {
             raw_tap.log = Some(l.clone());
@@ -1131,7 +1140,8 @@ impl Config {
                 ));
             }
         }
-        check_route_names_and_taps(&file_ctx, &routes, &raw.route)?;
+        let flags = (ov.tap_log.is_some(), ov.tap_pcap.is_some());
+        check_route_names_and_taps(&file_ctx, &routes, &raw.route, flags)?;
         let (admin, access_log) = ops_sections(
             &file_ctx,
             raw.admin.as_ref(),
@@ -1304,6 +1314,23 @@ mod tests {
             route("[route.tap]\nlog = \"-\"\nsnaplen = \"1 KiB\"\n")
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn a_tap_file_conflict_from_a_flag_names_the_flag() {
+        let ov = |log: &str, pcap: &str| Overrides {
+            tap_log: Some(log.into()),
+            tap_pcap: Some(pcap.into()),
+            ..Overrides::default()
+        };
+        let e = Config::from_toml_str(MINIMAL, "p.toml", &ov("out.x", "./out.x"))
+            .expect_err("one file for both")
+            .to_string();
+        assert!(
+            e.contains("`--tap-pcap`") && e.contains("`--tap-log`"),
+            "{e}"
+        );
+        assert!(!e.contains("tap.pcap"), "{e}");
     }
 
     #[test]
