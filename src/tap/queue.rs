@@ -270,7 +270,8 @@ impl TapHandle {
     /// Queues `bytes` like [`TapHandle::data`], in records of at most
     /// [`TapHandle::chunk_max`] bytes: a read larger than that (a large `buffer_size`, or a
     /// small queue) is captured as far as the queue has room, where one record of it would
-    /// never fit. Returns the records and the payload bytes dropped.
+    /// never fit. Returns the records and the payload bytes dropped: once a chunk does not fit,
+    /// the rest of the read is one dropped record, not one per chunk (and not one attempt each).
     pub fn data_in_chunks(
         &self,
         conn: &Arc<ConnMeta>,
@@ -278,16 +279,25 @@ impl TapHandle {
         offset: u64,
         bytes: &[u8],
     ) -> (u64, u64) {
-        let mut dropped = (0, 0);
-        let mut at = offset;
+        let mut done = 0;
         for piece in bytes.chunks(self.chunk_max()) {
+            let at = offset + done as u64;
             if !self.data(conn, dir, at, piece) {
-                dropped.0 += 1;
-                dropped.1 += piece.len() as u64;
+                // `data` counted this chunk's drop; the bytes after it go with it.
+                let rest = clip_len(
+                    self.snaplen,
+                    at + piece.len() as u64,
+                    bytes.len() - done - piece.len(),
+                );
+                self.shared
+                    .dropped_bytes
+                    .fetch_add(rest as u64, Ordering::Relaxed);
+                let this = clip_len(self.snaplen, at, piece.len());
+                return (1, (this + rest) as u64);
             }
-            at += piece.len() as u64;
+            done += piece.len();
         }
-        dropped
+        (0, 0)
     }
 
     /// Queues a connection event (`Open`, `Fin`, `Reset`, `Close`).
@@ -738,6 +748,13 @@ mod tests {
         assert!(got == read[..kept], "the chunks are queued in order");
         assert_eq!(h.queued_cost(), budget);
         assert_eq!(h.stats().dropped_bytes, (budget - kept) as u64);
+        // With the queue full, a whole read is one dropped record.
+        assert_eq!(
+            h.data_in_chunks(&conn(), Direction::DownToUp, 1000 + budget as u64, &read),
+            (1, budget as u64)
+        );
+        assert_eq!(h.stats().dropped_records, 2);
+        assert_eq!(h.stats().dropped_bytes, (2 * budget - kept) as u64);
     }
 
     #[test]
