@@ -36,6 +36,7 @@ use crate::admin::{
 };
 use crate::buffer::BufferPool;
 use crate::config::{Config, Overrides, ProxyProtocolVersion, Route};
+use crate::fd_budget;
 use crate::metrics::{CloseCause, ConnectFailure, ExtraGauges, Metrics};
 use crate::net::{self, SetupError};
 use crate::orig_dst;
@@ -284,7 +285,10 @@ impl Server {
             stats: Stats::default(),
             // Preallocated: a reload appends routes, up to MAX_ROUTES over the process's life.
             route_active: (0..MAX_ROUTES).map(|_| AtomicUsize::new(0)).collect(),
-            max_connections: fd_capped_max_connections(config.max_connections),
+            max_connections: fd_capped_max_connections(
+                config.max_connections,
+                if config.splice { n * PIPE_POOL_MAX } else { 0 },
+            ),
             workers_listening: AtomicUsize::new(n),
             workers_running: AtomicUsize::new(n),
             metrics: Arc::new(Metrics::new(MAX_ROUTES)),
@@ -1000,12 +1004,14 @@ impl Worker {
         }
     }
 
-    /// True when the global or the route's connection limit is reached.
+    /// True when the global or the route's connection limit is reached, or when kernel pipes
+    /// hold the descriptors that one more connection needs (see [`fd_budget`]).
     fn at_limit(&self, route: usize) -> bool {
         // Workers check and count separately, so N workers may overshoot by at most N - 1.
         self.shared.stats.active.load(Ordering::Relaxed) as usize >= self.shared.max_connections
             || self.shared.route_active[route].load(Ordering::Relaxed)
                 >= self.routes[route].config.max_connections
+            || !fd_budget::has_room()
     }
 
     fn accept(&mut self, i: usize, now: Instant) {
@@ -1019,8 +1025,11 @@ impl Worker {
                 // Leave connections in the kernel's backlog; resume when a slot frees.
                 if !self.listeners[i].blocked_by_limit {
                     debug!(
-                        "route `{}`: connection limit reached, accepting paused",
-                        self.routes[i].config.name
+                        "route `{}`: connection limit reached, accepting paused ({} \
+                         connections, {} descriptor pairs held)",
+                        self.routes[i].config.name,
+                        self.shared.stats.active.load(Ordering::Relaxed),
+                        fd_budget::used()
                     );
                 }
                 self.listeners[i].blocked_by_limit = true;
@@ -1159,6 +1168,7 @@ impl Worker {
             meta,
             route: route_idx,
             idle_timeout: route.config.idle_timeout,
+            fds: fd_budget::Slot::connection(),
             downstream,
             upstream: None,
             local,
@@ -2067,12 +2077,15 @@ const PROBE_SPAN: usize = 64;
 /// Idle kernel pipes a worker keeps for reuse (two descriptors each).
 pub const PIPE_POOL_MAX: usize = 16;
 
-/// Descriptors kept free for listeners, the poller, signals, tap and log files.
-const FD_RESERVE: u64 = 32;
+/// Descriptors kept free for listeners, the poller, signals, tap and log files, admin
+/// connections, and health probes.
+const FD_RESERVE: u64 = 64;
 
 /// Each pair needs two descriptors: cap `configured` so that accepting stops (clients wait in the
-/// backlog) before accept(2) or socket(2) run out of descriptors.
-fn fd_capped_max_connections(configured: usize) -> usize {
+/// backlog) before accept(2) or socket(2) run out of descriptors. `pooled_pipes` idle pipes
+/// (all workers' pools) are kept outside the budget too; what remains is the budget that
+/// connections and busy kernel pipes share (see [`fd_budget`]).
+fn fd_capped_max_connections(configured: usize, pooled_pipes: usize) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -2083,13 +2096,15 @@ fn fd_capped_max_connections(configured: usize) -> usize {
     {
         return configured;
     }
-    let cap = (lim.rlim_cur.saturating_sub(FD_RESERVE) / 2).max(1);
+    let reserve = FD_RESERVE + 2 * pooled_pipes as u64;
+    let cap = (lim.rlim_cur.saturating_sub(reserve) / 2).max(1);
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+    fd_budget::set_cap(cap);
     if configured > cap {
         info!(
             "max_connections = {configured} needs {} descriptors but the open-file limit is {}; \
              holding at most {cap} connections (raise `ulimit -n` for more)",
-            configured * 2 + FD_RESERVE as usize,
+            configured * 2 + reserve as usize,
             lim.rlim_cur
         );
         return cap;

@@ -14,6 +14,7 @@
 //! - [`pair`]: one downstream + upstream socket and their two pipes; why a pair closed.
 //! - [`pipe`]: one direction's state machine (`OPEN` → `READ-CLOSED` → `WRITE-SHUT`) over any Read/Write.
 //! - [`buffer`]: fixed-capacity buffers and the pool that lends them only while bytes are in flight.
+//! - [`fd_budget`]: the open-file budget that connections and kernel pipes share.
 //! - [`splice`]: the zero-copy path (socket → kernel pipe → socket) for routes without a tap.
 //! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
 //! - [`stats`]: process-wide counters.
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod buffer;
 pub mod config;
 pub mod event_loop;
+pub mod fd_budget;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -482,7 +482,7 @@ impl Metrics {
             w.sample("tcptap_buffered_bytes", &[("route", name)], r.buffered());
         }
 
-        let globals: [(&str, &str, &str, u64); 14] = [
+        let globals: [(&str, &str, &str, u64); 15] = [
             (
                 "tcptap_tap_records_written_total",
                 "counter",
@@ -554,6 +554,12 @@ impl Metrics {
                 "counter",
                 "Admin endpoint connections refused (503) at the connection limit.",
                 extra.admin_connections_refused,
+            ),
+            (
+                "tcptap_kernel_pipes",
+                "gauge",
+                "Kernel pipes held by spliced directions and tap tees (two descriptors each; idle pooled pipes not counted).",
+                crate::fd_budget::pipes() as u64,
             ),
             (
                 "tcptap_config_generation",

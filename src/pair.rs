@@ -146,6 +146,8 @@ pub struct Pair {
     pub route: usize,
     /// The route's `idle_timeout` when it accepted the connection: a reload does not change it.
     pub idle_timeout: Option<Duration>,
+    /// Its two sockets' place in the descriptor budget.
+    pub fds: crate::fd_budget::Slot,
     /// The accepted client socket.
     pub downstream: TcpStream,
     /// The backend socket (none while waiting for a PROXY protocol header).

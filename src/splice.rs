@@ -1,5 +1,5 @@
 //! Zero-copy forwarding: socket → kernel pipe → socket with `splice(2)`; the bytes never enter
-//! user space. Used for routes without a tap (a tap needs to see the bytes).
+//! user space. Used for bulk data; a tapped direction hands the tap a `tee(2)` of its pipe.
 //!
 //! Invariants:
 //! - A [`KernelPipe`] is both ends of a non-blocking `pipe2(2)`; `len` counts the bytes inside.
@@ -11,6 +11,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::fd_budget::PipeSlot;
+
 /// Both ends of a kernel pipe and the number of bytes in it.
 #[derive(Debug)]
 pub struct KernelPipe {
@@ -20,6 +22,8 @@ pub struct KernelPipe {
     pub len: usize,
     /// Capacity in bytes.
     pub capacity: usize,
+    /// Its place in the descriptor budget while a direction holds it (see [`PipePool`]).
+    slot: Option<PipeSlot>,
 }
 
 impl KernelPipe {
@@ -58,6 +62,7 @@ impl KernelPipe {
             write,
             len: 0,
             capacity,
+            slot: None,
         })
     }
 
@@ -132,11 +137,15 @@ pub struct TeePipe {
     capacity: usize,
     /// Bytes teed in and not yet read out.
     pending: std::sync::atomic::AtomicUsize,
+    /// Its place in the descriptor budget.
+    _slot: PipeSlot,
 }
 
 impl TeePipe {
-    /// A new empty pipe of `size` bytes (of the kernel's default size when refused).
+    /// A new empty pipe of `size` bytes (of the kernel's default size when refused); fails when
+    /// descriptors run out, or the descriptor budget has none to spare for a tap.
     pub fn new(size: usize) -> io::Result<TeePipe> {
+        let slot = PipeSlot::take().ok_or_else(no_budget)?;
         let KernelPipe {
             read,
             write,
@@ -148,6 +157,7 @@ impl TeePipe {
             write,
             capacity,
             pending: Default::default(),
+            _slot: slot,
         })
     }
 
@@ -217,6 +227,11 @@ impl TeePipe {
     }
 }
 
+/// The error of a pipe that the descriptor budget cannot give.
+fn no_budget() -> io::Error {
+    io::Error::other("the descriptors left are kept for connections")
+}
+
 /// Below this capacity a kernel pipe is not worth splicing through (the default copy buffer is
 /// 64 KiB).
 const MIN_USEFUL_PIPE: usize = 64 * 1024;
@@ -244,15 +259,22 @@ impl PipePool {
         self.size
     }
 
-    /// An empty pipe; fails when descriptors run out, or when the kernel grants less than
-    /// 64 KiB (or less than `size`, if smaller): past the user's pipe-user-pages-soft, new pipes
-    /// hold two pages, and splicing through those costs more than copying. The caller then
-    /// copies.
+    /// An empty pipe; fails when the descriptor budget has none to spare (they are left to
+    /// connections, see [`crate::fd_budget`]), when descriptors run out, or when the kernel
+    /// grants less than 64 KiB (or less than `size`, if smaller): past the user's
+    /// pipe-user-pages-soft, new pipes hold two pages, and splicing through those costs more
+    /// than copying. The caller then copies.
+    ///
+    /// Idle pipes kept in the pool are outside the budget (the event loop reserves descriptors
+    /// for them): a pipe counts while a direction holds it.
     pub fn take(&mut self) -> io::Result<KernelPipe> {
-        if let Some(p) = self.free.pop() {
+        let slot = PipeSlot::take().ok_or_else(no_budget)?;
+        if let Some(mut p) = self.free.pop() {
+            p.slot = Some(slot);
             return Ok(p);
         }
-        let p = KernelPipe::new(self.size)?;
+        let mut p = KernelPipe::new(self.size)?;
+        p.slot = Some(slot);
         if p.capacity != self.size {
             log::debug!("kernel pipe of {} bytes ({} asked)", p.capacity, self.size);
         }
@@ -266,7 +288,8 @@ impl PipePool {
     }
 
     /// Returns an empty pipe; a pipe with bytes left is closed instead.
-    pub fn give(&mut self, pipe: KernelPipe) {
+    pub fn give(&mut self, mut pipe: KernelPipe) {
+        pipe.slot = None;
         if pipe.len == 0 && self.free.len() < self.max_free {
             self.free.push(pipe);
         }

@@ -29,6 +29,27 @@ fn set_nofile(pid: u32, limit: u64) -> libc::rlimit {
     old
 }
 
+/// Makes the proxy start with an open-file limit of `n` (soft and hard).
+fn limit_nofile(cmd: &mut std::process::Command, n: u64) {
+    // SAFETY: setrlimit is async-signal-safe; runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Descriptors one worker keeps outside the connection budget: 64 for listeners, the poller,
+/// files and admin connections, 32 for its up to 16 idle kernel pipes.
+const RESERVED_FDS: u64 = 96;
+
 #[test]
 fn fd_limit_caps_connections_and_clients_wait() {
     let echo = Upstream::echo();
@@ -39,19 +60,7 @@ fn fd_limit_caps_connections_and_clients_wait() {
         &echo.addr.to_string(),
     ];
     let proxy = Proxy::start_in(&args, 1, None, |cmd| {
-        // SAFETY: setrlimit is async-signal-safe; runs in the child between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 40,
-                    rlim_max: 40,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_nofile(cmd, RESERVED_FDS + 2 * 4)
     });
     proxy.wait_log("holding at most 4 connections", PROMPT);
     let mut clients: Vec<_> = (0..12).map(|_| connect(proxy.addr())).collect();
@@ -73,6 +82,162 @@ fn fd_limit_caps_connections_and_clients_wait() {
         );
     }
     assert_eq!(proxy.count_log("connect failed"), 0, "{}", proxy.logs());
+}
+
+/// Accepts one connection on `listener` within `timeout`.
+fn accept_within(listener: &std::net::TcpListener, timeout: Duration) -> TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no connection within {timeout:?}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// A client that sends an 8-byte id then `len` bytes of pattern `id` from a thread, and keeps its
+/// socket open: the thread returns it.
+fn bulk_sender(addr: SocketAddr, id: u64, len: usize) -> std::thread::JoinHandle<TcpStream> {
+    let mut c = connect(addr);
+    std::thread::spawn(move || {
+        c.write_all(&id.to_le_bytes()).unwrap();
+        send_pattern(&mut c, id, len).unwrap();
+        c
+    })
+}
+
+/// Reads what [`bulk_sender`] sends, exactly, without waiting for an EOF.
+fn expect_bulk(s: &mut TcpStream, id: u64, len: usize) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = vec![0u8; 8 + len];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got[..8], id.to_le_bytes());
+    assert!(got[8..] == Pattern::bytes(id, len), "stream {id} differs");
+}
+
+/// Kernel pipes and connections share the open-file budget. While stalled transfers hold their
+/// pipes, a new client waits in the listen backlog (no accept(2), socket(2) or pipe2(2) fails for
+/// lack of descriptors, so nobody is reset), and it is served as soon as a pipe is released.
+#[test]
+fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
+    const LEN: usize = 4 << 20;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Room for 4 descriptor pairs. Small socket buffers toward the upstream, which does not read
+    // yet: each sender's bytes stay in its direction's kernel pipe.
+    let proxy = Proxy::with_config_in(
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
+            one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
+        ),
+        1,
+        |cmd| {
+            cmd.env("RUST_LOG", "info,tcptap::event_loop=debug");
+            limit_nofile(cmd, RESERVED_FDS + 2 * 4);
+        },
+    );
+    let admin = proxy.admin_addr();
+    let senders: Vec<_> = (0..2)
+        .map(|id| bulk_sender(proxy.addr(), id, LEN))
+        .collect();
+    let mut held: Vec<_> = (0..2).map(|_| accept_within(&upstream, PROMPT)).collect();
+    // Two connections and their two pipes: the budget is spent.
+    wait_metric(admin, "tcptap_kernel_pipes", 2.0);
+    let mut late = connect(proxy.addr());
+    late.write_all(b"hello").unwrap();
+    let line = proxy.wait_log("accepting paused", PROMPT);
+    assert!(
+        line.contains("2 connections, 4 descriptor pairs held"),
+        "{line}"
+    );
+    upstream.set_nonblocking(true).unwrap();
+    assert_eq!(
+        upstream.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the late client reached the upstream while the budget was spent"
+    );
+    // Drain the first transfer: its pipe empties and goes back, and the late client gets in.
+    expect_bulk(&mut held[0], 0, LEN);
+    let mut up = accept_within(&upstream, PROMPT);
+    assert_eq!(read_n(&mut up, 5, PROMPT).unwrap(), b"hello");
+    up.write_all(b"world").unwrap();
+    assert_eq!(read_n(&mut late, 5, PROMPT).unwrap(), b"world");
+    expect_bulk(&mut held[1], 1, LEN);
+    let clients: Vec<TcpStream> = senders.into_iter().map(|s| s.join().unwrap()).collect();
+    // Everything closed: the budget is whole again.
+    drop((clients, late, up, held));
+    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 0.0);
+    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+    assert_eq!(
+        proxy.count_log("Too many open files"),
+        0,
+        "{}",
+        proxy.logs()
+    );
+}
+
+/// Many bulk transfers both ways through a proxy whose open-file limit holds a few connections
+/// and pipes at a time: clients take turns from the backlog, every byte arrives, nobody is reset,
+/// and the budget is whole again afterwards.
+#[test]
+fn bulk_transfers_at_the_open_file_limit_take_turns_and_lose_nothing() {
+    const CLIENTS: u64 = 12;
+    const LEN: usize = 2 << 20;
+    let echo = Upstream::echo();
+    let proxy = Proxy::with_config_in(
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nname = \"bulk\"\n\
+             listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            echo.addr
+        ),
+        1,
+        |cmd| limit_nofile(cmd, RESERVED_FDS + 2 * 6),
+    );
+    let admin = proxy.admin_addr();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let addr = proxy.addr();
+            std::thread::spawn(move || {
+                let mut c = connect(addr);
+                let mut w = c.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    send_pattern(&mut w, id, LEN).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let got = expect_pattern(&mut c, id, LEN);
+                writer.join().unwrap();
+                got
+            })
+        })
+        .collect();
+    for (id, c) in clients.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap().unwrap(), LEN, "client {id}");
+    }
+    // Every connection ended with the client's clean close, none with a reset or refusal.
+    wait_metric(
+        admin,
+        "tcptap_connections_closed_total{route=\"bulk\",reason=\"client_closed_first\"}",
+        CLIENTS as f64,
+    );
+    wait_metric(admin, "tcptap_connections_active{route=\"bulk\"}", 0.0);
+    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+    assert_eq!(
+        proxy.count_log("Too many open files"),
+        0,
+        "{}",
+        proxy.logs()
+    );
 }
 
 #[test]

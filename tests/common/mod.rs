@@ -701,6 +701,25 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l[series.len()..].trim().parse().ok())
 }
 
+/// Polls the admin endpoint's `/metrics` until `series` has `value` (the loops update their
+/// numbers as they go); returns that exposition.
+pub fn wait_metric(admin: SocketAddr, series: &str, value: f64) -> String {
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let (status, body) = http_get(admin, "/metrics");
+        assert_eq!(status, 200);
+        if metric(&body, series) == Some(value) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {:?}, expected {value}:\n{body}",
+            metric(&body, series)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An address where nothing listens (bound, then closed).
 pub fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
