@@ -1722,7 +1722,8 @@ impl Worker {
                 tap_dropped_bytes: tap_bytes,
             });
         }
-        let (discarded, offsets) = pair.finish(&reason, &mut self.pool);
+        let totals = pair.finish(&reason, &mut self.pool);
+        let (discarded, offsets) = (totals.discarded, totals.received);
         stats.bytes_d2u.fetch_add(offsets[0], Ordering::Relaxed);
         stats.bytes_u2d.fetch_add(offsets[1], Ordering::Relaxed);
         stats.discarded.fetch_add(discarded, Ordering::Relaxed);
