@@ -168,10 +168,17 @@ pub struct ConnSummary {
     pub client: SocketAddr,
     /// Upstream address used (or tried last).
     pub upstream: SocketAddr,
-    /// Bytes proxied client → upstream.
+    /// Bytes read from the client (client → upstream).
     pub bytes_d2u: u64,
-    /// Bytes proxied upstream → client.
+    /// Bytes read from the upstream (upstream → client).
     pub bytes_u2d: u64,
+    /// Of `bytes_d2u`, the bytes the upstream received (see [`Pair::delivered`]); the rest were
+    /// lost when the connection was cut.
+    ///
+    /// [`Pair::delivered`]: crate::pair::Pair::delivered
+    pub delivered_d2u: u64,
+    /// Of `bytes_u2d`, the bytes the client received.
+    pub delivered_u2d: u64,
     /// Why the connection ended.
     pub end: CloseCause,
     /// How client → upstream ended.
@@ -542,7 +549,8 @@ impl<S: Sink> Writer<S> {
     }
 }
 
-/// The JSON shape of one entry; field order is the order written.
+/// The JSON shape of one entry; field order is the order written. Fields added later go last, as
+/// in the text format, so that the fields before them keep their places.
 #[derive(Serialize)]
 struct JsonLine<'a> {
     start: String,
@@ -558,6 +566,8 @@ struct JsonLine<'a> {
     u2d_end: &'static str,
     tap_dropped_records: u64,
     tap_dropped_bytes: u64,
+    delivered_d2u: u64,
+    delivered_u2d: u64,
 }
 
 fn duration_ms(d: Duration) -> f64 {
@@ -585,6 +595,8 @@ fn format_entry(s: &ConnSummary, format: Format, out: &mut Vec<u8>) {
                 u2d_end: s.u2d_end.as_str(),
                 tap_dropped_records: s.tap_dropped_records,
                 tap_dropped_bytes: s.tap_dropped_bytes,
+                delivered_d2u: s.delivered_d2u,
+                delivered_u2d: s.delivered_u2d,
             };
             let mark = out.len();
             if serde_json::to_writer(&mut *out, &line).is_err() {
@@ -606,7 +618,7 @@ fn format_entry(s: &ConnSummary, format: Format, out: &mut Vec<u8>) {
             let _ = writeln!(
                 line,
                 " client={} upstream={} bytes_d2u={} bytes_u2d={} end={} d2u_end={} u2d_end={} \
-                 tap_dropped_records={} tap_dropped_bytes={}",
+                 tap_dropped_records={} tap_dropped_bytes={} delivered_d2u={} delivered_u2d={}",
                 s.client,
                 s.upstream,
                 s.bytes_d2u,
@@ -615,7 +627,9 @@ fn format_entry(s: &ConnSummary, format: Format, out: &mut Vec<u8>) {
                 s.d2u_end,
                 s.u2d_end,
                 s.tap_dropped_records,
-                s.tap_dropped_bytes
+                s.tap_dropped_bytes,
+                s.delivered_d2u,
+                s.delivered_u2d
             );
             out.extend_from_slice(line.as_bytes());
         }
@@ -700,6 +714,8 @@ mod tests {
             upstream: "[::1]:8080".parse().unwrap(),
             bytes_d2u: 100,
             bytes_u2d: 2000,
+            delivered_d2u: 100,
+            delivered_u2d: 2000,
             end: CloseCause::ClientClosedFirst,
             d2u_end: DirEnd::FinFromClient,
             u2d_end: DirEnd::FinFromUpstream,
@@ -725,6 +741,7 @@ mod tests {
         second.route = Arc::from("we\"ird\nroute");
         second.end = CloseCause::ResetByUpstream;
         second.u2d_end = DirEnd::ResetByUpstream;
+        second.delivered_u2d = 1500;
         assert!(log.log(&second));
         let stats = guard.shutdown(TIMEOUT);
         assert_eq!(
@@ -745,13 +762,16 @@ mod tests {
                 "route": "web front", "client": "127.0.0.1:40000", "upstream": "[::1]:8080",
                 "bytes_d2u": 100, "bytes_u2d": 2000, "end": "client_closed_first",
                 "d2u_end": "fin_from_client", "u2d_end": "fin_from_upstream",
-                "tap_dropped_records": 1, "tap_dropped_bytes": 512
+                "tap_dropped_records": 1, "tap_dropped_bytes": 512,
+                "delivered_d2u": 100, "delivered_u2d": 2000
             })
         );
         let v: serde_json::Value = serde_json::from_str(&lines[1]).expect("JSON line");
         assert_eq!(v["route"], "we\"ird\nroute");
         assert_eq!(v["end"], "reset_by_upstream");
         assert_eq!(v["u2d_end"], "reset_by_upstream");
+        assert_eq!(v["bytes_u2d"], 2000);
+        assert_eq!(v["delivered_u2d"], 1500);
     }
 
     #[test]
@@ -787,6 +807,9 @@ mod tests {
         assert!(log.log(&summary(7)));
         let mut plain = summary(8);
         plain.route = Arc::from("api");
+        plain.end = CloseCause::IdleTimeout;
+        plain.u2d_end = DirEnd::Timeout;
+        plain.delivered_u2d = 1024;
         assert!(log.log(&plain));
         guard.shutdown(TIMEOUT);
         let lines = read_lines(&path.0);
@@ -796,11 +819,11 @@ mod tests {
                 "start=2023-11-14T22:13:20.123Z duration_ms=1234.567 id=7 route=\"web front\" \
                  client=127.0.0.1:40000 upstream=[::1]:8080 bytes_d2u=100 bytes_u2d=2000 \
                  end=client_closed_first d2u_end=fin_from_client u2d_end=fin_from_upstream \
-                 tap_dropped_records=1 tap_dropped_bytes=512",
+                 tap_dropped_records=1 tap_dropped_bytes=512 delivered_d2u=100 delivered_u2d=2000",
                 "start=2023-11-14T22:13:20.123Z duration_ms=1234.567 id=8 route=api \
                  client=127.0.0.1:40000 upstream=[::1]:8080 bytes_d2u=100 bytes_u2d=2000 \
-                 end=client_closed_first d2u_end=fin_from_client u2d_end=fin_from_upstream \
-                 tap_dropped_records=1 tap_dropped_bytes=512",
+                 end=idle_timeout d2u_end=fin_from_client u2d_end=timeout \
+                 tap_dropped_records=1 tap_dropped_bytes=512 delivered_d2u=100 delivered_u2d=1024",
             ]
         );
     }

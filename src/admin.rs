@@ -24,8 +24,12 @@
 //!   being written or lingered over) is shut down to make room, so idle connections cannot lock
 //!   out a probe however many there are; only when every connection is busy computing its
 //!   response (or as many again, shut down, are still ending after [`ENDING_WAIT`]) is a new one
-//!   refused with a 503 written without waiting. Both are counted in `/metrics` and logged (a
-//!   warning at most every [`LIMIT_WARNING_EVERY`]). No admin thread touches the event loops.
+//!   refused with a 503 written without waiting. The accepting thread then half-closes it and
+//!   reads it on, never waiting on it (its poll reports what to read), until the client closes or
+//!   [`REFUSED_LINGER`] passes: closed at once, the connection would be reset by the first
+//!   request byte to come in after the close, and the client could see the reset rather than the
+//!   503. Both are counted in `/metrics` and logged (a warning at most every
+//!   [`LIMIT_WARNING_EVERY`]). No admin thread touches the event loops.
 //! - [`AdminServer::shutdown`] (or drop) stops the accepting thread through a `mio::Waker`, shuts
 //!   down the socket of every connection still open, so that their threads end at once, and waits
 //!   for those threads (a bounded time: a thread waiting for a loop's `/connections` answer ends
@@ -42,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use serde::Serialize;
 
 use crate::metrics::{ExtraGauges, Metrics};
@@ -75,12 +79,17 @@ const CONN_STACK: usize = 256 * 1024;
 const ENDING_WAIT: Duration = Duration::from_millis(250);
 /// At most one warning about the connection limit per this long.
 const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// How long the accepting thread goes on reading a refused connection for its client to send its
+/// request and close (see [`refuse`]): as long as a served client has to send its request.
+const REFUSED_LINGER: Duration = REQUEST_DEADLINE;
 /// On shutdown, how long to wait for connection threads beyond the snapshot timeout; the sockets
 /// are shut down first, so they normally end at once.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+/// Refused connections being read until their client closes get tokens from here on.
+const FIRST_REFUSED: usize = 2;
 
 /// What one direction of a live connection is doing, as shown by `/connections`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -476,26 +485,42 @@ impl Drop for SlotGuard {
 }
 
 fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, shared: &Arc<Shared>) {
-    let mut events = Events::with_capacity(8);
+    let mut events = Events::with_capacity(64);
     let mut last_warning = None;
     // Connection threads not known to have ended: at most twice the limit after each reaping.
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(2 * shared.limit);
+    let mut refused = Lingering::new(2 * shared.limit);
     while !stop.load(Ordering::SeqCst) {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = refused
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             log::error!("admin: poll failed, the admin endpoint stops: {e}");
             break;
         }
+        let registry = poll.registry();
+        for event in &events {
+            if event.token().0 >= FIRST_REFUSED {
+                refused.readable(registry, event.token());
+            }
+        }
+        refused.expire(registry, Instant::now());
         // Accept until WouldBlock (edge-triggered), checking the stop flag between connections.
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     threads.retain(|t| !t.is_finished());
                     let stream = TcpStream::from(stream);
-                    if let Some(t) = accept(shared, stream, peer, &mut last_warning) {
-                        threads.push(t);
+                    let accepted = accept(shared, stream, peer, &mut last_warning);
+                    match accepted {
+                        Accepted::Served(t) => threads.push(t),
+                        Accepted::Refused(Some((socket, drained))) => {
+                            refused.add(registry, socket, drained, Instant::now());
+                        }
+                        Accepted::Refused(None) => {}
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -509,6 +534,7 @@ fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, shared: &Arc<
         }
     }
     drop(listener);
+    drop(refused);
     if shared.shut_all_and_wait(shared.state.snapshot_timeout + SHUTDOWN_GRACE) {
         // Every thread gave its slot back, the last thing it does: these joins do not wait.
         for t in threads {
@@ -518,13 +544,128 @@ fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, shared: &Arc<
     debug!("admin: stopped");
 }
 
+/// What became of a new connection.
+enum Accepted {
+    /// Served by this thread.
+    Served(JoinHandle<()>),
+    /// Refused; the socket, and the request bytes read so far, when it is to be read until its
+    /// client closes (see [`refuse`]).
+    Refused(Option<(TcpStream, usize)>),
+}
+
+/// A refused connection: answered, half-closed, and read until its client closes.
+struct RefusedConn {
+    socket: mio::net::TcpStream,
+    token: Token,
+    /// Closed then, whatever the client does.
+    deadline: Instant,
+    /// Bytes read and thrown away so far.
+    drained: usize,
+}
+
+/// The refused connections the accepting thread goes on reading, without ever waiting on one: it
+/// reads those its poll reports readable, and closes each once its client has closed, has sent
+/// [`LINGER_BYTES`], or [`REFUSED_LINGER`] has passed. At most `max` at once: past that, the
+/// oldest is closed.
+struct Lingering {
+    /// Oldest first: every one has the same linger time, so deadlines are in order too.
+    conns: std::collections::VecDeque<RefusedConn>,
+    max: usize,
+    next_token: usize,
+}
+
+impl Lingering {
+    fn new(max: usize) -> Lingering {
+        Lingering {
+            conns: std::collections::VecDeque::with_capacity(max),
+            max: max.max(1),
+            next_token: FIRST_REFUSED,
+        }
+    }
+
+    /// Starts reading `socket` (non-blocking, answered and half-closed) from which `drained`
+    /// bytes were read already.
+    fn add(&mut self, registry: &Registry, socket: TcpStream, drained: usize, now: Instant) {
+        if self.conns.len() >= self.max {
+            if let Some(oldest) = self.conns.pop_front() {
+                close_refused(registry, oldest);
+            }
+        }
+        let mut socket = mio::net::TcpStream::from_std(socket);
+        let token = Token(self.next_token);
+        // Wraps only after usize::MAX connections; the tokens in use are far apart by then.
+        self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_REFUSED);
+        // Bytes that arrived since the last read make the registration report it readable.
+        if let Err(e) = registry.register(&mut socket, token, Interest::READABLE) {
+            debug!("admin: cannot watch a refused connection, closing it: {e}");
+            return;
+        }
+        self.conns.push_back(RefusedConn {
+            socket,
+            token,
+            deadline: now + REFUSED_LINGER,
+            drained,
+        });
+    }
+
+    /// Reads the connection with `token`; closes it once its client is done.
+    fn readable(&mut self, registry: &Registry, token: Token) {
+        let Some(i) = self.conns.iter().position(|c| c.token == token) else {
+            return;
+        };
+        let c = &mut self.conns[i];
+        if drain(&mut c.socket, &mut c.drained) {
+            if let Some(c) = self.conns.remove(i) {
+                close_refused(registry, c);
+            }
+        }
+    }
+
+    /// Closes the connections whose time is up.
+    fn expire(&mut self, registry: &Registry, now: Instant) {
+        while self.conns.front().is_some_and(|c| c.deadline <= now) {
+            if let Some(c) = self.conns.pop_front() {
+                close_refused(registry, c);
+            }
+        }
+    }
+
+    /// When the next connection's time is up.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.conns.front().map(|c| c.deadline)
+    }
+}
+
+/// Reads what arrived last (a close with unread bytes is a reset), then closes.
+fn close_refused(registry: &Registry, mut c: RefusedConn) {
+    drain(&mut c.socket, &mut c.drained);
+    let _ = registry.deregister(&mut c.socket);
+}
+
+/// Reads and throws away what a refused client sent, until its socket would block. True once
+/// nothing more is to be read: the client closed, the connection failed, or it sent
+/// [`LINGER_BYTES`].
+fn drain(socket: &mut impl Read, drained: &mut usize) -> bool {
+    let mut scratch = [0u8; 4096];
+    while *drained < LINGER_BYTES {
+        match socket.read(&mut scratch) {
+            Ok(0) => return true,
+            Ok(n) => *drained += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
 /// Hands a new connection (still non-blocking) to a thread of its own, or refuses it.
 fn accept(
     shared: &Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     last_warning: &mut Option<Instant>,
-) -> Option<JoinHandle<()>> {
+) -> Accepted {
     let evicted_before = shared.evicted.load(Ordering::Relaxed);
     let admitted = match stream.try_clone() {
         Ok(socket) => shared.admit(socket),
@@ -536,9 +677,9 @@ fn accept(
     let Some(id) = admitted else {
         shared.refused.fetch_add(1, Ordering::Relaxed);
         debug!("admin: {peer}: refused, {} connections busy", shared.limit);
-        refuse(stream);
+        let lingering = refuse(stream);
         warn_at_limit(shared, last_warning);
-        return None;
+        return Accepted::Refused(lingering);
     };
     if shared.evicted.load(Ordering::Relaxed) != evicted_before {
         debug!("admin: {peer}: the longest-waiting connection was shut down to make room");
@@ -553,12 +694,12 @@ fn accept(
         .stack_size(CONN_STACK)
         .spawn(move || handle(stream, peer, &slot));
     match spawned {
-        Ok(t) => Some(t),
+        Ok(t) => Accepted::Served(t),
         Err(e) => {
             // The closure is dropped with its socket and slot: the client sees the connection close.
             shared.refused.fetch_add(1, Ordering::Relaxed);
             warn!("admin: {peer}: cannot start a thread for the connection: {e}");
-            None
+            Accepted::Refused(None)
         }
     }
 }
@@ -578,23 +719,24 @@ fn warn_at_limit(shared: &Shared, last_warning: &mut Option<Instant>) {
     );
 }
 
-/// Answers 503 and closes, without waiting: the socket is still non-blocking, and a fresh
-/// socket's send buffer takes the short response. What already arrived of the request is read
-/// first, so that the close does not reset the connection.
-fn refuse(mut stream: TcpStream) {
-    let mut scratch = [0u8; 4096];
-    for _ in 0..=MAX_REQUEST_HEAD / scratch.len() {
-        match stream.read(&mut scratch) {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
+/// Answers 503 without waiting (the socket is still non-blocking, and a fresh socket's send buffer
+/// takes the short response), half-closes, and reads what already arrived of the request. Returns
+/// the socket, and the bytes read, while the client has not closed its side: it is to be read on
+/// until it does (see [`Lingering`]). Closing it now would reset the connection as soon as a
+/// request byte came in after the close (or was left unread), and a client still sending its
+/// request would see the reset rather than the 503.
+fn refuse(mut stream: TcpStream) -> Option<(TcpStream, usize)> {
+    let response = Response::text(503, "too many admin connections\n");
+    if write_response(&mut stream, &response, false).is_err()
+        || stream.shutdown(Shutdown::Write).is_err()
+    {
+        return None;
     }
-    let _ = write_response(
-        &mut stream,
-        &Response::text(503, "too many admin connections\n"),
-        false,
-    );
-    let _ = stream.shutdown(Shutdown::Write);
+    let mut drained = 0;
+    if drain(&mut stream, &mut drained) {
+        return None;
+    }
+    Some((stream, drained))
 }
 
 /// An HTTP response: status, content type, body; HEAD requests get the headers only.
@@ -1293,6 +1435,130 @@ mod tests {
         let active = value("tcptap_admin_connections_active").unwrap();
         assert!((1.0..=2.0).contains(&active), "{body}");
         server.shutdown();
+    }
+
+    /// Every connection busy computing a response: each new client is refused with 503, and gets
+    /// it whenever its request comes in, before or after the refusal, in one write or several;
+    /// never a reset. Clients that never send a request hold up none of this.
+    #[test]
+    fn test_refused_clients_get_the_503_not_a_reset() {
+        const CLIENTS: usize = 50;
+        let (f, rx) = start_server(TIMEOUT);
+        let addr = f.server.local_addr();
+        // Listings the fake loop holds, one at a time (its queue takes only a few at once).
+        let mut listings = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            listings.push(std::thread::spawn(move || get(addr, "/connections")));
+            held.push(rx.recv_timeout(TIMEOUT).expect("listing requested"));
+        }
+        // Refused too, and then silent: they must not slow down the clients below.
+        let mut silent_ones: Vec<TcpStream> = (0..4).map(|_| silent(addr)).collect();
+        let mut failures = Vec::new();
+        for i in 0..CLIENTS {
+            let started = Instant::now();
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.set_write_timeout(Some(TIMEOUT)).unwrap();
+            // The request arrives at once, or once the refusal is written.
+            std::thread::sleep(Duration::from_millis([0, 0, 1, 2, 5][i % 5]));
+            // In two writes, as `write!` on an unbuffered stream sends it.
+            let outcome = s
+                .write_all(b"GET /metrics HTTP/1.1\r\n")
+                .and_then(|()| s.write_all(b"Host: tcptap\r\n\r\n"))
+                .and_then(|()| {
+                    let mut resp = Vec::new();
+                    s.read_to_end(&mut resp).map(|_| resp)
+                });
+            match outcome {
+                Ok(resp) if resp.starts_with(b"HTTP/1.1 503 ") => {}
+                Ok(resp) => failures.push(format!("{i}: {:?}", String::from_utf8_lossy(&resp))),
+                Err(e) => failures.push(format!("{i}: {e}")),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "client {i} took {:?}",
+                started.elapsed()
+            );
+        }
+        eprintln!("{} of {CLIENTS} refused clients failed", failures.len());
+        assert!(
+            failures.is_empty(),
+            "{} of {CLIENTS} refused clients got no 503: {failures:?}",
+            failures.len()
+        );
+        for s in &mut silent_ones {
+            let resp = read_to_end_within(s, Duration::from_secs(1));
+            assert!(resp.starts_with(b"HTTP/1.1 503 "), "{resp:?}");
+        }
+        for r in held {
+            assert!(r.answer(Vec::new()));
+        }
+        for l in listings {
+            let (status, _, body) = l.join().unwrap();
+            assert_eq!((status, body.as_str()), (200, "[]\n"));
+        }
+        let (_, _, body) = get(addr, "/metrics");
+        let samples = check_exposition(&body);
+        let value = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
+        assert_eq!(
+            value("tcptap_admin_connections_refused_total"),
+            Some((CLIENTS + silent_ones.len()) as f64),
+            "{body}"
+        );
+        assert_eq!(
+            value("tcptap_admin_connections_evicted_total"),
+            Some(0.0),
+            "{body}"
+        );
+        f.server.shutdown();
+    }
+
+    #[test]
+    fn test_lingering_refused_connections_are_bounded_and_end() {
+        let poll = Poll::new().unwrap();
+        let registry = poll.registry();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A refused connection as `refuse` leaves it: answered, half-closed, non-blocking.
+        let refused = || {
+            let client = silent(addr);
+            let (server, _) = listener.accept().unwrap();
+            server.set_nonblocking(true).unwrap();
+            let (server, drained) = refuse(server).expect("the client is still there");
+            (client, server, drained)
+        };
+        let mut lingering = Lingering::new(2);
+        let now = Instant::now();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let (client, server, drained) = refused();
+            lingering.add(registry, server, drained, now);
+            clients.push(client);
+        }
+        assert_eq!(lingering.conns.len(), 2, "the oldest made room");
+        assert_eq!(lingering.next_deadline(), Some(now + REFUSED_LINGER));
+        // A client that sends its request and closes is done with.
+        let mut last = clients.pop().unwrap();
+        let resp = read_to_end_within(&mut last, Duration::from_secs(1));
+        assert!(resp.starts_with(b"HTTP/1.1 503 "), "{resp:?}");
+        last.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        last.shutdown(Shutdown::Write).unwrap();
+        let token = lingering.conns[1].token;
+        let deadline = Instant::now() + TIMEOUT;
+        while lingering.conns.len() == 2 {
+            assert!(Instant::now() < deadline, "the client's close was not seen");
+            std::thread::sleep(Duration::from_millis(5));
+            lingering.readable(registry, token);
+        }
+        assert_eq!(lingering.conns[0].token.0, FIRST_REFUSED + 1);
+        // The silent one goes when its time is up.
+        lingering.expire(registry, now + REFUSED_LINGER - Duration::from_millis(1));
+        assert_eq!(lingering.conns.len(), 1);
+        lingering.expire(registry, now + REFUSED_LINGER);
+        assert!(lingering.conns.is_empty());
+        assert_eq!(lingering.next_deadline(), None);
     }
 
     #[test]

@@ -1715,6 +1715,10 @@ impl Worker {
         if buffered > 0 {
             m.add_buffered(-(buffered as i64));
         }
+        let ends =
+            Direction::BOTH.map(|dir| DirEnd::of(dir, pair.pipes[dir.index()].state(), &reason));
+        let totals = pair.finish(&reason, &mut self.pool);
+        let (discarded, offsets) = (totals.discarded, totals.received);
         if let Some(access) = &self.shared.access_log {
             access.log(&ConnSummary {
                 id: meta.id,
@@ -1723,16 +1727,17 @@ impl Worker {
                 route: meta.route.clone(),
                 client: meta.downstream,
                 upstream: meta.upstream,
-                bytes_d2u: pair.pipes[0].read_total(),
-                bytes_u2d: pair.pipes[1].read_total(),
+                bytes_d2u: offsets[0],
+                bytes_u2d: offsets[1],
+                delivered_d2u: totals.delivered[0],
+                delivered_u2d: totals.delivered[1],
                 end: CloseCause::of(&reason),
-                d2u_end: DirEnd::of(Direction::DownToUp, pair.pipes[0].state(), &reason),
-                u2d_end: DirEnd::of(Direction::UpToDown, pair.pipes[1].state(), &reason),
+                d2u_end: ends[0],
+                u2d_end: ends[1],
                 tap_dropped_records: tap_records,
                 tap_dropped_bytes: tap_bytes,
             });
         }
-        let (discarded, offsets) = pair.finish(&reason, &mut self.pool);
         stats.bytes_d2u.fetch_add(offsets[0], Ordering::Relaxed);
         stats.bytes_u2d.fetch_add(offsets[1], Ordering::Relaxed);
         stats.discarded.fetch_add(discarded, Ordering::Relaxed);

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
@@ -173,6 +174,20 @@ fn apply_options(socket: &Socket, opts: &SocketOptions) -> io::Result<()> {
 /// Sets `SO_LINGER` to 0 so that closing the socket sends RST instead of FIN.
 pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
+/// Bytes in the socket's send queue that the peer has not acknowledged (`SIOCOUTQ`), a FIN
+/// included once `shutdown(Write)` queued it (it takes one sequence number). Still answers after
+/// a reset, which threw those bytes away: with `SO_LINGER` 0, so does `close(2)`.
+pub fn unacked(stream: &TcpStream) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int through the pointer, to a local that
+    // outlives the call; the descriptor is the live socket `stream` owns.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Classifies an I/O error from a peer: true when it is the peer resetting or vanishing

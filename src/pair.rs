@@ -107,6 +107,17 @@ pub enum Phase {
     Established,
 }
 
+/// What a closed pair moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Bytes read from the source `[d→u, u→d]`.
+    pub received: [u64; 2],
+    /// Of those, bytes the receiving peer's TCP has (see [`Pair::delivered`]).
+    pub delivered: [u64; 2],
+    /// Bytes still in the proxy's buffers, thrown away.
+    pub discarded: u64,
+}
+
 /// What driving a pair produced.
 #[derive(Debug)]
 pub enum Drive {
@@ -395,8 +406,36 @@ impl Pair {
         }
     }
 
-    /// Closes both sockets: with RST when `reason` is an abort. Returns the buffered bytes discarded.
-    pub fn finish(mut self, reason: &CloseReason, pool: &mut BufferPool) -> (u64, [u64; 2]) {
+    /// Of the bytes read `[d→u, u→d]`, how many the receiving peer has, were the pair closed for
+    /// `reason` now. A clean close leaves the kernel to send what is queued, so every byte
+    /// written counts; an abort resets both sockets, and the bytes their peers had not
+    /// acknowledged are lost with the buffered ones.
+    pub fn delivered(&self, reason: &CloseReason) -> [u64; 2] {
+        Direction::BOTH.map(|dir| {
+            let pipe = &self.pipes[dir.index()];
+            let dst = self.stream(dir.source().other());
+            let unacked = match dst {
+                Some(s) if reason.is_abort() && pipe.written_total() > 0 => {
+                    match net::unacked(s) {
+                        // Once the FIN was passed on, the last unacknowledged byte is the FIN.
+                        Ok(n) if pipe.state() == PipeState::WriteShut => n.saturating_sub(1),
+                        Ok(n) => n,
+                        Err(e) => {
+                            log::debug!("#{} {dir}: SIOCOUTQ failed: {e}", self.meta.id);
+                            0
+                        }
+                    }
+                }
+                _ => 0,
+            };
+            pipe.delivered(unacked)
+        })
+    }
+
+    /// Closes both sockets: with RST when `reason` is an abort. Returns what the pair moved.
+    pub fn finish(mut self, reason: &CloseReason, pool: &mut BufferPool) -> Totals {
+        // Before the close: the send queues are still there to ask.
+        let delivered = self.delivered(reason);
         let discarded = (self.pipes[0].discard(pool) + self.pipes[1].discard(pool)) as u64;
         if reason.is_abort() {
             // SO_LINGER 0: close(2) sends RST, so the peer learns at once that the stream was cut.
@@ -431,7 +470,11 @@ impl Pair {
             };
             t.event(&meta, close);
         }
-        (discarded, offsets)
+        Totals {
+            received: offsets,
+            delivered,
+            discarded,
+        }
     }
 
     /// Tap drops of this pair `(records, bytes)`.

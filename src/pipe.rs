@@ -165,8 +165,10 @@ pub struct Pipe {
     bulk: bool,
     /// Bytes read from the source (the tap offset of the next read).
     read_total: u64,
-    /// Bytes written to the destination.
+    /// Bytes written to the destination (a [`prefix`](Pipe::prefix) included).
     written_total: u64,
+    /// Bytes put in front of the stream by [`prefix`](Pipe::prefix): written, never read.
+    prefix_len: u64,
 }
 
 impl Pipe {
@@ -181,6 +183,7 @@ impl Pipe {
             bulk: false,
             read_total: 0,
             written_total: 0,
+            prefix_len: 0,
         }
     }
 
@@ -194,9 +197,18 @@ impl Pipe {
         self.read_total
     }
 
-    /// Bytes written to the destination so far.
+    /// Bytes written to the destination so far (a [`prefix`](Pipe::prefix) included).
     pub fn written_total(&self) -> u64 {
         self.written_total
+    }
+
+    /// Of the bytes read from the source, how many the destination has, given `unacked`: how many
+    /// of the bytes written the destination's TCP has not acknowledged (they are lost if the
+    /// socket is reset). A [`prefix`](Pipe::prefix) is not counted: it came from the proxy.
+    pub fn delivered(&self, unacked: u64) -> u64 {
+        self.written_total
+            .saturating_sub(unacked)
+            .saturating_sub(self.prefix_len)
     }
 
     /// Whether this direction has carried bulk data (a read filled a whole buffer).
@@ -379,6 +391,7 @@ impl Pipe {
         let n = bytes.len().min(buf.space().len());
         buf.space()[..n].copy_from_slice(&bytes[..n]);
         buf.fill(n);
+        self.prefix_len += n as u64;
     }
 
     /// Moves bytes from `src` to `dst` until both would block, EOF is propagated, or `budget` bytes
@@ -773,6 +786,27 @@ mod tests {
         }
         assert_eq!(dst.got, b"ab");
         assert_eq!(r.pipe.discard(&mut r.pool), 0);
+    }
+
+    #[test]
+    fn test_delivered_leaves_out_the_prefix_and_unacked_bytes() {
+        let mut r = rig(16);
+        r.pipe.prefix(&mut r.pool, b"PROXY ");
+        let mut src = FakeSrc::new(vec![Ok(b"abcdefgh".to_vec())]);
+        // Room for the prefix and 5 bytes: 3 stay buffered.
+        let mut dst = FakeDst::new(usize::MAX, 11);
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.got, b"PROXY abcde");
+        assert_eq!((r.pipe.read_total(), r.pipe.written_total()), (8, 11));
+        assert_eq!(r.pipe.buffered(), 3);
+        assert_eq!(
+            r.pipe.delivered(0),
+            5,
+            "the proxy's own header is no source byte"
+        );
+        assert_eq!(r.pipe.delivered(2), 3);
+        assert_eq!(r.pipe.delivered(9), 0, "part of the header unacknowledged");
+        assert_eq!(r.pipe.delivered(100), 0);
     }
 
     #[test]

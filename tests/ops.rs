@@ -185,6 +185,8 @@ fn healthz_turns_503_while_draining_and_access_log_has_every_field() {
     assert_eq!(v["upstream"], echo.addr.to_string());
     assert_eq!(v["bytes_d2u"], 3);
     assert_eq!(v["bytes_u2d"], 3);
+    assert_eq!(v["delivered_d2u"], 3);
+    assert_eq!(v["delivered_u2d"], 3);
     assert_eq!(v["end"], "client_closed_first");
     assert_eq!(v["d2u_end"], "fin_from_client");
     assert_eq!(v["u2d_end"], "fin_from_upstream");

@@ -1,0 +1,284 @@
+//! The access log tells bytes received from bytes delivered: a response cut by a reset (idle
+//! timeout, either peer resetting) shows `delivered_u2d` below `bytes_u2d`, by exactly what the
+//! client never got; a connection that ends cleanly shows them equal.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{PROMPT, Pattern, Proxy, TempDir, Upstream, expect_pattern, send_pattern};
+
+/// The client's request.
+const REQUEST: &[u8] = b"hello";
+/// The upstream's response: far more than every buffer on the way holds.
+const RESPONSE: usize = 8 << 20;
+
+/// One access-log entry, from a JSON or a logfmt line, as `field -> value` (strings unquoted).
+fn parse_entry(line: &str) -> HashMap<String, String> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        v.as_object()
+            .expect("JSON object")
+            .iter()
+            .map(|(k, v)| {
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                (k.clone(), v)
+            })
+            .collect()
+    } else {
+        // The values written here have no spaces (no route name is set).
+        line.split(' ')
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').expect("key=value");
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+}
+
+/// Waits for the access log at `path` to hold one entry, and returns it.
+fn wait_entry(path: &Path) -> HashMap<String, String> {
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.ends_with('\n') {
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 1, "{text}");
+            return parse_entry(lines[0]);
+        }
+        assert!(Instant::now() < deadline, "no access log entry: {text:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn num(entry: &HashMap<String, String>, field: &str) -> u64 {
+    entry
+        .get(field)
+        .unwrap_or_else(|| panic!("no {field} in {entry:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{field} in {entry:?}: {e}"))
+}
+
+fn config(dir: &TempDir, format: &str, top: &str, upstream: SocketAddr) -> String {
+    format!(
+        "{top}\nbuffer_size = \"64 KiB\"\n\
+         [socket]\nsend_buffer_size = \"64 KiB\"\nrecv_buffer_size = \"64 KiB\"\n\
+         [access_log]\npath = \"{}\"\nformat = \"{format}\"\n\
+         [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n",
+        dir.path("access.log").display()
+    )
+}
+
+/// A client with a small receive buffer that sends the request and reads nothing yet.
+fn client(addr: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect_timeout(&addr.into(), PROMPT).unwrap();
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(PROMPT)).unwrap();
+    s.write_all(REQUEST).unwrap();
+    s
+}
+
+/// Reads until the stream ends; returns the bytes and whether it ended with a reset.
+fn read_until_cut(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(e) => panic!("after {} bytes: {e}", got.len()),
+        }
+    }
+}
+
+/// Bytes waiting in a socket's receive queue (`FIONREAD`).
+fn unread(s: &TcpStream) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to a live local; the descriptor is `s`'s.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as u64
+}
+
+/// What the upstream does once its response no longer moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stuck {
+    /// Waits until the proxy closes the connection.
+    Wait,
+    /// Resets the connection.
+    Reset,
+}
+
+/// An upstream that reads the request, then writes the response until it stops moving for a
+/// second, says so on the channel, and does `then`.
+fn stalling_upstream(then: Stuck) -> (Upstream, mpsc::Receiver<()>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let up = Upstream::start(move |mut s| {
+        let mut req = [0u8; REQUEST.len()];
+        s.read_exact(&mut req).unwrap();
+        assert_eq!(req, REQUEST);
+        s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        let response = Pattern::bytes(3, RESPONSE);
+        assert!(
+            s.write_all(&response).is_err(),
+            "the whole response went through a client that does not read"
+        );
+        let _ = tx.lock().unwrap().send(());
+        match then {
+            Stuck::Wait => {
+                let _ = s.read(&mut [0u8; 1]);
+            }
+            Stuck::Reset => {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+        }
+    });
+    (up, rx)
+}
+
+/// The entry of a connection whose response was cut: what the client got is what the log says
+/// was delivered, less than what was received; the request went through whole.
+fn check_cut(entry: &HashMap<String, String>, client_got: u64, end: &str) {
+    eprintln!("{entry:?}, client got {client_got}");
+    assert_eq!(entry["end"], end, "{entry:?}");
+    assert_eq!(num(entry, "bytes_d2u"), REQUEST.len() as u64, "{entry:?}");
+    assert_eq!(
+        num(entry, "delivered_d2u"),
+        REQUEST.len() as u64,
+        "{entry:?}"
+    );
+    let (received, delivered) = (num(entry, "bytes_u2d"), num(entry, "delivered_u2d"));
+    assert!(received < RESPONSE as u64, "{entry:?}");
+    assert!(delivered < received, "{entry:?}");
+    assert_eq!(
+        delivered, client_got,
+        "the client got what was delivered: {entry:?}"
+    );
+}
+
+fn cut_by_idle_timeout(splice: bool, format: &str) {
+    let dir = TempDir::new("access");
+    let (up, stuck) = stalling_upstream(Stuck::Wait);
+    let top = format!("idle_timeout = \"1s\"\nsplice = {splice}");
+    let proxy = Proxy::with_config(&config(&dir, format, &top, up.addr), 1);
+    let mut c = client(proxy.addr());
+    stuck
+        .recv_timeout(PROMPT + PROMPT)
+        .expect("the response stalls");
+    // The proxy resets both sides a second after the last byte moved.
+    let entry = wait_entry(&dir.path("access.log"));
+    let (got, reset) = read_until_cut(&mut c);
+    assert!(reset, "the client was reset, after {} bytes", got.len());
+    assert!(got == Pattern::bytes(3, got.len()), "bytes differ");
+    check_cut(&entry, got.len() as u64, "idle_timeout");
+    assert_eq!(entry["u2d_end"], "timeout");
+    proxy.wait_log("buffered bytes discarded", PROMPT);
+}
+
+#[test]
+fn a_response_cut_by_the_idle_timeout_shows_what_the_client_got_copy() {
+    cut_by_idle_timeout(false, "json");
+}
+
+#[test]
+fn a_response_cut_by_the_idle_timeout_shows_what_the_client_got_splice() {
+    cut_by_idle_timeout(true, "text");
+}
+
+#[test]
+fn a_response_cut_by_an_upstream_reset_shows_what_the_client_got() {
+    let dir = TempDir::new("access");
+    let (up, stuck) = stalling_upstream(Stuck::Reset);
+    let proxy = Proxy::with_config(&config(&dir, "json", "", up.addr), 1);
+    let mut c = client(proxy.addr());
+    stuck
+        .recv_timeout(PROMPT + PROMPT)
+        .expect("the response stalls");
+    let entry = wait_entry(&dir.path("access.log"));
+    let (got, reset) = read_until_cut(&mut c);
+    assert!(reset, "the client was reset, after {} bytes", got.len());
+    assert!(got == Pattern::bytes(3, got.len()), "bytes differ");
+    check_cut(&entry, got.len() as u64, "reset_by_upstream");
+    assert_eq!(entry["u2d_end"], "reset_by_upstream");
+}
+
+#[test]
+fn a_client_reset_with_a_response_in_flight_shows_what_it_had_received() {
+    let dir = TempDir::new("access");
+    let (up, stuck) = stalling_upstream(Stuck::Wait);
+    let proxy = Proxy::with_config(&config(&dir, "text", "splice = false", up.addr), 1);
+    let mut c = client(proxy.addr());
+    // Some of the response is read, then the client stops reading.
+    let mut head = vec![0; 100 * 1024];
+    c.read_exact(&mut head).unwrap();
+    assert!(head == Pattern::bytes(3, head.len()), "bytes differ");
+    stuck
+        .recv_timeout(PROMPT + PROMPT)
+        .expect("the response stalls");
+    // What the client's kernel holds for it counts as received: the client's TCP acknowledged it.
+    let got = head.len() as u64 + unread(&c);
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let entry = wait_entry(&dir.path("access.log"));
+    check_cut(&entry, got, "reset_by_client");
+    assert_eq!(entry["u2d_end"], "reset_by_client");
+}
+
+/// A connection that ends with FIN both ways delivered every byte received, the PROXY protocol
+/// header the proxy adds toward the upstream not counted.
+#[test]
+fn a_clean_connection_delivered_every_byte_it_received() {
+    const LEN: usize = 1 << 20;
+    let dir = TempDir::new("access");
+    let header = Arc::new(Mutex::new(Vec::new()));
+    let up = {
+        let header = header.clone();
+        // Takes the header line off, then echoes the rest.
+        Upstream::start(move |mut s| {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while !line.ends_with(b"\r\n") {
+                s.read_exact(&mut b).unwrap();
+                line.push(b[0]);
+            }
+            *header.lock().unwrap() = line;
+            let mut w = s.try_clone().unwrap();
+            std::io::copy(&mut s, &mut w).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let toml = config(&dir, "text", "", up.addr)
+        .replace("[[route]]\n", "[[route]]\nsend_proxy_protocol = \"v1\"\n");
+    let proxy = Proxy::with_config(&toml, 1);
+    let mut c = common::connect(proxy.addr());
+    let mut w = c.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        send_pattern(&mut w, 9, LEN).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    assert_eq!(expect_pattern(&mut c, 9, LEN).unwrap(), LEN);
+    sender.join().unwrap();
+    let entry = wait_entry(&dir.path("access.log"));
+    eprintln!("{entry:?}");
+    assert!(header.lock().unwrap().starts_with(b"PROXY TCP4 "));
+    assert_eq!(entry["end"], "client_closed_first");
+    for field in ["bytes_d2u", "delivered_d2u", "bytes_u2d", "delivered_u2d"] {
+        assert_eq!(num(&entry, field), LEN as u64, "{field}: {entry:?}");
+    }
+}
