@@ -1717,9 +1717,10 @@ impl Worker {
         }
         let ends =
             Direction::BOTH.map(|dir| DirEnd::of(dir, pair.pipes[dir.index()].state(), &reason));
-        let totals = pair.finish(&reason, &mut self.pool);
+        let access = self.shared.access_log.as_ref();
+        let totals = pair.finish(&reason, &mut self.pool, access.is_some());
         let (discarded, offsets) = (totals.discarded, totals.received);
-        if let Some(access) = &self.shared.access_log {
+        if let (Some(access), Some(delivered)) = (access, totals.delivered) {
             access.log(&ConnSummary {
                 id: meta.id,
                 start: SystemTime::now() - duration,
@@ -1729,8 +1730,8 @@ impl Worker {
                 upstream: meta.upstream,
                 bytes_d2u: offsets[0],
                 bytes_u2d: offsets[1],
-                delivered_d2u: totals.delivered[0],
-                delivered_u2d: totals.delivered[1],
+                delivered_d2u: delivered[0],
+                delivered_u2d: delivered[1],
                 end: CloseCause::of(&reason),
                 d2u_end: ends[0],
                 u2d_end: ends[1],

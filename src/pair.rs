@@ -112,8 +112,8 @@ pub enum Phase {
 pub struct Totals {
     /// Bytes read from the source `[d→u, u→d]`.
     pub received: [u64; 2],
-    /// Of those, bytes the receiving peer's TCP has (see [`Pair::delivered`]).
-    pub delivered: [u64; 2],
+    /// Of those, bytes the receiving peer's TCP has (see [`Pair::delivered`]); asked for only.
+    pub delivered: Option<[u64; 2]>,
     /// Bytes still in the proxy's buffers, thrown away.
     pub discarded: u64,
 }
@@ -432,10 +432,17 @@ impl Pair {
         })
     }
 
-    /// Closes both sockets: with RST when `reason` is an abort. Returns what the pair moved.
-    pub fn finish(mut self, reason: &CloseReason, pool: &mut BufferPool) -> Totals {
+    /// Closes both sockets: with RST when `reason` is an abort. Returns what the pair moved,
+    /// with the bytes delivered if `count_delivered` (after an abort that costs a `SIOCOUTQ`
+    /// per direction).
+    pub fn finish(
+        mut self,
+        reason: &CloseReason,
+        pool: &mut BufferPool,
+        count_delivered: bool,
+    ) -> Totals {
         // Before the close: the send queues are still there to ask.
-        let delivered = self.delivered(reason);
+        let delivered = count_delivered.then(|| self.delivered(reason));
         let discarded = (self.pipes[0].discard(pool) + self.pipes[1].discard(pool)) as u64;
         if reason.is_abort() {
             // SO_LINGER 0: close(2) sends RST, so the peer learns at once that the stream was cut.
