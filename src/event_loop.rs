@@ -46,7 +46,7 @@ use crate::pipe::{Pipe, Readiness};
 use crate::proxy_protocol::{self, Parsed};
 use crate::splice::PipePool;
 use crate::stats::Stats;
-use crate::tap::{self, ConnMeta, Direction, Side, TapGuard, TapHandle};
+use crate::tap::{ConnMeta, Direction, Side, TapConfig, TapHandle, TapSet, TapStats};
 use crate::upstream::{AddressUpdate, Prober, ResolveTarget, Resolver, Subscriber, UpstreamSet};
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
@@ -106,11 +106,14 @@ struct Shared {
     generation: AtomicU64,
     /// Each worker's end for reload plans, with its waker.
     reload_targets: Mutex<Vec<(Sender<ReloadPlan>, Arc<Waker>)>>,
-    /// Tap writers started by reloads, flushed at exit like the others.
-    reload_taps: Mutex<Vec<TapGuard>>,
-    /// Every tap writer running, with its config: a reload reuses these (a second writer on a
-    /// file would truncate it), and `/metrics` sums them.
-    running_taps: Arc<Mutex<Vec<(tap::TapConfig, TapHandle)>>>,
+    /// Every tap writer, by config: routes with the same tap share one, a reload reuses those
+    /// still in use (a second writer on a file would truncate it), and `/metrics` sums them,
+    /// stopped ones included. A writer runs while a route in force or an open connection holds
+    /// a handle of it.
+    taps: Arc<TapSet>,
+    /// The routes' tap handles once their worker has stopped, kept until the writers are shut
+    /// down: dropping them before would end those writers as unused (see `TapSet`).
+    parked_taps: Mutex<Vec<TapHandle>>,
     /// Local addresses of upstream sockets opened for `original-destination` routes: a client
     /// connecting from one of them is this proxy itself, caught by a REDIRECT rule that does not
     /// exclude the proxy's own traffic.
@@ -180,7 +183,6 @@ struct RouteRt {
 /// A bound, ready-to-run proxy: one or more workers (event loops) and the taps they share.
 pub struct Server {
     workers: Vec<Worker>,
-    taps: Vec<TapGuard>,
     shared: Arc<Shared>,
     wakers: Vec<Arc<Waker>>,
     admin: Option<AdminServer>,
@@ -244,22 +246,19 @@ impl Server {
     /// until [`run`](Server::run).
     pub fn bind(config: Config) -> Result<Server, SetupError> {
         // Routes with the same tap config share one writer (and one output file).
-        let mut taps = Vec::new();
-        let mut started: Vec<(tap::TapConfig, TapHandle)> = Vec::new();
+        let taps = Arc::new(TapSet::new());
         let mut route_taps = Vec::new();
         for route in &config.routes {
             let tap = match &route.tap {
                 None => None,
-                Some(tc) => match started.iter().find(|(c, _)| c == tc) {
-                    Some((_, h)) => Some(h.clone()),
+                Some(tc) => match taps.find(tc) {
+                    Some(h) => Some(h),
                     None => {
-                        let (handle, guard) = tap::start(tc).map_err(|source| SetupError::Tap {
+                        let started = taps.start(tc, Duration::ZERO);
+                        Some(started.map_err(|source| SetupError::Tap {
                             route: route.name.clone(),
                             source,
-                        })?;
-                        started.push((tc.clone(), handle.clone()));
-                        taps.push(guard);
-                        Some(handle)
+                        })?)
                     }
                 },
             };
@@ -277,7 +276,6 @@ impl Server {
             }
             None => (None, None),
         };
-        let running_taps = Arc::new(Mutex::new(started));
         let n = config.workers.get();
         let shared = Arc::new(Shared {
             request: AtomicU8::new(RUN),
@@ -303,8 +301,8 @@ impl Server {
             reloading: AtomicBool::new(false),
             generation: AtomicU64::new(1),
             reload_targets: Mutex::new(Vec::new()),
-            reload_taps: Mutex::new(Vec::new()),
-            running_taps: running_taps.clone(),
+            taps: taps.clone(),
+            parked_taps: Mutex::new(Vec::new()),
             config,
         });
         let mut workers = Vec::with_capacity(n);
@@ -434,11 +432,7 @@ impl Server {
                     metrics: shared.metrics.clone(),
                     routes: shared.route_names.clone(),
                     draining: shared.draining.clone(),
-                    extra: Box::new(move || {
-                        let taps: Vec<TapHandle> =
-                            lock(&running_taps).iter().map(|(_, h)| h.clone()).collect();
-                        extra_gauges(&taps, access.as_ref())
-                    }),
+                    extra: Box::new(move || extra_gauges(taps.stats(), access.as_ref())),
                     loops,
                     snapshot_timeout: admin::DEFAULT_SNAPSHOT_TIMEOUT,
                 };
@@ -448,7 +442,6 @@ impl Server {
         };
         Ok(Server {
             workers,
-            taps,
             shared,
             wakers,
             admin,
@@ -557,9 +550,7 @@ impl Server {
         } else {
             Duration::from_secs(1)
         };
-        let reload_taps: Vec<TapGuard> = lock(&self.shared.reload_taps).drain(..).collect();
-        for guard in self.taps.drain(..).chain(reload_taps) {
-            let s = guard.shutdown(timeout);
+        for s in self.shared.taps.shutdown(timeout) {
             info!(
                 "tap: {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
                 s.records_written,
@@ -569,6 +560,8 @@ impl Server {
                 s.write_errors
             );
         }
+        // The writers are done: these handles now only tell them so again.
+        lock(&self.shared.parked_taps).clear();
         if let Some(admin) = self.admin.take() {
             admin.shutdown();
         }
@@ -593,6 +586,10 @@ impl Worker {
         for p in self.probers.iter_mut().flatten() {
             p.stop(self.poll.registry());
         }
+        // Keep the taps' writers for the shutdown (they flush and report there), not ended as
+        // unused now.
+        let taps = self.routes.iter_mut().filter_map(|r| r.tap.take());
+        lock(&self.shared.parked_taps).extend(taps);
         self.shared.workers_running.fetch_sub(1, Ordering::SeqCst);
         // The signal-handling worker waits for the others: tell it one is gone.
         let _ = self.wakers[0].wake();
@@ -780,6 +777,9 @@ impl Worker {
                     }
                     self.listeners[i].blocked_by_limit = false;
                     self.routes[i].removed = true;
+                    // Its connections hold the tap until they finish; then its writer stops,
+                    // unless another route uses it.
+                    self.routes[i].tap = None;
                     if let Some(p) = self.probers[i].as_mut() {
                         p.stop(self.poll.registry());
                     }
@@ -1799,16 +1799,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Live numbers of the taps and the access log, for `/metrics`.
-fn extra_gauges(taps: &[TapHandle], access: Option<&AccessLogHandle>) -> ExtraGauges {
-    let mut g = ExtraGauges::default();
-    for t in taps {
-        let s = t.stats();
-        g.tap_records_written += s.records_written;
-        g.tap_bytes_written += s.bytes_written;
-        g.tap_dropped_records += s.dropped_records;
-        g.tap_dropped_bytes += s.dropped_bytes;
-        g.tap_write_errors += s.write_errors;
-    }
+fn extra_gauges(taps: TapStats, access: Option<&AccessLogHandle>) -> ExtraGauges {
+    let mut g = ExtraGauges {
+        tap_records_written: taps.records_written,
+        tap_bytes_written: taps.bytes_written,
+        tap_dropped_records: taps.dropped_records,
+        tap_dropped_bytes: taps.dropped_bytes,
+        tap_write_errors: taps.write_errors,
+        ..ExtraGauges::default()
+    };
     if let Some(a) = access {
         let s = a.stats();
         g.access_log_written = s.written;
@@ -1913,36 +1912,34 @@ fn prepare_reload(
     let key = |r: &Route| (r.name.clone(), r.listen);
     let mut changes: Vec<Vec<RouteChange>> = (0..workers).map(|_| Vec::new()).collect();
     let mut summary = (0, 0, 0);
-    // Taps running now (those of removed routes included: they still hold their files), then
-    // the ones this reload starts.
-    let mut running: Vec<(tap::TapConfig, TapHandle)> = lock(&shared.running_taps).clone();
-    let already = running.len();
-    let mut new_guards = Vec::new();
-    let mut tap_for =
-        |tc: &Option<tap::TapConfig>, route: &str| -> Result<Option<TapHandle>, String> {
-            let Some(tc) = tc else { return Ok(None) };
-            if let Some((_, h)) = running.iter().find(|(c, _)| c == tc) {
-                return Ok(Some(h.clone()));
-            }
-            // A new writer on a file a running one writes would truncate it and interleave
-            // the two: the route keeps to the running writer until the next restart.
-            if let Some((key, path, h)) = running.iter().find_map(|(c, h)| {
-                tc.shared_file(c)
-                    .map(|(key, _, path)| (key, path.to_path_buf(), h))
-            }) {
-                warn!(
-                    "reload: route `{route}`: tap {key} {} is written by a running tap with other \
+    // Writers in use (by a route, or by open connections of a removed route: they still hold
+    // their files) are reused; writers that stopped since the last reload are joined.
+    shared.taps.reap();
+    // A writer that nothing uses any more may still be writing what was queued for it: a new
+    // writer of its file waits for it, as long as an exit would.
+    let finish_wait = shared.config.drain_timeout.max(Duration::from_secs(2));
+    let tap_for = |tc: &Option<TapConfig>, route: &str| -> Result<Option<TapHandle>, String> {
+        let Some(tc) = tc else { return Ok(None) };
+        if let Some(h) = shared.taps.find(tc) {
+            return Ok(Some(h));
+        }
+        // A new writer on a file a running one writes would truncate it and interleave
+        // the two: the route keeps to the running writer.
+        if let Some((key, path, h)) = shared.taps.find_on_file(tc) {
+            warn!(
+                "reload: route `{route}`: tap {key} {} is written by a running tap with other \
                      settings; the route uses that tap, and the new tap settings take effect at \
                      the next restart",
-                    path.display()
-                );
-                return Ok(Some(h.clone()));
-            }
-            let (h, g) = tap::start(tc).map_err(|e| format!("route `{route}`: {e}"))?;
-            running.push((tc.clone(), h.clone()));
-            new_guards.push(g);
-            Ok(Some(h))
-        };
+                path.display()
+            );
+            return Ok(Some(h));
+        }
+        let h = shared
+            .taps
+            .start(tc, finish_wait)
+            .map_err(|e| format!("route `{route}`: {e}"))?;
+        Ok(Some(h))
+    };
     // Removed and updated routes.
     for (index, slot) in current.iter().enumerate() {
         let Some(old) = slot else { continue };
@@ -2028,8 +2025,6 @@ fn prepare_reload(
             RouteChange::Add { .. } => {}
         }
     }
-    lock(&shared.reload_taps).extend(new_guards);
-    lock(&shared.running_taps).extend(running.drain(already..));
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.metrics.on_reload(Some(generation));
     info!(

@@ -1258,3 +1258,384 @@ fn a_tap_log_at_the_file_size_limit_neither_kills_nor_tears() {
     );
     assert_eq!(text.last(), Some(&b'\n'), "torn last line");
 }
+
+// A tap's writer lives as long as something uses it: a route in force, or a connection that
+// started tapping into it. A reload that takes the tap away from every route lets the open
+// connections finish with it; then the writer flushes, closes its files and ends.
+
+/// Whether process `pid` holds `path` open (a link in `/proc/PID/fd`).
+fn holds_open(pid: u32, path: &Path) -> bool {
+    let canonical = std::fs::canonicalize(path).ok();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| target == path || Some(&target) == canonical.as_ref())
+}
+
+/// Threads of process `pid`: (all of them, tap writers).
+fn threads(pid: u32) -> (usize, usize) {
+    let mut all = 0;
+    let mut writers = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        all += 1;
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "tap-writer" {
+            writers += 1;
+        }
+    }
+    (all, writers)
+}
+
+/// Polls `done` every 10 ms until it holds; panics with `what()` after `timeout`.
+fn wait_until(timeout: Duration, what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `[[route]]` to `up`; `tap` is the rest of the route (its `[route.tap]`), if any.
+fn named_route(name: &str, up: SocketAddr, tap: &str) -> String {
+    format!("[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{tap}")
+}
+
+/// A `[route.tap]` at normal priority (so that it captures every byte of these small tests)
+/// writing `files` (`log = "..."`, `pcap = "..."`).
+fn route_tap(files: &[(&str, &Path)]) -> String {
+    let mut tap = String::from("[route.tap]\nwriter_priority = \"normal\"\n");
+    for (key, path) in files {
+        tap.push_str(&format!("{key} = \"{}\"\n", path.display()));
+    }
+    tap
+}
+
+/// Sends `msg` on `c` and expects it echoed.
+fn echo_on(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).unwrap();
+    assert_eq!(read_n(c, msg.len(), PROMPT).unwrap(), msg);
+}
+
+/// Ends `c` from the client side (with `tail` sent first, from another thread) and reads what
+/// is left up to the upstream's FIN, which must be `tail` echoed.
+fn finish_with(c: TcpStream, tail: Vec<u8>) {
+    let mut w = c.try_clone().unwrap();
+    let sent = tail.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut c = c;
+    assert!(read_to_end(&mut c, Duration::from_secs(30)).unwrap() == tail);
+    writer.join().unwrap();
+}
+
+/// tshark reads `pcap` without errors and without malformed packets.
+fn assert_tshark_reads(pcap: &Path) {
+    if tshark().is_none() {
+        return;
+    }
+    let out = Command::new("tshark")
+        .args(["-r", pcap.to_str().unwrap(), "-qz", "expert,error"])
+        .output()
+        .expect("run tshark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Anything but the notice about running as root is a complaint ("cut short in the middle
+    // of a packet", ...).
+    let complaints = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("Running as user"))
+        .count();
+    assert!(
+        out.status.success() && !text.contains("Malformed") && complaints == 0,
+        "tshark on {}: {text}{err}",
+        pcap.display()
+    );
+}
+
+#[test]
+fn a_removed_routes_tap_records_its_open_connection_then_stops() {
+    let up = Upstream::echo();
+    let dir = TempDir::new("tap-stops");
+    let path = dir.path("proxy.toml");
+    let (log, pcap) = (dir.path("a.log"), dir.path("a.pcap"));
+    let keep = named_route("keep", up.addr, "");
+    let tapped = named_route("a", up.addr, &route_tap(&[("log", &log), ("pcap", &pcap)]));
+    write_file(&path, &format!("{tapped}{keep}"));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 2);
+    let pid = proxy.pid();
+    let mut c = connect(proxy.addrs[0]);
+    let client = c.local_addr().unwrap();
+    echo_on(&mut c, b"before the reload\n");
+
+    // The route goes; its connection stays, and so does its tap.
+    write_file(&path, &keep);
+    proxy.signal(SIGHUP);
+    proxy.wait_log("route `a` removed", PROMPT);
+    echo_on(&mut c, b"after the reload, still tapped\n");
+    let bulk = Pattern::bytes(31, 1 << 20);
+    let mut w = c.try_clone().unwrap();
+    let sent = bulk.clone();
+    let writer = thread::spawn(move || w.write_all(&sent).unwrap());
+    assert!(read_n(&mut c, bulk.len(), Duration::from_secs(30)).unwrap() == bulk);
+    writer.join().unwrap();
+    assert!(holds_open(pid, &log) && holds_open(pid, &pcap));
+    let (before, writers) = threads(pid);
+    assert_eq!(writers, 1, "one tap writer while its connection is open");
+
+    // The connection ends: the writer writes the rest, closes its files and ends.
+    finish_with(c, b"the end\n".to_vec());
+    wait_until(
+        TAP_FLUSH,
+        || format!("the tap files are still open; log:\n{}", proxy.logs()),
+        || !holds_open(pid, &log) && !holds_open(pid, &pcap),
+    );
+    wait_until(
+        PROMPT,
+        || format!("threads {:?}, {before} before", threads(pid)),
+        || {
+            let (all, writers) = threads(pid);
+            writers == 0 && all < before
+        },
+    );
+    let line = proxy.wait_log("no route uses it any more", PROMPT);
+    assert!(
+        line.contains(", 0 records (0 bytes) dropped, 0 write errors"),
+        "{line}"
+    );
+
+    let mut request = b"before the reload\nafter the reload, still tapped\n".to_vec();
+    request.extend(&bulk);
+    request.extend(b"the end\n");
+    let total = request.len();
+    let text = std::fs::read_to_string(&log).unwrap();
+    for needle in [
+        "  > before the reload\n".to_owned(),
+        "  < after the reload, still tapped\n".to_owned(),
+        "  > the end\n".to_owned(),
+        format!(
+            "close: closed, client -> upstream {total} bytes, upstream -> client {total} bytes, \
+             tap dropped 0 records (0 bytes)\n"
+        ),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} not in the log");
+    }
+    assert!(text.ends_with("(0 bytes)\n"), "the log ends with the close");
+    let flows = read_pcap(&pcap);
+    assert!(captured_request(&flows, client) == request);
+    let (_, reply) = flows
+        .iter()
+        .find(|((_, dst), _)| *dst == client)
+        .expect("the reply direction");
+    assert!(reply.bytes(false) == request);
+    assert_eq!(reply.fin_at, Some(total as u64), "the upstream's FIN");
+    assert_tshark_reads(&pcap);
+    if tshark().is_some() {
+        let (to_server, to_client) = tshark_follow(&pcap, 0);
+        assert!(
+            to_server == request && to_client == request,
+            "tshark follow"
+        );
+    }
+    // The route that stays still serves.
+    echo_once(proxy.addrs[1], b"still serving");
+}
+
+/// The tap totals in `/metrics` are counters: a writer that stops keeps its share of them.
+#[test]
+fn tap_totals_in_metrics_keep_what_stopped_writers_counted() {
+    const SERIES: [&str; 5] = [
+        "tcptap_tap_records_written_total",
+        "tcptap_tap_bytes_written_total",
+        "tcptap_tap_dropped_records_total",
+        "tcptap_tap_dropped_bytes_total",
+        "tcptap_tap_write_errors_total",
+    ];
+    let up = Upstream::echo();
+    let dir = TempDir::new("tap-stop-metrics");
+    let path = dir.path("proxy.toml");
+    let (first, second) = (dir.path("first.pcap"), dir.path("second.pcap"));
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let config = |tap: Option<&Path>| {
+        let tap = tap.map_or(String::new(), |p| route_tap(&[("pcap", p)]));
+        format!("{admin}{}", named_route("a", up.addr, &tap))
+    };
+    write_file(&path, &config(Some(&first)));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let pid = proxy.pid();
+    let admin = proxy.admin_addr();
+    // Every scrape is checked against the one before: no total ever goes down.
+    let mut last = [0.0; 5];
+    let mut scrape = || -> [f64; 5] {
+        let (_, body) = http_get(admin, "/metrics");
+        let now = SERIES.map(|s| metric(&body, s).unwrap_or_else(|| panic!("no {s}:\n{body}")));
+        for (i, s) in SERIES.iter().enumerate() {
+            assert!(now[i] >= last[i], "{s} went from {} to {}", last[i], now[i]);
+        }
+        last = now;
+        now
+    };
+    // Open, data each way, a FIN each way, close.
+    const PER_CONN: f64 = 6.0;
+    for i in 0..3 {
+        echo_once(proxy.addr(), format!("conversation {i}").as_bytes());
+    }
+    let unwritten = || "tap records not written".to_owned();
+    wait_until(PROMPT, unwritten, || scrape()[0] >= 3.0 * PER_CONN);
+
+    // The route loses its tap; nothing uses the writer any more and it stops.
+    write_file(&path, &config(None));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    wait_until(
+        TAP_FLUSH,
+        || format!("{} is still open", first.display()),
+        || {
+            scrape();
+            !holds_open(pid, &first)
+        },
+    );
+    let written = scrape();
+
+    // Another reload (which joins the stopped writer), and another tap: its counts add to those.
+    write_file(&path, &config(Some(&second)));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    assert_eq!(scrape(), written, "the stopped writer's totals");
+    echo_once(proxy.addr(), b"on the second tap");
+    wait_until(PROMPT, unwritten, || scrape()[0] >= written[0] + PER_CONN);
+}
+
+/// A reload that moves a route's tap to another file: connections open on the old tap finish on
+/// it, new ones go to the new file, and the old file is closed once they have finished.
+#[test]
+fn a_tap_moved_to_another_file_closes_the_old_one_after_its_connections() {
+    let up = Upstream::echo();
+    let dir = TempDir::new("tap-moved");
+    let path = dir.path("proxy.toml");
+    let (old, new) = (dir.path("old.log"), dir.path("new.log"));
+    let config = |log: &Path| named_route("a", up.addr, &route_tap(&[("log", log)]));
+    write_file(&path, &config(&old));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let pid = proxy.pid();
+    let mut first = connect(proxy.addr());
+    echo_on(&mut first, b"first, on the old tap\n");
+
+    write_file(&path, &config(&new));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    let mut second = connect(proxy.addr());
+    echo_on(&mut second, b"second, on the new tap\n");
+    echo_on(&mut first, b"first, still on the old tap\n");
+    assert!(holds_open(pid, &old) && holds_open(pid, &new));
+
+    finish_with(first, b"first ends\n".to_vec());
+    wait_until(
+        TAP_FLUSH,
+        || format!("{} is still open; log:\n{}", old.display(), proxy.logs()),
+        || !holds_open(pid, &old),
+    );
+    proxy.wait_log("no route uses it any more", PROMPT);
+    wait_until(
+        PROMPT,
+        || format!("threads {:?}", threads(pid)),
+        || threads(pid).1 == 1,
+    );
+    assert!(holds_open(pid, &new), "the route's tap is in use");
+    finish_with(second, b"second ends\n".to_vec());
+    let closed = |text: &str| text.matches("close: closed").count();
+    wait_until(
+        TAP_FLUSH,
+        || "the second connection's close is not in the new log".to_owned(),
+        || closed(&std::fs::read_to_string(&new).unwrap_or_default()) == 1,
+    );
+    // The route still has its tap: the writer runs on.
+    assert!(holds_open(pid, &new));
+    assert_eq!(threads(pid).1, 1);
+    assert_eq!(proxy.count_log("no route uses it any more"), 1);
+
+    let old_text = std::fs::read_to_string(&old).unwrap();
+    let new_text = std::fs::read_to_string(&new).unwrap();
+    for needle in [
+        "first, on the old tap",
+        "first, still on the old tap",
+        "first ends",
+    ] {
+        assert!(old_text.contains(needle), "{needle:?} not in the old log");
+        assert!(!new_text.contains(needle), "{needle:?} in the new log");
+    }
+    for needle in ["second, on the new tap", "second ends"] {
+        assert!(new_text.contains(needle), "{needle:?} not in the new log");
+        assert!(!old_text.contains(needle), "{needle:?} in the old log");
+    }
+    assert_eq!(closed(&old_text), 1);
+}
+
+/// A tap a reload brings back after its writer stopped starts afresh, as at startup: the pcap
+/// is a new capture (truncated), the log is appended to.
+#[test]
+fn a_tap_brought_back_by_a_reload_starts_like_at_startup() {
+    let up = Upstream::echo();
+    let dir = TempDir::new("tap-back");
+    let path = dir.path("proxy.toml");
+    let (log, pcap) = (dir.path("a.log"), dir.path("a.pcap"));
+    let config = |tapped: bool| {
+        let tap = if tapped {
+            route_tap(&[("log", &log), ("pcap", &pcap)])
+        } else {
+            String::new()
+        };
+        named_route("a", up.addr, &tap)
+    };
+    write_file(&path, &config(true));
+    let mut proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let pid = proxy.pid();
+    let first = echo_once(proxy.addr(), b"first capture");
+
+    write_file(&path, &config(false));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    wait_until(
+        TAP_FLUSH,
+        || format!("the tap files are still open; log:\n{}", proxy.logs()),
+        || !holds_open(pid, &log) && !holds_open(pid, &pcap),
+    );
+    assert!(captured_request(&read_pcap(&pcap), first) == b"first capture");
+    echo_once(proxy.addr(), b"not captured");
+
+    write_file(&path, &config(true));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    assert!(holds_open(pid, &log) && holds_open(pid, &pcap));
+    let second = echo_once(proxy.addr(), b"second capture");
+    proxy.signal(SIGTERM);
+    assert!(proxy.wait_exit(TAP_FLUSH).success());
+
+    let flows = read_pcap(&pcap);
+    assert!(captured_request(&flows, second) == b"second capture");
+    assert_eq!(
+        flows.len(),
+        2,
+        "only the second capture's conversation: {flows:?}"
+    );
+    assert_tshark_reads(&pcap);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("  > first capture\n"),
+        "the log is appended to"
+    );
+    assert!(text.contains("  > second capture\n"));
+    assert!(!text.contains("not captured"));
+}
+
+also_with_two_workers!(
+    a_removed_routes_tap_records_its_open_connection_then_stops,
+    a_tap_moved_to_another_file_closes_the_old_one_after_its_connections,
+);

@@ -1,8 +1,9 @@
 //! The traffic tap: records handed off the data path to a writer thread.
 //!
-//! The event loop calls [`start`] once, then feeds records through a [`TapHandle`]; at exit it
-//! calls [`TapGuard::shutdown`]. The writer thread renders records to a live text log
-//! ([`LogTarget`]) and/or a Wireshark-ready pcap file ([`PcapTarget`]).
+//! The event loop starts a writer per tap config through a [`TapSet`] (at startup and when a
+//! reload brings a new tap), then feeds records through [`TapHandle`]s; at exit it calls
+//! [`TapSet::shutdown`]. The writer thread renders records to a live text log ([`LogTarget`])
+//! and/or a Wireshark-ready pcap file ([`PcapTarget`]).
 //!
 //! Invariants:
 //! - The data path never stalls: [`TapHandle::data`] and [`TapHandle::event`] never block and
@@ -22,17 +23,23 @@
 //!   connection are ever queued.
 //! - The writer thread is the only one doing tap I/O; a sink that blocks forever blocks only it,
 //!   and [`TapGuard::shutdown`] gives up after its timeout.
+//! - A writer runs while a [`TapHandle`] of it exists (routes in force that use it, connections
+//!   that started tapping into it); after the last one is dropped it writes what is queued,
+//!   closes its files and ends, and a later writer of the same file starts afresh, like at
+//!   startup (see `set.rs`).
 //! - Pcap rotation (see `rotate.rs`): the current file is always the configured path; older ones
 //!   are `PATH.1` (newest) .. `PATH.<max_files - 1>` (oldest); each file is a standalone pcap.
 //!
 //! Layout: `queue.rs` (loop side), `writer.rs` (thread and outputs), `text.rs` (log format),
-//! `pcap.rs` (packet synthesis), `rotate.rs` (pcap files), `record.rs` (the record types).
+//! `pcap.rs` (packet synthesis), `rotate.rs` (pcap files), `record.rs` (the record types),
+//! `set.rs` (the writers of a process).
 
 mod direct;
 mod pcap;
 mod queue;
 mod record;
 mod rotate;
+mod set;
 mod text;
 mod throttle;
 mod writer;
@@ -51,6 +58,7 @@ use log::warn;
 
 pub use queue::{TEE_CHUNK_MAX, TapHandle, Wants};
 pub use record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
+pub use set::TapSet;
 
 use pcap::PcapSink;
 use queue::{Msg, Shared};
@@ -195,6 +203,18 @@ pub struct TapStats {
     pub write_errors: u64,
 }
 
+impl std::ops::AddAssign for TapStats {
+    fn add_assign(&mut self, other: TapStats) {
+        self.records_queued += other.records_queued;
+        self.bytes_queued += other.bytes_queued;
+        self.records_written += other.records_written;
+        self.bytes_written += other.bytes_written;
+        self.dropped_records += other.dropped_records;
+        self.dropped_bytes += other.dropped_bytes;
+        self.write_errors += other.write_errors;
+    }
+}
+
 /// Why the tap could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -217,10 +237,17 @@ pub enum TapError {
     /// The writer thread could not be spawned.
     #[error("cannot start the tap writer thread: {0}")]
     Spawn(#[source] io::Error),
+    /// A writer that nothing uses any more has not finished writing a file that a new writer
+    /// would open (its sink is blocked, or slow).
+    #[error("the previous tap writer of {} has not finished with it yet (blocked sink?)", path.display())]
+    Busy {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// Owns the writer thread; call [`TapGuard::shutdown`] at exit (dropping it shuts down with a
-/// short timeout).
+/// short timeout). The writer also finishes by itself once every [`TapHandle`] is gone.
 #[derive(Debug)]
 pub struct TapGuard {
     inner: Option<GuardInner>,
@@ -231,6 +258,8 @@ struct GuardInner {
     tx: Sender<Msg>,
     shared: Arc<Shared>,
     done: Receiver<()>,
+    /// `done` was received (or the writer is gone): the thread has ended or is about to.
+    finished: bool,
     thread: JoinHandle<()>,
 }
 
@@ -247,6 +276,34 @@ impl TapGuard {
             None => TapStats::default(),
         }
     }
+
+    /// Totals so far.
+    pub fn stats(&self) -> TapStats {
+        self.inner
+            .as_ref()
+            .map_or_else(TapStats::default, |inner| inner.shared.stats())
+    }
+
+    /// Whether the writer finished because every handle was gone, and logged its totals.
+    pub fn retired(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|inner| inner.shared.retired.load(Ordering::Acquire))
+    }
+
+    /// Whether the writer thread has ended (or is returning), without waiting.
+    fn finished(&mut self) -> bool {
+        let Some(inner) = self.inner.as_mut() else {
+            return true;
+        };
+        if !inner.finished {
+            inner.finished = match inner.done.try_recv() {
+                Ok(()) | Err(mpsc::TryRecvError::Disconnected) => true,
+                Err(mpsc::TryRecvError::Empty) => false,
+            };
+        }
+        inner.finished
+    }
 }
 
 impl Drop for TapGuard {
@@ -261,7 +318,12 @@ impl GuardInner {
     fn shutdown(self, timeout: Duration) -> TapStats {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Msg::Stop);
-        match self.done.recv_timeout(timeout) {
+        let done = if self.finished {
+            Ok(())
+        } else {
+            self.done.recv_timeout(timeout)
+        };
+        match done {
             Ok(()) => {
                 if self.thread.join().is_err() {
                     warn!("tap writer thread panicked");
@@ -361,6 +423,7 @@ fn spawn_throttled(
             tx,
             shared,
             done: done_rx,
+            finished: false,
             thread,
         }),
     };

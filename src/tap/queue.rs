@@ -40,6 +40,8 @@ pub(crate) enum Msg {
     Teed(Teed, usize),
     /// Stop after writing everything queued before this message.
     Stop,
+    /// The last handle is gone: stop like [`Msg::Stop`], and report the tap's end.
+    Retire,
 }
 
 /// Data captured with `tee(2)`: `len` bytes at the head of `pipe` (after those of earlier
@@ -82,6 +84,11 @@ pub(crate) struct Shared {
     pub(crate) queued_cost: AtomicUsize,
     /// Set by shutdown: no record is admitted any more.
     pub(crate) closed: AtomicBool,
+    /// Set by the writer once it has written what it will write and closed its files.
+    pub(crate) finished: AtomicBool,
+    /// Set by the writer when it finished because every handle was gone ([`Msg::Retire`]); it
+    /// has then logged its totals itself.
+    pub(crate) retired: AtomicBool,
     /// When a worker's tee pipe is behind: copy the bytes (true, a normal-priority writer) or
     /// drop them (false, a low-priority writer).
     pub(crate) copy_when_behind: bool,
@@ -101,6 +108,8 @@ impl Shared {
             copy_when_behind,
             queued_cost: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             records_queued: AtomicU64::new(0),
             bytes_queued: AtomicU64::new(0),
             records_written: AtomicU64::new(0),
@@ -204,15 +213,33 @@ pub enum Wants {
     QueueFull,
 }
 
-/// Cheap, cloneable, `Send + Sync` handle the event loop uses to feed the tap.
-///
-/// Its methods never block and never do I/O; see the module documentation of `tap`.
-#[derive(Clone, Debug)]
-pub struct TapHandle {
-    shared: Arc<Shared>,
+/// What every handle of one tap shares: the counters, the sending end of the queue and the
+/// snaplen. The writer runs as long as it exists: when the last handle goes (no route in force
+/// and no open connection uses the tap any more), dropping it tells the writer to finish
+/// ([`Msg::Retire`]).
+#[derive(Debug)]
+pub(crate) struct Feed {
+    pub(crate) shared: Arc<Shared>,
     /// Unbounded: `send` never blocks. `Sender` is `Sync`, so no lock is needed.
     tx: Sender<Msg>,
     snaplen: Option<u64>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        // Every record of every handle was sent before this (the handles are gone), so the
+        // writer sees them first. Never blocks; a writer that is gone already needs nothing.
+        let _ = self.tx.send(Msg::Retire);
+    }
+}
+
+/// Cheap, cloneable, `Send + Sync` handle the event loop uses to feed the tap.
+///
+/// Its methods never block and never do I/O; see the module documentation of `tap`. The tap's
+/// writer finishes once every handle is dropped (see [`Feed`]).
+#[derive(Clone, Debug)]
+pub struct TapHandle {
+    feed: Arc<Feed>,
     /// This worker's tee pipes (see [`TapHandle::for_worker`]); `None` on the handle `start`
     /// returns (the tap then sees copied bytes only).
     lane: Option<Arc<Lane>>,
@@ -226,12 +253,21 @@ const _: () = {
 
 impl TapHandle {
     pub(crate) fn new(shared: Arc<Shared>, tx: Sender<Msg>, snaplen: Option<u64>) -> TapHandle {
-        TapHandle {
+        TapHandle::from_feed(Arc::new(Feed {
             shared,
             tx,
             snaplen,
-            lane: None,
-        }
+        }))
+    }
+
+    /// Another handle of the tap `feed` belongs to (one that some handle still holds).
+    pub(crate) fn from_feed(feed: Arc<Feed>) -> TapHandle {
+        TapHandle { feed, lane: None }
+    }
+
+    /// What this handle's tap shares with every other handle of it.
+    pub(crate) fn feed(&self) -> &Arc<Feed> {
+        &self.feed
     }
 
     /// A handle for one event loop, with a tee pipe of its own for [`TapHandle::tee`]. A tee
@@ -239,8 +275,8 @@ impl TapHandle {
     /// threads: each worker takes its own handle, and clones of it stay on that worker.
     pub fn for_worker(&self) -> TapHandle {
         TapHandle {
+            feed: Arc::clone(&self.feed),
             lane: Some(Arc::new(Lane::default())),
-            ..self.clone()
         }
     }
 
@@ -251,12 +287,12 @@ impl TapHandle {
     /// admitted. Returns `false` if the record was dropped (queue full or tap shut down); the drop
     /// is counted.
     pub fn data(&self, conn: &Arc<ConnMeta>, dir: Direction, offset: u64, bytes: &[u8]) -> bool {
-        let Some(bytes) = clip(self.snaplen, offset, bytes) else {
+        let Some(bytes) = clip(self.feed.snaplen, offset, bytes) else {
             return true;
         };
         let cost = bytes.len().saturating_add(RECORD_OVERHEAD);
-        if !self.shared.try_reserve(cost, self.shared.budget) {
-            self.shared.count_drop(bytes.len());
+        if !self.feed.shared.try_reserve(cost, self.feed.shared.budget) {
+            self.feed.shared.count_drop(bytes.len());
             return false;
         }
         let event = TapEvent::Data {
@@ -285,14 +321,15 @@ impl TapHandle {
             if !self.data(conn, dir, at, piece) {
                 // `data` counted this chunk's drop; the bytes after it go with it.
                 let rest = clip_len(
-                    self.snaplen,
+                    self.feed.snaplen,
                     at + piece.len() as u64,
                     bytes.len() - done - piece.len(),
                 );
-                self.shared
+                self.feed
+                    .shared
                     .dropped_bytes
                     .fetch_add(rest as u64, Ordering::Relaxed);
-                let this = clip_len(self.snaplen, at, piece.len());
+                let this = clip_len(self.feed.snaplen, at, piece.len());
                 return (1, (this + rest) as u64);
             }
             done += piece.len();
@@ -309,9 +346,9 @@ impl TapHandle {
         if let TapEvent::Data { dir, offset, bytes } = &event {
             return self.data(conn, *dir, *offset, bytes);
         }
-        let limit = self.shared.budget.saturating_add(CONTROL_RESERVE);
-        if !self.shared.try_reserve(RECORD_OVERHEAD, limit) {
-            self.shared.count_drop(0);
+        let limit = self.feed.shared.budget.saturating_add(CONTROL_RESERVE);
+        if !self.feed.shared.try_reserve(RECORD_OVERHEAD, limit) {
+            self.feed.shared.count_drop(0);
             return false;
         }
         self.push(conn, event, RECORD_OVERHEAD, 0)
@@ -322,7 +359,7 @@ impl TapHandle {
     /// records. Larger chunks would never fit in a small queue, however fast the writer (with a
     /// budget of 16 MiB, the default, this is [`TEE_CHUNK_MAX`]).
     pub fn chunk_max(&self) -> usize {
-        (self.shared.budget / CHUNKS_PER_QUEUE)
+        (self.feed.shared.budget / CHUNKS_PER_QUEUE)
             .saturating_sub(RECORD_OVERHEAD)
             .clamp(1, TEE_CHUNK_MAX)
     }
@@ -337,12 +374,12 @@ impl TapHandle {
     ///   queue (or a tee pipe behind a low-priority writer) is reported with
     ///   [`TapHandle::count_skipped`].
     pub fn wants(&self, offset: u64, len: usize) -> Wants {
-        if self.snaplen.is_some_and(|s| offset >= s) {
+        if self.feed.snaplen.is_some_and(|s| offset >= s) {
             return Wants::BeyondSnaplen;
         }
-        let queued = self.shared.queued_cost.load(Ordering::Acquire);
-        if self.shared.closed.load(Ordering::Relaxed)
-            || queued + len + RECORD_OVERHEAD > self.shared.budget
+        let queued = self.feed.shared.queued_cost.load(Ordering::Acquire);
+        if self.feed.shared.closed.load(Ordering::Relaxed)
+            || queued + len + RECORD_OVERHEAD > self.feed.shared.budget
         {
             return Wants::QueueFull;
         }
@@ -351,14 +388,16 @@ impl TapHandle {
         }
         match self.lane_pipe(len) {
             Some(pipe) => Wants::Tee(pipe),
-            None if self.shared.copy_when_behind => Wants::Yes,
+            None if self.feed.shared.copy_when_behind => Wants::Yes,
             None => Wants::QueueFull,
         }
     }
 
     /// One of this worker's tee pipes with room for `len` more bytes (see [`Lane`]).
     fn lane_pipe(&self, len: usize) -> Option<Arc<TeePipe>> {
-        self.lane.as_ref()?.pipe_with_room(len, self.shared.budget)
+        self.lane
+            .as_ref()?
+            .pipe_with_room(len, self.feed.shared.budget)
     }
 
     /// Captures `len` bytes, proxied in `dir` at stream `offset`, that fill the whole kernel pipe
@@ -379,7 +418,7 @@ impl TapHandle {
         src: std::os::fd::RawFd,
         len: usize,
     ) -> u64 {
-        let want = clip_len(self.snaplen, offset, len);
+        let want = clip_len(self.feed.snaplen, offset, len);
         if want == 0 {
             return 0;
         }
@@ -390,19 +429,24 @@ impl TapHandle {
             }
         }
         let reserved = want + RECORD_OVERHEAD;
-        if !pipe.has_room(want) || !self.shared.try_reserve(reserved, self.shared.budget) {
-            self.shared.count_drop(want);
+        if !pipe.has_room(want)
+            || !self
+                .feed
+                .shared
+                .try_reserve(reserved, self.feed.shared.budget)
+        {
+            self.feed.shared.count_drop(want);
             return want as u64;
         }
         // A refused tee (it should not be) loses these bytes to the tap, like a full pipe.
         let teed = pipe.tee_from(src, want).unwrap_or(0);
         if teed == 0 {
-            self.shared.release(reserved);
-            self.shared.count_drop(want);
+            self.feed.shared.release(reserved);
+            self.feed.shared.count_drop(want);
             return want as u64;
         }
         let cost = teed + RECORD_OVERHEAD;
-        self.shared.release(reserved - cost);
+        self.feed.shared.release(reserved - cost);
         let record = Teed {
             time: SystemTime::now(),
             conn: Arc::clone(conn),
@@ -414,7 +458,7 @@ impl TapHandle {
         let sent = self.send(Msg::Teed(record, cost), cost, teed);
         let lost = want - teed;
         if lost > 0 {
-            self.shared.count_drop(lost);
+            self.feed.shared.count_drop(lost);
         }
         if sent { lost as u64 } else { want as u64 }
     }
@@ -423,20 +467,21 @@ impl TapHandle {
     /// full, as one dropped record.
     pub fn count_skipped(&self, bytes: u64) {
         if bytes > 0 {
-            self.shared
+            self.feed
+                .shared
                 .count_drop(usize::try_from(bytes).unwrap_or(usize::MAX));
         }
     }
 
     /// Totals so far.
     pub fn stats(&self) -> TapStats {
-        self.shared.stats()
+        self.feed.shared.stats()
     }
 
     /// Cost currently queued (for tests).
     #[cfg(test)]
     pub(crate) fn queued_cost(&self) -> usize {
-        self.shared.queued_cost.load(Ordering::Acquire)
+        self.feed.shared.queued_cost.load(Ordering::Acquire)
     }
 
     fn push(&self, conn: &Arc<ConnMeta>, event: TapEvent, cost: usize, payload: usize) -> bool {
@@ -451,14 +496,18 @@ impl TapHandle {
     /// Sends an admitted message of `cost` carrying `payload` bytes, and counts it; if the
     /// writer is gone, gives the cost back and counts a drop.
     fn send(&self, msg: Msg, cost: usize, payload: usize) -> bool {
-        if self.tx.send(msg).is_err() {
+        if self.feed.tx.send(msg).is_err() {
             // The writer is gone (it only exits at shutdown).
-            self.shared.release(cost);
-            self.shared.count_drop(payload);
+            self.feed.shared.release(cost);
+            self.feed.shared.count_drop(payload);
             return false;
         }
-        self.shared.records_queued.fetch_add(1, Ordering::Relaxed);
-        self.shared
+        self.feed
+            .shared
+            .records_queued
+            .fetch_add(1, Ordering::Relaxed);
+        self.feed
+            .shared
             .bytes_queued
             .fetch_add(payload as u64, Ordering::Relaxed);
         true

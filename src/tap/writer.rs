@@ -24,8 +24,12 @@
 //!   draining. A sink that blocks forever blocks only this thread.
 //! - Drops counted by the loop side are reported from here (the loop side must not log), at most
 //!   once per `WARN_INTERVAL`, plus a final report at exit.
-//! - After `Msg::Stop` the thread writes whatever is still queued and exits; it signals the guard
-//!   through `done` after its last flush.
+//! - After `Msg::Stop` (shutdown) or `Msg::Retire` (every handle is gone: no route and no
+//!   connection uses the tap any more) the thread writes whatever is still queued, reports the
+//!   drops, closes its files (the pcap's last partial block included) and exits. It sets
+//!   `Shared::finished` and signals the guard through `done` only after the files are closed, so
+//!   a new writer may then open them. A retired writer logs its totals itself (at shutdown the
+//!   owner of the guard does).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -37,7 +41,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{info, warn};
 
 use super::pcap::PcapSink;
 use super::queue::{CHUNKS_PER_QUEUE, Msg, Shared, Teed};
@@ -151,11 +155,12 @@ impl Writer {
         }
     }
 
-    /// The thread body. Returns after `Msg::Stop` once the queue is empty, or when every sender
-    /// is gone; sends on `done` right before returning.
+    /// The thread body. Returns after `Msg::Stop` or `Msg::Retire` once the queue is empty, or
+    /// when every sender is gone; closes the sinks and sends on `done` right before returning.
     pub(crate) fn run(mut self, done: Sender<()>) {
         let mut batch: Vec<Entry> = Vec::new();
         let mut stopping = false;
+        let mut retired = false;
         // The message that did not fit in the last batch.
         let mut carried: Option<Msg> = None;
         loop {
@@ -199,6 +204,10 @@ impl Writer {
                         cost += c;
                     }
                     Msg::Stop => stopping = true,
+                    Msg::Retire => {
+                        stopping = true;
+                        retired = true;
+                    }
                 }
                 if let Ok(msg) = self.rx.try_recv() {
                     if cost < MAX_BATCH_COST && batch.len() < MAX_BATCH_RECORDS {
@@ -226,7 +235,32 @@ impl Writer {
             }
         }
         self.report_drops(true);
+        let names = self.names();
+        // Closing a pcap file writes the partial block direct I/O held back.
+        self.text = None;
+        self.pcap = None;
+        if retired {
+            let s = self.shared.stats();
+            info!(
+                "tap {names}: no route uses it any more and its last connection has ended; \
+                 closed with {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
+                s.records_written,
+                s.bytes_written,
+                s.dropped_records,
+                s.dropped_bytes,
+                s.write_errors
+            );
+            self.shared.retired.store(true, Ordering::Release);
+        }
+        self.shared.finished.store(true, Ordering::Release);
         let _ = done.send(());
+    }
+
+    /// The sinks, for messages: `tap.log, cap.pcap`.
+    fn names(&self) -> String {
+        let text = self.text.as_ref().map(|t| t.name.clone());
+        let pcap = self.pcap.as_ref().map(PcapSink::name);
+        text.into_iter().chain(pcap).collect::<Vec<_>>().join(", ")
     }
 
     /// The queue cost that makes a burst: `LINGER_BELOW`, or in a smaller queue one chunk of
