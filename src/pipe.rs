@@ -322,9 +322,13 @@ impl Pipe {
             if self.state == PipeState::Open && src_ready.readable {
                 if read_now >= budget || src_ready.urgent {
                     // Budget 0 (only drain), or urgent data (copy it): once drained, yield so
-                    // the caller can switch pumps; while bytes wait for a writable destination,
-                    // wait for its event.
+                    // the caller can switch pumps. While bytes wait in the kernel pipe, drain
+                    // on until the destination would block, and only then wait for its event:
+                    // a splice that took part of the pipe brings no new event.
                     if (budget == 0 || src_ready.urgent) && self.in_kernel() > 0 {
+                        if progress && dst_ready.writable {
+                            continue;
+                        }
                         break PumpStatus::Blocked;
                     }
                     break PumpStatus::Yielded;
@@ -855,15 +859,111 @@ mod tests {
         assert!(matches!(res, Err(PumpError::Write(e)) if e.kind() == io::ErrorKind::WriteZero));
     }
 
+    /// Two connected loopback sockets `(client, server)`.
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (a, l.accept().unwrap().0)
+    }
+
+    /// Once the source's EOF is in, the kernel pipe is only drained; a splice that takes part of
+    /// it brings no new event, so the pump drains on until the destination would block.
+    #[test]
+    fn test_drain_after_source_eof_goes_on_until_the_destination_blocks() {
+        const LEN: usize = 512 * 1024;
+        let ((mut sender, src), (dst, mut reader)) = (tcp_pair(), tcp_pair());
+        socket2::SockRef::from(&dst)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&reader)
+            .set_recv_buffer_size(16 * 1024)
+            .unwrap();
+        let data: Vec<u8> = (0..LEN)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect();
+        reader
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let writer = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                sender.write_all(&data).unwrap();
+                sender.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let (src, dst) = (
+            mio::net::TcpStream::from_std(src),
+            mio::net::TcpStream::from_std(dst),
+        );
+        let mut pipe = Pipe::new(Direction::UpToDown);
+        pipe.zero_copy = true;
+        let mut pool = BufferPool::new(64 * 1024, 2);
+        let mut pipes = PipePool::new(1 << 20, 2);
+        let (mut src_ready, mut dst_ready) = (ready(), ready());
+        let mut pump =
+            |pipe: &mut Pipe, src_ready: &mut Readiness, dst_ready: &mut Readiness, budget| {
+                pipe.pump_splice(
+                    &src,
+                    src_ready,
+                    &dst,
+                    dst_ready,
+                    &mut pool,
+                    &mut pipes,
+                    budget,
+                    usize::MAX,
+                    None,
+                )
+                .unwrap()
+            };
+        // Read everything, up to the EOF (a splice's 0: copy next), while `reader` reads nothing.
+        while !src_ready.urgent {
+            src_ready.readable = true;
+            pump(&mut pipe, &mut src_ready, &mut dst_ready, 1 << 20);
+        }
+        writer.join().unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        while got.len() < LEN {
+            assert!(
+                !dst_ready.writable,
+                "the pump stopped with the destination writable"
+            );
+            // The reader takes some: the destination's writable edge.
+            let n = reader.read(&mut buf).unwrap();
+            assert!(n > 0, "EOF after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            dst_ready.writable = true;
+            let status = pump(&mut pipe, &mut src_ready, &mut dst_ready, 0);
+            if pipe.in_kernel() == 0 {
+                assert_eq!(status, PumpStatus::Yielded, "copy next, to see the EOF");
+                break;
+            }
+            assert_eq!(status, PumpStatus::Blocked);
+        }
+        assert_eq!(pipe.written_total(), LEN as u64);
+        // The copying read confirms the EOF and passes it on.
+        pipe.pump(
+            &mut &src,
+            &mut src_ready,
+            &mut &dst,
+            &mut dst_ready,
+            &mut pool,
+            1 << 20,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(pipe.state(), PipeState::WriteShut);
+        reader.set_nonblocking(false).unwrap();
+        reader.read_to_end(&mut got).unwrap();
+        assert!(got == data, "bytes differ");
+    }
+
     #[test]
     fn test_splice_stopped_at_urgent_mark_with_fin_is_not_eof() {
         use std::os::fd::AsRawFd;
-        let pair = || {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            (a, l.accept().unwrap().0)
-        };
-        let ((mut client, src), (dst, mut server)) = (pair(), pair());
+        let ((mut client, src), (dst, mut server)) = (tcp_pair(), tcp_pair());
         client.write_all(b"head").unwrap();
         // SAFETY: send(2) of one byte from a live local on a socket we own.
         let urgent = b'U';

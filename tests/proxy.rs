@@ -25,6 +25,7 @@ also_with_two_workers!(
     garbage_idlers_and_instant_closers_do_not_harm_others,
     closed_connections_leave_no_timer_wakeups,
     socket_options_reach_both_sockets_of_a_pair,
+    a_response_the_upstream_ended_while_the_proxy_held_it_arrives_whole,
 );
 
 #[test]
@@ -59,6 +60,62 @@ fn bulk_both_directions_at_once_byte_exact() {
         line.contains(&format!("{LEN} bytes to upstream, {LEN} bytes to client")),
         "{line}"
     );
+}
+
+/// The upstream sends its whole response and closes while the client reads nothing yet: the
+/// proxy holds most of it (in the kernel pipe of its zero-copy path), and its EOF has been seen.
+/// Every byte then reaches the client however slowly it reads, and the FIN after them; nothing
+/// waits for an event that will not come.
+#[test]
+fn a_response_the_upstream_ended_while_the_proxy_held_it_arrives_whole() {
+    const LEN: usize = 768 << 10;
+    let (tx, rx) = mpsc::channel();
+    let up = Upstream::start(move |mut s| {
+        let mut go = [0u8; 2];
+        s.read_exact(&mut go).unwrap();
+        send_pattern(&mut s, 6, LEN).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        // Until the proxy's TCP has acknowledged every byte and the FIN.
+        let deadline = Instant::now() + PROMPT;
+        while unacked(&s) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        tx.send(unacked(&s)).unwrap();
+    });
+    // Small socket buffers: one splice into the client's socket takes a fraction of what the
+    // proxy holds. A small copy buffer: the first read fills it, which marks the direction as
+    // bulk, moved with splice(2) from then on.
+    let extra = "buffer_size = \"1 KiB\"\n\
+                 [socket]\nsend_buffer_size = \"64 KiB\"\nrecv_buffer_size = \"64 KiB\"\n";
+    let proxy = Proxy::with_config(&one_route("127.0.0.1:0", up.addr, extra), 1);
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    c.set_recv_buffer_size(16 * 1024).unwrap();
+    c.connect_timeout(&proxy.addr().into(), PROMPT).unwrap();
+    let mut c: TcpStream = c.into();
+    c.set_read_timeout(Some(PROMPT)).unwrap();
+    c.write_all(b"go").unwrap();
+    assert_eq!(
+        rx.recv_timeout(PROMPT).unwrap(),
+        0,
+        "upstream bytes acknowledged"
+    );
+    let got = expect_pattern(&mut c, 6, LEN);
+    assert_eq!(got.unwrap(), LEN);
+}
+
+/// Bytes a socket has sent that its peer has not acknowledged (`SIOCOUTQ`), the FIN included.
+fn unacked(s: &TcpStream) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to a live local; the descriptor is `s`'s.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::TIOCOUTQ,
+            &raw mut n,
+        )
+    };
+    assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
 }
 
 /// PITFALLS: "first EOF closes both directions". The reply comes well after the client's FIN.
