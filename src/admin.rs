@@ -26,7 +26,8 @@
 //!   response (or as many again, shut down, are still ending after [`ENDING_WAIT`]) is a new one
 //!   refused with a 503 written without waiting. The accepting thread then half-closes it and
 //!   reads it on, never waiting on it (its poll reports what to read), until the client closes or
-//!   [`REFUSED_LINGER`] passes: closed at once, the connection would be reset by the first
+//!   [`REFUSED_LINGER`] passes (at most [`MAX_LINGERING`] at once, the oldest closed first):
+//!   closed at once, the connection would be reset by the first
 //!   request byte to come in after the close, and the client could see the reset rather than the
 //!   503. Both are counted in `/metrics` and logged (a warning at most every
 //!   [`LIMIT_WARNING_EVERY`]). No admin thread touches the event loops.
@@ -71,6 +72,14 @@ pub const SNAPSHOT_QUEUE: usize = 4;
 /// Admin connections served at once, one thread each; see the module documentation for what
 /// happens past it.
 pub const MAX_CONNECTIONS: usize = 32;
+
+/// Refused connections read until their client is done, at most (see [`Lingering`]).
+const MAX_LINGERING: usize = 16;
+
+/// Descriptors the admin endpoint holds at most: its listener and poller, two per connection
+/// (the socket and a clone for the deadline watch) for twice [`MAX_CONNECTIONS`] (served, and
+/// shut down but still ending), one per lingering refused connection.
+pub const MAX_DESCRIPTORS: usize = 2 + 2 * 2 * MAX_CONNECTIONS + MAX_LINGERING;
 /// Stack of a connection thread: request parsing and response building keep their buffers on the
 /// heap, so this is ample, and it bounds the address space 32 threads reserve.
 const CONN_STACK: usize = 256 * 1024;
@@ -489,7 +498,7 @@ fn serve(mut poll: Poll, listener: TcpListener, stop: &AtomicBool, shared: &Arc<
     let mut last_warning = None;
     // Connection threads not known to have ended: at most twice the limit after each reaping.
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(2 * shared.limit);
-    let mut refused = Lingering::new(2 * shared.limit);
+    let mut refused = Lingering::new(MAX_LINGERING);
     while !stop.load(Ordering::SeqCst) {
         let timeout = refused
             .next_deadline()

@@ -70,7 +70,8 @@ const RUN: u8 = 0;
 const GRACEFUL: u8 = 1;
 const IMMEDIATE: u8 = 2;
 
-/// While a connection limit blocks accepting, re-check this often (another worker may free a slot).
+/// While a connection limit blocks accepting, re-check this often (another worker may free a slot,
+/// another thread a kernel pipe).
 const LIMIT_RETRY: Duration = Duration::from_millis(20);
 
 /// State every worker reads: the config, the shutdown request, ids, limits and counters.
@@ -285,7 +286,7 @@ impl Server {
             route_active: (0..MAX_ROUTES).map(|_| AtomicUsize::new(0)).collect(),
             max_connections: fd_capped_max_connections(
                 config.max_connections,
-                if config.splice { n * PIPE_POOL_MAX } else { 0 },
+                reserved_descriptors(&config),
             ),
             workers_listening: AtomicUsize::new(n),
             workers_running: AtomicUsize::new(n),
@@ -676,9 +677,9 @@ impl Worker {
                 consider(t);
             }
         }
-        if self.wakers.len() > 1
-            && (self.listeners.iter()).any(|l| l.blocked_by_limit && l.socket.is_some())
-        {
+        // Another worker may free a slot, and another thread a kernel pipe (a tap writer drops
+        // the last reference to a tee pipe): no event on this loop says so.
+        if (self.listeners.iter()).any(|l| l.blocked_by_limit && l.socket.is_some()) {
             consider(now + LIMIT_RETRY);
         }
         // Round up to a millisecond so a timer is never polled for a zero timeout in a busy loop.
@@ -1774,6 +1775,12 @@ impl Worker {
     }
 
     fn resume_accepting(&mut self, now: Instant) {
+        if !fd_budget::has_room() && self.listeners.iter().any(|l| l.blocked_by_limit) {
+            // Idle tee pipes hold descriptors too: give them back while clients wait for some.
+            for tap in self.routes.iter().filter_map(|r| r.tap.as_ref()) {
+                tap.trim_tee_pipes();
+            }
+        }
         for i in 0..self.listeners.len() {
             let l = &self.listeners[i];
             let paused_done = l.paused_until.is_some_and(|t| now >= t);
@@ -2078,15 +2085,39 @@ const PROBE_SPAN: usize = 64;
 /// Idle kernel pipes a worker keeps for reuse (two descriptors each).
 pub const PIPE_POOL_MAX: usize = 16;
 
-/// Descriptors kept free for listeners, the poller, signals, tap and log files, admin
-/// connections, and health probes.
-const FD_RESERVE: u64 = 64;
+/// Descriptors kept for the process's own: standard streams, pollers and wakers, the signal
+/// pipe, log, tap and access-log files, the resolver, and slack for workers that overshoot a
+/// limit together (see [`reserved_descriptors`]).
+pub const FD_RESERVE: u64 = 64;
+
+/// Descriptors kept outside the budget that connections and busy kernel pipes share (see
+/// [`fd_budget`]): [`FD_RESERVE`], one per listener per worker, the admin endpoint's at its
+/// limits, health probes in flight at once, and, with `splice`, each worker's idle pipes.
+pub fn reserved_descriptors(config: &Config) -> u64 {
+    let workers = config.workers.get() as u64;
+    let listeners = config.routes.len() as u64 * workers;
+    let admin = if config.admin.is_some() {
+        crate::admin::MAX_DESCRIPTORS as u64
+    } else {
+        0
+    };
+    let probes = (config.routes.iter())
+        .filter(|r| r.upstream_set.health_check.is_some())
+        .map(|r| r.upstream.len().min(PROBE_SPAN) as u64)
+        .sum::<u64>()
+        * workers;
+    let pools = if config.splice {
+        workers * 2 * PIPE_POOL_MAX as u64
+    } else {
+        0
+    };
+    FD_RESERVE + listeners + admin + probes + pools
+}
 
 /// Each pair needs two descriptors: cap `configured` so that accepting stops (clients wait in the
-/// backlog) before accept(2) or socket(2) run out of descriptors. `pooled_pipes` idle pipes
-/// (all workers' pools) are kept outside the budget too; what remains is the budget that
-/// connections and busy kernel pipes share (see [`fd_budget`]).
-fn fd_capped_max_connections(configured: usize, pooled_pipes: usize) -> usize {
+/// backlog) before accept(2) or socket(2) run out of descriptors. Past the `reserve`, the
+/// descriptors are the budget that connections and busy kernel pipes share (see [`fd_budget`]).
+fn fd_capped_max_connections(configured: usize, reserve: u64) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -2097,7 +2128,6 @@ fn fd_capped_max_connections(configured: usize, pooled_pipes: usize) -> usize {
     {
         return configured;
     }
-    let reserve = FD_RESERVE + 2 * pooled_pipes as u64;
     let cap = (lim.rlim_cur.saturating_sub(reserve) / 2).max(1);
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
     fd_budget::set_cap(cap);

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use crate::buffer::{Buffer, BufferPool};
-use crate::splice::{KernelPipe, PipePool};
+use crate::splice::{KernelPipe, NoPipe, PipePool};
 use crate::tap::Direction;
 
 /// Where a pipe is in its life.
@@ -158,6 +158,9 @@ pub struct Pipe {
     /// May move bytes with `splice(2)` ([`pump_splice`](Pipe::pump_splice)) rather than copying
     /// (off by config, or once no kernel pipe could be had).
     pub zero_copy: bool,
+    /// Copying because the descriptor budget had no pipe to spare: splice again once the copy
+    /// buffer is empty and the budget has room.
+    pipe_refused: bool,
     /// A copying read has filled a whole empty buffer: this direction carries bulk data, and
     /// moves it with `splice(2)` from now on when `zero_copy` allows. Small messages (request /
     /// response) are cheaper to copy: one read and one write, where splice needs a third call to
@@ -180,6 +183,7 @@ impl Pipe {
             buf: None,
             kpipe: None,
             zero_copy: false,
+            pipe_refused: false,
             bulk: false,
             read_total: 0,
             written_total: 0,
@@ -337,9 +341,11 @@ impl Pipe {
                     match pipes.take() {
                         Ok(k) => self.kpipe = Some(k),
                         Err(e) => {
-                            // No descriptors for a pipe: this direction copies from now on.
+                            // No pipe: this direction copies, until the budget has room again
+                            // if that was the reason, else from now on.
                             log::debug!("{}: no kernel pipe ({e}); copying instead", self.dir);
                             self.zero_copy = false;
+                            self.pipe_refused = matches!(e, NoPipe::Budget);
                             break PumpStatus::Yielded;
                         }
                     }
@@ -491,6 +497,11 @@ impl Pipe {
             }
         };
         self.release_if_empty(pool);
+        if self.pipe_refused && self.buf.is_none() && crate::fd_budget::has_room() {
+            // Nothing buffered: bytes stay in order if the next ones are spliced.
+            self.pipe_refused = false;
+            self.zero_copy = true;
+        }
         Ok(status)
     }
 }

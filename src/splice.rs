@@ -145,7 +145,7 @@ impl TeePipe {
     /// A new empty pipe of `size` bytes (of the kernel's default size when refused); fails when
     /// descriptors run out, or the descriptor budget has none to spare for a tap.
     pub fn new(size: usize) -> io::Result<TeePipe> {
-        let slot = PipeSlot::take().ok_or_else(no_budget)?;
+        let slot = PipeSlot::take().ok_or_else(|| io::Error::other(BUDGET_SPENT))?;
         let KernelPipe {
             read,
             write,
@@ -227,10 +227,25 @@ impl TeePipe {
     }
 }
 
-/// The error of a pipe that the descriptor budget cannot give.
-fn no_budget() -> io::Error {
-    io::Error::other("the descriptors left are kept for connections")
+/// Why [`PipePool::take`] has no pipe.
+#[derive(Debug)]
+pub enum NoPipe {
+    /// The descriptor budget has none to spare: they are kept for connections (for now).
+    Budget,
+    /// The kernel refused one, or granted one too small to be worth it.
+    Os(io::Error),
 }
+
+impl std::fmt::Display for NoPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoPipe::Budget => f.write_str(BUDGET_SPENT),
+            NoPipe::Os(e) => e.fmt(f),
+        }
+    }
+}
+
+const BUDGET_SPENT: &str = "the descriptors left are kept for connections";
 
 /// Below this capacity a kernel pipe is not worth splicing through (the default copy buffer is
 /// 64 KiB).
@@ -267,22 +282,22 @@ impl PipePool {
     ///
     /// Idle pipes kept in the pool are outside the budget (the event loop reserves descriptors
     /// for them): a pipe counts while a direction holds it.
-    pub fn take(&mut self) -> io::Result<KernelPipe> {
-        let slot = PipeSlot::take().ok_or_else(no_budget)?;
+    pub fn take(&mut self) -> Result<KernelPipe, NoPipe> {
+        let slot = PipeSlot::take().ok_or(NoPipe::Budget)?;
         if let Some(mut p) = self.free.pop() {
             p.slot = Some(slot);
             return Ok(p);
         }
-        let mut p = KernelPipe::new(self.size)?;
+        let mut p = KernelPipe::new(self.size).map_err(NoPipe::Os)?;
         p.slot = Some(slot);
         if p.capacity != self.size {
             log::debug!("kernel pipe of {} bytes ({} asked)", p.capacity, self.size);
         }
         if p.capacity < self.size.min(MIN_USEFUL_PIPE) {
-            return Err(io::Error::other(format!(
+            return Err(NoPipe::Os(io::Error::other(format!(
                 "the kernel granted a pipe of {} bytes (pipe-user-pages-soft reached?)",
                 p.capacity
-            )));
+            ))));
         }
         Ok(p)
     }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::NetNs;
 use common::*;
+use tcptap::admin::MAX_DESCRIPTORS;
+use tcptap::event_loop::{FD_RESERVE, PIPE_POOL_MAX};
 
 fn set_nofile(pid: u32, limit: u64) -> libc::rlimit {
     let new = libc::rlimit {
@@ -46,9 +48,12 @@ fn limit_nofile(cmd: &mut std::process::Command, n: u64) {
     }
 }
 
-/// Descriptors one worker keeps outside the connection budget: 64 for listeners, the poller,
-/// files and admin connections, 32 for its up to 16 idle kernel pipes.
-const RESERVED_FDS: u64 = 96;
+/// Descriptors a proxy with one route and one worker keeps outside the budget of connections and
+/// busy pipes: its own, its listener, its up to 16 idle kernel pipes, and the admin endpoint's.
+fn reserved_fds(admin: bool) -> u64 {
+    let admin = if admin { MAX_DESCRIPTORS as u64 } else { 0 };
+    FD_RESERVE + 1 + 2 * PIPE_POOL_MAX as u64 + admin
+}
 
 #[test]
 fn fd_limit_caps_connections_and_clients_wait() {
@@ -60,7 +65,7 @@ fn fd_limit_caps_connections_and_clients_wait() {
         &echo.addr.to_string(),
     ];
     let proxy = Proxy::start_in(&args, 1, None, |cmd| {
-        limit_nofile(cmd, RESERVED_FDS + 2 * 4)
+        limit_nofile(cmd, reserved_fds(false) + 2 * 4)
     });
     proxy.wait_log("holding at most 4 connections", PROMPT);
     let mut clients: Vec<_> = (0..12).map(|_| connect(proxy.addr())).collect();
@@ -143,7 +148,7 @@ fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
         1,
         |cmd| {
             cmd.env("RUST_LOG", "info,tcptap::event_loop=debug");
-            limit_nofile(cmd, RESERVED_FDS + 2 * 4);
+            limit_nofile(cmd, reserved_fds(true) + 2 * 4);
         },
     );
     let admin = proxy.admin_addr();
@@ -201,7 +206,7 @@ fn bulk_transfers_at_the_open_file_limit_take_turns_and_lose_nothing() {
             echo.addr
         ),
         1,
-        |cmd| limit_nofile(cmd, RESERVED_FDS + 2 * 6),
+        |cmd| limit_nofile(cmd, reserved_fds(true) + 2 * 6),
     );
     let admin = proxy.admin_addr();
     let clients: Vec<_> = (0..CLIENTS)

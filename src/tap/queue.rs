@@ -182,6 +182,7 @@ impl Lane {
     /// are behind and no more can be had.
     fn pipe_with_room(&self, len: usize, budget: usize) -> Option<Arc<TeePipe>> {
         let mut pipes = self.pipes.lock().unwrap_or_else(|e| e.into_inner());
+        Lane::trim(&mut pipes);
         if let Some(p) = pipes.iter().find(|p| p.has_room(len)) {
             return Some(Arc::clone(p));
         }
@@ -195,6 +196,19 @@ impl Lane {
         }
         pipes.push(Arc::clone(&pipe));
         Some(pipe)
+    }
+
+    /// Closes the pipes the writer has emptied and no queued record names, but one: pipes added
+    /// while the writer lagged go once it has caught up, giving their descriptors back (see
+    /// [`crate::fd_budget`]).
+    fn trim(pipes: &mut Vec<Arc<TeePipe>>) {
+        let mut idle_kept = false;
+        pipes.retain(|p| {
+            let idle = p.pending() == 0 && Arc::strong_count(p) == 1;
+            let keep = !idle || !idle_kept;
+            idle_kept |= idle;
+            keep
+        });
     }
 }
 
@@ -277,6 +291,14 @@ impl TapHandle {
         TapHandle {
             feed: Arc::clone(&self.feed),
             lane: Some(Arc::new(Lane::default())),
+        }
+    }
+
+    /// Closes this worker's tee pipes that are idle, but one (see [`Lane`]); the event loop
+    /// calls it while descriptors are short, when no tapped traffic may come to do it.
+    pub fn trim_tee_pipes(&self) {
+        if let Some(lane) = &self.lane {
+            Lane::trim(&mut lane.pipes.lock().unwrap_or_else(|e| e.into_inner()));
         }
     }
 
@@ -497,7 +519,7 @@ impl TapHandle {
     /// writer is gone, gives the cost back and counts a drop.
     fn send(&self, msg: Msg, cost: usize, payload: usize) -> bool {
         if self.feed.tx.send(msg).is_err() {
-            // The writer is gone (it only exits at shutdown).
+            // The writer is gone: with a handle left, only the exit stops it.
             self.feed.shared.release(cost);
             self.feed.shared.count_drop(payload);
             return false;
@@ -741,6 +763,43 @@ mod tests {
         assert_eq!((first.pending(), second.pending()), (0, chunk.len));
         // Then the writer has read the first pipe out: `wants` names it again.
         assert!(Arc::ptr_eq(&tee_pipe(&h, offset, 4096), &first));
+    }
+
+    #[test]
+    fn idle_tee_pipes_are_closed_but_one() {
+        let (h, rx) = worker_handle(16 << 20, None);
+        let lane = h.lane.as_ref().expect("a worker's handle");
+        let count = || lane.pipes.lock().unwrap().len();
+        let mut pipes: Vec<Arc<TeePipe>> = (0..4)
+            .map(|_| Arc::new(TeePipe::new(64 * 1024).unwrap()))
+            .collect();
+        lane.pipes.lock().unwrap().extend(pipes.iter().cloned());
+        // One holds bytes the writer has yet to read; a record names another.
+        let chunk = filled_pipe(b"not read out yet");
+        let lost = h.tee(
+            &mut pipes[1],
+            &conn(),
+            Direction::DownToUp,
+            0,
+            chunk.read_fd(),
+            chunk.len,
+        );
+        assert_eq!(lost, 0);
+        let (held, teed) = (Arc::clone(&pipes[1]), rx.try_recv().expect("a record"));
+        pipes.clear();
+        let _named = Arc::clone(&lane.pipes.lock().unwrap()[2]);
+        h.trim_tee_pipes();
+        assert_eq!(count(), 3, "the pipe with bytes, the named one, one idle");
+        // The writer reads the bytes out and drops its record; the other name goes too.
+        drop(teed);
+        drop(held);
+        drop(_named);
+        let pipe = Arc::clone(&lane.pipes.lock().unwrap()[1]);
+        let mut out = Vec::new();
+        assert_eq!(pipe.read_into(&mut out, pipe.pending()), 16);
+        drop(pipe);
+        h.trim_tee_pipes();
+        assert_eq!(count(), 1, "one idle pipe stays for the next tee");
     }
 
     #[test]
