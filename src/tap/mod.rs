@@ -244,6 +244,9 @@ pub enum TapError {
         /// The file.
         path: PathBuf,
     },
+    /// The proxy is shutting down: no tap starts any more.
+    #[error("the proxy is shutting down")]
+    Closed,
 }
 
 /// Owns the writer thread; call [`TapGuard::shutdown`] at exit (dropping it shuts down with a

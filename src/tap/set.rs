@@ -34,6 +34,8 @@ struct Inner {
     writers: Vec<Entry>,
     /// Totals of the writers that stopped and were joined.
     stopped: TapStats,
+    /// Set by [`TapSet::shutdown`]: no writer starts any more.
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -90,10 +92,15 @@ impl TapSet {
     pub fn start(&self, cfg: &TapConfig, wait: Duration) -> Result<TapHandle, TapError> {
         let deadline = Instant::now() + wait;
         loop {
-            let busy = self.lock().writers.iter().find_map(|e| {
+            let inner = self.lock();
+            if inner.closed {
+                return Err(TapError::Closed);
+            }
+            let busy = inner.writers.iter().find_map(|e| {
                 let (_, _, path) = cfg.shared_file(&e.config)?;
                 (!e.shared.finished.load(Ordering::Acquire)).then(|| path.to_path_buf())
             });
+            drop(inner);
             match busy {
                 None => break,
                 Some(path) if Instant::now() >= deadline => return Err(TapError::Busy { path }),
@@ -101,7 +108,14 @@ impl TapSet {
             }
         }
         let (handle, guard) = super::start(cfg)?;
-        self.lock().writers.push(Entry {
+        let mut inner = self.lock();
+        if inner.closed {
+            // The exit began while the files were opened: nobody else would stop this writer.
+            drop(inner);
+            guard.shutdown(Duration::from_secs(1));
+            return Err(TapError::Closed);
+        }
+        inner.writers.push(Entry {
             config: cfg.clone(),
             feed: Arc::downgrade(handle.feed()),
             shared: Arc::clone(&handle.feed().shared),
@@ -143,13 +157,14 @@ impl TapSet {
     /// Stops every writer (see [`TapGuard::shutdown`]; each is given `timeout`) and returns the
     /// final totals of each one that had not reported its end already (a writer that ended
     /// because nothing used it any more logged its totals then).
+    /// No writer starts after this ([`TapError::Closed`]).
     pub fn shutdown(&self, timeout: Duration) -> Vec<TapStats> {
-        let guards: Vec<(TapGuard, Arc<Shared>)> = self
-            .lock()
-            .writers
-            .iter_mut()
+        let mut inner = self.lock();
+        inner.closed = true;
+        let guards: Vec<(TapGuard, Arc<Shared>)> = (inner.writers.iter_mut())
             .filter_map(|e| Some((e.guard.take()?, Arc::clone(&e.shared))))
             .collect();
+        drop(inner);
         // Outside the lock: the writers may take up to `timeout` each, and the totals stay
         // readable meanwhile.
         guards
@@ -228,6 +243,20 @@ mod tests {
     }
 
     #[test]
+    fn no_writer_starts_once_the_exit_began() {
+        let dir = TempDir::new("set-closed");
+        let set = TapSet::new();
+        let running = set.start(&log_config(&dir.path().join("a.log")), Duration::ZERO);
+        assert_eq!(set.shutdown(Duration::from_secs(5)).len(), 1);
+        drop(running);
+        // A reload that was preparing a tap meanwhile: refused, and nothing was opened.
+        let late = dir.path().join("b.log");
+        let err = set.start(&log_config(&late), Duration::ZERO).unwrap_err();
+        assert!(matches!(err, TapError::Closed), "{err}");
+        assert!(!late.exists());
+    }
+
+    #[test]
     fn a_new_writer_of_a_file_waits_for_the_previous_one_to_finish() {
         let dir = TempDir::new("set-busy");
         let fifo = dir.path().join("log.fifo");
@@ -239,7 +268,8 @@ mod tests {
         let tap = set.start(&cfg, Duration::ZERO).expect("start");
         let c = conn(2, "10.0.0.1:1000", "10.0.0.2:2000");
         assert!(tap.event(&c, TapEvent::Open));
-        // Unused now, but blocked opening a FIFO nobody reads: it cannot finish.
+        // Unused now, but its writer waits for a reader of the FIFO before it can write: it cannot
+        // finish.
         drop(tap);
         assert!(set.find(&cfg).is_none());
         assert!(set.find_on_file(&cfg).is_none());
