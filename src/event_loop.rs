@@ -612,6 +612,7 @@ impl Worker {
                 return Err(e);
             }
             let now = Instant::now();
+            self.apply_reloads(now);
             for event in events.iter() {
                 self.dispatch(event, now);
             }
@@ -880,11 +881,17 @@ impl Worker {
         );
     }
 
-    /// Applies re-resolved addresses and runs due health probes.
-    fn tick_upstreams(&mut self, now: Instant) {
+    /// Applies the reload plans sent to this worker. Called before the events of each wake-up
+    /// are handled: a client that connects once the reload is logged (after the plans were
+    /// sent) is accepted under the new configuration.
+    fn apply_reloads(&mut self, now: Instant) {
         while let Ok(plan) = self.reload_plans.try_recv() {
             self.apply_reload(plan, now);
         }
+    }
+
+    /// Applies re-resolved addresses and runs due health probes.
+    fn tick_upstreams(&mut self, now: Instant) {
         while let Ok(u) = self.address_updates.try_recv() {
             if let Some(set) = self.sets.get_mut(u.route) {
                 if set.replace_addresses(&u.name, &u.addrs) {
@@ -2034,13 +2041,6 @@ fn prepare_reload(
     }
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.metrics.on_reload(Some(generation));
-    info!(
-        "reload: configuration generation {generation} from {}: {} route(s) added, {} removed, {} changed",
-        path.display(),
-        summary.0,
-        summary.1,
-        summary.2
-    );
     for ((tx, waker), changes) in targets.iter().zip(changes) {
         let _ = tx.send(ReloadPlan {
             generation,
@@ -2048,6 +2048,14 @@ fn prepare_reload(
         });
         let _ = waker.wake();
     }
+    // After the plans are sent: a worker applies its plan before it accepts again.
+    info!(
+        "reload: configuration generation {generation} from {}: {} route(s) added, {} removed, {} changed",
+        path.display(),
+        summary.0,
+        summary.1,
+        summary.2
+    );
     Ok(())
 }
 
