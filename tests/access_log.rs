@@ -130,6 +130,11 @@ fn stalling_upstream(then: Stuck) -> (Upstream, mpsc::Receiver<()>) {
         s.read_exact(&mut req).unwrap();
         assert_eq!(req, REQUEST);
         s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        // A fixed send buffer: however large `tcp_wmem` lets it grow, the response does not fit
+        // in the buffers on the way.
+        socket2::SockRef::from(&s)
+            .set_send_buffer_size(128 * 1024)
+            .unwrap();
         let response = Pattern::bytes(3, RESPONSE);
         assert!(
             s.write_all(&response).is_err(),

@@ -19,25 +19,6 @@ fn ops_config(dir: &TempDir, routes: &str) -> String {
     )
 }
 
-/// Polls `/metrics` until `series` has `value` (counters are updated as the loop goes).
-fn wait_metric(admin: std::net::SocketAddr, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + PROMPT;
-    loop {
-        let (status, body) = http_get(admin, "/metrics");
-        assert_eq!(status, 200);
-        if metric(&body, series) == Some(value) {
-            return body;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{series} is {:?}, expected {value}:\n{body}",
-                metric(&body, series)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn metrics_match_the_traffic() {
     let dir = TempDir::new("ops");

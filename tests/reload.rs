@@ -34,21 +34,6 @@ fn route_addr(proxy: &Proxy, name: &str) -> SocketAddr {
     rest.split(' ').next().unwrap().parse().unwrap()
 }
 
-fn wait_metric(admin: SocketAddr, series: &str, value: f64) {
-    let deadline = std::time::Instant::now() + PROMPT;
-    loop {
-        let (_, body) = http_get(admin, "/metrics");
-        if metric(&body, series) == Some(value) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{series} != {value}:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
     let one = tagged(1);
