@@ -19,6 +19,28 @@ fn random_connections_copying_path() {
     run_random("splice = false");
 }
 
+/// Small socket buffers on the proxy: a splice into a socket takes a fraction of what a kernel
+/// pipe holds, and, with clients that read slowly, a peer often ends its stream while the proxy
+/// still holds much of it.
+#[test]
+fn random_connections_small_socket_buffers() {
+    run_random(SMALL_SOCKET_BUFFERS);
+}
+
+/// The same with a pcap tap: spliced bytes are duplicated into the tap's pipes with `tee(2)`.
+#[test]
+fn random_connections_small_socket_buffers_tapped() {
+    let dir = TempDir::new("random-tap");
+    let pcap = dir.path("random.pcap");
+    run_random(&format!(
+        "{SMALL_SOCKET_BUFFERS}\n[tap]\npcap = \"{}\"",
+        pcap.display()
+    ));
+}
+
+const SMALL_SOCKET_BUFFERS: &str =
+    "[socket]\nsend_buffer_size = \"16 KiB\"\nrecv_buffer_size = \"16 KiB\"";
+
 /// What one connection does, derived from its seed.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -28,6 +50,8 @@ struct Plan {
     /// 0: upstream replies after the client's EOF; 1: both stream at once; 2: upstream sends and
     /// closes its write side first, then reads.
     order: u64,
+    /// The client reads in small pieces with pauses.
+    slow_reader: bool,
 }
 
 impl Plan {
@@ -44,6 +68,7 @@ impl Plan {
             up_len: size(&mut p),
             down_len: size(&mut p),
             order: p.below(3),
+            slow_reader: p.below(4) == 0,
         }
     }
 
@@ -86,6 +111,38 @@ fn send_chunked(s: &mut TcpStream, seed: u64, len: usize, rng: &mut Pattern) {
 
 fn recv_all(s: &mut TcpStream, seed: u64, len: usize) -> Result<(), String> {
     let got = read_to_end(s, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    check(got, seed, len)
+}
+
+/// Like [`recv_all`], reading at most 16 KiB at a time with a pause of up to 2 ms after every
+/// fourth read: the proxy's buffers toward this client fill and stay full.
+fn recv_all_slowly(
+    s: &mut TcpStream,
+    seed: u64,
+    len: usize,
+    rng: &mut Pattern,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    for reads in 0u64.. {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("timed out after {} bytes", got.len()));
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("after {} bytes: {e}", got.len())),
+        }
+        if reads % 4 == 3 {
+            thread::sleep(Duration::from_micros(rng.below(2000)));
+        }
+    }
+    check(got, seed, len)
+}
+
+fn check(got: Vec<u8>, seed: u64, len: usize) -> Result<(), String> {
     if got.len() != len {
         return Err(format!("got {} bytes, expected {len}", got.len()));
     }
@@ -128,12 +185,20 @@ fn upstream_side(mut s: TcpStream) -> Result<(), String> {
 fn client_side(addr: std::net::SocketAddr, plan: Plan) -> Result<(), String> {
     let mut s = connect(addr);
     let mut rng = Pattern::new(plan.seed ^ 0x55);
+    let mut read_rng = Pattern::new(plan.seed ^ 0x77);
+    let mut receive = |s: &mut TcpStream| {
+        if plan.slow_reader {
+            recv_all_slowly(s, plan.seed + 2, plan.down_len, &mut read_rng)
+        } else {
+            recv_all(s, plan.seed + 2, plan.down_len)
+        }
+    };
     s.write_all(&plan.encode()).unwrap();
     match plan.order {
         0 => {
             send_chunked(&mut s, plan.seed + 1, plan.up_len, &mut rng);
             s.shutdown(Shutdown::Write).unwrap();
-            recv_all(&mut s, plan.seed + 2, plan.down_len)
+            receive(&mut s)
         }
         1 => {
             let mut w = s.try_clone().unwrap();
@@ -141,12 +206,12 @@ fn client_side(addr: std::net::SocketAddr, plan: Plan) -> Result<(), String> {
                 send_chunked(&mut w, plan.seed + 1, plan.up_len, &mut rng);
                 w.shutdown(Shutdown::Write).unwrap();
             });
-            let r = recv_all(&mut s, plan.seed + 2, plan.down_len);
+            let r = receive(&mut s);
             t.join().map_err(|_| "client writer panicked".to_string())?;
             r
         }
         _ => {
-            recv_all(&mut s, plan.seed + 2, plan.down_len)?;
+            receive(&mut s)?;
             send_chunked(&mut s, plan.seed + 1, plan.up_len, &mut rng);
             s.shutdown(Shutdown::Write).unwrap();
             // Wait for the proxy to close our socket: the pair is done.
