@@ -439,6 +439,18 @@ impl Pipe {
                 }
             }
 
+            if self.pipe_refused
+                && self.state == PipeState::Open
+                && self.buf.as_ref().is_none_or(Buffer::is_empty)
+                && crate::fd_budget::has_room()
+            {
+                // Copying only because the descriptor budget had no pipe to spare, and nothing
+                // is buffered: the next bytes may be spliced, in order. The caller pumps again.
+                self.pipe_refused = false;
+                self.zero_copy = true;
+                break PumpStatus::Yielded;
+            }
+
             if self.state == PipeState::ReadClosed && self.buffered() == 0 {
                 // Every byte before the EOF is written: now pass the EOF on.
                 dst.shutdown_write().map_err(PumpError::Write)?;
@@ -497,11 +509,6 @@ impl Pipe {
             }
         };
         self.release_if_empty(pool);
-        if self.pipe_refused && self.buf.is_none() && crate::fd_budget::has_room() {
-            // Nothing buffered: bytes stay in order if the next ones are spliced.
-            self.pipe_refused = false;
-            self.zero_copy = true;
-        }
         Ok(status)
     }
 }

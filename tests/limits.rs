@@ -191,6 +191,65 @@ fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
     );
 }
 
+/// A transfer that found no pipe to spare copies through user space meanwhile, and goes back to
+/// splicing once a pipe is free: it takes one as soon as nothing is left in its copy buffer.
+#[test]
+fn a_transfer_refused_a_pipe_splices_again_once_one_is_free() {
+    const LEN: usize = 4 << 20;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Room for 3 descriptor pairs: two connections and one pipe.
+    let proxy = Proxy::with_config_in(
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
+            one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
+        ),
+        1,
+        |cmd| limit_nofile(cmd, reserved_fds(true) + 2 * 3),
+    );
+    let admin = proxy.admin_addr();
+    // The first transfer stalls with its bytes in a kernel pipe.
+    let first = bulk_sender(proxy.addr(), 0, LEN);
+    let mut first_up = accept_within(&upstream, PROMPT);
+    wait_metric(admin, "tcptap_kernel_pipes", 1.0);
+    // The second gets in (one pair left) but no pipe: it copies, and stalls too.
+    let second = bulk_sender(proxy.addr(), 1, LEN);
+    let mut second_up = accept_within(&upstream, PROMPT);
+    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 2.0);
+    let mut head = vec![0u8; 8 + 64 * 1024];
+    second_up.read_exact(&mut head).unwrap();
+    assert_eq!(head[..8], 1u64.to_le_bytes());
+    assert!(
+        head[8..] == Pattern::bytes(1, LEN)[..64 * 1024],
+        "stream 1 differs"
+    );
+    assert_eq!(
+        metric(&http_get(admin, "/metrics").1, "tcptap_kernel_pipes"),
+        Some(1.0),
+        "the second transfer got a pipe while the budget had none"
+    );
+    // The first one ends: its pipe goes back. The second, read on a little and stalled again,
+    // holds a pipe of its own now.
+    expect_bulk(&mut first_up, 0, LEN);
+    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+    let mut more = vec![0u8; 1 << 20];
+    second_up.read_exact(&mut more).unwrap();
+    wait_metric(admin, "tcptap_kernel_pipes", 1.0);
+    // Every byte arrives, in order, across the switches.
+    let mut rest = vec![0u8; LEN - 64 * 1024 - more.len()];
+    second_up
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    second_up.read_exact(&mut rest).unwrap();
+    let mut got = head[8..].to_vec();
+    got.extend_from_slice(&more);
+    got.extend_from_slice(&rest);
+    assert!(got == Pattern::bytes(1, LEN), "stream 1 differs");
+    drop((first.join().unwrap(), second.join().unwrap()));
+    drop((first_up, second_up));
+    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 0.0);
+    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+}
+
 /// Many bulk transfers both ways through a proxy whose open-file limit holds a few connections
 /// and pipes at a time: clients take turns from the backlog, every byte arrives, nobody is reset,
 /// and the budget is whole again afterwards.
