@@ -1402,6 +1402,26 @@ mod tests {
         server.shutdown();
     }
 
+    /// Answers the held listings (each must get an empty list), then returns `/metrics` and a
+    /// lookup of its samples by name.
+    fn answer_then_metrics(
+        addr: SocketAddr,
+        held: Vec<SnapshotRequest>,
+        listings: Vec<std::thread::JoinHandle<(u16, String, String)>>,
+    ) -> (String, impl Fn(&str) -> Option<f64>) {
+        for r in held {
+            assert!(r.answer(Vec::new()));
+        }
+        for l in listings {
+            let (status, _, body) = l.join().unwrap();
+            assert_eq!((status, body.as_str()), (200, "[]\n"));
+        }
+        let (_, _, body) = get(addr, "/metrics");
+        let samples = check_exposition(&body);
+        let value = move |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
+        (body, value)
+    }
+
     #[test]
     fn test_busy_connections_refuse_a_new_one_with_503() {
         let (server, rx) = start_limited(2);
@@ -1425,16 +1445,7 @@ mod tests {
             "{resp}"
         );
         eprintln!("refused in {:?}", started.elapsed());
-        for r in held {
-            assert!(r.answer(Vec::new()));
-        }
-        for l in listings {
-            let (status, _, body) = l.join().unwrap();
-            assert_eq!((status, body.as_str()), (200, "[]\n"));
-        }
-        let (_, _, body) = get(addr, "/metrics");
-        let samples = check_exposition(&body);
-        let value = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
+        let (body, value) = answer_then_metrics(addr, held, listings);
         assert_eq!(
             value("tcptap_admin_connections_refused_total"),
             Some(1.0),
@@ -1500,16 +1511,7 @@ mod tests {
             let resp = read_to_end_within(s, Duration::from_secs(1));
             assert!(resp.starts_with(b"HTTP/1.1 503 "), "{resp:?}");
         }
-        for r in held {
-            assert!(r.answer(Vec::new()));
-        }
-        for l in listings {
-            let (status, _, body) = l.join().unwrap();
-            assert_eq!((status, body.as_str()), (200, "[]\n"));
-        }
-        let (_, _, body) = get(addr, "/metrics");
-        let samples = check_exposition(&body);
-        let value = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
+        let (body, value) = answer_then_metrics(addr, held, listings);
         assert_eq!(
             value("tcptap_admin_connections_refused_total"),
             Some((CLIENTS + silent_ones.len()) as f64),

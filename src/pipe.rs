@@ -884,6 +884,25 @@ mod tests {
         (a, l.accept().unwrap().0)
     }
 
+    /// One copying pump of `pipe` between real sockets, without a tap.
+    fn copy_pump(
+        pipe: &mut Pipe,
+        (src, src_ready): (&mio::net::TcpStream, &mut Readiness),
+        (dst, dst_ready): (&mio::net::TcpStream, &mut Readiness),
+        pool: &mut BufferPool,
+    ) -> PumpStatus {
+        pipe.pump(
+            &mut { src },
+            src_ready,
+            &mut { dst },
+            dst_ready,
+            pool,
+            1 << 20,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    }
+
     /// Once the source's EOF is in, the kernel pipe is only drained; a splice that takes part of
     /// it brings no new event, so the pump drains on until the destination would block.
     #[test]
@@ -962,16 +981,12 @@ mod tests {
         }
         assert_eq!(pipe.written_total(), LEN as u64);
         // The copying read confirms the EOF and passes it on.
-        pipe.pump(
-            &mut &src,
-            &mut src_ready,
-            &mut &dst,
-            &mut dst_ready,
+        copy_pump(
+            &mut pipe,
+            (&src, &mut src_ready),
+            (&dst, &mut dst_ready),
             &mut pool,
-            1 << 20,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        );
         assert_eq!(pipe.state(), PipeState::WriteShut);
         reader.set_nonblocking(false).unwrap();
         reader.read_to_end(&mut got).unwrap();
@@ -1040,16 +1055,12 @@ mod tests {
         );
         assert!(src_ready.urgent && src_ready.readable);
         // The copying read skips the urgent byte, forwards the rest, then sees the real EOF.
-        pipe.pump(
-            &mut &src,
-            &mut src_ready,
-            &mut &dst,
-            &mut dst_ready,
+        copy_pump(
+            &mut pipe,
+            (&src, &mut src_ready),
+            (&dst, &mut dst_ready),
             &mut pool,
-            1 << 20,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        );
         assert_eq!(pipe.state(), PipeState::WriteShut);
         assert_eq!(pipe.read_total(), 8);
         let mut got = Vec::new();

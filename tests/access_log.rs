@@ -175,21 +175,35 @@ fn check_cut(entry: &HashMap<String, String>, client_got: u64, end: &str) {
     );
 }
 
-fn cut_by_idle_timeout(splice: bool, format: &str) {
+/// A client, through a proxy (`top` settings, access log in `format`), of an upstream whose
+/// response stalls, then which does `then`: once the connection is cut (the client reset after
+/// some bytes, checked), the proxy, its directory and the entry, checked by [`check_cut`] with
+/// close reason `end`.
+fn response_cut(
+    then: Stuck,
+    format: &str,
+    top: &str,
+    end: &str,
+) -> (TempDir, Proxy, HashMap<String, String>) {
     let dir = TempDir::new("access");
-    let (up, stuck) = stalling_upstream(Stuck::Wait);
-    let top = format!("idle_timeout = \"1s\"\nsplice = {splice}");
-    let proxy = Proxy::with_config(&config(&dir, format, &top, up.addr), 1);
+    let (up, stuck) = stalling_upstream(then);
+    let proxy = Proxy::with_config(&config(&dir, format, top, up.addr), 1);
     let mut c = client(proxy.addr());
     stuck
         .recv_timeout(PROMPT + PROMPT)
         .expect("the response stalls");
-    // The proxy resets both sides a second after the last byte moved.
     let entry = wait_entry(&dir.path("access.log"));
     let (got, reset) = read_until_cut(&mut c);
     assert!(reset, "the client was reset, after {} bytes", got.len());
     assert!(got == Pattern::bytes(3, got.len()), "bytes differ");
-    check_cut(&entry, got.len() as u64, "idle_timeout");
+    check_cut(&entry, got.len() as u64, end);
+    (dir, proxy, entry)
+}
+
+fn cut_by_idle_timeout(splice: bool, format: &str) {
+    // The proxy resets both sides a second after the last byte moved.
+    let top = format!("idle_timeout = \"1s\"\nsplice = {splice}");
+    let (_dir, proxy, entry) = response_cut(Stuck::Wait, format, &top, "idle_timeout");
     assert_eq!(entry["u2d_end"], "timeout");
     proxy.wait_log("buffered bytes discarded", PROMPT);
 }
@@ -206,18 +220,7 @@ fn a_response_cut_by_the_idle_timeout_shows_what_the_client_got_splice() {
 
 #[test]
 fn a_response_cut_by_an_upstream_reset_shows_what_the_client_got() {
-    let dir = TempDir::new("access");
-    let (up, stuck) = stalling_upstream(Stuck::Reset);
-    let proxy = Proxy::with_config(&config(&dir, "json", "", up.addr), 1);
-    let mut c = client(proxy.addr());
-    stuck
-        .recv_timeout(PROMPT + PROMPT)
-        .expect("the response stalls");
-    let entry = wait_entry(&dir.path("access.log"));
-    let (got, reset) = read_until_cut(&mut c);
-    assert!(reset, "the client was reset, after {} bytes", got.len());
-    assert!(got == Pattern::bytes(3, got.len()), "bytes differ");
-    check_cut(&entry, got.len() as u64, "reset_by_upstream");
+    let (_dir, _proxy, entry) = response_cut(Stuck::Reset, "json", "", "reset_by_upstream");
     assert_eq!(entry["u2d_end"], "reset_by_upstream");
 }
 

@@ -131,6 +131,24 @@ fn expect_bulk(s: &mut TcpStream, id: u64, len: usize) {
     assert!(got[8..] == Pattern::bytes(id, len), "stream {id} differs");
 }
 
+/// Once every connection of `route` closed: no pipe is held any more, and no accept(2), socket(2)
+/// or pipe2(2) ran out of descriptors on the way.
+fn assert_budget_whole(proxy: &Proxy, route: &str) {
+    let admin = proxy.admin_addr();
+    wait_metric(
+        admin,
+        &format!("tcptap_connections_active{{route=\"{route}\"}}"),
+        0.0,
+    );
+    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+    assert_eq!(
+        proxy.count_log("Too many open files"),
+        0,
+        "{}",
+        proxy.logs()
+    );
+}
+
 /// Kernel pipes and connections share the open-file budget. While stalled transfers hold their
 /// pipes, a new client waits in the listen backlog (no accept(2), socket(2) or pipe2(2) fails for
 /// lack of descriptors, so nobody is reset), and it is served as soon as a pipe is released.
@@ -181,14 +199,7 @@ fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
     let clients: Vec<TcpStream> = senders.into_iter().map(|s| s.join().unwrap()).collect();
     // Everything closed: the budget is whole again.
     drop((clients, late, up, held));
-    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 0.0);
-    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
-    assert_eq!(
-        proxy.count_log("Too many open files"),
-        0,
-        "{}",
-        proxy.logs()
-    );
+    assert_budget_whole(&proxy, "route0");
 }
 
 /// A transfer that found no pipe to spare copies through user space meanwhile, and goes back to
@@ -227,10 +238,11 @@ fn a_transfer_refused_a_pipe_splices_again_once_one_is_free() {
         Some(1.0),
         "the second transfer got a pipe while the budget had none"
     );
-    // The first one ends: its pipe goes back. The second, read on a little and stalled again,
-    // holds a pipe of its own now.
+    // The first one ends and closes: its pipe goes back. The second, read on a little and
+    // stalled again, holds a pipe of its own now.
     expect_bulk(&mut first_up, 0, LEN);
-    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+    drop((first.join().unwrap(), first_up));
+    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 1.0);
     let mut more = vec![0u8; 1 << 20];
     second_up.read_exact(&mut more).unwrap();
     wait_metric(admin, "tcptap_kernel_pipes", 1.0);
@@ -244,10 +256,8 @@ fn a_transfer_refused_a_pipe_splices_again_once_one_is_free() {
     got.extend_from_slice(&more);
     got.extend_from_slice(&rest);
     assert!(got == Pattern::bytes(1, LEN), "stream 1 differs");
-    drop((first.join().unwrap(), second.join().unwrap()));
-    drop((first_up, second_up));
-    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 0.0);
-    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
+    drop((second.join().unwrap(), second_up));
+    assert_budget_whole(&proxy, "route0");
 }
 
 /// Many bulk transfers both ways through a proxy whose open-file limit holds a few connections
@@ -294,14 +304,7 @@ fn bulk_transfers_at_the_open_file_limit_take_turns_and_lose_nothing() {
         "tcptap_connections_closed_total{route=\"bulk\",reason=\"client_closed_first\"}",
         CLIENTS as f64,
     );
-    wait_metric(admin, "tcptap_connections_active{route=\"bulk\"}", 0.0);
-    wait_metric(admin, "tcptap_kernel_pipes", 0.0);
-    assert_eq!(
-        proxy.count_log("Too many open files"),
-        0,
-        "{}",
-        proxy.logs()
-    );
+    assert_budget_whole(&proxy, "bulk");
 }
 
 #[test]
