@@ -884,6 +884,12 @@ mod tests {
         (a, l.accept().unwrap().0)
     }
 
+    /// `s` as the event loop holds it.
+    fn nonblocking(s: std::net::TcpStream) -> mio::net::TcpStream {
+        s.set_nonblocking(true).unwrap();
+        mio::net::TcpStream::from_std(s)
+    }
+
     /// One copying pump of `pipe` between real sockets, without a tap.
     fn copy_pump(
         pipe: &mut Pipe,
@@ -928,12 +934,7 @@ mod tests {
                 sender.shutdown(std::net::Shutdown::Write).unwrap();
             })
         };
-        src.set_nonblocking(true).unwrap();
-        dst.set_nonblocking(true).unwrap();
-        let (src, dst) = (
-            mio::net::TcpStream::from_std(src),
-            mio::net::TcpStream::from_std(dst),
-        );
+        let (src, dst) = (nonblocking(src), nonblocking(dst));
         let mut pipe = Pipe::new(Direction::UpToDown);
         pipe.zero_copy = true;
         let mut pool = BufferPool::new(64 * 1024, 2);
@@ -1019,12 +1020,7 @@ mod tests {
         };
         // SAFETY: poll(2) on one pollfd we own.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "FIN in");
-        src.set_nonblocking(true).unwrap();
-        dst.set_nonblocking(true).unwrap();
-        let (src, dst) = (
-            mio::net::TcpStream::from_std(src),
-            mio::net::TcpStream::from_std(dst),
-        );
+        let (src, dst) = (nonblocking(src), nonblocking(dst));
         let mut pipe = Pipe::new(Direction::DownToUp);
         pipe.zero_copy = true;
         let mut pool = BufferPool::new(64 * 1024, 2);

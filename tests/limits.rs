@@ -149,16 +149,12 @@ fn assert_budget_whole(proxy: &Proxy, route: &str) {
     );
 }
 
-/// Kernel pipes and connections share the open-file budget. While stalled transfers hold their
-/// pipes, a new client waits in the listen backlog (no accept(2), socket(2) or pipe2(2) fails for
-/// lack of descriptors, so nobody is reset), and it is served as soon as a pipe is released.
-#[test]
-fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
-    const LEN: usize = 4 << 20;
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    // Room for 4 descriptor pairs. Small socket buffers toward the upstream, which does not read
-    // yet: each sender's bytes stay in its direction's kernel pipe.
-    let proxy = Proxy::with_config_in(
+/// A proxy with an admin endpoint toward `upstream`, whose open-file limit leaves `pairs`
+/// descriptor pairs for connections and busy pipes. Small socket buffers toward the upstream,
+/// which reads nothing until the test says: each sender's bytes stay in its direction's kernel
+/// pipe.
+fn proxy_to_stalled(upstream: &std::net::TcpListener, pairs: u64) -> Proxy {
+    Proxy::with_config_in(
         &format!(
             "[admin]\nlisten = \"127.0.0.1:0\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
             one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
@@ -166,9 +162,20 @@ fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
         1,
         |cmd| {
             cmd.env("RUST_LOG", "info,tcptap::event_loop=debug");
-            limit_nofile(cmd, reserved_fds(true) + 2 * 4);
+            limit_nofile(cmd, reserved_fds(true) + 2 * pairs);
         },
-    );
+    )
+}
+
+/// Kernel pipes and connections share the open-file budget. While stalled transfers hold their
+/// pipes, a new client waits in the listen backlog (no accept(2), socket(2) or pipe2(2) fails for
+/// lack of descriptors, so nobody is reset), and it is served as soon as a pipe is released.
+#[test]
+fn busy_pipes_hold_new_clients_in_the_backlog_until_released() {
+    const LEN: usize = 4 << 20;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Room for 4 descriptor pairs.
+    let proxy = proxy_to_stalled(&upstream, 4);
     let admin = proxy.admin_addr();
     let senders: Vec<_> = (0..2)
         .map(|id| bulk_sender(proxy.addr(), id, LEN))
@@ -209,14 +216,7 @@ fn a_transfer_refused_a_pipe_splices_again_once_one_is_free() {
     const LEN: usize = 4 << 20;
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     // Room for 3 descriptor pairs: two connections and one pipe.
-    let proxy = Proxy::with_config_in(
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
-            one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
-        ),
-        1,
-        |cmd| limit_nofile(cmd, reserved_fds(true) + 2 * 3),
-    );
+    let proxy = proxy_to_stalled(&upstream, 3);
     let admin = proxy.admin_addr();
     // The first transfer stalls with its bytes in a kernel pipe.
     let first = bulk_sender(proxy.addr(), 0, LEN);
