@@ -30,12 +30,28 @@ fn random_connections_small_socket_buffers() {
 /// The same with a pcap tap: spliced bytes are duplicated into the tap's pipes with `tee(2)`.
 #[test]
 fn random_connections_small_socket_buffers_tapped() {
+    run_tapped("pcap = \"{dir}/random.pcap\"");
+}
+
+/// A tap whose queue holds 4 KiB: it is full most of the time, so directions switch between
+/// teeing and dropping in the middle of their streams.
+#[test]
+fn random_connections_with_a_tap_that_keeps_dropping() {
+    run_tapped("pcap = \"{dir}/random.pcap\"\nqueue_size = \"4 KiB\"");
+}
+
+/// A log tap with a snaplen: a direction past 100 KiB stops being tapped mid-stream.
+#[test]
+fn random_connections_with_a_tap_snaplen() {
+    run_tapped("log = \"{dir}/random.log\"\nsnaplen = \"100 KiB\"\nqueue_size = \"256 KiB\"");
+}
+
+/// [`run_random`] through small socket buffers with the `[tap]` table `tap`, where `{dir}` is a
+/// directory of the test's own.
+fn run_tapped(tap: &str) {
     let dir = TempDir::new("random-tap");
-    let pcap = dir.path("random.pcap");
-    run_random(&format!(
-        "{SMALL_SOCKET_BUFFERS}\n[tap]\npcap = \"{}\"",
-        pcap.display()
-    ));
+    let tap = tap.replace("{dir}", &dir.0.display().to_string());
+    run_random(&format!("{SMALL_SOCKET_BUFFERS}\n[tap]\n{tap}"));
 }
 
 const SMALL_SOCKET_BUFFERS: &str =
