@@ -179,7 +179,7 @@ pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
 /// Bytes in the socket's send queue that the peer has not acknowledged (`SIOCOUTQ`), a FIN
 /// included once `shutdown(Write)` queued it (it takes one sequence number). Still answers after
 /// a reset, which threw those bytes away: with `SO_LINGER` 0, so does `close(2)`.
-pub fn unacked(stream: &TcpStream) -> io::Result<u64> {
+pub fn unacked(stream: &impl AsRawFd) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int through the pointer, to a local that
     // outlives the call; the descriptor is the live socket `stream` owns.

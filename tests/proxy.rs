@@ -77,10 +77,10 @@ fn a_response_the_upstream_ended_while_the_proxy_held_it_arrives_whole() {
         s.shutdown(Shutdown::Write).unwrap();
         // Until the proxy's TCP has acknowledged every byte and the FIN.
         let deadline = Instant::now() + PROMPT;
-        while unacked(&s) > 0 && Instant::now() < deadline {
+        while tcptap::net::unacked(&s).unwrap() > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
         }
-        tx.send(unacked(&s)).unwrap();
+        tx.send(tcptap::net::unacked(&s).unwrap()).unwrap();
     });
     // Small socket buffers: one splice into the client's socket takes a fraction of what the
     // proxy holds. A small copy buffer: the first read fills it, which marks the direction as
@@ -101,21 +101,6 @@ fn a_response_the_upstream_ended_while_the_proxy_held_it_arrives_whole() {
     );
     let got = expect_pattern(&mut c, 6, LEN);
     assert_eq!(got.unwrap(), LEN);
-}
-
-/// Bytes a socket has sent that its peer has not acknowledged (`SIOCOUTQ`), the FIN included.
-fn unacked(s: &TcpStream) -> i32 {
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int to a live local; the descriptor is `s`'s.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::TIOCOUTQ,
-            &raw mut n,
-        )
-    };
-    assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
-    n
 }
 
 /// PITFALLS: "first EOF closes both directions". The reply comes well after the client's FIN.

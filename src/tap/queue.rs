@@ -202,6 +202,9 @@ impl Lane {
     /// while the writer lagged go once it has caught up, giving their descriptors back (see
     /// [`crate::fd_budget`]).
     fn trim(pipes: &mut Vec<Arc<TeePipe>>) {
+        if pipes.len() < 2 {
+            return; // one pipe, idle or not, stays
+        }
         let mut idle_kept = false;
         pipes.retain(|p| {
             let idle = p.pending() == 0 && Arc::strong_count(p) == 1;
