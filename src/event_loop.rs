@@ -2039,6 +2039,7 @@ fn prepare_reload(
             RouteChange::Add { .. } => {}
         }
     }
+    refit_fd_budget(&shared.config, &current);
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.metrics.on_reload(Some(generation));
     for ((tx, waker), changes) in targets.iter().zip(changes) {
@@ -2102,18 +2103,25 @@ pub const FD_RESERVE: u64 = 64;
 /// [`fd_budget`]): [`FD_RESERVE`], one per listener per worker, the admin endpoint's at its
 /// limits, health probes in flight at once, and, with `splice`, each worker's idle pipes.
 pub fn reserved_descriptors(config: &Config) -> u64 {
+    reserve_for(config, config.routes.iter())
+}
+
+/// [`reserved_descriptors`] with `routes` in place of the config's: those a reload leaves.
+/// Workers, the admin endpoint and `splice` change only at a restart.
+fn reserve_for<'a>(config: &Config, routes: impl Iterator<Item = &'a Route>) -> u64 {
     let workers = config.workers.get() as u64;
-    let listeners = config.routes.len() as u64 * workers;
     let admin = if config.admin.is_some() {
         crate::admin::MAX_DESCRIPTORS as u64
     } else {
         0
     };
-    let probes = (config.routes.iter())
-        .filter(|r| r.upstream_set.health_check.is_some())
-        .map(|r| r.upstream.len().min(PROBE_SPAN) as u64)
-        .sum::<u64>()
-        * workers;
+    let (mut listeners, mut probes) = (0, 0);
+    for r in routes {
+        listeners += workers;
+        if r.upstream_set.health_check.is_some() {
+            probes += r.upstream.len().min(PROBE_SPAN) as u64 * workers;
+        }
+    }
     let pools = if config.splice {
         workers * 2 * PIPE_POOL_MAX as u64
     } else {
@@ -2122,10 +2130,10 @@ pub fn reserved_descriptors(config: &Config) -> u64 {
     FD_RESERVE + listeners + admin + probes + pools
 }
 
-/// Each pair needs two descriptors: cap `configured` so that accepting stops (clients wait in the
-/// backlog) before accept(2) or socket(2) run out of descriptors. Past the `reserve`, the
-/// descriptors are the budget that connections and busy kernel pipes share (see [`fd_budget`]).
-fn fd_capped_max_connections(configured: usize, reserve: u64) -> usize {
+/// Sets the budget of descriptor pairs (see [`fd_budget`]) to what the open-file limit leaves
+/// past `reserve`, and returns it with the limit; `None` (and no budget) when the limit is
+/// infinite.
+fn set_fd_budget(reserve: u64) -> Option<(usize, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -2134,21 +2142,46 @@ fn fd_capped_max_connections(configured: usize, reserve: u64) -> usize {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
         || lim.rlim_cur == libc::RLIM_INFINITY
     {
-        return configured;
+        return None;
     }
     let cap = (lim.rlim_cur.saturating_sub(reserve) / 2).max(1);
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
     fd_budget::set_cap(cap);
+    Some((cap, lim.rlim_cur))
+}
+
+/// Each pair needs two descriptors: cap `configured` so that accepting stops (clients wait in the
+/// backlog) before accept(2) or socket(2) run out of descriptors. Past the `reserve`, the
+/// descriptors are the budget that connections and busy kernel pipes share (see [`fd_budget`]).
+fn fd_capped_max_connections(configured: usize, reserve: u64) -> usize {
+    let Some((cap, limit)) = set_fd_budget(reserve) else {
+        return configured;
+    };
     if configured > cap {
         info!(
             "max_connections = {configured} needs {} descriptors but the open-file limit is {}; \
              holding at most {cap} connections (raise `ulimit -n` for more)",
             configured * 2 + reserve as usize,
-            lim.rlim_cur
+            limit
         );
         return cap;
     }
     configured
+}
+
+/// After a reload: the listeners (and health probes) of the routes it added or removed change the
+/// descriptors kept outside the budget, so the budget follows, at the open-file limit of now.
+fn refit_fd_budget(config: &Config, routes: &[Option<Route>]) {
+    let before = fd_budget::cap();
+    let reserve = reserve_for(config, routes.iter().flatten());
+    match set_fd_budget(reserve) {
+        Some((cap, _)) if cap != before && cap < config.max_connections => info!(
+            "reload: the routes' listeners now keep {reserve} descriptors outside the budget; \
+             holding at most {cap} connections (was {})",
+            before.min(config.max_connections)
+        ),
+        _ => {}
+    }
 }
 
 fn fmt_addrs(addrs: &[SocketAddr]) -> String {

@@ -26,6 +26,11 @@ pub fn set_cap(pairs: usize) {
     CAP.store(pairs, Ordering::Relaxed);
 }
 
+/// Pairs of descriptors that connections and pipes may hold at once (`usize::MAX`: no budget).
+pub fn cap() -> usize {
+    CAP.load(Ordering::Relaxed)
+}
+
 /// Whether one more pair of descriptors fits. Workers check and take separately, so `N` workers
 /// may overshoot by at most `N - 1` connections (the reserve outside the budget covers them).
 pub fn has_room() -> bool {

@@ -89,6 +89,48 @@ fn fd_limit_caps_connections_and_clients_wait() {
     assert_eq!(proxy.count_log("connect failed"), 0, "{}", proxy.logs());
 }
 
+/// A reload that adds routes keeps their listeners' descriptors out of the connections' budget
+/// too, so connections still cannot take the descriptors accept(2) and socket(2) need.
+#[test]
+fn routes_a_reload_adds_shrink_the_connection_budget() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("fd-reload");
+    let path = dir.path("proxy.toml");
+    let route = |name: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            echo.addr
+        )
+    };
+    write_file(&path, &route("a"));
+    let proxy = Proxy::start_in(&["--config", path.to_str().unwrap()], 1, None, |cmd| {
+        limit_nofile(cmd, reserved_fds(false) + 2 * 4)
+    });
+    proxy.wait_log("holding at most 4 connections", PROMPT);
+    // Two more listeners: one pair of descriptors less for connections.
+    write_file(
+        &path,
+        &format!("{}{}{}", route("a"), route("b"), route("c")),
+    );
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    proxy.wait_log("holding at most 3 connections (was 4)", PROMPT);
+    let mut clients: Vec<_> = (0..5).map(|_| connect(proxy.addr())).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.write_all(&[i as u8]).unwrap();
+    }
+    for (i, c) in clients.iter_mut().enumerate().take(3) {
+        assert_eq!(read_n(c, 1, PROMPT).unwrap(), [i as u8]);
+    }
+    // The fourth waits in the backlog until a connection ends.
+    let early = read_n(&mut clients[3], 1, Duration::from_millis(300));
+    assert!(early.is_err(), "a fourth connection was served: {early:?}");
+    assert_eq!(echo.accepted.load(Ordering::SeqCst), 3);
+    clients.remove(0);
+    assert_eq!(read_n(&mut clients[2], 1, PROMPT).unwrap(), [3]);
+    assert_eq!(proxy.count_log("connect failed"), 0, "{}", proxy.logs());
+}
+
 /// Accepts one connection on `listener` within `timeout`.
 fn accept_within(listener: &std::net::TcpListener, timeout: Duration) -> TcpStream {
     listener.set_nonblocking(true).unwrap();
