@@ -1954,6 +1954,36 @@ fn prepare_reload(
             .map_err(|e| format!("route `{route}`: {e}"))?;
         Ok(Some(h))
     };
+    // Added routes: bind one listener per worker first, so that a busy port rejects the reload
+    // before any new tap opens (and truncates) its file.
+    let mut bound = Vec::new();
+    for r in new
+        .routes
+        .iter()
+        .filter(|r| !current.iter().flatten().any(|o| key(o) == key(r)))
+    {
+        if current.len() + bound.len() >= MAX_ROUTES {
+            return Err(format!(
+                "more than {MAX_ROUTES} routes over the process's life; restart to add more"
+            ));
+        }
+        let mut addr = r.listen;
+        let mut listeners = Vec::new();
+        for _ in 0..workers {
+            let l = net::bind_listener(
+                &r.name,
+                addr,
+                shared.config.listen_backlog,
+                workers > 1,
+                r.transparent,
+                &shared.config.socket,
+            )
+            .map_err(|e| e.to_string())?;
+            addr = l.local_addr().map_err(|e| e.to_string())?;
+            listeners.push(l);
+        }
+        bound.push((r, listeners));
+    }
     // Removed and updated routes.
     for (index, slot) in current.iter().enumerate() {
         let Some(old) = slot else { continue };
@@ -1986,33 +2016,8 @@ fn prepare_reload(
             Some(_) => {}
         }
     }
-    // Added routes: bind one listener per worker now, so a busy port rejects the reload.
     let mut added = Vec::new();
-    for r in new
-        .routes
-        .iter()
-        .filter(|r| !current.iter().flatten().any(|o| key(o) == key(r)))
-    {
-        if current.len() + added.len() >= MAX_ROUTES {
-            return Err(format!(
-                "more than {MAX_ROUTES} routes over the process's life; restart to add more"
-            ));
-        }
-        let mut addr = r.listen;
-        let mut listeners = Vec::new();
-        for _ in 0..workers {
-            let l = net::bind_listener(
-                &r.name,
-                addr,
-                shared.config.listen_backlog,
-                workers > 1,
-                r.transparent,
-                &shared.config.socket,
-            )
-            .map_err(|e| e.to_string())?;
-            addr = l.local_addr().map_err(|e| e.to_string())?;
-            listeners.push(l);
-        }
+    for (r, listeners) in bound {
         let tap = tap_for(&r.tap, &r.name)?;
         if re_resolved(r).is_some() {
             warn_resolver_fixed(r);

@@ -223,3 +223,47 @@ fn open_connections_keep_their_idle_timeout_across_a_reload() {
     new.write_all(b"still").unwrap();
     assert_eq!(read_n(&mut new, 5, PROMPT).unwrap(), b"still");
 }
+
+/// A reload rejected for a busy port leaves alone the file a new tap in it would have written
+/// (a pcap is truncated when its tap starts): nothing is opened before every listener is bound.
+#[test]
+fn a_reload_rejected_for_a_busy_port_leaves_the_files_of_its_taps_alone() {
+    let up = tagged(7);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TempDir::new("reload-tap");
+    let path = dir.path("proxy.toml");
+    let kept = dir.path("kept.pcap");
+    std::fs::write(&kept, b"an earlier capture").unwrap();
+    let route = |name: &str, listen: String, pcap: &std::path::Path| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"{}\"\n\
+             [route.tap]\npcap = \"{}\"\n",
+            up.addr,
+            pcap.display()
+        )
+    };
+    write_file(
+        &path,
+        &route("a", "127.0.0.1:0".into(), &dir.path("first.pcap")),
+    );
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    assert_eq!(ask(proxy.addr()), 7);
+    // `a` would capture to `kept.pcap`, and `b` cannot listen: the reload is rejected.
+    write_file(
+        &path,
+        &format!(
+            "{}{}",
+            route("a", "127.0.0.1:0".into(), &kept),
+            route(
+                "b",
+                busy.local_addr().unwrap().to_string(),
+                &dir.path("b.pcap")
+            )
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("reload rejected", PROMPT);
+    assert_eq!(std::fs::read(&kept).unwrap(), b"an earlier capture");
+    assert!(!dir.path("b.pcap").exists());
+    assert_eq!(ask(proxy.addr()), 7, "the running configuration stays");
+}
