@@ -475,15 +475,16 @@ impl Server {
     }
 
     /// Routes SIGTERM and SIGINT into the first worker's loop: the first starts a graceful shutdown
-    /// of every worker, a second SIGINT stops at once.
+    /// of every worker, a second SIGINT stops at once. SIGHUP reloads the config file; without
+    /// one (routes from the command line) it is the terminal's hangup and shuts down gracefully,
+    /// unless it was ignored when the process started (`nohup`), and stays so.
     pub fn handle_signals(&mut self) -> Result<(), SetupError> {
-        let mut signals = signal_hook_mio::v1_0::Signals::new([
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGUSR1,
-            libc::SIGHUP,
-        ])
-        .map_err(SetupError::Signals)?;
+        let mut wanted = vec![libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+        if lock(&self.shared.reload_source).is_some() || !signal_ignored(libc::SIGHUP) {
+            wanted.push(libc::SIGHUP);
+        }
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new(wanted).map_err(SetupError::Signals)?;
         let w = &mut self.workers[0];
         w.poll
             .registry()
@@ -742,15 +743,19 @@ impl Worker {
         }
     }
 
-    /// SIGHUP: prepares the new configuration on a thread of its own.
-    fn start_reload(&mut self) {
+    /// SIGHUP: prepares the new configuration on a thread of its own. False when there is no
+    /// config file: the signal is then a hangup, which shuts down.
+    fn start_reload(&mut self) -> bool {
         let Some((path, overrides)) = lock(&self.shared.reload_source).clone() else {
-            warn!("SIGHUP: no config file to reload (routes come from the command line)");
-            return;
+            info!(
+                "SIGHUP without a config file to reload (routes come from the command line): \
+                 shutting down"
+            );
+            return false;
         };
         if self.shared.reloading.swap(true, Ordering::SeqCst) {
             warn!("SIGHUP: a reload is already in progress");
-            return;
+            return true;
         }
         info!("SIGHUP: reloading {}", path.display());
         let shared = self.shared.clone();
@@ -767,6 +772,7 @@ impl Worker {
             error!("reload: cannot start: {e}");
             self.shared.reloading.store(false, Ordering::SeqCst);
         }
+        true
     }
 
     /// Applies this worker's part of a reload.
@@ -949,7 +955,11 @@ impl Worker {
                         graceful = true;
                     }
                 }
-                libc::SIGHUP => self.start_reload(),
+                libc::SIGHUP => {
+                    if !self.start_reload() {
+                        graceful = true;
+                    }
+                }
                 libc::SIGUSR1 => {
                     // logrotate convention: reopen the access log at its configured path.
                     if let Some(a) = &self.shared.access_log {
@@ -2063,6 +2073,15 @@ fn prepare_reload(
         summary.2
     );
     Ok(())
+}
+
+/// Whether `sig`'s disposition is "ignore" (inherited across exec, as `nohup` sets SIGHUP's).
+fn signal_ignored(sig: libc::c_int) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into a zeroed local.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// What the resolver thread does for a route: its interval and the host names it resolves.

@@ -128,13 +128,56 @@ fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
     assert_eq!(rx.recv_timeout(PROMPT).unwrap(), Ok(()));
 }
 
+/// Without a config file there is nothing to reload: SIGHUP is the terminal's hangup, and the
+/// proxy shuts down gracefully (connections in flight finish) instead of outliving its terminal.
 #[test]
-fn sighup_without_a_config_file_changes_nothing() {
-    let one = tagged(1);
-    let proxy = Proxy::forwarding_to(one.addr);
+fn sighup_without_a_config_file_shuts_down_gracefully() {
+    let echo = Upstream::echo();
+    let mut proxy = Proxy::forwarding_to(echo.addr);
+    let mut live = connect(proxy.addr());
+    live.write_all(b"a").unwrap();
+    assert_eq!(read_n(&mut live, 1, PROMPT).unwrap(), b"a");
     proxy.signal(SIGHUP);
-    proxy.wait_log("no config file to reload", PROMPT);
+    proxy.wait_log("SIGHUP without a config file", PROMPT);
+    // Draining: the open connection still works.
+    live.write_all(b"b").unwrap();
+    assert_eq!(read_n(&mut live, 1, PROMPT).unwrap(), b"b");
+    drop(live);
+    assert!(proxy.wait_exit(PROMPT).success(), "{}", proxy.logs());
+}
+
+/// Started under `nohup` (SIGHUP ignored) with routes from the command line, the proxy keeps
+/// SIGHUP ignored and serves on after a hangup.
+#[test]
+fn sighup_ignored_at_start_stays_ignored_without_a_config_file() {
+    use std::os::unix::process::CommandExt;
+    let one = tagged(1);
+    let addr = one.addr.to_string();
+    let args = ["--listen", "127.0.0.1:0", "--upstream", &addr];
+    let proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        // SAFETY: signal(2) is async-signal-safe; runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        ignored & 1,
+        1,
+        "SIGHUP (bit 0) no longer ignored: {ignored:x}"
+    );
+    // The kernel discards an ignored signal when it is sent.
+    proxy.signal(SIGHUP);
     assert_eq!(ask(proxy.addr()), 1);
+    assert_eq!(proxy.count_log("SIGHUP"), 0, "{}", proxy.logs());
 }
 
 /// Process-wide settings stay as they were at start, and a reload that changes them says so.
