@@ -442,7 +442,11 @@ fn render_clean_text(out: &mut Vec<u8>, lead: &str, bytes: &[u8]) -> bool {
         let mut chunk_crs = 0u8;
         for &b in chunk {
             // `|`, not `||`: no branch per byte.
-            let shown = (b.wrapping_sub(0x20) < 0x5f) | (b == b'\t') | (b == b'\n') | (b == b'\r');
+            // Printable ASCII but the backslash (shown as `\\`), tab, line ends.
+            let shown = ((b.wrapping_sub(0x20) < 0x5f) & (b != b'\\'))
+                | (b == b'\t')
+                | (b == b'\n')
+                | (b == b'\r');
             other |= u8::from(!shown);
             chunk_crs += u8::from(b == b'\r');
         }
@@ -477,11 +481,12 @@ fn render_text(out: &mut Vec<u8>, lead: &str, bytes: &[u8]) {
     }
 }
 
-/// Appends `bytes` as text, escaping control characters (except tab) and invalid UTF-8.
+/// Appends `bytes` as text, escaping control characters (except tab) and invalid UTF-8 as
+/// `\xNN`, CR as `\r` and the backslash itself as `\\`, so that what reads as an escape is one.
 fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     // The common case, a line of printable ASCII (and tabs): one pass, branch-free, one copy.
     let plain = bytes.iter().fold(true, |plain, &b| {
-        plain & !((b < 0x20 && b != b'\t') || b >= 0x7f)
+        plain & !((b < 0x20 && b != b'\t') || b >= 0x7f || b == b'\\')
     });
     if plain {
         out.extend_from_slice(bytes);
@@ -492,12 +497,14 @@ fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
         // Runs of characters shown as they are go in with one copy.
         let mut shown = 0;
         for (i, c) in text.char_indices() {
-            if !c.is_control() || c == '\t' {
+            if (!c.is_control() || c == '\t') && c != '\\' {
                 continue;
             }
             out.extend_from_slice(&text.as_bytes()[shown..i]);
             if c == '\r' {
                 out.extend_from_slice(b"\\r");
+            } else if c == '\\' {
+                out.extend_from_slice(b"\\\\");
             } else {
                 let mut utf8 = [0u8; 4];
                 for b in c.encode_utf8(&mut utf8).bytes() {
@@ -838,6 +845,8 @@ mod tests {
                 for c in chunk.valid().chars() {
                     if c == '\r' {
                         out.push_str("\\r");
+                    } else if c == '\\' {
+                        out.push_str("\\\\");
                     } else if c.is_control() && c != '\t' {
                         let mut utf8 = [0u8; 4];
                         for b in c.encode_utf8(&mut utf8).bytes() {
@@ -903,8 +912,9 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let pieces: [&[u8]; 8] = [
+        let pieces: [&[u8]; 9] = [
             b"GET / HTTP/1.1\r\n",
+            b"\\",
             b"\t",
             b"\x00",
             b"\x7f",
@@ -976,6 +986,33 @@ mod tests {
         assert!(!clean(b"bell\x07"));
         assert!(!clean("é".as_bytes()));
         assert!(!clean(b"del\x7f"));
+        assert!(!clean(b"C:\\dir"), "a backslash is escaped");
+    }
+
+    #[test]
+    fn a_backslash_in_the_payload_does_not_read_as_an_escape() {
+        let mut sink = sink(None);
+        let out = render(
+            &mut sink,
+            TapEvent::Data {
+                dir: Direction::DownToUp,
+                offset: 0,
+                bytes: b"path C:\\x00 \\r\n".to_vec(),
+            },
+        );
+        assert!(out.ends_with("  > path C:\\\\x00 \\\\r\n"), "{out:?}");
+        let out = render(
+            &mut sink,
+            TapEvent::Data {
+                dir: Direction::DownToUp,
+                offset: 12,
+                bytes: b"a line of text with a NUL \x00 and a lone CR \r in it\n".to_vec(),
+            },
+        );
+        assert!(
+            out.ends_with("  > a line of text with a NUL \\x00 and a lone CR \\r in it\n"),
+            "{out:?}"
+        );
     }
 
     #[test]
