@@ -179,6 +179,8 @@ struct RouteRt {
     /// Bumped when a reload replaces the route's upstream set: pairs of an older set do not
     /// report to the new one.
     set_epoch: u64,
+    /// When connecting upstream last failed with a warning, and the failures since.
+    connect_warning: (Option<Instant>, u64),
 }
 
 /// A bound, ready-to-run proxy: one or more workers (event loops) and the taps they share.
@@ -383,6 +385,7 @@ impl Server {
                         tap: t.as_ref().map(TapHandle::for_worker),
                         removed: false,
                         set_epoch: 0,
+                        connect_warning: (None, 0),
                     })
                     .collect(),
                 pairs: Slab::with_capacity(1024),
@@ -867,6 +870,7 @@ impl Worker {
                         tap: tap.as_ref().map(TapHandle::for_worker),
                         removed: false,
                         set_epoch: 0,
+                        connect_warning: (None, 0),
                     });
                     // Connections may already wait in the new listener's backlog.
                     self.accept(i, now);
@@ -1696,6 +1700,31 @@ impl Worker {
         self.closing = closing;
     }
 
+    /// A client reset because its upstream could not be reached (after every retry). Per-connection
+    /// lines may be off under load (`tcptap::conn=warn`): this says it at warn level, at once for
+    /// the first failure, then at most every 10 s per route (and worker) with the count since.
+    fn warn_connect_failure(&mut self, route: usize, reason: &CloseReason, upstream: SocketAddr) {
+        let now = Instant::now();
+        let r = &mut self.routes[route];
+        let (last, unwarned) = &mut r.connect_warning;
+        *unwarned += 1;
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            return;
+        }
+        let since = match last.replace(now) {
+            Some(_) => {
+                format!(" ({unwarned} connections failed to connect since the previous warning)")
+            }
+            None => String::new(),
+        };
+        *unwarned = 0;
+        let what = match reason {
+            CloseReason::ConnectFailed(e) => format!("cannot connect to {upstream}: {e}"),
+            _ => format!("connecting to {upstream} timed out"),
+        };
+        warn!("route `{}`: {what}; its client was reset{since}", r.name);
+    }
+
     fn close(&mut self, key: usize, reason: CloseReason) {
         let pair = self.pairs.remove(key);
         // No deregister: closing a descriptor removes it from the epoll set (these sockets are
@@ -1708,6 +1737,12 @@ impl Worker {
             if pair.set_epoch == self.routes[pair.route].set_epoch {
                 self.sets[pair.route].on_close(idx);
             }
+        }
+        if matches!(
+            reason,
+            CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout
+        ) {
+            self.warn_connect_failure(route, &reason, pair.meta.upstream);
         }
         self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;

@@ -34,15 +34,33 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "{} connections accepted, {} closed ({} connect failures, {} resets, {} idle timeouts), \
-             {} bytes to upstream, {} bytes to clients",
+            "{} connections accepted, {} closed ({} connect failures, {} resets, {} idle timeouts, \
+             {} reset at the end of the drain), {} bytes to upstream, {} bytes to clients",
             g(&self.accepted),
             g(&self.closed),
             g(&self.connect_failures),
             g(&self.resets),
             g(&self.timeouts),
+            g(&self.shutdown_aborts),
             g(&self.bytes_d2u),
             g(&self.bytes_u2d)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_counts_connections_reset_by_the_drain() {
+        let s = Stats::default();
+        s.closed.store(2, Ordering::Relaxed);
+        s.shutdown_aborts.store(2, Ordering::Relaxed);
+        let line = s.summary();
+        assert!(
+            line.contains("2 closed (0 connect failures, 0 resets, 0 idle timeouts, 2 reset at the end of the drain)"),
+            "{line}"
+        );
     }
 }

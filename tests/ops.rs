@@ -489,3 +489,30 @@ fn admin_makes_room_when_more_clients_stay_silent_than_its_limit() {
     }
     proxy.wait_log("shut down to make room", PROMPT);
 }
+
+/// An unreachable upstream is visible at warn level even with per-connection lines off: the first
+/// failed connect says so at once, the next ones within 10 s only add to a count.
+#[test]
+fn an_unreachable_upstream_is_warned_about_once_with_connection_lines_off() {
+    let dead = dead_addr().to_string();
+    let args = ["--listen", "127.0.0.1:0", "--upstream", &dead];
+    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        cmd.env("RUST_LOG", "info,tcptap::conn=warn");
+    });
+    for _ in 0..3 {
+        // Reset at once: possibly before this connect(2) has returned.
+        if let Ok(mut c) = std::net::TcpStream::connect_timeout(&proxy.addr(), PROMPT) {
+            let _ = read_to_end(&mut c, PROMPT);
+        }
+    }
+    let line = proxy.wait_log("cannot connect to", PROMPT);
+    assert!(
+        line.contains("WARN") && line.contains("route `cli`") && line.contains(&dead),
+        "{line}"
+    );
+    // Every log line is in once the process has exited: only the first failure warned.
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(PROMPT).success());
+    assert_eq!(proxy.count_log("connect failures"), 1, "{}", proxy.logs());
+    assert_eq!(proxy.count_log("cannot connect to"), 1, "{}", proxy.logs());
+}

@@ -83,6 +83,7 @@ fn drain_timeout_resets_stragglers_and_exits_zero() {
     );
     // The log reader may still be catching up with the exited process's last lines.
     proxy.wait_log("aborted at end of shutdown drain", PROMPT);
+    proxy.wait_log("1 reset at the end of the drain)", PROMPT);
 }
 
 #[test]
