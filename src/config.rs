@@ -1169,9 +1169,98 @@ impl Config {
         })
     }
 
+    /// What `--check-config` checks beyond the file itself, without changing anything: each
+    /// listen address is one of this host's (a route in `transparent` mode excepted), and each
+    /// file the proxy would write (tap log and pcap, access log) can be created or written. A
+    /// listen port in use is not an error here: the running proxy being checked for holds it.
+    /// Returns every problem found, one line each.
+    pub fn preflight(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut listen = |what: String, addr: SocketAddr| {
+            if let Err(e) = bindable_ip(addr) {
+                problems.push(format!(
+                    "{}: {what}: {} is not an address of this host: {e}",
+                    self.origin,
+                    addr.ip()
+                ));
+            }
+        };
+        for r in &self.routes {
+            if !r.transparent {
+                listen(format!("route `{}`: listen", r.name), r.listen);
+            }
+        }
+        if let Some(a) = self.admin {
+            listen("admin.listen".into(), a);
+        }
+        let mut files: Vec<(String, &Path)> = Vec::new();
+        for r in &self.routes {
+            for (key, path) in r.tap.iter().flat_map(TapConfig::files) {
+                if !files.iter().any(|(_, p)| *p == path) {
+                    files.push((format!("route `{}`: tap {key}", r.name), path));
+                }
+            }
+        }
+        if let Some(a) = &self.access_log {
+            files.push(("access_log.path".into(), &a.path));
+        }
+        for (what, path) in files {
+            if let Err(e) = writable(path) {
+                problems.push(format!(
+                    "{}: {what}: cannot write {}: {e}",
+                    self.origin,
+                    path.display()
+                ));
+            }
+        }
+        problems
+    }
+
     /// A config made only of command-line flags (no file).
     pub fn from_overrides(ov: &Overrides) -> Result<Config, ConfigError> {
         Config::from_raw(RawConfig::default(), "command line", ov)
+    }
+}
+
+/// Whether a socket can be bound to `addr`'s IP (port 0): the IP is one of this host's.
+fn bindable_ip(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(addr.ip(), 0).into())
+}
+
+/// Whether `path` can be opened for writing, or created, without touching it: an existing file
+/// must be writable, a new one needs a writable directory.
+fn writable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let access = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: access(2) reads the NUL-terminated path, which outlives the call.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    match std::fs::metadata(path) {
+        Ok(_) => access(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !std::fs::metadata(dir)?.is_dir() {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory",
+                    dir.display()
+                )));
+            }
+            access(dir)
+        }
+        Err(e) => Err(e),
     }
 }
 

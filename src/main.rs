@@ -140,6 +140,10 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
     let config = load(args).map_err(|e| (ExitCode::from(2), e))?;
     if args.check_config {
+        let problems = config.preflight();
+        if !problems.is_empty() {
+            return Err((ExitCode::from(2), problems.join("\ntcptap: ")));
+        }
         println!(
             "{}: configuration OK ({} route{})",
             config.origin,

@@ -184,3 +184,58 @@ fn listen_without_upstream_is_rejected() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"));
 }
+
+/// `--check-config` is a pre-deploy gate: besides the file, it checks what would make the start
+/// fail, an address not of this host and a file that cannot be written, and touches nothing.
+#[test]
+fn check_config_finds_what_would_fail_at_start() {
+    let dir = TempDir::new("cli");
+    let missing = dir.path("no-such-dir");
+    let route = |name: &str, listen: &str, tap: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"127.0.0.1:9\"\n{tap}"
+        )
+    };
+    let bad = format!(
+        "[access_log]\npath = \"{}/access.log\"\n{}{}",
+        missing.display(),
+        route(
+            "far",
+            "192.0.2.1:0",
+            &format!("[route.tap]\npcap = \"{}/x.pcap\"\n", missing.display())
+        ),
+        route("near", "127.0.0.1:0", "")
+    );
+    write_file(&dir.path("bad.toml"), &bad);
+    let out = run(&["--config", "bad.toml", "--check-config"], &dir.0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+    for needle in [
+        "bad.toml: route `far`: listen: 192.0.2.1 is not an address of this host",
+        "bad.toml: route `far`: tap pcap: cannot write",
+        "x.pcap",
+        "bad.toml: access_log.path: cannot write",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in {err}");
+    }
+    assert!(!err.contains("route `near`"), "{err}");
+    // Writable places pass, and are left as they were.
+    let good = format!(
+        "[access_log]\npath = \"{}\"\n{}",
+        dir.path("access.log").display(),
+        route(
+            "near",
+            "127.0.0.1:0",
+            &format!("[route.tap]\npcap = \"{}\"\n", dir.path("x.pcap").display())
+        )
+    );
+    write_file(&dir.path("good.toml"), &good);
+    let out = run(&["--config", "good.toml", "--check-config"], &dir.0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path("x.pcap").exists() && !dir.path("access.log").exists());
+}
