@@ -913,9 +913,16 @@ impl Config {
         origin: &str,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |message: String| ConfigError::Parse {
             origin: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
+            message,
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| parse_error(e.to_string().trim_end().to_string()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string().trim_end().to_string();
+            parse_error(type_error_message(&key, message))
         })?;
         Config::from_raw(raw, origin, overrides)
     }
@@ -1222,6 +1229,28 @@ impl Config {
     }
 }
 
+/// A value of the wrong type: the TOML parser's message (line, snippet, what serde expected)
+/// led by the dotted key, with the expected type in the config's own words.
+fn type_error_message(key: &str, message: String) -> String {
+    let mut message = ["usize", "u64", "u32", "u16", "u8"]
+        .iter()
+        .fold(message, |m, t| {
+            m.replace(&format!("expected {t}"), "expected a whole number")
+        });
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let duration = last.ends_with("timeout") || last.ends_with("interval") || last == "keepalive";
+    if duration && message.contains("expected a string") {
+        message.push_str(" (a duration such as \"5s\", \"500ms\" or \"2m\")");
+    }
+    if last == "route" && message.contains("expected a sequence") {
+        message.push_str(" (routes are an array of tables: write [[route]])");
+    }
+    match key {
+        "" | "." => message,
+        _ => format!("`{key}`: {message}"),
+    }
+}
+
 /// Whether a socket can be bound to `addr`'s IP (port 0): the IP is one of this host's.
 fn bindable_ip(addr: SocketAddr) -> std::io::Result<()> {
     let socket = socket2::Socket::new(
@@ -1425,6 +1454,29 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("tap.pcap"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key_in_the_configs_words() {
+        let e = err(&format!("max_connections = \"lots\"\n{MINIMAL}"));
+        assert!(
+            e.contains("test.toml: `max_connections`:") && e.contains("expected a whole number"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 1"),
+            "the parser's line and snippet stay: {e}"
+        );
+        let e = err(&format!("{MINIMAL}idle_timeout = 600\n"));
+        assert!(
+            e.contains("`route[0].idle_timeout`:") && e.contains("a duration such as \"5s\""),
+            "{e}"
+        );
+        let e = err("[route]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n");
+        assert!(
+            e.contains("`route`:") && e.contains("write [[route]]"),
+            "{e}"
+        );
     }
 
     #[test]
