@@ -823,6 +823,9 @@ impl Worker {
                     if let Some(t) = tap {
                         self.routes[index].tap = t.as_ref().map(TapHandle::for_worker);
                     }
+                    if *self.routes[index].name != *route.name {
+                        self.routes[index].name = Arc::from(route.name.as_str());
+                    }
                     self.routes[index].config = route;
                 }
                 RouteChange::Add {
@@ -1999,14 +2002,31 @@ fn prepare_reload(
             .map_err(|e| format!("route `{route}`: {e}"))?;
         Ok(Some(h))
     };
-    // Added routes: bind one listener per worker first, so that a busy port rejects the reload
-    // before any new tap opens (and truncates) its file.
-    let mut bound = Vec::new();
+    // A new route on the listen address of a route this reload removes (renamed, or two routes
+    // that swap addresses) takes over that route's listener: the address could not be bound
+    // again while the old route holds it. Its metrics go on under the new name.
+    let kept = |o: &Route| new.routes.iter().any(|r| key(r) == key(o));
+    let mut adopted: Vec<(usize, &Route)> = Vec::new();
     for r in new
         .routes
         .iter()
-        .filter(|r| !current.iter().flatten().any(|o| key(o) == key(r)))
+        .filter(|r| r.listen.port() != 0 && !current.iter().flatten().any(|o| key(o) == key(r)))
     {
+        let holder = current.iter().position(|o| {
+            o.as_ref()
+                .is_some_and(|o| o.listen == r.listen && o.transparent == r.transparent && !kept(o))
+        });
+        if let Some(i) = holder.filter(|i| !adopted.iter().any(|(j, _)| j == i)) {
+            adopted.push((i, r));
+        }
+    }
+    // Added routes: bind one listener per worker first, so that a busy port rejects the reload
+    // before any new tap opens (and truncates) its file.
+    let mut bound = Vec::new();
+    for r in new.routes.iter().filter(|r| {
+        !current.iter().flatten().any(|o| key(o) == key(r))
+            && !adopted.iter().any(|(_, a)| std::ptr::eq(*a, *r))
+    }) {
         if current.len() + bound.len() >= MAX_ROUTES {
             return Err(format!(
                 "more than {MAX_ROUTES} routes over the process's life; restart to add more"
@@ -2032,7 +2052,9 @@ fn prepare_reload(
     // Removed and updated routes.
     for (index, slot) in current.iter().enumerate() {
         let Some(old) = slot else { continue };
-        match new.routes.iter().find(|r| key(r) == key(old)) {
+        let successor = (new.routes.iter().find(|r| key(r) == key(old)))
+            .or_else(|| adopted.iter().find(|(i, _)| *i == index).map(|(_, r)| *r));
+        match successor {
             None => {
                 summary.1 += 1;
                 for c in changes.iter_mut() {
@@ -2041,6 +2063,12 @@ fn prepare_reload(
             }
             Some(r) if r != old => {
                 summary.2 += 1;
+                if r.name != old.name {
+                    info!(
+                        "reload: route `{}` on {} is now route `{}`",
+                        old.name, old.listen, r.name
+                    );
+                }
                 if re_resolved(r) != re_resolved(old) {
                     warn_resolver_fixed(r);
                 }
@@ -2085,7 +2113,12 @@ fn prepare_reload(
     for c in changes.first().into_iter().flatten() {
         match c {
             RouteChange::Remove(i) => current[*i] = None,
-            RouteChange::Update { index, route, .. } => current[*index] = Some(route.clone()),
+            RouteChange::Update { index, route, .. } => {
+                if let Some(name) = lock_write(&shared.route_names).get_mut(*index) {
+                    name.clone_from(&route.name);
+                }
+                current[*index] = Some(route.clone());
+            }
             RouteChange::Add { .. } => {}
         }
     }

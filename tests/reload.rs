@@ -310,3 +310,83 @@ fn a_reload_rejected_for_a_busy_port_leaves_the_files_of_its_taps_alone() {
     assert!(!dir.path("b.pcap").exists());
     assert_eq!(ask(proxy.addr()), 7, "the running configuration stays");
 }
+
+/// A port nothing listens on right now (bound to 127.0.0.1:0, then closed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Renaming a route on the same address, or swapping the addresses of two routes, keeps the
+/// listeners (binding them anew would fail while the old routes hold them): no moment without a
+/// listener, and open connections go on.
+#[test]
+fn a_reload_renames_routes_and_swaps_their_addresses() {
+    let (one, two) = (tagged(1), tagged(2));
+    let (p, q) = (free_port(), free_port());
+    let dir = TempDir::new("reload-rename");
+    let path = dir.path("proxy.toml");
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let route = |name: &str, port: u16, up: SocketAddr| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{up}\"\n"
+        )
+    };
+    write_file(
+        &path,
+        &format!(
+            "{admin}{}{}",
+            route("a", p, one.addr),
+            route("b", q, two.addr)
+        ),
+    );
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 2);
+    let (at_p, at_q) = (
+        SocketAddr::from(([127, 0, 0, 1], p)),
+        SocketAddr::from(([127, 0, 0, 1], q)),
+    );
+    assert_eq!((ask(at_p), ask(at_q)), (1, 2));
+    let mut live = connect(at_p);
+    // `a` becomes `c` on the same address.
+    write_file(
+        &path,
+        &format!(
+            "{admin}{}{}",
+            route("c", p, one.addr),
+            route("b", q, two.addr)
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    proxy.wait_log("route `a` on 127.0.0.1:", PROMPT);
+    assert_eq!(ask(at_p), 1);
+    let body = wait_metric(
+        proxy.admin_addr(),
+        "tcptap_connections_accepted_total{route=\"c\"}",
+        3.0,
+    );
+    assert_eq!(
+        metric(&body, "tcptap_connections_accepted_total{route=\"a\"}"),
+        None,
+        "{body}"
+    );
+    // `b` and `c` swap addresses (and so upstreams stay with the names).
+    write_file(
+        &path,
+        &format!(
+            "{admin}{}{}",
+            route("c", q, one.addr),
+            route("b", p, two.addr)
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    assert_eq!((ask(at_q), ask(at_p)), (1, 2));
+    assert_eq!(proxy.count_log("reload rejected"), 0, "{}", proxy.logs());
+    // The connection accepted before both reloads is served by its upstream.
+    live.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut live, PROMPT).unwrap(), [1]);
+}
