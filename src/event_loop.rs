@@ -1707,6 +1707,11 @@ impl Worker {
     /// lines may be off under load (`tcptap::conn=warn`): this says it at warn level, at once for
     /// the first failure, then at most every 10 s per route (and worker) with the count since.
     fn warn_connect_failure(&mut self, route: usize, reason: &CloseReason, upstream: SocketAddr) {
+        if let CloseReason::ConnectFailed(e) = reason {
+            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                return; // no local port: `warn_no_local_port` explains it
+            }
+        }
         let now = Instant::now();
         let r = &mut self.routes[route];
         let (last, unwarned) = &mut r.connect_warning;
