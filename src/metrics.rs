@@ -498,7 +498,7 @@ impl Metrics {
             (
                 "tcptap_tap_dropped_records_total",
                 "counter",
-                "Tap records dropped because the tap queue was full.",
+                "Tap records dropped: the tap queue was full, or writing them failed.",
                 extra.tap_dropped_records,
             ),
             (

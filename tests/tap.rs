@@ -1259,6 +1259,92 @@ fn a_tap_log_at_the_file_size_limit_neither_kills_nor_tears() {
     assert_eq!(text.last(), Some(&b'\n'), "torn last line");
 }
 
+/// A pcap that hits the file size limit (as a full disk would) keeps only whole packets, and
+/// once there is room again, later packets follow them readably: with direct I/O (the default)
+/// a write ends on a block boundary, which may fall inside a packet, and the file used to keep
+/// that half packet, making everything after it unreadable.
+#[test]
+fn a_pcap_cut_short_by_the_file_size_limit_stays_readable_after() {
+    const LIMIT: u64 = 3_000_000;
+    let up = Upstream::echo();
+    let dir = TempDir::new("pcap-fsize");
+    let pcap = dir.path("cap.pcap");
+    let config = format!(
+        "[tap]\npcap = \"{}\"\nwriter_priority = \"normal\"\n{}",
+        pcap.display(),
+        one_route("127.0.0.1:0", up.addr, "")
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let set_fsize = |limit: u64| {
+        let lim = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: prlimit on our own child with a valid pointer.
+        let rc = unsafe {
+            libc::prlimit(
+                proxy.pid() as i32,
+                libc::RLIMIT_FSIZE,
+                &lim,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    set_fsize(LIMIT);
+    // Bulk transfers (2 MiB each way) until the writer has met the limit: it may drop much of
+    // them while it is behind, so the count of rounds varies.
+    let bulk = Pattern::bytes(5, 2 << 20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut rounds = 0;
+    for round in 0.. {
+        if proxy.count_log("File too large") > 0 {
+            rounds = round;
+            break;
+        }
+        assert!(
+            round < 3000 && Instant::now() < deadline,
+            "the capture never met the limit: {}",
+            proxy.logs()
+        );
+        echo_once(proxy.addr(), &bulk);
+    }
+    set_fsize(libc::RLIM_INFINITY);
+    let after = b"a conversation after the file had room again";
+    let client = echo_once(proxy.addr(), after);
+    proxy.signal(SIGTERM);
+    assert_eq!(
+        proxy.wait_exit(TAP_FLUSH).code(),
+        Some(0),
+        "{}",
+        proxy.logs()
+    );
+    // What the failed writes lost counts as dropped: written and dropped add up to the traffic.
+    let line = proxy.wait_log("write errors", PROMPT);
+    let number_before = |word: &str| -> u64 {
+        let at = line
+            .find(word)
+            .unwrap_or_else(|| panic!("{word:?} in {line}"));
+        let head = line[..at].trim_end().trim_end_matches(')');
+        head.rsplit(['(', ' ']).next().unwrap().parse().unwrap()
+    };
+    let (written, dropped) = (
+        number_before("bytes) written"),
+        number_before("bytes) dropped"),
+    );
+    let total = 2 * (rounds * bulk.len() + after.len()) as u64;
+    assert_eq!(written + dropped, total, "{line}");
+    assert!(!line.contains(" 0 write errors"), "{line}");
+    // Every record parses (a torn one would not), and the last conversation is whole.
+    let flows = read_pcap(&pcap);
+    let key = flows
+        .keys()
+        .find(|(src, _)| *src == client)
+        .expect("the conversation after the limit is in the capture");
+    assert_eq!(flows[key].bytes(false), after);
+    assert_tshark_reads(&pcap);
+}
+
 // A tap's writer lives as long as something uses it: a route in force, or a connection that
 // started tapping into it. A reload that takes the tap away from every route lets the open
 // connections finish with it; then the writer flushes, closes its files and ends.

@@ -14,7 +14,9 @@
 //! - Rotation is used only for regular files; a FIFO or a device is written without rotation.
 //! - Packets are appended to an in-memory batch buffer and written at the end of each batch
 //!   (and at each file switch). If a write fails on a regular file, the file is cut back to its
-//!   last complete packet, so a later batch never lands after a torn record.
+//!   last complete packet (`complete`; a direct write ends on a block boundary, which may fall
+//!   inside a packet, so the starts of the packets in the buffer are kept to know where the
+//!   last whole one ends), so a later batch never lands after a torn record.
 //! - Direct I/O (`PcapTarget::direct_io`, regular files only): whole 4 KiB blocks of at least
 //!   [`DIRECT_MIN`] bytes go out with `O_DIRECT`, the rest through the page cache. The buffer
 //!   keeps the file's last, partial block (`synced` bytes already in the file) so the next
@@ -47,6 +49,9 @@ pub(crate) const DIRECT_MIN: usize = 256 * 1024;
 /// The batch buffer is given back when a burst grew it past this.
 const KEEP_BUFFER: usize = 16 << 20;
 
+/// Packet starts kept room for between batches (a burst may need more; given back after).
+const KEEP_STARTS: usize = 1 << 16;
+
 /// The pcap file(s) of one capture.
 pub(crate) struct RotatingFile {
     path: PathBuf,
@@ -66,6 +71,11 @@ pub(crate) struct RotatingFile {
     odirect: bool,
     /// Bytes known to be in the current file, header included.
     written: u64,
+    /// Where the last whole packet in the file ends (what a failed write cuts the file back
+    /// to); below `written` while a direct write has left a packet half in the file.
+    complete: u64,
+    /// Offsets in `pending` where packets start, in order, for those not wholly in the file.
+    starts: Vec<usize>,
     /// Whether the current file has its header (or the buffer holds it, in direct mode).
     header_written: bool,
     /// Whether the current file holds (or the pending buffer adds) at least one packet.
@@ -107,6 +117,8 @@ impl RotatingFile {
             regular,
             odirect: false,
             written: 0,
+            complete: 0,
+            starts: Vec::new(),
             header_written: false,
             has_packets: false,
             pending: AlignedBuf::new(),
@@ -146,6 +158,7 @@ impl RotatingFile {
             }
         }
         self.has_packets = true;
+        self.starts.push(self.pending.len());
         &mut self.pending
     }
 
@@ -157,8 +170,12 @@ impl RotatingFile {
         if result.is_err() {
             // Not written (e.g. the file cannot be opened): dropped, never accumulated.
             self.pending.truncate(self.synced);
+            self.starts.clear();
         }
         self.pending.shrink_if_over(KEEP_BUFFER);
+        if self.starts.capacity() > KEEP_STARTS {
+            self.starts.shrink_to(KEEP_STARTS);
+        }
         match self.error.take() {
             Some(err) => Err(err),
             None => result,
@@ -182,9 +199,11 @@ impl RotatingFile {
         let len = pending.len() as u64;
         self.pending = pending;
         self.pending.clear();
+        self.starts.clear();
         match result {
             Ok(()) => {
                 self.written += len;
+                self.complete = self.written;
                 Ok(())
             }
             Err(err) => {
@@ -209,6 +228,18 @@ impl RotatingFile {
             match result {
                 Ok(()) => {
                     self.written = base + whole as u64;
+                    // The last packet start at or before the block boundary ends the packets
+                    // now wholly in the file (all of them when the buffer was all written).
+                    let kept = self.starts.partition_point(|&s| s <= whole);
+                    if whole == self.pending.len() {
+                        self.complete = self.written;
+                    } else if let Some(&last) = kept.checked_sub(1).map(|i| &self.starts[i]) {
+                        self.complete = self.complete.max(base + last as u64);
+                    }
+                    self.starts.drain(..kept);
+                    for s in &mut self.starts {
+                        *s -= whole;
+                    }
                     self.pending.consume(whole);
                     self.synced = 0;
                 }
@@ -221,7 +252,12 @@ impl RotatingFile {
                     let _ = switch(file, &mut self.odirect, false);
                     // Go on as a plain file: the bytes already in it leave the buffer, and
                     // writes continue from the file position.
-                    self.pending.consume(self.synced);
+                    let synced = self.synced;
+                    self.pending.consume(synced);
+                    self.starts.retain_mut(|s| {
+                        *s = s.saturating_sub(synced);
+                        true
+                    });
                     self.synced = 0;
                     if let Err(err) = (&mut &*file).seek(SeekFrom::Start(self.written)) {
                         self.cut_back();
@@ -257,6 +293,8 @@ impl RotatingFile {
             }
             self.written += (self.pending.len() - self.synced) as u64;
         }
+        self.complete = self.written;
+        self.starts.clear();
         let whole = self.pending.len() / DIO_ALIGN * DIO_ALIGN;
         self.pending.consume(whole);
         self.synced = self.pending.len();
@@ -269,6 +307,9 @@ impl RotatingFile {
         if self.is_direct() {
             // The file is empty: the header goes out with the first packets.
             self.pending.prepend(&header);
+            for s in &mut self.starts {
+                *s += GLOBAL_HEADER_LEN;
+            }
             self.header_written = true;
             return Ok(());
         }
@@ -277,6 +318,7 @@ impl RotatingFile {
             Ok(()) => {
                 self.header_written = true;
                 self.written = GLOBAL_HEADER_LEN as u64;
+                self.complete = self.written;
                 Ok(())
             }
             Err(err) => {
@@ -294,6 +336,7 @@ impl RotatingFile {
             self.regular = file.metadata()?.file_type().is_file();
             self.file = Some(file);
             self.written = 0;
+            self.complete = 0;
             self.synced = 0;
             self.header_written = false;
             self.odirect = false;
@@ -322,25 +365,49 @@ impl RotatingFile {
     }
 
     /// After a failed write to a regular file, removes the partial record at its end and
-    /// discards the packets not written.
+    /// discards the packets not written. In direct mode the file's last partial block is read
+    /// back into the buffer, so the next direct write starts on a block boundary again.
     fn cut_back(&mut self) {
-        self.pending.truncate(self.synced);
-        if self.written == 0 {
-            // The header was only in the buffer (direct mode).
+        self.pending.clear();
+        self.synced = 0;
+        self.starts.clear();
+        let good = self.complete;
+        self.written = good;
+        if good == 0 {
+            // The header was only in the buffer (direct mode), or not written.
             self.header_written = false;
         }
         if !self.regular {
             return;
         }
-        if let Some(file) = &mut self.file {
-            let good = self.written;
-            if file.set_len(good).is_err() || file.seek(SeekFrom::Start(good)).is_err() {
-                // Start over with a fresh file on the next write.
-                self.file = None;
-                self.written = 0;
-                self.synced = 0;
-                self.pending.clear();
-                self.header_written = false;
+        let direct = self.is_direct();
+        let Some(file) = &mut self.file else { return };
+        if file.set_len(good).is_err() || file.seek(SeekFrom::Start(good)).is_err() {
+            // Start over with a fresh file on the next write.
+            self.file = None;
+            self.written = 0;
+            self.complete = 0;
+            self.header_written = false;
+            return;
+        }
+        let tail = (good % DIO_ALIGN as u64) as usize;
+        if direct && tail > 0 {
+            let mut block = vec![0u8; tail];
+            let read = switch(file, &mut self.odirect, false)
+                .and_then(|()| file.read_exact_at(&mut block, good - tail as u64));
+            match read {
+                Ok(()) => {
+                    self.pending.extend_from_slice(&block);
+                    self.synced = tail;
+                }
+                Err(err) => {
+                    info!(
+                        "tap: {}: cannot read back its last block ({err}); writing through the \
+                         page cache",
+                        self.path.display()
+                    );
+                    self.direct_io = false;
+                }
             }
         }
     }
@@ -353,6 +420,7 @@ impl RotatingFile {
         }
         self.pending.clear();
         self.synced = 0;
+        self.starts.clear();
         self.file = None;
         for index in (1..self.max_files).rev() {
             let from = numbered(&self.path, index - 1);
@@ -364,6 +432,7 @@ impl RotatingFile {
             }
         }
         self.written = 0;
+        self.complete = 0;
         self.header_written = false;
         self.has_packets = false;
     }

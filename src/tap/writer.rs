@@ -308,8 +308,8 @@ impl Writer {
                 failures.push((pcap.name(), err));
             }
         }
+        let payload: u64 = batch.iter().map(Entry::payload_len).sum::<u64>() - missing;
         if failures.is_empty() {
-            let payload: u64 = batch.iter().map(Entry::payload_len).sum::<u64>() - missing;
             self.shared
                 .records_written
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -318,6 +318,14 @@ impl Writer {
                 .fetch_add(payload, Ordering::Relaxed);
             return;
         }
+        // Not in (every) output: dropped, so that written + dropped still add up to what was
+        // tapped.
+        self.shared
+            .dropped_records
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.shared
+            .dropped_bytes
+            .fetch_add(payload, Ordering::Relaxed);
         self.shared
             .write_errors
             .fetch_add(failures.len() as u64, Ordering::Relaxed);
@@ -346,7 +354,7 @@ impl Writer {
             return;
         }
         warn!(
-            "tap queue full: dropped {} records ({} payload bytes) since the last report, {} records in total; the capture has gaps",
+            "tap dropped {} records ({} payload bytes) since the last report (queue full, or a failed write), {} records in total; the capture has gaps",
             records - seen_records,
             bytes - seen_bytes,
             records
