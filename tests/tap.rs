@@ -449,6 +449,12 @@ fn blocked_tap_sink_neither_hangs_nor_slows_proxying() {
         up.addr
     );
     let mut tapped = Proxy::with_config(&config, 1);
+    // Nothing would read the FIFO: the start says what follows.
+    let line = tapped.wait_log("is a FIFO with no reader yet", PROMPT);
+    assert!(
+        line.contains("WARN") && line.contains("nobody-reads"),
+        "{line}"
+    );
     let (mut t_plain, mut t_tapped) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         t_plain.push(transfer_time(plain.addr(), LEN));

@@ -404,7 +404,14 @@ pub(crate) fn open_output(path: &Path, append: bool) -> io::Result<Option<File>>
             set_blocking(&file)?;
             Ok(Some(file))
         }
-        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => {
+            warn!(
+                "tap: {} is a FIFO with no reader yet: its records are dropped (and counted) \
+                 until a reader opens it",
+                path.display()
+            );
+            Ok(None)
+        }
         Err(err) => Err(err),
     }
 }
