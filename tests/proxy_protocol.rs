@@ -22,7 +22,9 @@ use tcptap::proxy_protocol::{
     self, Command as PpCommand, ParseError, Parsed, ProxyHeader, Version, encode_v1, encode_v2,
 };
 
-use common::{PROMPT, Pattern, Proxy, TAP_FLUSH, TempDir, Upstream, connect, read_to_end};
+use common::{
+    PROMPT, Pattern, Proxy, TAP_FLUSH, TempDir, Upstream, connect, free_port, read_to_end,
+};
 
 const REQUEST_LEN: usize = 100 * 1024;
 
@@ -368,15 +370,6 @@ fn haproxy_available() -> bool {
         eprintln!("note: haproxy is not installed; skipping this test (apt-get install haproxy)");
     }
     found
-}
-
-/// A port nothing listens on right now (bound to 127.0.0.1:0, then closed).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Haproxy {

@@ -311,15 +311,6 @@ fn a_reload_rejected_for_a_busy_port_leaves_the_files_of_its_taps_alone() {
     assert_eq!(ask(proxy.addr()), 7, "the running configuration stays");
 }
 
-/// A port nothing listens on right now (bound to 127.0.0.1:0, then closed).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Renaming a route on the same address, or swapping the addresses of two routes, keeps the
 /// listeners (binding them anew would fail while the old routes hold them): no moment without a
 /// listener, and open connections go on.
@@ -350,17 +341,14 @@ fn a_reload_renames_routes_and_swaps_their_addresses() {
     );
     assert_eq!((ask(at_p), ask(at_q)), (1, 2));
     let mut live = connect(at_p);
+    let reload = |routes: [(&str, u16, SocketAddr); 2], generation: u32| {
+        let [r1, r2] = routes.map(|(name, port, up)| route(name, port, up));
+        write_file(&path, &format!("{admin}{r1}{r2}"));
+        proxy.signal(SIGHUP);
+        proxy.wait_log(&format!("configuration generation {generation}"), PROMPT);
+    };
     // `a` becomes `c` on the same address.
-    write_file(
-        &path,
-        &format!(
-            "{admin}{}{}",
-            route("c", p, one.addr),
-            route("b", q, two.addr)
-        ),
-    );
-    proxy.signal(SIGHUP);
-    proxy.wait_log("configuration generation 2", PROMPT);
+    reload([("c", p, one.addr), ("b", q, two.addr)], 2);
     proxy.wait_log("route `a` on 127.0.0.1:", PROMPT);
     assert_eq!(ask(at_p), 1);
     let body = wait_metric(
@@ -374,16 +362,7 @@ fn a_reload_renames_routes_and_swaps_their_addresses() {
         "{body}"
     );
     // `b` and `c` swap addresses (and so upstreams stay with the names).
-    write_file(
-        &path,
-        &format!(
-            "{admin}{}{}",
-            route("c", q, one.addr),
-            route("b", p, two.addr)
-        ),
-    );
-    proxy.signal(SIGHUP);
-    proxy.wait_log("configuration generation 3", PROMPT);
+    reload([("c", q, one.addr), ("b", p, two.addr)], 3);
     assert_eq!((ask(at_q), ask(at_p)), (1, 2));
     assert_eq!(proxy.count_log("reload rejected"), 0, "{}", proxy.logs());
     // The connection accepted before both reloads is served by its upstream.

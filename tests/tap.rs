@@ -1208,6 +1208,30 @@ fn a_small_tap_queue_captures_bulk_data_a_writer_keeps_up_with() {
     }
 }
 
+/// Stops `proxy` with SIGTERM, expects exit 0, and returns its tap totals line ("R records (B
+/// bytes) written, R records (B bytes) dropped, E write errors").
+fn stop_for_tap_totals(proxy: &mut Proxy) -> String {
+    proxy.signal(SIGTERM);
+    assert_eq!(
+        proxy.wait_exit(TAP_FLUSH).code(),
+        Some(0),
+        "{}",
+        proxy.logs()
+    );
+    proxy.wait_log("write errors", PROMPT)
+}
+
+/// Sets process `pid`'s file size limit (`ulimit -f`, in bytes); it can be raised again.
+fn set_fsize(pid: u32, limit: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit on our own child with a valid pointer.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
 /// A tap log that reaches the file size limit (`ulimit -f`): the kernel's SIGXFSZ used to kill
 /// the proxy and every connection with it. Proxying goes on, the failed writes are counted, and
 /// the log is not left with a torn last line.
@@ -1228,33 +1252,13 @@ fn a_tap_log_at_the_file_size_limit_neither_kills_nor_tears() {
         ],
         1,
     );
-    let lim = libc::rlimit {
-        rlim_cur: LIMIT,
-        rlim_max: LIMIT,
-    };
-    // SAFETY: prlimit on our own child with a valid pointer.
-    let rc = unsafe {
-        libc::prlimit(
-            proxy.pid() as i32,
-            libc::RLIMIT_FSIZE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    set_fsize(proxy.pid(), LIMIT);
     // Far more log than the limit holds, one conversation after the other.
     for i in 0..300 {
         let msg = format!("message {i:04} through a tap whose log is full");
         echo_once(proxy.addr(), msg.as_bytes());
     }
-    proxy.signal(SIGTERM);
-    assert_eq!(
-        proxy.wait_exit(TAP_FLUSH).code(),
-        Some(0),
-        "{}",
-        proxy.logs()
-    );
-    let line = proxy.wait_log("write errors", PROMPT);
+    let line = stop_for_tap_totals(&mut proxy);
     assert!(!line.contains(" 0 write errors"), "{line}");
     let text = std::fs::read(&log).unwrap();
     assert!(
@@ -1281,23 +1285,7 @@ fn a_pcap_cut_short_by_the_file_size_limit_stays_readable_after() {
         one_route("127.0.0.1:0", up.addr, "")
     );
     let mut proxy = Proxy::with_config(&config, 1);
-    let set_fsize = |limit: u64| {
-        let lim = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: prlimit on our own child with a valid pointer.
-        let rc = unsafe {
-            libc::prlimit(
-                proxy.pid() as i32,
-                libc::RLIMIT_FSIZE,
-                &lim,
-                std::ptr::null_mut(),
-            )
-        };
-        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    };
-    set_fsize(LIMIT);
+    set_fsize(proxy.pid(), LIMIT);
     // Bulk transfers (2 MiB each way) until the writer has met the limit: it may drop much of
     // them while it is behind, so the count of rounds varies.
     let bulk = Pattern::bytes(5, 2 << 20);
@@ -1315,18 +1303,11 @@ fn a_pcap_cut_short_by_the_file_size_limit_stays_readable_after() {
         );
         echo_once(proxy.addr(), &bulk);
     }
-    set_fsize(libc::RLIM_INFINITY);
+    set_fsize(proxy.pid(), libc::RLIM_INFINITY);
     let after = b"a conversation after the file had room again";
     let client = echo_once(proxy.addr(), after);
-    proxy.signal(SIGTERM);
-    assert_eq!(
-        proxy.wait_exit(TAP_FLUSH).code(),
-        Some(0),
-        "{}",
-        proxy.logs()
-    );
     // What the failed writes lost counts as dropped: written and dropped add up to the traffic.
-    let line = proxy.wait_log("write errors", PROMPT);
+    let line = stop_for_tap_totals(&mut proxy);
     let number_before = |word: &str| -> u64 {
         let at = line
             .find(word)

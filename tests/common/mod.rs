@@ -477,6 +477,16 @@ pub fn close_wait_on(ports: &[u16]) -> usize {
     n
 }
 
+/// A port nothing listens on right now (bound to 127.0.0.1:0, then closed), for a config that
+/// must name its port (a route's listen address that a reload compares).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, PROMPT).expect("connect through proxy");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
