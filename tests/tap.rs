@@ -482,6 +482,53 @@ fn blocked_tap_sink_neither_hangs_nor_slows_proxying() {
     assert!(dropped > 0, "{line}");
 }
 
+/// A tap output that stops taking writes (a FIFO whose reader never reads) is warned about once
+/// the writer has been stuck in it for 5 s: a stuck writer cannot report its own drops.
+#[test]
+fn a_tap_stuck_in_its_output_is_warned_about() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("fifo-stuck");
+    let fifo = dir.path("never-read");
+    mkfifo(&fifo);
+    // Opened for reading and never read: writes block once the pipe is full.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let up = Upstream::echo();
+    let upstream = up.addr.to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--tap-pcap",
+        fifo.to_str().unwrap(),
+    ];
+    let proxy = Proxy::start(&args, 1);
+    let bulk = Pattern::bytes(9, 1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        if proxy.count_log("its output has taken nothing") > 0 {
+            break;
+        }
+        assert!(
+            round < 20_000 && Instant::now() < deadline,
+            "no warning: {}",
+            proxy.logs()
+        );
+        echo_once(proxy.addr(), &bulk);
+    }
+    let line = proxy.wait_log("its output has taken nothing", PROMPT);
+    assert!(
+        line.contains("WARN") && line.contains("never-read"),
+        "{line}"
+    );
+    // Proxying went on meanwhile: the last round-trip was whole.
+    echo_once(proxy.addr(), b"still proxying");
+}
+
 #[test]
 fn full_disk_tap_does_not_affect_proxying() {
     let echo = Upstream::echo();

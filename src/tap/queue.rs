@@ -99,7 +99,27 @@ pub(crate) struct Shared {
     pub(crate) dropped_records: AtomicU64,
     pub(crate) dropped_bytes: AtomicU64,
     pub(crate) write_errors: AtomicU64,
+    /// The outputs, for messages (`tap.log, cap.pcap`); set by the writer.
+    pub(crate) label: std::sync::OnceLock<String>,
+    /// When (see [`clock_ms`]) the writer went into its outputs with the current batch (an
+    /// open or a write, which a FIFO nobody reads blocks); 0 while it is not in one.
+    pub(crate) in_sink_since: AtomicU64,
+    /// When a drop last warned that the writer is stuck in its outputs.
+    stuck_warned: AtomicU64,
 }
+
+/// Milliseconds since the first call, never 0 (0 means "not set" in [`Shared`]).
+pub(crate) fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// A writer this long in one open or write of its outputs is stuck there (a FIFO nobody reads,
+/// a hung disk): the drops it causes say so.
+const STUCK_MS: u64 = 5_000;
+/// The most often a drop repeats that warning.
+const STUCK_WARN_EVERY_MS: u64 = 30_000;
 
 impl Shared {
     pub(crate) fn new(budget: usize, copy_when_behind: bool) -> Shared {
@@ -117,6 +137,9 @@ impl Shared {
             dropped_records: AtomicU64::new(0),
             dropped_bytes: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            label: std::sync::OnceLock::new(),
+            in_sink_since: AtomicU64::new(0),
+            stuck_warned: AtomicU64::new(0),
         }
     }
 
@@ -152,6 +175,38 @@ impl Shared {
         self.dropped_records.fetch_add(1, Ordering::Relaxed);
         self.dropped_bytes
             .fetch_add(payload as u64, Ordering::Relaxed);
+        self.warn_if_stuck();
+    }
+
+    /// A drop while the writer has been stuck in its outputs for [`STUCK_MS`]: the writer cannot
+    /// report its drops itself, so this warns (at most every [`STUCK_WARN_EVERY_MS`], from
+    /// whichever thread drops; the log line is queued, never written here).
+    fn warn_if_stuck(&self) {
+        let since = self.in_sink_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return;
+        }
+        let now = clock_ms();
+        if now.saturating_sub(since) < STUCK_MS {
+            return;
+        }
+        let last = self.stuck_warned.load(Ordering::Relaxed);
+        if last != 0 && now - last < STUCK_WARN_EVERY_MS {
+            return;
+        }
+        if (self.stuck_warned)
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        log::warn!(
+            "tap {}: its output has taken nothing for {} s (a FIFO nobody reads? a hung disk?); \
+             its records are dropped and counted meanwhile ({} so far)",
+            self.label.get().map_or("?", String::as_str),
+            (now - since) / 1000,
+            self.dropped_records.load(Ordering::Relaxed)
+        );
     }
 }
 

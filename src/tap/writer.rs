@@ -143,7 +143,7 @@ impl Writer {
         text: Option<NamedText>,
         pcap: Option<PcapSink>,
     ) -> Writer {
-        Writer {
+        let writer = Writer {
             rx,
             shared,
             text,
@@ -152,7 +152,9 @@ impl Writer {
             drop_warnings: RateLimit::new(WARN_INTERVAL),
             reported_drops: (0, 0),
             throttle: None,
-        }
+        };
+        let _ = writer.shared.label.set(writer.names());
+        writer
     }
 
     /// The thread body. Returns after `Msg::Stop` or `Msg::Retire` once the queue is empty, or
@@ -218,7 +220,9 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
+                (self.shared.in_sink_since).store(super::queue::clock_ms(), Ordering::Relaxed);
                 self.write(&batch, carried.is_some());
+                self.shared.in_sink_since.store(0, Ordering::Relaxed);
             }
             let linger = !stopping && carried.is_none() && cost < self.burst() && !batch.is_empty();
             batch.clear();
