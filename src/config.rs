@@ -426,6 +426,9 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// The access log (`[access_log]`), off unless set.
     pub access_log: Option<AccessLogConfig>,
+    /// Routes with a `[route.tap]` of their own, which `--tap-log` / `--tap-pcap` (setting the
+    /// global `[tap]`) do not change; empty unless one of those flags is given.
+    pub own_taps_kept: Vec<String>,
 }
 
 /// Overrides given on the command line.
@@ -853,12 +856,12 @@ fn check_route_names_and_taps(
     raw: &[RawRoute],
     (log_flag, pcap_flag): (bool, bool),
 ) -> Result<(), ConfigError> {
-    // What set route i's tap `log` or `pcap`: the flag that replaced that key, else the
-    // route's own [route.tap], else the global [tap].
+    // What set route i's tap `log` or `pcap`: its own [route.tap], else the global [tap] or
+    // the flag that replaced that key.
     let tap_key = |i: usize, key: &str| match raw.get(i).and_then(|r| r.tap.as_ref()) {
-        _ if key == "log" && log_flag => "--tap-log".to_string(),
-        _ if key == "pcap" && pcap_flag => "--tap-pcap".to_string(),
         Some(_) => format!("route[{i}].tap.{key}"),
+        None if key == "log" && log_flag => "--tap-log".to_string(),
+        None if key == "pcap" && pcap_flag => "--tap-pcap".to_string(),
         None => format!("tap.{key}"),
     };
     for (i, r) in routes.iter().enumerate() {
@@ -1035,21 +1038,17 @@ impl Config {
         // The flags only set paths, which `tap` does not check (the check of files shared
         // between taps names the flags): every error here is about a key of the file (or of
         // the command line, when there is no file: then `file_ctx` says so).
-        // A flag sets its output in every route's own [route.tap] too: flags win over the file.
-        let with_flags = |t: &RawTap| {
-            let mut t = t.clone();
-            if let Some(l) = &ov.tap_log {
-                t.log = Some(l.clone());
-            }
-            if let Some(p) = &ov.tap_pcap {
-                t.pcap = Some(p.clone());
-            }
-            t
-        };
-        let raw_tap = with_flags(&raw.tap.take().unwrap_or_default());
+        let mut raw_tap = raw.tap.take().unwrap_or_default();
+        if let Some(l) = &ov.tap_log {
+            raw_tap.log = Some(l.clone());
+        }
+        if let Some(p) = &ov.tap_pcap {
+            raw_tap.pcap = Some(p.clone());
+        }
         let global_tap = tap(&file_ctx, "tap", &raw_tap)?;
 
         let mut routes = Vec::new();
+        let mut own_taps_kept = Vec::new();
         match (&ov.listen, &ov.upstream) {
             (Some(listen), Some(upstream)) => {
                 let orig = upstream == ORIGINAL_DESTINATION;
@@ -1093,7 +1092,12 @@ impl Config {
                         return Err(file_ctx.invalid(key("max_connections"), "must be at least 1"));
                     }
                     let route_tap = match &r.tap {
-                        Some(t) => tap(&file_ctx, &key("tap"), &with_flags(t))?,
+                        Some(t) => {
+                            if ov.tap_log.is_some() || ov.tap_pcap.is_some() {
+                                own_taps_kept.push(name.clone());
+                            }
+                            tap(&file_ctx, &key("tap"), t)?
+                        }
                         None => global_tap.clone(),
                     };
                     let orig = r.upstream.as_deref() == Some(ORIGINAL_DESTINATION);
@@ -1173,6 +1177,7 @@ impl Config {
             routes,
             admin,
             access_log,
+            own_taps_kept,
         })
     }
 
@@ -1480,29 +1485,31 @@ mod tests {
     }
 
     #[test]
-    fn tap_flags_set_the_outputs_of_routes_with_their_own_tap_too() {
+    fn tap_flags_leave_routes_with_their_own_tap_alone_and_name_them() {
         let file = format!(
-            "{MINIMAL}[route.tap]\npcap = \"own.pcap\"\nsnaplen = \"1 KiB\"\n\
+            "{MINIMAL}[route.tap]\npcap = \"own.pcap\"\n\
              [[route]]\nname = \"off\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
-             [route.tap]\n"
+             [route.tap]\n\
+             [[route]]\nname = \"plain\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
         );
-        let flags = |log: &str| Overrides {
-            tap_log: Some(log.into()),
+        let flags = Overrides {
+            tap_log: Some("-".into()),
             ..Overrides::default()
         };
-        let c = Config::from_toml_str(&file, "t.toml", &flags("-")).unwrap();
-        let own = c.routes[0].tap.as_ref().expect("a tap");
-        assert_eq!(own.log, Some(LogTarget::Stdout));
-        assert_eq!(own.pcap.as_ref().unwrap().path, PathBuf::from("own.pcap"));
-        assert_eq!(own.snaplen, Some(1024), "the route's other settings stay");
-        let off = c.routes[1].tap.as_ref().expect("the flag turns the tap on");
-        assert_eq!(off.log, Some(LogTarget::Stdout));
-        assert_eq!(off.pcap, None);
-        // One file for two taps with other settings: the error names the flag.
-        let e = Config::from_toml_str(&file, "t.toml", &flags("t.log"))
-            .expect_err("two writers of t.log")
-            .to_string();
-        assert!(e.contains("`--tap-log`") && e.contains("t.log"), "{e}");
+        let c = Config::from_toml_str(&file, "t.toml", &flags).unwrap();
+        let own = c.routes[0].tap.as_ref().expect("its own tap");
+        assert_eq!(
+            (own.log.as_ref(), own.pcap.as_ref().map(|p| p.path.clone())),
+            (None, Some(PathBuf::from("own.pcap")))
+        );
+        assert_eq!(c.routes[1].tap, None, "a tap turned off stays off");
+        assert_eq!(
+            c.routes[2].tap.as_ref().unwrap().log,
+            Some(LogTarget::Stdout)
+        );
+        assert_eq!(c.own_taps_kept, ["route0", "off"]);
+        let c = Config::from_toml_str(&file, "t.toml", &Overrides::default()).unwrap();
+        assert!(c.own_taps_kept.is_empty(), "no flag, nothing to say");
     }
 
     #[test]

@@ -152,6 +152,18 @@ fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if !config.own_taps_kept.is_empty() {
+        log::warn!(
+            "--tap-log / --tap-pcap set the [tap] table; route(s) {} keep their own [route.tap] \
+             (an empty one is a tap turned off) and are not captured by the flag",
+            config
+                .own_taps_kept
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     raise_fd_limit();
     let mut server = Server::bind(config).map_err(|e| (ExitCode::from(2), error_chain(&e)))?;
     if let Some(path) = config_path(args) {
