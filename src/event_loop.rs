@@ -107,6 +107,8 @@ struct Shared {
     generation: AtomicU64,
     /// Each worker's end for reload plans, with its waker.
     reload_targets: Mutex<Vec<(Sender<ReloadPlan>, Arc<Waker>)>>,
+    /// Started from a terminal: without a config file, SIGHUP is its hangup and ends the process.
+    hangup_ends: AtomicBool,
     /// Every tap writer, by config: routes with the same tap share one, a reload reuses those
     /// still in use (a second writer on a file would truncate it), and `/metrics` sums them,
     /// stopped ones included. A writer runs while a route in force or an open connection holds
@@ -304,6 +306,7 @@ impl Server {
             reloading: AtomicBool::new(false),
             generation: AtomicU64::new(1),
             reload_targets: Mutex::new(Vec::new()),
+            hangup_ends: AtomicBool::new(false),
             taps: taps.clone(),
             parked_taps: Mutex::new(Vec::new()),
             config,
@@ -478,11 +481,16 @@ impl Server {
     }
 
     /// Routes SIGTERM and SIGINT into the first worker's loop: the first starts a graceful shutdown
-    /// of every worker, a second SIGINT stops at once. SIGHUP reloads the config file; without
-    /// one (routes from the command line) it is the terminal's hangup and shuts down gracefully,
-    /// unless it was ignored when the process started (`nohup`), and stays so.
+    /// of every worker, a second SIGINT stops at once. SIGHUP reloads the config file. Without one
+    /// (routes from the command line), in a process started from a terminal, SIGHUP is that
+    /// terminal's hangup and shuts down gracefully, unless it was ignored when the process
+    /// started (`nohup`), and stays so; started without a terminal (a service manager's
+    /// `kill -HUP` to reload), it changes nothing and says so.
     pub fn handle_signals(&mut self) -> Result<(), SetupError> {
         let mut wanted = vec![libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+        // SAFETY: isatty only inspects the descriptor.
+        let terminal = [0, 1, 2].iter().any(|&fd| unsafe { libc::isatty(fd) } == 1);
+        self.shared.hangup_ends.store(terminal, Ordering::Relaxed);
         if lock(&self.shared.reload_source).is_some() || !signal_ignored(libc::SIGHUP) {
             wanted.push(libc::SIGHUP);
         }
@@ -750,9 +758,13 @@ impl Worker {
     /// config file: the signal is then a hangup, which shuts down.
     fn start_reload(&mut self) -> bool {
         let Some((path, overrides)) = lock(&self.shared.reload_source).clone() else {
+            if !self.shared.hangup_ends.load(Ordering::Relaxed) {
+                warn!("SIGHUP: no config file to reload (routes come from the command line)");
+                return true;
+            }
             info!(
-                "SIGHUP without a config file to reload (routes come from the command line): \
-                 shutting down"
+                "SIGHUP without a config file to reload (routes come from the command line), \
+                 from the terminal this was started in: shutting down"
             );
             return false;
         };

@@ -128,12 +128,48 @@ fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
     assert_eq!(rx.recv_timeout(PROMPT).unwrap(), Ok(()));
 }
 
-/// Without a config file there is nothing to reload: SIGHUP is the terminal's hangup, and the
-/// proxy shuts down gracefully (connections in flight finish) instead of outliving its terminal.
+/// A pseudo-terminal: (leader, follower). The follower as a child's stdin makes the child a
+/// process started from a terminal.
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc calls on descriptors this function opens and hands to `File`s; the
+    // name buffer outlives ptsname_r, which NUL-terminates it.
+    unsafe {
+        let leader = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(
+            leader >= 0,
+            "posix_openpt: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::grantpt(leader), 0);
+        assert_eq!(libc::unlockpt(leader), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(leader, name.as_mut_ptr(), name.len()), 0);
+        let follower = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+        assert!(
+            follower >= 0,
+            "open pty: {}",
+            std::io::Error::last_os_error()
+        );
+        (
+            std::fs::File::from_raw_fd(leader),
+            std::fs::File::from_raw_fd(follower),
+        )
+    }
+}
+
+/// Started from a terminal without a config file, there is nothing to reload: SIGHUP is the
+/// terminal's hangup, and the proxy shuts down gracefully (connections in flight finish)
+/// instead of outliving its terminal.
 #[test]
-fn sighup_without_a_config_file_shuts_down_gracefully() {
+fn sighup_from_a_terminal_without_a_config_file_shuts_down_gracefully() {
     let echo = Upstream::echo();
-    let mut proxy = Proxy::forwarding_to(echo.addr);
+    let (_leader, follower) = pty();
+    let addr = echo.addr.to_string();
+    let args = ["--listen", "127.0.0.1:0", "--upstream", &addr];
+    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        cmd.stdin(follower);
+    });
     let mut live = connect(proxy.addr());
     live.write_all(b"a").unwrap();
     assert_eq!(read_n(&mut live, 1, PROMPT).unwrap(), b"a");
@@ -144,6 +180,18 @@ fn sighup_without_a_config_file_shuts_down_gracefully() {
     assert_eq!(read_n(&mut live, 1, PROMPT).unwrap(), b"b");
     drop(live);
     assert!(proxy.wait_exit(PROMPT).success(), "{}", proxy.logs());
+}
+
+/// Without a terminal (a service manager's `kill -HUP`) and without a config file, SIGHUP
+/// changes nothing and says so.
+#[test]
+fn sighup_without_a_config_file_or_a_terminal_changes_nothing() {
+    let one = tagged(1);
+    let proxy = Proxy::forwarding_to(one.addr);
+    proxy.signal(SIGHUP);
+    proxy.wait_log("no config file to reload", PROMPT);
+    assert_eq!(ask(proxy.addr()), 1);
+    assert_eq!(proxy.count_log("shutting down"), 0, "{}", proxy.logs());
 }
 
 /// Started under `nohup` (SIGHUP ignored) with routes from the command line, the proxy keeps
