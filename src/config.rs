@@ -1268,7 +1268,7 @@ fn bindable_ip(addr: SocketAddr) -> std::io::Result<()> {
 
 /// Whether `path` can be opened for writing, or created, without touching it: an existing file
 /// must be writable, a new one needs a writable directory.
-fn writable(path: &Path) -> std::io::Result<()> {
+pub(crate) fn writable(path: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let access = |p: &Path| {
         let c = std::ffi::CString::new(p.as_os_str().as_bytes())

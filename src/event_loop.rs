@@ -2066,6 +2066,23 @@ fn prepare_reload(
         }
         bound.push((r, listeners));
     }
+    // The outputs of every tap this reload sets are checked before any tap starts: one that
+    // cannot be written rejects the reload before another tap has truncated its pcap.
+    for r in new
+        .routes
+        .iter()
+        .filter(|r| !(current.iter().flatten()).any(|o| key(o) == key(r) && o.tap == r.tap))
+    {
+        for (what, path) in r.tap.iter().flat_map(TapConfig::files) {
+            if let Err(e) = crate::config::writable(path) {
+                return Err(format!(
+                    "route `{}`: tap {what}: cannot write {}: {e}",
+                    r.name,
+                    path.display()
+                ));
+            }
+        }
+    }
     // Removed and updated routes.
     for (index, slot) in current.iter().enumerate() {
         let Some(old) = slot else { continue };

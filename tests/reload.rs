@@ -315,10 +315,11 @@ fn open_connections_keep_their_idle_timeout_across_a_reload() {
     assert_eq!(read_n(&mut new, 5, PROMPT).unwrap(), b"still");
 }
 
-/// A reload rejected for a busy port leaves alone the file a new tap in it would have written
-/// (a pcap is truncated when its tap starts): nothing is opened before every listener is bound.
+/// A rejected reload leaves alone the file a new tap in it would have written (a pcap is
+/// truncated when its tap starts): nothing is opened before every listener is bound and every
+/// new tap's outputs are found writable.
 #[test]
-fn a_reload_rejected_for_a_busy_port_leaves_the_files_of_its_taps_alone() {
+fn a_rejected_reload_leaves_the_files_of_its_taps_alone() {
     let up = tagged(7);
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = TempDir::new("reload-tap");
@@ -356,6 +357,22 @@ fn a_reload_rejected_for_a_busy_port_leaves_the_files_of_its_taps_alone() {
     proxy.wait_log("reload rejected", PROMPT);
     assert_eq!(std::fs::read(&kept).unwrap(), b"an earlier capture");
     assert!(!dir.path("b.pcap").exists());
+    assert_eq!(ask(proxy.addr()), 7, "the running configuration stays");
+    // Nor a reload rejected because another new tap cannot write its file.
+    let nowhere = dir.path("no-such-dir").join("b.pcap");
+    write_file(
+        &path,
+        &format!(
+            "{}{}",
+            route("a", "127.0.0.1:0".into(), &kept),
+            route("b", "127.0.0.1:0".into(), &nowhere)
+        ),
+    );
+    proxy.signal(SIGHUP);
+    proxy.wait_count("reload rejected", 2, PROMPT);
+    let line = proxy.wait_log("tap pcap: cannot write", PROMPT);
+    assert!(line.contains("route `b`"), "{line}");
+    assert_eq!(std::fs::read(&kept).unwrap(), b"an earlier capture");
     assert_eq!(ask(proxy.addr()), 7, "the running configuration stays");
 }
 
