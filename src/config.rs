@@ -1263,7 +1263,9 @@ fn bindable_ip(addr: SocketAddr) -> std::io::Result<()> {
         socket2::Type::STREAM,
         None,
     )?;
-    socket.bind(&SocketAddr::new(addr.ip(), 0).into())
+    let mut any_port = addr; // keeps an IPv6 scope id (a link-local address needs it)
+    any_port.set_port(0);
+    socket.bind(&any_port.into())
 }
 
 /// Whether `path` can be opened for writing, or created, without touching it: an existing file
@@ -1280,6 +1282,7 @@ pub(crate) fn writable(path: &Path) -> std::io::Result<()> {
         Ok(())
     };
     match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(std::io::Error::other("it is a directory")),
         Ok(_) => access(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let dir = match path.parent() {

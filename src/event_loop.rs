@@ -2156,7 +2156,7 @@ fn prepare_reload(
             RouteChange::Add { .. } => {}
         }
     }
-    refit_fd_budget(&shared.config, &current);
+    refit_fd_budget(&shared.config, &current, shared.max_connections);
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.metrics.on_reload(Some(generation));
     for ((tx, waker), changes) in targets.iter().zip(changes) {
@@ -2297,16 +2297,17 @@ fn fd_capped_max_connections(configured: usize, reserve: u64) -> usize {
 
 /// After a reload: the listeners (and health probes) of the routes it added or removed change the
 /// descriptors kept outside the budget, so the budget follows, at the open-file limit of now.
-fn refit_fd_budget(config: &Config, routes: &[Option<Route>]) {
-    let before = fd_budget::cap();
+fn refit_fd_budget(config: &Config, routes: &[Option<Route>], max_connections: usize) {
+    let before = fd_budget::cap().min(max_connections);
     let reserve = reserve_for(config, routes.iter().flatten());
-    match set_fd_budget(reserve) {
-        Some((cap, _)) if cap != before && cap < config.max_connections => info!(
-            "reload: the routes' listeners now keep {reserve} descriptors outside the budget; \
-             holding at most {cap} connections (was {})",
-            before.min(config.max_connections)
-        ),
-        _ => {}
+    if let Some((cap, _)) = set_fd_budget(reserve) {
+        let now = cap.min(max_connections);
+        if now != before {
+            info!(
+                "reload: the routes' listeners now keep {reserve} descriptors outside the \
+                 budget; holding at most {now} connections (was {before})"
+            );
+        }
     }
 }
 

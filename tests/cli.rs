@@ -206,6 +206,14 @@ fn check_config_finds_what_would_fail_at_start() {
         ),
         route("near", "127.0.0.1:0", "")
     );
+    let bad = format!(
+        "{bad}{}",
+        route(
+            "dir",
+            "127.0.0.1:0",
+            &format!("[route.tap]\npcap = \"{}\"\n", dir.0.display())
+        )
+    );
     write_file(&dir.path("bad.toml"), &bad);
     let out = run(&["--config", "bad.toml", "--check-config"], &dir.0);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -216,6 +224,8 @@ fn check_config_finds_what_would_fail_at_start() {
         "bad.toml: route `far`: tap pcap: cannot write",
         "x.pcap",
         "bad.toml: access_log.path: cannot write",
+        "bad.toml: route `dir`: tap pcap: cannot write",
+        "it is a directory",
     ] {
         assert!(err.contains(needle), "{needle:?} not in {err}");
     }
