@@ -147,7 +147,7 @@ struct RawRoute {
 
 /// `[route.health_check]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table (`[route.health_check]`)")]
 struct RawHealthCheck {
     interval: Option<String>,
     timeout: Option<String>,
@@ -157,7 +157,10 @@ struct RawHealthCheck {
 
 /// A byte size: an integer, or a string such as `"64 KiB"`, `"16MiB"`, `"512"`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a size: a number of bytes, or a string such as \"64 KiB\""
+)]
 enum Size {
     Bytes(u64),
     Text(String),
@@ -165,7 +168,7 @@ enum Size {
 
 /// `workers = 2` or `workers = "auto"`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a number of workers, or \"auto\"")]
 enum Workers {
     Count(usize),
     Text(String),
@@ -173,7 +176,10 @@ enum Workers {
 
 /// `keepalive = false` or `keepalive = "60s"`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected false, true, or a duration such as \"60s\""
+)]
 enum Toggle {
     Flag(bool),
     Text(String),
@@ -1237,11 +1243,20 @@ impl Config {
 /// A value of the wrong type: the TOML parser's message (line, snippet, what serde expected)
 /// led by the dotted key, with the expected type in the config's own words.
 fn type_error_message(key: &str, message: String) -> String {
-    let mut message = ["usize", "u64", "u32", "u16", "u8"]
-        .iter()
-        .fold(message, |m, t| {
-            m.replace(&format!("expected {t}"), "expected a whole number")
-        });
+    let ranges = [
+        ("usize", "0", u64::MAX.to_string()),
+        ("u64", "0", u64::MAX.to_string()),
+        ("u32", "0", u32::MAX.to_string()),
+        ("u16", "0", u16::MAX.to_string()),
+        ("u8", "0", u8::MAX.to_string()),
+        ("i32", "-2147483648", i32::MAX.to_string()),
+    ];
+    let mut message = ranges.iter().fold(message, |m, (t, min, max)| {
+        m.replace(
+            &format!("expected {t}"),
+            &format!("expected a whole number from {min} to {max}"),
+        )
+    });
     let last = key.rsplit('.').next().unwrap_or(key);
     let duration = last.ends_with("timeout") || last.ends_with("interval") || last == "keepalive";
     if duration && message.contains("expected a string") {
@@ -1480,6 +1495,14 @@ mod tests {
             e.contains("`route[0].idle_timeout`:") && e.contains("a duration such as \"5s\""),
             "{e}"
         );
+        let e = err(&format!("max_connections = -1\n{MINIMAL}"));
+        assert!(e.contains("expected a whole number from 0 to"), "{e}");
+        let e = err(&format!("buffer_size = true\n{MINIMAL}"));
+        assert!(
+            e.contains("`buffer_size`:") && e.contains("expected a size"),
+            "{e}"
+        );
+        assert!(!e.contains("untagged"), "{e}");
         let e = err("[route]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n");
         assert!(
             e.contains("`route`:") && e.contains("write [[route]]"),

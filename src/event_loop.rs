@@ -1720,12 +1720,17 @@ impl Worker {
     /// the first failure, then at most every 10 s per route (and worker) with the count since.
     fn warn_connect_failure(&mut self, route: usize, reason: &CloseReason, upstream: SocketAddr) {
         if let CloseReason::ConnectFailed(e) = reason {
-            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-                return; // no local port: `warn_no_local_port` explains it
+            // No local port: `warn_no_local_port` explains it; out of descriptors: the
+            // budget's and accept's warnings do.
+            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) || net::is_resource_exhaustion(e) {
+                return;
             }
         }
-        let now = Instant::now();
         let r = &mut self.routes[route];
+        if r.config.original_destination {
+            return; // the clients chose those destinations: their close lines say it
+        }
+        let now = Instant::now();
         let (last, unwarned) = &mut r.connect_warning;
         *unwarned += 1;
         if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
@@ -2116,7 +2121,8 @@ fn prepare_reload(
                         index,
                         route: r.clone(),
                         tap: tap.clone(),
-                        upstreams_changed: r.upstream_set != old.upstream_set,
+                        // A renamed route's set logs under its new name.
+                        upstreams_changed: r.upstream_set != old.upstream_set || r.name != old.name,
                     });
                 }
             }

@@ -408,7 +408,13 @@ pub(crate) fn open_output(path: &Path, append: bool) -> io::Result<Option<File>>
             set_blocking(&file)?;
             Ok(Some(file))
         }
-        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => {
+        // ENXIO: a FIFO without a reader (a socket file or a device without driver says the
+        // same, and is an error).
+        Err(err)
+            if err.raw_os_error() == Some(libc::ENXIO)
+                && std::fs::metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())) =>
+        {
             warn!(
                 "tap: {} is a FIFO with no reader yet: its records are dropped (and counted) \
                  until a reader opens it",
