@@ -382,7 +382,11 @@ fn a_rejected_reload_leaves_the_files_of_its_taps_alone() {
 #[test]
 fn a_reload_renames_routes_and_swaps_their_addresses() {
     let (one, two) = (tagged(1), tagged(2));
-    let (p, q) = (free_port(), free_port());
+    let p = free_port();
+    let q = std::iter::repeat_with(free_port)
+        .take(100)
+        .find(|&q| q != p)
+        .unwrap();
     let dir = TempDir::new("reload-rename");
     let path = dir.path("proxy.toml");
     let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
