@@ -2028,11 +2028,12 @@ fn prepare_reload(
     // that swap addresses) takes over that route's listener: the address could not be bound
     // again while the old route holds it. Its metrics go on under the new name.
     let kept = |o: &Route| new.routes.iter().any(|r| key(r) == key(o));
+    let is_new = |r: &Route| !current.iter().flatten().any(|o| key(o) == key(r));
     let mut adopted: Vec<(usize, &Route)> = Vec::new();
     for r in new
         .routes
         .iter()
-        .filter(|r| r.listen.port() != 0 && !current.iter().flatten().any(|o| key(o) == key(r)))
+        .filter(|r| r.listen.port() != 0 && is_new(r))
     {
         let holder = current.iter().position(|o| {
             o.as_ref()
@@ -2045,10 +2046,9 @@ fn prepare_reload(
     // Added routes: bind one listener per worker first, so that a busy port rejects the reload
     // before any new tap opens (and truncates) its file.
     let mut bound = Vec::new();
-    for r in new.routes.iter().filter(|r| {
-        !current.iter().flatten().any(|o| key(o) == key(r))
-            && !adopted.iter().any(|(_, a)| std::ptr::eq(*a, *r))
-    }) {
+    for r in (new.routes.iter())
+        .filter(|r| is_new(r) && !adopted.iter().any(|(_, a)| std::ptr::eq(*a, *r)))
+    {
         if current.len() + bound.len() >= MAX_ROUTES {
             return Err(format!(
                 "more than {MAX_ROUTES} routes over the process's life; restart to add more"

@@ -172,9 +172,13 @@ impl Shared {
     }
 
     pub(crate) fn count_drop(&self, payload: usize) {
-        self.dropped_records.fetch_add(1, Ordering::Relaxed);
-        self.dropped_bytes
-            .fetch_add(payload as u64, Ordering::Relaxed);
+        self.count_drops(1, payload as u64);
+    }
+
+    /// Counts `records` dropped records holding `payload` bytes.
+    pub(crate) fn count_drops(&self, records: u64, payload: u64) {
+        self.dropped_records.fetch_add(records, Ordering::Relaxed);
+        self.dropped_bytes.fetch_add(payload, Ordering::Relaxed);
         self.warn_if_stuck();
     }
 

@@ -236,11 +236,7 @@ impl RotatingFile {
                     } else if let Some(&last) = kept.checked_sub(1).map(|i| &self.starts[i]) {
                         self.complete = self.complete.max(base + last as u64);
                     }
-                    self.starts.drain(..kept);
-                    for s in &mut self.starts {
-                        *s -= whole;
-                    }
-                    self.pending.consume(whole);
+                    self.consume_pending(whole);
                     self.synced = 0;
                 }
                 Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
@@ -252,17 +248,12 @@ impl RotatingFile {
                     let _ = switch(file, &mut self.odirect, false);
                     // Go on as a plain file: the bytes already in it leave the buffer, and
                     // writes continue from the file position.
-                    let synced = self.synced;
-                    self.pending.consume(synced);
-                    self.starts.retain_mut(|s| {
-                        *s = s.saturating_sub(synced);
-                        true
-                    });
-                    self.synced = 0;
                     if let Err(err) = (&mut &*file).seek(SeekFrom::Start(self.written)) {
                         self.cut_back();
                         return Err(err);
                     }
+                    self.consume_pending(self.synced);
+                    self.synced = 0;
                     return self.write_pending(all);
                 }
                 Err(err) => {
@@ -275,6 +266,16 @@ impl RotatingFile {
             return self.write_tail();
         }
         Ok(())
+    }
+
+    /// Removes the first `n` bytes of `pending`, and the starts of packets before them.
+    fn consume_pending(&mut self, n: usize) {
+        let gone = self.starts.partition_point(|&s| s < n);
+        self.starts.drain(..gone);
+        for s in &mut self.starts {
+            *s -= n;
+        }
+        self.pending.consume(n);
     }
 
     /// Direct mode: writes the unwritten rest of `pending` (less than `DIRECT_MIN`, or a partial

@@ -324,12 +324,7 @@ impl Writer {
         }
         // Not in (every) output: dropped, so that written + dropped still add up to what was
         // tapped.
-        self.shared
-            .dropped_records
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.shared
-            .dropped_bytes
-            .fetch_add(payload, Ordering::Relaxed);
+        self.shared.count_drops(batch.len() as u64, payload);
         self.shared
             .write_errors
             .fetch_add(failures.len() as u64, Ordering::Relaxed);
