@@ -103,6 +103,11 @@ struct Shared {
     reload_source: Mutex<Option<(PathBuf, Overrides)>>,
     /// Set while a reload is being prepared (one at a time).
     reloading: AtomicBool,
+    /// A SIGHUP came after the reload in progress read its file: another reload follows it.
+    reload_pending: AtomicBool,
+    /// The config generation each worker has applied: a reload waits for the previous one to be
+    /// applied everywhere (a listener it removed is closed before an address is bound again).
+    applied_generation: Vec<AtomicU64>,
     /// Config generation in force (1 at start).
     generation: AtomicU64,
     /// Each worker's end for reload plans, with its waker.
@@ -304,6 +309,8 @@ impl Server {
             current_routes: Mutex::new(config.routes.iter().cloned().map(Some).collect()),
             reload_source: Mutex::new(None),
             reloading: AtomicBool::new(false),
+            reload_pending: AtomicBool::new(false),
+            applied_generation: (0..n).map(|_| AtomicU64::new(1)).collect(),
             generation: AtomicU64::new(1),
             reload_targets: Mutex::new(Vec::new()),
             hangup_ends: AtomicBool::new(false),
@@ -768,20 +775,35 @@ impl Worker {
             );
             return false;
         };
+        // Every SIGHUP is followed by a reload that reads the file after it: one that comes
+        // while a reload is in progress (which may have read the file before it was edited)
+        // gets a reload of its own once that one ends.
+        self.shared.reload_pending.store(true, Ordering::SeqCst);
         if self.shared.reloading.swap(true, Ordering::SeqCst) {
-            warn!("SIGHUP: a reload is already in progress");
+            info!("SIGHUP: a reload is in progress; reloading again when it ends");
             return true;
         }
-        info!("SIGHUP: reloading {}", path.display());
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("tcptap-reload".into())
             .spawn(move || {
-                if let Err(e) = prepare_reload(&shared, &path, &overrides) {
-                    error!("reload rejected, the running configuration stays: {e}");
-                    shared.metrics.on_reload(None);
+                loop {
+                    shared.reload_pending.store(false, Ordering::SeqCst);
+                    wait_applied(&shared);
+                    info!("SIGHUP: reloading {}", path.display());
+                    if let Err(e) = prepare_reload(&shared, &path, &overrides) {
+                        error!("reload rejected, the running configuration stays: {e}");
+                        shared.metrics.on_reload(None);
+                    }
+                    shared.reloading.store(false, Ordering::SeqCst);
+                    // A SIGHUP that came meanwhile either found `reloading` cleared and started
+                    // a reload of its own, or left it to this thread.
+                    if !shared.reload_pending.load(Ordering::SeqCst)
+                        || shared.reloading.swap(true, Ordering::SeqCst)
+                    {
+                        break;
+                    }
                 }
-                shared.reloading.store(false, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             error!("reload: cannot start: {e}");
@@ -900,6 +922,7 @@ impl Worker {
                 }
             }
         }
+        self.shared.applied_generation[self.index].store(plan.generation, Ordering::SeqCst);
         debug!(
             "worker {}: configuration generation {} applied",
             self.index, plan.generation
@@ -2181,6 +2204,21 @@ fn prepare_reload(
         summary.2
     );
     Ok(())
+}
+
+/// Waits until every worker has applied the generation in force (workers apply a plan at their
+/// next wake-up, which its sending triggers), for at most a few seconds: a worker that has
+/// stopped applies nothing more.
+fn wait_applied(shared: &Shared) {
+    let generation = shared.generation.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (shared.applied_generation.iter()).any(|g| g.load(Ordering::SeqCst) < generation) {
+        if Instant::now() >= deadline || shared.request.load(Ordering::SeqCst) != RUN {
+            debug!("reload: generation {generation} not applied by every worker yet");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Whether `sig`'s disposition is "ignore" (inherited across exec, as `nohup` sets SIGHUP's).

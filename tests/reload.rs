@@ -438,3 +438,77 @@ fn a_reload_renames_routes_and_swaps_their_addresses() {
     live.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_end(&mut live, PROMPT).unwrap(), [1]);
 }
+
+/// SIGHUPs in quick succession, as from a config tool that edits and signals several times:
+/// none is lost (the file as it is after the last one is in force, however the reloads
+/// overlap), and an address one reload removes can be bound again by the next (its listener
+/// is closed before the next reload starts).
+#[test]
+fn sighups_in_quick_succession_end_with_the_last_file_in_force() {
+    let ups: Vec<Upstream> = (1..=4).map(tagged).collect();
+    let p = free_port();
+    let dir = TempDir::new("reload-burst");
+    let path = dir.path("proxy.toml");
+    let config = |k: usize| {
+        let up = ups[k % 4].addr;
+        let x = format!("[[route]]\nname = \"x\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n");
+        // `y` is there in even steps only.
+        let y = if k % 2 == 0 {
+            format!("[[route]]\nname = \"y\"\nlisten = \"127.0.0.1:{p}\"\nupstream = \"{up}\"\n")
+        } else {
+            String::new()
+        };
+        format!("{x}{y}")
+    };
+    // Replaced whole (write, then rename), so a reload never reads half a file.
+    let replace = |text: &str| {
+        let tmp = dir.path("proxy.toml.new");
+        write_file(&tmp, text);
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    replace(&config(0));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 2);
+    let x_addr = proxy.addrs[0];
+    // Waits for step `k`'s file to be in force; returns its upstream's tag.
+    let settled = |k: usize| {
+        let want = (k % 4 + 1) as u8;
+        let deadline = std::time::Instant::now() + PROMPT;
+        while ask(x_addr) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "step {k} is not in force: {}",
+                proxy.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        want
+    };
+    let at_p = SocketAddr::from(([127, 0, 0, 1], p));
+    assert_eq!((ask(x_addr), ask(at_p)), (1, 1));
+
+    // A second SIGHUP while the first reload is still reading its file (20 MB of comments
+    // make that take a while): the first reload may have read the file before the edit.
+    let comments = format!("# {}\n", "-".repeat(98)).repeat(200_000);
+    replace(&format!("{comments}{}", config(1)));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("SIGHUP: reloading", PROMPT);
+    replace(&config(2));
+    proxy.signal(SIGHUP);
+    let want = settled(2);
+    assert_eq!(ask(at_p), want, "{}", proxy.logs());
+
+    // A burst: the kernel merges some of the signals, the proxy must miss none it gets.
+    const LAST: usize = 10;
+    for k in 3..=LAST {
+        replace(&config(k));
+        proxy.signal(SIGHUP);
+    }
+    let want = settled(LAST);
+    assert_eq!(ask(at_p), want, "{}", proxy.logs());
+    assert_eq!(proxy.count_log("reload rejected"), 0, "{}", proxy.logs());
+}
+
+also_with_two_workers!(
+    sighups_in_quick_succession_end_with_the_last_file_in_force,
+    a_reload_renames_routes_and_swaps_their_addresses,
+);
