@@ -39,6 +39,7 @@ use crate::config::{Config, Overrides, ProxyProtocolVersion, Route};
 use crate::fd_budget;
 use crate::metrics::{CloseCause, ConnectFailure, ExtraGauges, Metrics};
 use crate::net::{self, SetupError};
+use crate::notify;
 use crate::orig_dst;
 use crate::pair;
 use crate::pair::{CloseReason, Drive, Pair, PairTap, Phase};
@@ -530,6 +531,11 @@ impl Server {
                 }
             );
         }
+        // The listeners are bound: clients are served (from the backlog) from here on.
+        notify::send(&format!(
+            "READY=1\nSTATUS=serving {} route(s)",
+            self.shared.config.routes.len()
+        ));
         let handle = self.shutdown_handle();
         let mut threads = Vec::new();
         for w in self.workers.drain(1..) {
@@ -767,6 +773,9 @@ impl Worker {
         let Some((path, overrides)) = lock(&self.shared.reload_source).clone() else {
             if !self.shared.hangup_ends.load(Ordering::Relaxed) {
                 warn!("SIGHUP: no config file to reload (routes come from the command line)");
+                // A service manager that sent it to reload waits for the reload to end.
+                notify::reloading();
+                notify::send("READY=1");
                 return true;
             }
             info!(
@@ -787,27 +796,41 @@ impl Worker {
         let spawned = std::thread::Builder::new()
             .name("tcptap-reload".into())
             .spawn(move || {
+                let mut status;
                 loop {
                     shared.reload_pending.store(false, Ordering::SeqCst);
+                    notify::reloading();
                     wait_applied(&shared);
                     info!("SIGHUP: reloading {}", path.display());
-                    if let Err(e) = prepare_reload(&shared, &path, &overrides) {
-                        error!("reload rejected, the running configuration stays: {e}");
-                        shared.metrics.on_reload(None);
-                    }
+                    status = match prepare_reload(&shared, &path, &overrides) {
+                        Ok(()) => format!(
+                            "serving configuration generation {}",
+                            shared.generation.load(Ordering::SeqCst)
+                        ),
+                        Err(e) => {
+                            error!("reload rejected, the running configuration stays: {e}");
+                            shared.metrics.on_reload(None);
+                            // STATUS is one line.
+                            format!("reload rejected: {}", e.replace('\n', "; "))
+                        }
+                    };
                     shared.reloading.store(false, Ordering::SeqCst);
                     // A SIGHUP that came meanwhile either found `reloading` cleared and started
-                    // a reload of its own, or left it to this thread.
-                    if !shared.reload_pending.load(Ordering::SeqCst)
-                        || shared.reloading.swap(true, Ordering::SeqCst)
-                    {
+                    // a reload of its own (which reports the end), or left it to this thread.
+                    if !shared.reload_pending.load(Ordering::SeqCst) {
                         break;
                     }
+                    if shared.reloading.swap(true, Ordering::SeqCst) {
+                        return;
+                    }
                 }
+                wait_applied(&shared);
+                notify::send(&format!("READY=1\nSTATUS={status}"));
             });
         if let Err(e) = spawned {
             error!("reload: cannot start: {e}");
             self.shared.reloading.store(false, Ordering::SeqCst);
+            notify::send(&format!("READY=1\nSTATUS=reload failed to start: {e}"));
         }
         true
     }
@@ -1039,7 +1062,9 @@ impl Worker {
             IMMEDIATE => Some(Exit::Immediate),
             GRACEFUL if self.draining.is_none() => {
                 self.draining = Some(now + self.shared.config.drain_timeout);
-                self.shared.draining.store(true, Ordering::SeqCst);
+                if !self.shared.draining.swap(true, Ordering::SeqCst) {
+                    notify::send("STOPPING=1");
+                }
                 for (i, l) in self.listeners.iter_mut().enumerate() {
                     if let Some(mut s) = l.socket.take() {
                         let _ = self.poll.registry().deregister(&mut s);

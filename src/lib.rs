@@ -21,6 +21,7 @@
 //! - [`logging`]: the process log, written to stderr off the event loops through a bounded queue.
 //! - [`proxy_protocol`]: HAProxy PROXY protocol v1/v2 encoder and bounded incremental parser.
 //! - [`upstream`]: several upstreams per route: policy, connect retries, health checks, DNS re-resolution.
+//! - [`notify`]: `READY=1`, `RELOADING=1`, `STOPPING=1` to systemd (`NOTIFY_SOCKET`).
 //! - [`orig_dst`]: the original destination of a redirected connection (`SO_ORIGINAL_DST`), TPROXY.
 
 #![warn(rust_2018_idioms, missing_debug_implementations, missing_docs)]
@@ -34,6 +35,7 @@ pub mod fd_budget;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod orig_dst;
 pub mod pair;
 pub mod pipe;

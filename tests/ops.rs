@@ -516,3 +516,124 @@ fn an_unreachable_upstream_is_warned_about_once_with_connection_lines_off() {
     assert_eq!(proxy.count_log("connect failures"), 1, "{}", proxy.logs());
     assert_eq!(proxy.count_log("cannot connect to"), 1, "{}", proxy.logs());
 }
+
+/// A socket standing in for systemd's `NOTIFY_SOCKET`.
+struct Notifications(std::os::unix::net::UnixDatagram);
+
+impl Notifications {
+    fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.0.recv(&mut buf).expect("a notification in time");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+}
+
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// Under systemd (`Type=notify` / `Type=notify-reload`): `READY=1` once listening,
+/// `RELOADING=1` with `MONOTONIC_USEC` and then `READY=1` around a SIGHUP reload (applied, or
+/// rejected with a status saying why), `STOPPING=1` when a SIGTERM starts the drain.
+#[test]
+fn a_service_manager_is_told_ready_reloading_and_stopping() {
+    let dir = TempDir::new("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(dir.path("notify.sock")).unwrap();
+    socket.set_read_timeout(Some(PROMPT)).unwrap();
+    let notes = Notifications(socket);
+    let tag = |t: u8| {
+        Upstream::start(move |mut s| {
+            let _ = s.write_all(&[t]);
+        })
+    };
+    let (one, two) = (tag(1), tag(2));
+    let config = dir.path("proxy.toml");
+    write_file(&config, &one_route("127.0.0.1:0", one.addr, ""));
+    let mut proxy = Proxy::start_in(&["--config", config.to_str().unwrap()], 1, None, |cmd| {
+        cmd.env("NOTIFY_SOCKET", dir.path("notify.sock"));
+    });
+    let first = |addr| read_to_end(&mut connect(addr), PROMPT).unwrap();
+    assert_eq!(notes.next(), "READY=1\nSTATUS=serving 1 route(s)");
+    assert_eq!(first(proxy.addr()), [1]);
+
+    // A reload: its end is told once it is in force.
+    write_file(&config, &one_route("127.0.0.1:0", two.addr, ""));
+    let before = monotonic_usec();
+    proxy.signal(libc::SIGHUP);
+    let reloading = notes.next();
+    let after = monotonic_usec();
+    let usec: u64 = (reloading.strip_prefix("RELOADING=1\nMONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("{reloading:?}"))
+        .parse()
+        .unwrap();
+    assert!((before..=after).contains(&usec), "{before} {usec} {after}");
+    assert_eq!(
+        notes.next(),
+        "READY=1\nSTATUS=serving configuration generation 2"
+    );
+    assert_eq!(first(proxy.addr()), [2]);
+
+    // A rejected reload ends too, and says why.
+    write_file(&config, "[[route]]\nlisten = \"nowhere\"\n");
+    proxy.signal(libc::SIGHUP);
+    assert!(notes.next().starts_with("RELOADING=1\n"));
+    let ready = notes.next();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=reload rejected: ")
+            && ready.contains("proxy.toml: `route[0].upstream`"),
+        "{ready:?}"
+    );
+
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(notes.next(), "STOPPING=1");
+    assert!(proxy.wait_exit(PROMPT).success());
+}
+
+/// `NOTIFY_SOCKET` may name an abstract socket (`@name`).
+#[test]
+fn a_service_manager_on_an_abstract_socket_is_told_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("tcptap-test-{}-{}", std::process::id(), monotonic_usec());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+    socket.set_read_timeout(Some(PROMPT)).unwrap();
+    let notes = Notifications(socket);
+    let echo = Upstream::echo();
+    let _proxy = Proxy::with_config_in(&one_route("127.0.0.1:0", echo.addr, ""), 1, |cmd| {
+        cmd.env("NOTIFY_SOCKET", format!("@{name}"));
+    });
+    assert_eq!(notes.next(), "READY=1\nSTATUS=serving 1 route(s)");
+}
+
+/// With routes from the command line there is nothing to reload: a service manager's SIGHUP
+/// (`Type=notify-reload`) still gets its reload ended at once, and the proxy serves on.
+#[test]
+fn a_service_manager_reload_without_a_config_file_ends_at_once() {
+    let dir = TempDir::new("notify-cli");
+    let socket = std::os::unix::net::UnixDatagram::bind(dir.path("notify.sock")).unwrap();
+    socket.set_read_timeout(Some(PROMPT)).unwrap();
+    let notes = Notifications(socket);
+    let echo = Upstream::echo();
+    let upstream = echo.addr.to_string();
+    let proxy = Proxy::start_in(
+        &["--listen", "127.0.0.1:0", "--upstream", &upstream],
+        1,
+        None,
+        |cmd| {
+            cmd.env("NOTIFY_SOCKET", dir.path("notify.sock"));
+        },
+    );
+    assert!(notes.next().starts_with("READY=1\n"));
+    proxy.signal(libc::SIGHUP);
+    assert!(notes.next().starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    assert_eq!(notes.next(), "READY=1");
+    let mut c = connect(proxy.addr());
+    c.write_all(b"still here").unwrap();
+    assert_eq!(read_n(&mut c, 10, PROMPT).unwrap(), b"still here");
+}

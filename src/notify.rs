@@ -1,0 +1,91 @@
+//! Service manager notifications, the `sd_notify(3)` protocol: a service started with
+//! `Type=notify` or `Type=notify-reload` finds a datagram socket's address in `NOTIFY_SOCKET` and
+//! reports its state there as `KEY=VALUE` lines. tcptap sends:
+//! - `READY=1` once every listener is bound (clients that connect from then on are served);
+//! - `RELOADING=1` with `MONOTONIC_USEC` when a SIGHUP starts a reload, and `READY=1` when the
+//!   reloads it started have been applied by every event loop, or rejected (with a `STATUS=`);
+//! - `STOPPING=1` when a graceful shutdown starts.
+//!
+//! Without `NOTIFY_SOCKET` nothing is sent. A failed send is logged at debug level and otherwise
+//! ignored: the service manager's view is never worth stopping or slowing the proxy for.
+
+use std::io;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::OnceLock;
+
+use log::debug;
+
+/// The socket from `NOTIFY_SOCKET`, read once.
+#[derive(Debug)]
+struct Notifier {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+}
+
+static NOTIFIER: OnceLock<Option<Notifier>> = OnceLock::new();
+
+fn notifier() -> Option<&'static Notifier> {
+    NOTIFIER
+        .get_or_init(|| {
+            let value = std::env::var_os("NOTIFY_SOCKET")?;
+            match open(&value) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    log::warn!(
+                        "NOTIFY_SOCKET={}: cannot notify the service manager: {e}",
+                        value.to_string_lossy()
+                    );
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn open(value: &std::ffi::OsStr) -> io::Result<Notifier> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = value.as_bytes();
+    let addr = match bytes.first() {
+        Some(b'/') => SocketAddr::from_pathname(value)?,
+        Some(b'@') => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(&bytes[1..])?
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a socket path or an abstract socket name (`@name`)",
+            ));
+        }
+    };
+    Ok(Notifier {
+        socket: UnixDatagram::unbound()?,
+        addr,
+    })
+}
+
+/// Sends `state` (newline-separated `KEY=VALUE` lines) when started under a service manager that
+/// asked for notifications.
+pub fn send(state: &str) {
+    if let Some(n) = notifier() {
+        if let Err(e) = n.socket.send_to_addr(state.as_bytes(), &n.addr) {
+            debug!("cannot notify the service manager ({state:?}): {e}");
+        }
+    }
+}
+
+/// `RELOADING=1` with the time `Type=notify-reload` asks for.
+pub fn reloading() {
+    send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+}
+
+/// `CLOCK_MONOTONIC` in microseconds.
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
