@@ -637,15 +637,15 @@ fn upstream_spec(
         ..UpstreamSpec::default()
     };
     spec.connect_attempts = match r.connect_attempts {
-        None => spec.addresses().len().clamp(1, 3),
+        None => None,
         Some(0) => return Err(ctx.invalid(key("connect_attempts"), "must be at least 1")),
-        Some(n) => n,
+        Some(n) => Some(n),
     };
     if let Some(h) = &r.health_check {
         spec.health_check = Some(health_check(ctx, &key("health_check"), h)?);
     }
     if let Some(t) = &r.resolve_interval {
-        spec.resolve_interval = Some(ctx.positive_duration(&key("resolve_interval"), t)?);
+        spec.resolve_interval = ctx.optional_duration(&key("resolve_interval"), t)?;
     }
     Ok(spec)
 }
@@ -768,7 +768,16 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
             LogTarget::File(PathBuf::from(l))
         }
     });
-    let rotate_bytes = match &raw.pcap_rotate_size {
+    // "off" (the documented default) is the key left out.
+    let off = |s: &Option<Size>| -> bool {
+        matches!(s, Some(Size::Text(t)) if t.trim().eq_ignore_ascii_case("off"))
+    };
+    let pcap_rotate_size = raw
+        .pcap_rotate_size
+        .as_ref()
+        .filter(|_| !off(&raw.pcap_rotate_size));
+    let raw_snaplen = raw.snaplen.as_ref().filter(|_| !off(&raw.snaplen));
+    let rotate_bytes = match pcap_rotate_size {
         Some(s) => {
             let n = ctx.size(&format!("{prefix}.pcap_rotate_size"), s)?;
             if n < 4096 {
@@ -786,7 +795,7 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         return Err(ctx.invalid(format!("{prefix}.pcap_max_files"), "must be at least 1"));
     }
     if raw.pcap.is_none()
-        && (raw.pcap_rotate_size.is_some()
+        && (pcap_rotate_size.is_some()
             || raw.pcap_max_files.is_some()
             || raw.pcap_direct_io.is_some())
     {
@@ -801,7 +810,7 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         max_files,
         direct_io: raw.pcap_direct_io.unwrap_or(true),
     });
-    let snaplen = match &raw.snaplen {
+    let snaplen = match raw_snaplen {
         Some(s) => Some(ctx.size(&format!("{prefix}.snaplen"), s)?),
         None => None,
     };
@@ -829,7 +838,7 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
         // The global [tap] may hold settings for --tap-log / --tap-pcap to use. A [route.tap]
         // replaces [tap] for its route, so settings without an output there would be ignored.
         let set = [
-            ("snaplen", raw.snaplen.is_some()),
+            ("snaplen", raw_snaplen.is_some()),
             ("queue_size", raw.queue_size.is_some()),
             ("writer_priority", raw.writer_priority.is_some()),
         ];
@@ -1243,12 +1252,24 @@ impl Config {
 /// A value of the wrong type: the TOML parser's message (line, snippet, what serde expected)
 /// led by the dotted key, with the expected type in the config's own words.
 fn type_error_message(key: &str, message: String) -> String {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    // Counts that must not be 0 (checked after parsing, "must be at least 1").
+    let counts = [
+        "max_connections",
+        "connect_attempts",
+        "listen_backlog",
+        "pcap_max_files",
+        "rise",
+        "fall",
+        "workers",
+    ];
+    let zero = if counts.contains(&last) { "1" } else { "0" };
     let ranges = [
-        ("usize", "0", u64::MAX.to_string()),
-        ("u64", "0", u64::MAX.to_string()),
-        ("u32", "0", u32::MAX.to_string()),
-        ("u16", "0", u16::MAX.to_string()),
-        ("u8", "0", u8::MAX.to_string()),
+        ("usize", zero, u64::MAX.to_string()),
+        ("u64", zero, u64::MAX.to_string()),
+        ("u32", zero, u32::MAX.to_string()),
+        ("u16", zero, u16::MAX.to_string()),
+        ("u8", zero, u8::MAX.to_string()),
         ("i32", "-2147483648", i32::MAX.to_string()),
     ];
     let mut message = ranges.iter().fold(message, |m, (t, min, max)| {
@@ -1257,7 +1278,6 @@ fn type_error_message(key: &str, message: String) -> String {
             &format!("expected a whole number from {min} to {max}"),
         )
     });
-    let last = key.rsplit('.').next().unwrap_or(key);
     let duration = last.ends_with("timeout") || last.ends_with("interval") || last == "keepalive";
     if duration && message.contains("expected a string") {
         message.push_str(" (a duration such as \"5s\", \"500ms\" or \"2m\")");
@@ -1479,6 +1499,27 @@ mod tests {
         assert!(!e.contains("tap.pcap"), "{e}");
     }
 
+    /// Keys whose default the reference gives as "off" take "off".
+    #[test]
+    fn off_is_a_value_wherever_it_is_the_default() {
+        let c = parse(&format!(
+            "idle_timeout = \"off\"\n[socket]\nkeepalive = \"off\"\n\
+             [tap]\npcap = \"./cap.pcap\"\npcap_rotate_size = \"off\"\nsnaplen = \"OFF\"\n\
+             {MINIMAL}resolve_interval = \"off\"\n"
+        ))
+        .unwrap();
+        let tap = c.routes[0].tap.as_ref().unwrap();
+        assert_eq!(tap.snaplen, None);
+        assert_eq!(tap.pcap.as_ref().unwrap().rotate_bytes, None);
+        assert_eq!(c.routes[0].upstream_set.resolve_interval, None);
+        assert_eq!(c.routes[0].idle_timeout, None);
+        // "off" with no pcap is the key left out: no complaint.
+        parse(&format!(
+            "[tap]\nlog = \"-\"\npcap_rotate_size = \"off\"\n{MINIMAL}"
+        ))
+        .unwrap();
+    }
+
     #[test]
     fn a_value_of_the_wrong_type_names_its_key_in_the_configs_words() {
         let e = err(&format!("max_connections = \"lots\"\n{MINIMAL}"));
@@ -1496,7 +1537,11 @@ mod tests {
             "{e}"
         );
         let e = err(&format!("max_connections = -1\n{MINIMAL}"));
-        assert!(e.contains("expected a whole number from 0 to"), "{e}");
+        assert!(e.contains("expected a whole number from 1 to"), "{e}");
+        let e = err(&format!("{MINIMAL}connect_attempts = -1\n"));
+        assert!(e.contains("expected a whole number from 1 to"), "{e}");
+        let e = err(&format!("[tap]\nlog = \"-\"\nsnaplen = -1\n{MINIMAL}"));
+        assert!(e.contains("`tap.snaplen`"), "{e}");
         let e = err(&format!("buffer_size = true\n{MINIMAL}"));
         assert!(
             e.contains("`buffer_size`:") && e.contains("expected a size"),
@@ -1835,7 +1880,12 @@ mod tests {
         assert_eq!(spec.targets.len(), 2);
         assert_eq!(spec.targets[1].name, "127.0.0.1:7002");
         assert_eq!(spec.policy, Policy::First);
-        assert_eq!(spec.connect_attempts, 2, "min(3, number of addresses)");
+        assert_eq!(spec.connect_attempts, None);
+        assert_eq!(
+            crate::upstream::UpstreamSet::new("r", spec).connect_attempts(),
+            2,
+            "min(3, number of addresses)"
+        );
         let h = spec.health_check.unwrap();
         assert_eq!(
             (h.interval, h.timeout, h.rise, h.fall),
@@ -1855,7 +1905,10 @@ mod tests {
         let c = parse(MINIMAL).unwrap();
         let spec = &c.routes[0].upstream_set;
         assert_eq!(spec.policy, Policy::RoundRobin);
-        assert_eq!(spec.connect_attempts, 1);
+        assert_eq!(
+            crate::upstream::UpstreamSet::new("r", spec).connect_attempts(),
+            1
+        );
         assert_eq!(spec.health_check, None);
         assert_eq!(spec.resolve_interval, None);
         assert_eq!(spec.addresses(), c.routes[0].upstream);
@@ -1867,7 +1920,7 @@ mod tests {
         .unwrap();
         let spec = &c.routes[0].upstream_set;
         assert_eq!(spec.policy, Policy::LeastConnections);
-        assert_eq!(spec.connect_attempts, 9);
+        assert_eq!(spec.connect_attempts, Some(9));
         assert_eq!(spec.health_check, Some(HealthCheck::default()));
     }
 
@@ -1910,11 +1963,6 @@ mod tests {
                 format!("{TWO}connect_attempts = 0\n"),
                 "route[0].connect_attempts",
                 "at least 1",
-            ),
-            (
-                format!("{TWO}resolve_interval = \"0s\"\n"),
-                "route[0].resolve_interval",
-                "greater than zero",
             ),
             (
                 format!("{TWO}resolve_interval = \"often\"\n"),

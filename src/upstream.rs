@@ -119,9 +119,10 @@ pub struct UpstreamSpec {
     pub targets: Vec<UpstreamTarget>,
     /// How a backend is chosen (default round-robin).
     pub policy: Policy,
-    /// Connects tried per client before giving up, counting the first (default: min(3, number of
-    /// addresses)). Each address is tried at most once per client, which also bounds the attempts.
-    pub connect_attempts: usize,
+    /// Connects tried per client before giving up, counting the first; `None` (the default):
+    /// min(3, number of addresses), counted anew when re-resolution changes the addresses. Each
+    /// address is tried at most once per client, which also bounds the attempts.
+    pub connect_attempts: Option<usize>,
     /// Active health checks, off unless `[route.health_check]` is present.
     pub health_check: Option<HealthCheck>,
     /// Re-resolve host names this often (`resolve_interval`), off unless set.
@@ -133,7 +134,7 @@ impl Default for UpstreamSpec {
         UpstreamSpec {
             targets: Vec::new(),
             policy: Policy::RoundRobin,
-            connect_attempts: 1,
+            connect_attempts: None,
             health_check: None,
             resolve_interval: None,
         }
@@ -143,13 +144,11 @@ impl Default for UpstreamSpec {
 impl UpstreamSpec {
     /// One upstream with every other setting at its default (`--upstream` on the command line).
     pub fn single(name: &str, addrs: Vec<SocketAddr>) -> UpstreamSpec {
-        let connect_attempts = addrs.len().clamp(1, 3);
         UpstreamSpec {
             targets: vec![UpstreamTarget {
                 name: name.to_string(),
                 addrs,
             }],
-            connect_attempts,
             ..UpstreamSpec::default()
         }
     }
@@ -316,7 +315,8 @@ pub struct UpstreamSet {
     /// Route name, for logs.
     route: String,
     policy: Policy,
-    attempts: usize,
+    /// `connect_attempts` as configured; `None`: min(3, live addresses).
+    attempts: Option<usize>,
     check: Option<HealthCheck>,
     /// Target names in config order: the first element of a backend's `rank`.
     names: Vec<String>,
@@ -339,7 +339,7 @@ impl UpstreamSet {
         UpstreamSet {
             route: route.to_string(),
             policy: spec.policy,
-            attempts: spec.connect_attempts.max(1),
+            attempts: spec.connect_attempts.map(|n| n.max(1)),
             check: spec.health_check,
             names: spec.targets.iter().map(|t| t.name.clone()).collect(),
             backends,
@@ -360,6 +360,7 @@ impl UpstreamSet {
     /// Connects allowed per client, counting the first.
     pub fn connect_attempts(&self) -> usize {
         self.attempts
+            .unwrap_or_else(|| self.backends.iter().filter(|b| b.live).count().clamp(1, 3))
     }
 
     /// The health check settings, if checks are on.
@@ -386,7 +387,7 @@ impl UpstreamSet {
     /// The backend to retry after the connects to `tried` failed (in order; `tried` includes the
     /// first pick). `None` when `connect_attempts` are used up or every live backend was tried.
     pub fn next_after_failure(&mut self, tried: &[usize]) -> Option<usize> {
-        if tried.len() >= self.attempts {
+        if tried.len() >= self.connect_attempts() {
             return None;
         }
         self.choose(tried)
@@ -1013,7 +1014,7 @@ mod tests {
                 })
                 .collect(),
             policy,
-            connect_attempts: ports.len().clamp(1, 3),
+            connect_attempts: None,
             health_check: check,
             resolve_interval: None,
         }
@@ -1121,7 +1122,7 @@ mod tests {
     #[test]
     fn test_retry_is_bounded() {
         let mut s = spec(Policy::RoundRobin, &[1, 2, 3, 4], None);
-        s.connect_attempts = 3;
+        s.connect_attempts = Some(3);
         let mut set = UpstreamSet::new("r", &s);
         let mut tried = vec![set.pick().unwrap()];
         while let Some(next) = set.next_after_failure(&tried) {
@@ -1131,7 +1132,7 @@ mod tests {
         }
         assert_eq!(tried, [0, 1, 2]);
         // More attempts than backends: every backend once, then none.
-        s.connect_attempts = 10;
+        s.connect_attempts = Some(10);
         let mut set = UpstreamSet::new("r", &s);
         let mut tried = vec![set.pick().unwrap()];
         while let Some(next) = set.next_after_failure(&tried) {
@@ -1194,6 +1195,40 @@ mod tests {
         assert!(!set.replace_addresses("other:80", &[addr(9)]));
         assert!(!set.replace_addresses(name, &[]));
         assert_eq!(set.backends().filter(|(_, b)| b.is_live()).count(), 3);
+    }
+
+    /// The default `connect_attempts`, min(3, addresses), follows re-resolution: a name that
+    /// resolved to one address at startup and to two now fails over to the second.
+    #[test]
+    fn default_attempts_follow_the_resolved_addresses() {
+        let name = "backend.test:80";
+        let s = UpstreamSpec {
+            targets: vec![UpstreamTarget {
+                name: name.into(),
+                addrs: vec![addr(1)],
+            }],
+            ..UpstreamSpec::default()
+        };
+        let mut set = UpstreamSet::new("r", &s);
+        let first = set.pick().unwrap();
+        assert_eq!(set.next_after_failure(&[first]), None);
+        assert!(set.replace_addresses(name, &[addr(1), addr(2)]));
+        assert_eq!(set.connect_attempts(), 2);
+        let first = set.pick().unwrap();
+        assert!(set.next_after_failure(&[first]).is_some());
+        assert!(set.replace_addresses(name, &[addr(1), addr(2), addr(3), addr(4)]));
+        assert_eq!(set.connect_attempts(), 3);
+        // Configured, it stays.
+        let mut set = UpstreamSet::new(
+            "r",
+            &UpstreamSpec {
+                connect_attempts: Some(1),
+                ..s
+            },
+        );
+        assert!(set.replace_addresses(name, &[addr(1), addr(2)]));
+        let first = set.pick().unwrap();
+        assert_eq!(set.next_after_failure(&[first]), None);
     }
 
     fn listener(at: SocketAddr) -> mio::net::TcpListener {
