@@ -753,6 +753,23 @@ fn ops_sections(
                     )
                 })?,
             };
+            // A tap writing the same file would interleave its output with the access lines.
+            for (i, r) in routes.iter().enumerate() {
+                let files = r.tap.iter().flat_map(TapConfig::files);
+                if let Some((key, _)) = files
+                    .into_iter()
+                    .find(|(_, p)| crate::tap::same_file(p, &path))
+                {
+                    return Err(ctx.invalid(
+                        "access_log.path",
+                        format!(
+                            "{} is also the tap {key} of route[{i}] (`{}`): use another file",
+                            path.display(),
+                            r.name
+                        ),
+                    ));
+                }
+            }
             Some(AccessLogConfig { path, format })
         }
         None => None,
@@ -1809,6 +1826,16 @@ mod tests {
                 "[access_log]\npath = \"a.log\"\nrotate = true\n",
                 "rotate",
                 "unknown",
+            ),
+            (
+                "[access_log]\npath = \"./cap.pcap\"\n[tap]\npcap = \"cap.pcap\"\n",
+                "access_log.path",
+                "also the tap pcap of route[0]",
+            ),
+            (
+                "[access_log]\npath = \"t.log\"\n[tap]\nlog = \"t.log\"\n",
+                "access_log.path",
+                "also the tap log of route[0]",
             ),
         ];
         for (text, key, reason) in cases {

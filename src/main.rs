@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tcptap::{Config, Exit, Overrides, Server};
+use tcptap::{Config, Exit, Overrides, Server, SetupError};
 
 /// A transparent TCP proxy with a traffic tap.
 ///
@@ -165,7 +165,29 @@ fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
         );
     }
     raise_fd_limit();
-    let mut server = Server::bind(config).map_err(|e| (ExitCode::from(2), error_chain(&e)))?;
+    // A setup error names where the config set what failed, as config errors do.
+    let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+    let origin = config.origin.clone();
+    let key = |e: &SetupError| -> Option<String> {
+        match e {
+            SetupError::Socket { route, .. }
+            | SetupError::Bind { route, .. }
+            | SetupError::Listen { route, .. } => Some(match args.listen {
+                Some(_) => "--listen".to_string(),
+                None => format!("route[{}].listen", names.iter().position(|n| n == route)?),
+            }),
+            SetupError::Admin(_) => Some("admin.listen".to_string()),
+            SetupError::AccessLog { .. } => Some("access_log.path".to_string()),
+            _ => None,
+        }
+    };
+    let mut server = Server::bind(config).map_err(|e| {
+        let message = match key(&e) {
+            Some(key) => format!("{origin}: `{key}`: {}", error_chain(&e)),
+            None => error_chain(&e),
+        };
+        (ExitCode::from(2), message)
+    })?;
     if let Some(path) = config_path(args) {
         server.set_reload_source(path, overrides(args));
     }

@@ -62,7 +62,7 @@ pub enum SetupError {
     #[error("{0}")]
     Admin(#[source] io::Error),
     /// The access log could not be opened.
-    #[error("cannot open the access log {}: {source}", path.display())]
+    #[error("{source}")]
     AccessLog {
         /// The file.
         path: std::path::PathBuf,

@@ -172,9 +172,45 @@ fn port_in_use_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&addr) && err.to_lowercase().contains("in use"),
+        err.contains(&addr) && err.to_lowercase().contains("in use") && err.contains("`--listen`"),
         "{err}"
     );
+}
+
+/// Errors found only when starting (a busy port, an access log that cannot be opened, a busy
+/// admin port) name the file and the key, as errors in the file do.
+#[test]
+fn startup_errors_name_the_file_and_the_key() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = TempDir::new("cli");
+    let route =
+        |listen: &str| format!("[[route]]\nlisten = \"{listen}\"\nupstream = \"127.0.0.1:9\"\n");
+    let cases = [
+        (
+            format!("{}{}", route("127.0.0.1:0"), route(&addr.to_string())),
+            "`route[1].listen`: route `route1`: cannot listen on",
+        ),
+        (
+            format!(
+                "[access_log]\npath = \"/nonexistent/a.log\"\n{}",
+                route("127.0.0.1:0")
+            ),
+            "`access_log.path`: access log /nonexistent/a.log: cannot open: No such file",
+        ),
+        (
+            format!("[admin]\nlisten = \"{addr}\"\n{}", route("127.0.0.1:0")),
+            "`admin.listen`:",
+        ),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path("start.toml");
+        std::fs::write(&path, &text).unwrap();
+        let out = run(&["--config", path.to_str().unwrap()], &dir.0);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("start.toml: {needle}")), "{err}");
+    }
 }
 
 #[test]
