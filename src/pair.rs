@@ -339,9 +339,11 @@ impl Pair {
                 );
                 let skipped = pipe.read_total() - before;
                 if let Some(t) = tap.as_mut().filter(|_| queue_full && skipped > 0) {
-                    t.handle.count_skipped(skipped);
-                    t.dropped_records += 1;
-                    t.dropped_bytes += skipped;
+                    let counted = t.handle.count_skipped(before, skipped);
+                    if counted > 0 {
+                        t.dropped_records += 1;
+                        t.dropped_bytes += counted;
+                    }
                 }
                 r
             } else {

@@ -547,14 +547,19 @@ impl TapHandle {
         if sent { lost as u64 } else { want as u64 }
     }
 
-    /// Counts `bytes` that were proxied without being offered to the tap because its queue was
-    /// full, as one dropped record.
-    pub fn count_skipped(&self, bytes: u64) {
-        if bytes > 0 {
-            self.feed
-                .shared
-                .count_drop(usize::try_from(bytes).unwrap_or(usize::MAX));
+    /// Counts the `len` bytes at stream `offset` that were proxied without being offered to the
+    /// tap because its queue was full, as one dropped record: those under snaplen (the tap would
+    /// never have captured the rest). Returns the bytes counted.
+    pub fn count_skipped(&self, offset: u64, len: u64) -> u64 {
+        let counted = clip_len(
+            self.feed.snaplen,
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        );
+        if counted > 0 {
+            self.feed.shared.count_drop(counted);
         }
+        counted as u64
     }
 
     /// Totals so far.
@@ -749,6 +754,19 @@ mod tests {
             (1, 8192)
         );
         assert_eq!(h.queued_cost(), 0, "the reservation was given back");
+    }
+
+    /// Bytes spliced past a full queue count as dropped only up to snaplen: the tap would never
+    /// have captured the rest, and a splice may cross snaplen.
+    #[test]
+    fn skipped_bytes_count_as_dropped_only_under_snaplen() {
+        let (h, _rx) = worker_handle(1 << 20, Some(5000));
+        assert_eq!(h.count_skipped(4096, 100_000), 904);
+        assert_eq!(h.count_skipped(5000, 100_000), 0);
+        let s = h.stats();
+        assert_eq!((s.dropped_records, s.dropped_bytes), (1, 904));
+        let (h, _rx) = worker_handle(1 << 20, None);
+        assert_eq!(h.count_skipped(4096, 100_000), 100_000);
     }
 
     #[test]
