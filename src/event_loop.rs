@@ -189,6 +189,10 @@ struct RouteRt {
     set_epoch: u64,
     /// When connecting upstream last failed with a warning, and the failures since.
     connect_warning: (Option<Instant>, u64),
+    /// Where its connections count in `/metrics` and for its `max_connections`: the route's
+    /// index at start, a slot of its own for a route added or renamed by a reload (slots with
+    /// the same name add up, so a route's series goes on under its name).
+    metrics_slot: usize,
 }
 
 /// A bound, ready-to-run proxy: one or more workers (event loops) and the taps they share.
@@ -390,13 +394,15 @@ impl Server {
                     .routes
                     .iter()
                     .zip(&route_taps)
-                    .map(|(r, t)| RouteRt {
+                    .enumerate()
+                    .map(|(i, (r, t))| RouteRt {
                         name: Arc::from(r.name.as_str()),
                         config: r.clone(),
                         tap: t.as_ref().map(TapHandle::for_worker),
                         removed: false,
                         set_epoch: 0,
                         connect_warning: (None, 0),
+                        metrics_slot: i,
                     })
                     .collect(),
                 pairs: Slab::with_capacity(1024),
@@ -864,7 +870,11 @@ impl Worker {
                     route,
                     tap,
                     upstreams_changed,
+                    metrics_slot,
                 } => {
+                    if let Some(slot) = metrics_slot {
+                        self.routes[index].metrics_slot = slot;
+                    }
                     if upstreams_changed {
                         if let Some(p) = self.probers[index].as_mut() {
                             p.stop(self.poll.registry());
@@ -889,6 +899,7 @@ impl Worker {
                     route,
                     tap,
                     mut listener,
+                    metrics_slot,
                 } => {
                     let i = self.routes.len();
                     let local = listener.local_addr().unwrap_or(route.listen);
@@ -931,6 +942,7 @@ impl Worker {
                         removed: false,
                         set_epoch: 0,
                         connect_warning: (None, 0),
+                        metrics_slot,
                     });
                     // Connections may already wait in the new listener's backlog.
                     self.accept(i, now);
@@ -1094,7 +1106,7 @@ impl Worker {
     fn at_limit(&self, route: usize) -> bool {
         // Workers check and count separately, so N workers may overshoot by at most N - 1.
         self.shared.stats.active.load(Ordering::Relaxed) as usize >= self.shared.max_connections
-            || self.shared.route_active[route].load(Ordering::Relaxed)
+            || self.shared.route_active[self.routes[route].metrics_slot].load(Ordering::Relaxed)
                 >= self.routes[route].config.max_connections
             || !fd_budget::has_room()
     }
@@ -1249,9 +1261,11 @@ impl Worker {
             let deadline = now + route.config.connect_timeout;
             (Phase::Connecting { deadline }, deadline)
         };
+        let slot = route.metrics_slot;
         entry.insert(Pair {
             meta,
             route: route_idx,
+            metrics: slot,
             idle_timeout: route.config.idle_timeout,
             fds: fd_budget::Slot::connection(),
             downstream,
@@ -1287,9 +1301,9 @@ impl Worker {
             connect_started: now,
             own_upstream: None,
         });
-        self.shared.route_active[route_idx].fetch_add(1, Ordering::Relaxed);
+        self.shared.route_active[slot].fetch_add(1, Ordering::Relaxed);
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
-        self.shared.metrics.route(route_idx).on_accept();
+        self.shared.metrics.route(slot).on_accept();
         self.timers.push(Reverse((deadline, key, id)));
         if let Phase::Connecting { .. } = phase {
             if let Some(reason) = self.begin_connect(key, None, now) {
@@ -1353,7 +1367,7 @@ impl Worker {
             // (and `close` whatever is left): count it in here.
             self.shared
                 .metrics
-                .route(route_idx)
+                .route(pair.metrics)
                 .add_buffered(header.len() as i64);
         }
         match self.connect_to(key, dst, now) {
@@ -1384,7 +1398,7 @@ impl Worker {
             Err(e) => {
                 self.shared
                     .metrics
-                    .route(pair.route)
+                    .route(pair.metrics)
                     .on_connect_failure(ConnectFailure::of_error(&e));
                 if net::is_resource_exhaustion(&e) {
                     self.pause_accepting(now, &e);
@@ -1666,7 +1680,7 @@ impl Worker {
                     pair.tap_open();
                     self.shared
                         .metrics
-                        .route(pair.route)
+                        .route(pair.metrics)
                         .on_connected(now.duration_since(pair.connect_started));
                     if let Some(t) = pair.deadline() {
                         // Arm the idle timer now only if it is due before the connect timer
@@ -1680,7 +1694,7 @@ impl Worker {
                 Err(e) => {
                     self.shared
                         .metrics
-                        .route(pair.route)
+                        .route(pair.metrics)
                         .on_connect_failure(ConnectFailure::of_error(&e));
                     return match self.retry_connect(key, CloseReason::ConnectFailed(e), now) {
                         Some(reason) => Drive::Close(reason),
@@ -1693,7 +1707,7 @@ impl Worker {
         let before = pair.offsets();
         let buffered = pair.buffered();
         let drive = pair.pump(&mut self.pool, &mut self.pipes, self.budget, now);
-        let m = self.shared.metrics.route(pair.route);
+        let m = self.shared.metrics.route(pair.metrics);
         for dir in Direction::BOTH {
             let moved = pair.pipes[dir.index()].read_total() - before[dir.index()];
             if moved > 0 {
@@ -1732,7 +1746,7 @@ impl Worker {
                         Phase::Connecting { .. } => {
                             self.shared
                                 .metrics
-                                .route(pair.route)
+                                .route(pair.metrics)
                                 .on_connect_failure(ConnectFailure::Timeout);
                             // A backend that does not answer: try the next one.
                             self.retry_connect(key, CloseReason::ConnectTimeout, now)
@@ -1817,7 +1831,7 @@ impl Worker {
         ) {
             self.warn_connect_failure(route, &reason, pair.meta.upstream);
         }
-        self.shared.route_active[route].fetch_sub(1, Ordering::Relaxed);
+        self.shared.route_active[pair.metrics].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
         stats.active.fetch_sub(1, Ordering::Relaxed);
         stats.closed.fetch_add(1, Ordering::Relaxed);
@@ -1835,7 +1849,7 @@ impl Worker {
         let meta = pair.meta.clone();
         let duration = pair.started.elapsed();
         let (tap_records, tap_bytes) = pair.tap_drops();
-        let m = self.shared.metrics.route(route);
+        let m = self.shared.metrics.route(pair.metrics);
         m.on_close(CloseCause::of(&reason));
         let buffered = pair.buffered();
         if buffered > 0 {
@@ -1970,12 +1984,15 @@ enum RouteChange {
         route: Route,
         tap: Option<Option<TapHandle>>,
         upstreams_changed: bool,
+        /// A renamed route's metrics slot.
+        metrics_slot: Option<usize>,
     },
     /// A new route with this worker's listener for it.
     Add {
         route: Route,
         tap: Option<TapHandle>,
         listener: TcpListener,
+        metrics_slot: usize,
     },
 }
 
@@ -2093,11 +2110,14 @@ fn prepare_reload(
     }
     // Added routes: bind one listener per worker first, so that a busy port rejects the reload
     // before any new tap opens (and truncates) its file.
+    // Metrics slots: routes added or renamed here get new ones, numbered from `first_slot`.
+    let first_slot = shared.route_names.read().map_or(0, |n| n.len());
+    let mut new_names: Vec<String> = Vec::new();
     let mut bound = Vec::new();
     for r in (new.routes.iter())
         .filter(|r| is_new(r) && !adopted.iter().any(|(_, a)| std::ptr::eq(*a, *r)))
     {
-        if current.len() + bound.len() >= MAX_ROUTES {
+        if first_slot + adopted.len() + bound.len() >= MAX_ROUTES {
             return Err(format!(
                 "more than {MAX_ROUTES} routes over the process's life; restart to add more"
             ));
@@ -2164,6 +2184,17 @@ fn prepare_reload(
                 } else {
                     None
                 };
+                // A renamed route counts under its new name from here on; the old name's
+                // series keeps its counts (and those of its connections still open).
+                let metrics_slot = (r.name != old.name).then(|| {
+                    new_names.push(r.name.clone());
+                    first_slot + new_names.len() - 1
+                });
+                if first_slot + new_names.len() > MAX_ROUTES {
+                    return Err(format!(
+                        "more than {MAX_ROUTES} routes over the process's life; restart to add more"
+                    ));
+                }
                 for c in changes.iter_mut() {
                     c.push(RouteChange::Update {
                         index,
@@ -2171,6 +2202,7 @@ fn prepare_reload(
                         tap: tap.clone(),
                         // A renamed route's set logs under its new name.
                         upstreams_changed: r.upstream_set != old.upstream_set || r.name != old.name,
+                        metrics_slot,
                     });
                 }
             }
@@ -2187,26 +2219,24 @@ fn prepare_reload(
     }
     summary.0 = added.len();
     for (r, tap, listeners) in added {
+        new_names.push(r.name.clone());
+        let metrics_slot = first_slot + new_names.len() - 1;
         for (c, listener) in changes.iter_mut().zip(listeners) {
             c.push(RouteChange::Add {
                 route: r.clone(),
                 tap: tap.clone(),
                 listener,
+                metrics_slot,
             });
         }
-        lock_write(&shared.route_names).push(r.name.clone());
         current.push(Some(r));
     }
     // Bookkeeping for the next reload.
+    lock_write(&shared.route_names).extend(new_names);
     for c in changes.first().into_iter().flatten() {
         match c {
             RouteChange::Remove(i) => current[*i] = None,
-            RouteChange::Update { index, route, .. } => {
-                if let Some(name) = lock_write(&shared.route_names).get_mut(*index) {
-                    name.clone_from(&route.name);
-                }
-                current[*index] = Some(route.clone());
-            }
+            RouteChange::Update { index, route, .. } => current[*index] = Some(route.clone()),
             RouteChange::Add { .. } => {}
         }
     }

@@ -155,6 +155,8 @@ pub struct Pair {
     pub meta: Arc<ConnMeta>,
     /// Index of the route that accepted it.
     pub route: usize,
+    /// That route's metrics slot when it accepted it (a reload may rename the route).
+    pub metrics: usize,
     /// The route's `idle_timeout` when it accepted the connection: a reload does not change it.
     pub idle_timeout: Option<Duration>,
     /// Its two sockets' place in the descriptor budget.

@@ -420,23 +420,39 @@ fn a_reload_renames_routes_and_swaps_their_addresses() {
     reload([("c", p, one.addr), ("b", q, two.addr)], 2);
     proxy.wait_log("route `a` on 127.0.0.1:", PROMPT);
     assert_eq!(ask(at_p), 1);
-    let body = wait_metric(
-        proxy.admin_addr(),
-        "tcptap_connections_accepted_total{route=\"c\"}",
-        3.0,
-    );
+    // Metrics follow names: `c` starts from 0, `a` keeps its count (its connection is open).
+    let accepted = |route: &str, n: f64| {
+        wait_metric(
+            proxy.admin_addr(),
+            &format!("tcptap_connections_accepted_total{{route=\"{route}\"}}"),
+            n,
+        )
+    };
+    accepted("c", 1.0);
+    let body = accepted("a", 2.0);
     assert_eq!(
-        metric(&body, "tcptap_connections_accepted_total{route=\"a\"}"),
-        None,
+        metric(&body, "tcptap_connections_active{route=\"a\"}"),
+        Some(1.0),
         "{body}"
     );
     // `b` and `c` swap addresses (and so upstreams stay with the names).
     reload([("c", q, one.addr), ("b", p, two.addr)], 3);
     assert_eq!((ask(at_q), ask(at_p)), (1, 2));
+    // Each name's counter goes on from its own count: none goes backwards.
+    accepted("c", 2.0);
+    accepted("b", 2.0);
+    accepted("a", 2.0);
     assert_eq!(proxy.count_log("reload rejected"), 0, "{}", proxy.logs());
     // The connection accepted before both reloads is served by its upstream.
     live.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_end(&mut live, PROMPT).unwrap(), [1]);
+    drop(live);
+    // It closes under the name it was accepted under.
+    wait_metric(
+        proxy.admin_addr(),
+        "tcptap_connections_active{route=\"a\"}",
+        0.0,
+    );
 }
 
 /// SIGHUPs in quick succession, as from a config tool that edits and signals several times:
