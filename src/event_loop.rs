@@ -175,6 +175,8 @@ struct Listener {
     blocked_by_limit: bool,
     /// Accepting paused after EMFILE/ENFILE until then.
     paused_until: Option<Instant>,
+    /// When reaching a limit was last warned about, and the pauses since.
+    limit_warning: (Option<Instant>, u64),
 }
 
 struct RouteRt {
@@ -378,6 +380,7 @@ impl Server {
                     local,
                     blocked_by_limit: false,
                     paused_until: None,
+                    limit_warning: (None, 0),
                 });
             }
             let buffer_size = shared.config.buffer_size.get();
@@ -934,6 +937,7 @@ impl Worker {
                         local,
                         blocked_by_limit: false,
                         paused_until: None,
+                        limit_warning: (None, 0),
                     });
                     self.routes.push(RouteRt {
                         name: Arc::from(route.name.as_str()),
@@ -1111,6 +1115,53 @@ impl Worker {
             || !fd_budget::has_room()
     }
 
+    /// Accepting on route `i` pauses at a limit: clients wait in the listen backlog, which an
+    /// operator should know about. A warning at once, then at most every 10 s per route (and
+    /// worker) with the number of pauses since.
+    fn warn_limit(&mut self, i: usize, now: Instant) {
+        let active = self.shared.stats.active.load(Ordering::Relaxed) as usize;
+        let route = &self.routes[i];
+        let which = if active >= self.shared.max_connections {
+            format!(
+                "max_connections = {} (all routes)",
+                self.shared.max_connections
+            )
+        } else if self.shared.route_active[route.metrics_slot].load(Ordering::Relaxed)
+            >= route.config.max_connections
+        {
+            format!(
+                "the route's max_connections = {}",
+                route.config.max_connections
+            )
+        } else {
+            format!(
+                "the open-file limit ({} descriptor pairs held, kernel pipes included)",
+                fd_budget::used()
+            )
+        };
+        let (last, since) = &mut self.listeners[i].limit_warning;
+        *since += 1;
+        if last.is_some_and(|t| now < t + Duration::from_secs(10)) {
+            debug!(
+                "route `{}`: at {which}, accepting paused",
+                route.config.name
+            );
+            return;
+        }
+        let again = if *since > 1 {
+            format!(" ({} times since the last warning)", *since)
+        } else {
+            String::new()
+        };
+        warn!(
+            "route `{}`: at {which}: accepting paused, new clients wait in the listen backlog \
+             until a connection ends{again}",
+            route.config.name
+        );
+        *last = Some(now);
+        *since = 0;
+    }
+
     fn accept(&mut self, i: usize, now: Instant) {
         loop {
             let l = &mut self.listeners[i];
@@ -1121,13 +1172,7 @@ impl Worker {
             if self.at_limit(i) {
                 // Leave connections in the kernel's backlog; resume when a slot frees.
                 if !self.listeners[i].blocked_by_limit {
-                    debug!(
-                        "route `{}`: connection limit reached, accepting paused ({} \
-                         connections, {} descriptor pairs held)",
-                        self.routes[i].config.name,
-                        self.shared.stats.active.load(Ordering::Relaxed),
-                        fd_budget::used()
-                    );
+                    self.warn_limit(i, now);
                 }
                 self.listeners[i].blocked_by_limit = true;
                 return;

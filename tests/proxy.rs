@@ -408,6 +408,15 @@ fn max_connections_queues_in_backlog() {
         "third connection served over the limit"
     );
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // The operator is told why clients wait.
+    let line = proxy.wait_log(
+        "accepting paused, new clients wait in the listen backlog",
+        PROMPT,
+    );
+    assert!(
+        line.contains("WARN") && line.contains("at max_connections = 2 (all routes)"),
+        "{line}"
+    );
     drop(a);
     assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), b"y");
 }
