@@ -140,7 +140,7 @@ impl DirEnd {
             CloseReason::IdleTimeout => DirEnd::Timeout,
             CloseReason::ConnectFailed(_) => DirEnd::ConnectFailed,
             CloseReason::ConnectTimeout => DirEnd::ConnectTimeout,
-            CloseReason::Shutdown => DirEnd::Shutdown,
+            CloseReason::Shutdown | CloseReason::Stopped => DirEnd::Shutdown,
             CloseReason::Refused(_) => DirEnd::Refused,
             CloseReason::BadProxyHeader(_) | CloseReason::ProxyHeaderTimeout => DirEnd::ProxyHeader,
         }

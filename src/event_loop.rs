@@ -96,7 +96,8 @@ struct Shared {
     draining: Arc<AtomicBool>,
     /// One line per finished connection, when configured.
     access_log: Option<AccessLogHandle>,
-    /// Route names for `/metrics`, indexed like the workers' routes (a reload appends).
+    /// Route names for `/metrics`, by metrics slot (see `RouteRt::metrics_slot`; a reload
+    /// appends).
     route_names: Arc<RwLock<Vec<String>>>,
     /// The routes in force, indexed like the workers' routes; `None` once removed by a reload.
     current_routes: Mutex<Vec<Option<Route>>>,
@@ -642,7 +643,7 @@ impl Worker {
                     continue;
                 }
                 error!("worker {}: poll failed: {e}", self.index);
-                self.abort_all();
+                self.abort_all(|| CloseReason::Stopped);
                 return Err(e);
             }
             let now = Instant::now();
@@ -667,17 +668,23 @@ impl Worker {
                     break Exit::Graceful;
                 }
                 if now >= deadline {
+                    let n = self.shared.config.workers.get();
                     warn!(
-                        "shutdown: drain timeout reached, resetting {} connection(s)",
-                        self.pairs.len()
+                        "shutdown: drain timeout reached, resetting {} connection(s){}",
+                        self.pairs.len(),
+                        if n > 1 {
+                            format!(" of worker {} (of {n})", self.index)
+                        } else {
+                            String::new()
+                        }
                     );
-                    self.abort_all();
+                    self.abort_all(|| CloseReason::Shutdown);
                     break Exit::Graceful;
                 }
             }
         };
         if exit == Exit::Immediate {
-            self.abort_all();
+            self.abort_all(|| CloseReason::Stopped);
         }
         Ok(exit)
     }
@@ -907,11 +914,17 @@ impl Worker {
                     let i = self.routes.len();
                     let local = listener.local_addr().unwrap_or(route.listen);
                     if self.index == 0 {
+                        let n = self.shared.config.workers.get();
                         info!(
-                            "route `{}`: listening on {local} -> {} ({})",
+                            "route `{}`: listening on {local} -> {} ({}){}",
                             route.name,
                             route.upstream_name,
-                            fmt_addrs(&route.upstream)
+                            fmt_addrs(&route.upstream),
+                            if n > 1 {
+                                format!(", {n} workers")
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                     let registered = self.poll.registry().register(
@@ -1885,7 +1898,9 @@ impl Worker {
                 stats.resets.fetch_add(1, Ordering::Relaxed)
             }
             CloseReason::IdleTimeout => stats.timeouts.fetch_add(1, Ordering::Relaxed),
-            CloseReason::Shutdown => stats.shutdown_aborts.fetch_add(1, Ordering::Relaxed),
+            CloseReason::Shutdown | CloseReason::Stopped => {
+                stats.shutdown_aborts.fetch_add(1, Ordering::Relaxed)
+            }
             CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed)
             }
@@ -1976,10 +1991,12 @@ impl Worker {
     }
 
     /// Resets every remaining pair (end of the drain, or immediate stop).
-    fn abort_all(&mut self) {
+    /// Resets every open connection: at the end of the drain (`Shutdown`), or at once
+    /// (`Stopped`).
+    fn abort_all(&mut self, reason: fn() -> CloseReason) {
         let keys: Vec<usize> = self.pairs.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.close(key, CloseReason::Shutdown);
+            self.close(key, reason());
         }
     }
 }

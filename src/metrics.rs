@@ -105,7 +105,7 @@ impl CloseCause {
             CloseReason::IdleTimeout => CloseCause::IdleTimeout,
             CloseReason::ConnectFailed(_) => CloseCause::ConnectFailed,
             CloseReason::ConnectTimeout => CloseCause::ConnectTimeout,
-            CloseReason::Shutdown => CloseCause::Shutdown,
+            CloseReason::Shutdown | CloseReason::Stopped => CloseCause::Shutdown,
             CloseReason::Refused(_) => CloseCause::Refused,
             CloseReason::BadProxyHeader(_) | CloseReason::ProxyHeaderTimeout => {
                 CloseCause::ProxyHeader

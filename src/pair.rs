@@ -42,6 +42,8 @@ pub enum CloseReason {
     ConnectTimeout,
     /// Still open when the shutdown drain period ended.
     Shutdown,
+    /// Still open at an immediate stop (a second SIGINT, or a failed event loop).
+    Stopped,
     /// Not proxied: no usable original destination, a loop to this proxy, or a destination
     /// outside `allowed_destinations`.
     Refused(String),
@@ -65,7 +67,7 @@ impl CloseReason {
             CloseReason::Error(s, _) => CloseKind::Error(*s),
             CloseReason::IdleTimeout => CloseKind::IdleTimeout,
             CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => CloseKind::ConnectFailed,
-            CloseReason::Shutdown => CloseKind::Shutdown,
+            CloseReason::Shutdown | CloseReason::Stopped => CloseKind::Shutdown,
             CloseReason::Refused(_)
             | CloseReason::BadProxyHeader(_)
             | CloseReason::ProxyHeaderTimeout => CloseKind::ConnectFailed,
@@ -83,6 +85,7 @@ impl fmt::Display for CloseReason {
             CloseReason::ConnectFailed(e) => write!(f, "upstream connect failed: {e}"),
             CloseReason::ConnectTimeout => f.write_str("upstream connect timeout"),
             CloseReason::Shutdown => f.write_str("aborted at end of shutdown drain"),
+            CloseReason::Stopped => f.write_str("aborted by an immediate stop"),
             CloseReason::Refused(why) => write!(f, "refused: {why}"),
             CloseReason::BadProxyHeader(e) => write!(f, "bad PROXY protocol header: {e}"),
             CloseReason::ProxyHeaderTimeout => f.write_str("no PROXY protocol header in time"),

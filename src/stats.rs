@@ -23,7 +23,7 @@ pub struct Stats {
     pub bytes_d2u: AtomicU64,
     /// Bytes proxied upstream → client (counted when a pair closes).
     pub bytes_u2d: AtomicU64,
-    /// Pairs reset at the end of the shutdown drain (or by an immediate stop).
+    /// Pairs reset at shutdown: at the end of the drain, or by an immediate stop.
     pub shutdown_aborts: AtomicU64,
     /// Buffered bytes thrown away because a pair was reset.
     pub discarded: AtomicU64,
@@ -35,7 +35,7 @@ impl Stats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "{} connections accepted, {} closed ({} connect failures, {} resets, {} idle timeouts, \
-             {} reset at the end of the drain), {} bytes to upstream, {} bytes to clients",
+             {} reset at shutdown), {} bytes to upstream, {} bytes to clients",
             g(&self.accepted),
             g(&self.closed),
             g(&self.connect_failures),
@@ -59,7 +59,9 @@ mod tests {
         s.shutdown_aborts.store(2, Ordering::Relaxed);
         let line = s.summary();
         assert!(
-            line.contains("2 closed (0 connect failures, 0 resets, 0 idle timeouts, 2 reset at the end of the drain)"),
+            line.contains(
+                "2 closed (0 connect failures, 0 resets, 0 idle timeouts, 2 reset at shutdown)"
+            ),
             "{line}"
         );
     }

@@ -83,7 +83,7 @@ fn drain_timeout_resets_stragglers_and_exits_zero() {
     );
     // The log reader may still be catching up with the exited process's last lines.
     proxy.wait_log("aborted at end of shutdown drain", PROMPT);
-    proxy.wait_log("1 reset at the end of the drain)", PROMPT);
+    proxy.wait_log("1 reset at shutdown)", PROMPT);
 }
 
 #[test]
@@ -105,6 +105,15 @@ fn second_sigint_stops_at_once() {
         read_to_end(&mut c, PROMPT).unwrap_err().kind(),
         ErrorKind::ConnectionReset
     );
+    // The log says what cut the connection: not the drain, which had 60 s to go.
+    proxy.wait_log("aborted by an immediate stop", PROMPT);
+    assert_eq!(
+        proxy.count_log("end of shutdown drain"),
+        0,
+        "{}",
+        proxy.logs()
+    );
+    proxy.wait_log("1 reset at shutdown)", PROMPT);
 }
 
 #[test]
