@@ -541,6 +541,23 @@ impl Server {
                 }
             );
         }
+        // Where each tap writes, and for which routes.
+        let mut taps: Vec<(&TapConfig, Vec<&str>)> = Vec::new();
+        for r in &self.shared.config.routes {
+            let Some(tc) = &r.tap else { continue };
+            match taps.iter_mut().find(|(t, _)| *t == tc) {
+                Some((_, names)) => names.push(&r.name),
+                None => taps.push((tc, vec![&r.name])),
+            }
+        }
+        for (tc, names) in taps {
+            info!(
+                "tap: {} (route{} `{}`)",
+                tc.describe(),
+                if names.len() == 1 { "" } else { "s" },
+                names.join("`, `")
+            );
+        }
         // The listeners are bound: clients are served (from the backlog) from here on.
         notify::send(&format!(
             "READY=1\nSTATUS=serving {} route(s)",
@@ -586,9 +603,10 @@ impl Server {
         } else {
             Duration::from_secs(1)
         };
-        for s in self.shared.taps.shutdown(timeout) {
+        for (tap, s) in self.shared.taps.shutdown(timeout) {
             info!(
-                "tap: {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
+                "tap ({}): {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
+                tap.describe(),
                 s.records_written,
                 s.bytes_written,
                 s.dropped_records,

@@ -492,7 +492,7 @@ impl Metrics {
             (
                 "tcptap_tap_bytes_written_total",
                 "counter",
-                "Bytes written to tap outputs.",
+                "Payload bytes of the tap records written (each byte once, however many outputs the tap has).",
                 extra.tap_bytes_written,
             ),
             (

@@ -571,6 +571,9 @@ fn snaplen_caps_capture_and_marks_the_rest() {
         up.addr
     );
     let mut proxy = Proxy::with_config(&config, 1);
+    // The start says where the tap writes, and for which routes.
+    let outputs = format!("log to {}, pcap to {}", log.display(), pcap.display());
+    proxy.wait_log(&format!("tap: {outputs} (route `route0`)"), PROMPT);
     let mut c = connect(proxy.addr());
     let mut sent = header(8, 300_000);
     sent.extend(Pattern::bytes(8, 200_000));
@@ -584,6 +587,8 @@ fn snaplen_caps_capture_and_marks_the_rest() {
     proxy.wait_count("bytes to client", 1, PROMPT);
     proxy.signal(SIGTERM);
     assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    // So do its totals at the exit.
+    proxy.wait_log(&format!("tap ({outputs}): "), PROMPT);
     let flows = read_pcap(&pcap);
     let client = c.local_addr().unwrap();
     let c2s = &flows[&(client, up.addr)];

@@ -116,6 +116,21 @@ pub struct TapConfig {
 }
 
 impl TapConfig {
+    /// Where this tap writes, for logs: `log to stdout, pcap to cap.pcap`.
+    pub fn describe(&self) -> String {
+        let log = self.log.as_ref().map(|l| match l {
+            LogTarget::Stdout => "log to stdout".to_string(),
+            LogTarget::File(p) => format!("log to {}", p.display()),
+        });
+        let pcap = (self.pcap.as_ref()).map(|p| format!("pcap to {}", p.path.display()));
+        let parts: Vec<String> = log.into_iter().chain(pcap).collect();
+        if parts.is_empty() {
+            "no output".to_string()
+        } else {
+            parts.join(", ")
+        }
+    }
+
     /// The files this tap writes (the text log unless it goes to stdout, and the pcap), each
     /// with the config key that names it.
     pub fn files(&self) -> impl Iterator<Item = (&'static str, &Path)> {

@@ -158,20 +158,20 @@ impl TapSet {
     /// final totals of each one that had not reported its end already (a writer that ended
     /// because nothing used it any more logged its totals then).
     /// No writer starts after this ([`TapError::Closed`]).
-    pub fn shutdown(&self, timeout: Duration) -> Vec<TapStats> {
+    pub fn shutdown(&self, timeout: Duration) -> Vec<(TapConfig, TapStats)> {
         let mut inner = self.lock();
         inner.closed = true;
-        let guards: Vec<(TapGuard, Arc<Shared>)> = (inner.writers.iter_mut())
-            .filter_map(|e| Some((e.guard.take()?, Arc::clone(&e.shared))))
+        let guards: Vec<(TapGuard, Arc<Shared>, TapConfig)> = (inner.writers.iter_mut())
+            .filter_map(|e| Some((e.guard.take()?, Arc::clone(&e.shared), e.config.clone())))
             .collect();
         drop(inner);
         // Outside the lock: the writers may take up to `timeout` each, and the totals stay
         // readable meanwhile.
         guards
             .into_iter()
-            .filter_map(|(guard, shared)| {
+            .filter_map(|(guard, shared, config)| {
                 let stats = guard.shutdown(timeout);
-                (!shared.retired.load(Ordering::Acquire)).then_some(stats)
+                (!shared.retired.load(Ordering::Acquire)).then_some((config, stats))
             })
             .collect()
     }
