@@ -416,7 +416,7 @@ impl Server {
                     .config
                     .routes
                     .iter()
-                    .map(|r| UpstreamSet::new(&r.name, &r.upstream_set))
+                    .map(|r| UpstreamSet::new(&r.name, &r.upstream_set).seen_by_worker(index, n))
                     .collect(),
                 probers: Vec::new(),
                 address_updates: updates_rx,
@@ -907,7 +907,8 @@ impl Worker {
                         if let Some(p) = self.probers[index].as_mut() {
                             p.stop(self.poll.registry());
                         }
-                        self.sets[index] = UpstreamSet::new(&route.name, &route.upstream_set);
+                        self.sets[index] = UpstreamSet::new(&route.name, &route.upstream_set)
+                            .seen_by_worker(self.index, self.shared.config.workers.get());
                         self.probers[index] = Prober::for_set(
                             &self.sets[index],
                             PROBE_BASE + index * PROBE_SPAN,
@@ -956,8 +957,10 @@ impl Worker {
                             route.name
                         );
                     }
-                    self.sets
-                        .push(UpstreamSet::new(&route.name, &route.upstream_set));
+                    self.sets.push(
+                        UpstreamSet::new(&route.name, &route.upstream_set)
+                            .seen_by_worker(self.index, self.shared.config.workers.get()),
+                    );
                     self.probers.push(Prober::for_set(
                         &self.sets[i],
                         PROBE_BASE + i * PROBE_SPAN,
@@ -1012,7 +1015,8 @@ impl Worker {
     fn tick_upstreams(&mut self, now: Instant) {
         while let Ok(u) = self.address_updates.try_recv() {
             if let Some(set) = self.sets.get_mut(u.route) {
-                if set.replace_addresses(&u.name, &u.addrs) {
+                // Every worker applies it; the first one says so.
+                if set.replace_addresses(&u.name, &u.addrs) && self.index == 0 {
                     info!(
                         "route `{}`: {} now resolves to {}",
                         set.route(),

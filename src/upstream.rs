@@ -323,6 +323,9 @@ pub struct UpstreamSet {
     backends: Vec<Backend>,
     /// Round-robin position: the next index to consider.
     cursor: usize,
+    /// Appended to health lines: each event loop probes on its own, so with several loops a
+    /// change is logged by each, saying which (` (worker 1 of 2)`).
+    seen_by: String,
 }
 
 impl UpstreamSet {
@@ -344,7 +347,16 @@ impl UpstreamSet {
             names: spec.targets.iter().map(|t| t.name.clone()).collect(),
             backends,
             cursor: 0,
+            seen_by: String::new(),
         }
+    }
+
+    /// This set is event loop `index`'s of `workers`: its health lines say so.
+    pub fn seen_by_worker(mut self, index: usize, workers: usize) -> UpstreamSet {
+        if workers > 1 {
+            self.seen_by = format!(" (worker {index} of {workers})");
+        }
+        self
     }
 
     /// The route name.
@@ -434,7 +446,7 @@ impl UpstreamSet {
         }?;
         if !any_up {
             debug!(
-                "route {}: every upstream is DOWN; trying {} anyway",
+                "route `{}`: every upstream is DOWN; trying {} anyway",
                 self.route, self.backends[chosen].addr
             );
         }
@@ -448,14 +460,14 @@ impl UpstreamSet {
     pub fn replace_addresses(&mut self, name: &str, addrs: &[SocketAddr]) -> bool {
         let Some(pos) = self.names.iter().position(|n| n == name) else {
             warn!(
-                "route {}: address update for unknown upstream {name}",
+                "route `{}`: address update for unknown upstream {name}",
                 self.route
             );
             return false;
         };
         if addrs.is_empty() {
             warn!(
-                "route {}: upstream {name} resolved to no address; keeping the old ones",
+                "route `{}`: upstream {name} resolved to no address; keeping the old ones",
                 self.route
             );
             return false;
@@ -490,8 +502,8 @@ impl UpstreamSet {
         }
         let changed = !added.is_empty() || !removed.is_empty();
         if changed {
-            info!(
-                "route {}: upstream {name} now resolves to {} (added {}; removed {})",
+            debug!(
+                "route `{}`: upstream {name} now resolves to {} (added {}; removed {})",
                 self.route,
                 list(addrs),
                 list(&added),
@@ -517,12 +529,13 @@ impl UpstreamSet {
         let changed = b.health.record(result.is_ok(), check.rise, check.fall)?;
         match (changed, result) {
             (Health::Down, Err(why)) => info!(
-                "route {}: upstream {} ({addr}) is DOWN after {} failed probe(s), last: {why}",
-                self.route, b.name, check.fall
+                "route `{}`: upstream {} ({addr}) is DOWN after {} failed probe(s), last: \
+                 {why}{}",
+                self.route, b.name, check.fall, self.seen_by
             ),
             _ => info!(
-                "route {}: upstream {} ({addr}) is {changed} after {} good probe(s)",
-                self.route, b.name, check.rise
+                "route `{}`: upstream {} ({addr}) is {changed} after {} good probe(s){}",
+                self.route, b.name, check.rise, self.seen_by
             ),
         }
         Some(changed)
@@ -659,7 +672,7 @@ impl Prober {
             Ok(s) => s,
             Err(e) if crate::net::is_resource_exhaustion(&e) => {
                 warn!(
-                    "route {}: cannot probe {addr}: {e}; skipping this probe",
+                    "route `{}`: cannot probe {addr}: {e}; skipping this probe",
                     set.route()
                 );
                 return;
@@ -676,7 +689,7 @@ impl Prober {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             warn!(
-                "route {}: cannot register the probe of {addr}: {e}",
+                "route `{}`: cannot register the probe of {addr}: {e}",
                 set.route()
             );
             return;
@@ -797,15 +810,33 @@ pub struct AddressUpdate {
 pub struct ResolveTarget {
     /// Index of the route in `Config::routes`.
     pub route: usize,
+    /// The route's name, for logs.
+    pub route_name: String,
     /// `host:port` as written.
     pub name: String,
     /// How often.
     pub interval: Duration,
     /// The addresses known now (an update is sent only when the set of addresses differs).
     pub current: Vec<SocketAddr>,
+    /// Why the last lookup failed, while it fails: a failure is warned about when it starts or
+    /// its reason changes, not at every interval.
+    pub failing: Option<String>,
 }
 
 impl ResolveTarget {
+    /// A lookup failed for `why`; true when that is news (it was not failing, or failed
+    /// otherwise), to be warned about: not at every interval.
+    fn failed(&mut self, why: &str) -> bool {
+        let news = self.failing.as_deref() != Some(why);
+        self.failing = Some(why.to_string());
+        news
+    }
+
+    /// A lookup succeeded; true when it had been failing.
+    fn recovered(&mut self) -> bool {
+        self.failing.take().is_some()
+    }
+
     /// Every host name of every route with a `resolve_interval` (IP literals need no lookup).
     pub fn from_routes(routes: &[Route]) -> Vec<ResolveTarget> {
         let mut out = Vec::new();
@@ -816,9 +847,11 @@ impl ResolveTarget {
             for t in r.upstream_set.targets.iter().filter(|t| !t.is_literal()) {
                 out.push(ResolveTarget {
                     route,
+                    route_name: r.name.clone(),
                     name: t.name.clone(),
                     interval,
                     current: t.addrs.clone(),
+                    failing: None,
                 });
             }
         }
@@ -936,26 +969,41 @@ fn resolve_loop(
             }
             let found = lookup(&t.name);
             *at = Instant::now() + t.interval;
-            let addrs = match found {
-                Ok(a) if !a.is_empty() => a,
-                Ok(_) => {
-                    warn!("route[{}]: {} resolved to no address", t.route, t.name);
-                    continue;
+            let failure = match found {
+                Ok(a) if !a.is_empty() => Ok(a),
+                Ok(_) => Err("it resolves to no address".to_string()),
+                Err(e) => Err(format!("cannot resolve it: {e}")),
+            };
+            let addrs = match failure {
+                Ok(addrs) => {
+                    if t.recovered() {
+                        info!(
+                            "route `{}`: {} resolves again, to {}",
+                            t.route_name,
+                            t.name,
+                            list(&addrs)
+                        );
+                    }
+                    addrs
                 }
-                Err(e) => {
-                    warn!("route[{}]: cannot resolve {}: {e}", t.route, t.name);
+                Err(why) => {
+                    if t.failed(&why) {
+                        warn!(
+                            "route `{}`: {}: {why}; keeping its addresses {} (said again only \
+                             if this changes)",
+                            t.route_name,
+                            t.name,
+                            list(&t.current)
+                        );
+                    } else {
+                        debug!("route `{}`: {}: {why}", t.route_name, t.name);
+                    }
                     continue;
                 }
             };
             if same_set(&addrs, &t.current) {
                 continue;
             }
-            debug!(
-                "route[{}]: {} now resolves to {}",
-                t.route,
-                t.name,
-                list(&addrs)
-            );
             t.current = addrs.clone();
             let update = AddressUpdate {
                 route: t.route,
@@ -1382,6 +1430,8 @@ mod tests {
             name: "localhost:4242".to_string(),
             interval: Duration::from_millis(10),
             current: vec!["192.0.2.1:4242".parse().unwrap()],
+            route_name: "r".to_string(),
+            failing: None,
         };
         let resolver = Resolver::start(
             vec![target],
@@ -1414,6 +1464,34 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_lookup_is_news_once_per_reason() {
+        let mut t = ResolveTarget {
+            route: 0,
+            route_name: "r".to_string(),
+            name: "backend:80".to_string(),
+            interval: Duration::from_secs(1),
+            current: Vec::new(),
+            failing: None,
+        };
+        assert!(!t.recovered());
+        assert!(t.failed("cannot resolve it: timeout"));
+        assert!(
+            !t.failed("cannot resolve it: timeout"),
+            "same reason: quiet"
+        );
+        assert!(
+            t.failed("it resolves to no address"),
+            "another reason: news"
+        );
+        assert!(t.recovered());
+        assert!(!t.recovered());
+        assert!(
+            t.failed("cannot resolve it: timeout"),
+            "failing again: news"
+        );
+    }
+
+    #[test]
     fn test_resolver_stops_promptly() {
         let (tx, _rx) = mpsc::channel();
         let target = ResolveTarget {
@@ -1421,6 +1499,8 @@ mod tests {
             name: "localhost:1".to_string(),
             interval: Duration::from_secs(3600),
             current: Vec::new(),
+            route_name: "r".to_string(),
+            failing: None,
         };
         let sub = Subscriber {
             updates: tx,

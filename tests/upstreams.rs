@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use common::*;
 
+also_with_two_workers!(health_checks_take_a_dead_upstream_out_and_put_it_back);
+
 /// An upstream that answers every connection with its own tag byte.
 fn tagged(tag: u8) -> Upstream {
     Upstream::start(move |mut s| {
@@ -98,7 +100,13 @@ fn health_checks_take_a_dead_upstream_out_and_put_it_back() {
     let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let proxy = Proxy::with_config(&format!("{admin}{}", route(&[a.addr, b_addr], extra)), 1);
     drop(b_listener); // B is down from the start
-    proxy.wait_log("DOWN", PROMPT);
+    let line = proxy.wait_log("DOWN", PROMPT);
+    assert!(
+        line.contains(&format!(
+            "route `route0`: upstream {b_addr} ({b_addr}) is DOWN after 2"
+        )),
+        "{line}"
+    );
     // Every connection now goes to A, with no failed attempt on B first.
     for _ in 0..6 {
         assert_eq!(ask(proxy.addr()), Some(1), "{}", proxy.logs());
