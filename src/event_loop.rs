@@ -438,11 +438,8 @@ impl Server {
         }
         for w in &mut workers {
             w.wakers = wakers.clone();
-            w.probers = w
-                .sets
-                .iter()
-                .enumerate()
-                .map(|(i, set)| Prober::for_set(set, PROBE_BASE + i * PROBE_SPAN, PROBE_SPAN))
+            w.probers = (w.sets.iter().zip(&shared.config.routes).enumerate())
+                .map(|(i, (set, route))| prober(set, route, i))
                 .collect();
         }
         let resolver = Resolver::start(
@@ -909,12 +906,10 @@ impl Worker {
                         }
                         self.sets[index] = UpstreamSet::new(&route.name, &route.upstream_set)
                             .seen_by_worker(self.index, self.shared.config.workers.get());
-                        self.probers[index] = Prober::for_set(
-                            &self.sets[index],
-                            PROBE_BASE + index * PROBE_SPAN,
-                            PROBE_SPAN,
-                        );
+                        self.probers[index] = prober(&self.sets[index], &route, index);
                         self.routes[index].set_epoch += 1;
+                    } else if let Some(p) = self.probers[index].as_mut() {
+                        p.set_greeting(probe_greeting(&route));
                     }
                     if let Some(t) = tap {
                         self.routes[index].tap = t.as_ref().map(TapHandle::for_worker);
@@ -961,11 +956,7 @@ impl Worker {
                         UpstreamSet::new(&route.name, &route.upstream_set)
                             .seen_by_worker(self.index, self.shared.config.workers.get()),
                     );
-                    self.probers.push(Prober::for_set(
-                        &self.sets[i],
-                        PROBE_BASE + i * PROBE_SPAN,
-                        PROBE_SPAN,
-                    ));
+                    self.probers.push(prober(&self.sets[i], &route, i));
                     self.listeners.push(Listener {
                         socket: registered.ok().map(|()| listener),
                         local,
@@ -2393,6 +2384,24 @@ fn warn_resolver_fixed(r: &Route) {
 /// Locks a read-write lock for writing (nothing panics while holding it).
 fn lock_write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The health prober of route `i` (with the set `set`), if it has health checks.
+fn prober(set: &UpstreamSet, route: &Route, i: usize) -> Option<Prober> {
+    let mut p = Prober::for_set(set, PROBE_BASE + i * PROBE_SPAN, PROBE_SPAN)?;
+    p.set_greeting(probe_greeting(route));
+    Some(p)
+}
+
+/// What a health probe of `route` sends once connected: the PROXY protocol header of a
+/// connection of the proxy's own when the route sends one (a backend that expects it would
+/// otherwise log every probe as a broken connection), else nothing.
+fn probe_greeting(route: &Route) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(v) = route.send_proxy_protocol {
+        proxy_protocol::encode_local(v == ProxyProtocolVersion::V2, &mut out);
+    }
+    out
 }
 
 /// Health-probe tokens: route `i` uses `PROBE_BASE + i * PROBE_SPAN ..` (`PROBE_SPAN` probes at

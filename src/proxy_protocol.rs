@@ -196,6 +196,20 @@ pub fn encode_v2(src: SocketAddr, dst: SocketAddr, out: &mut Vec<u8>) {
     out.extend_from_slice(&dst.port().to_be_bytes());
 }
 
+/// The header of a connection the proxy makes on its own behalf (a health check): v1
+/// `PROXY UNKNOWN\r\n`, v2 `LOCAL` with no addresses (16 bytes). Receivers keep the
+/// connection's real addresses, as for haproxy's `check-send-proxy`.
+pub fn encode_local(v2: bool, out: &mut Vec<u8>) {
+    if v2 {
+        out.extend_from_slice(&V2_SIGNATURE);
+        out.push(0x20);
+        out.push(0x00);
+        out.extend_from_slice(&0u16.to_be_bytes());
+    } else {
+        out.extend_from_slice(b"PROXY UNKNOWN\r\n");
+    }
+}
+
 enum Endpoints {
     V4(Ipv4Addr, Ipv4Addr),
     V6(Ipv6Addr, Ipv6Addr),

@@ -24,7 +24,7 @@
 //!   have recovered is better than refusing every client until the next good probe.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::sync::Arc;
@@ -588,6 +588,10 @@ pub struct Prober {
     /// Per backend index: the address scheduled and when its next probe starts.
     schedule: Vec<Option<(SocketAddr, Instant)>>,
     stats: ProbeStats,
+    /// Sent once a probe connects, before it closes: the route's PROXY protocol header for a
+    /// connection of the proxy's own (see [`crate::proxy_protocol::encode_local`]), so that a
+    /// backend expecting one does not log each probe as a broken connection.
+    greeting: Vec<u8>,
 }
 
 impl Prober {
@@ -596,6 +600,7 @@ impl Prober {
     pub fn for_set(set: &UpstreamSet, base: usize, capacity: usize) -> Option<Prober> {
         let check = set.health_check()?;
         Some(Prober {
+            greeting: Vec::new(),
             check,
             base,
             slots: (0..capacity.max(1)).map(|_| None).collect(),
@@ -754,8 +759,14 @@ impl Prober {
         let _ = registry.deregister(&mut probe.stream);
         if result.is_ok() {
             self.stats.succeeded += 1;
-            // Close with RST: the probe leaves no TIME_WAIT socket behind on either host.
-            let _ = crate::net::set_linger_zero(&probe.stream);
+            let greeted = !self.greeting.is_empty()
+                && (&probe.stream).write(&self.greeting).ok() == Some(self.greeting.len());
+            if !greeted {
+                // Close with RST: the probe leaves no TIME_WAIT socket behind on either host.
+                // After a greeting, a FIN: a reset could discard it before the backend reads
+                // it.
+                let _ = crate::net::set_linger_zero(&probe.stream);
+            }
         } else {
             self.stats.failed += 1;
         }
@@ -769,6 +780,11 @@ impl Prober {
             }
         );
         set.report_probe(probe.idx, probe.addr, result.as_ref().map(|_| ()));
+    }
+
+    /// Probes send `greeting` once connected (the route's PROXY protocol header; empty: none).
+    pub fn set_greeting(&mut self, greeting: Vec<u8>) {
+        self.greeting = greeting;
     }
 
     /// When the loop must call [`Prober::tick`] next: the earliest probe timeout or, when a slot is

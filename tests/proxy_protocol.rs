@@ -152,6 +152,39 @@ fn send_proxy_protocol_v1_and_v2_carry_client_and_listen_address() {
     }
 }
 
+/// Health probes of a route that sends the PROXY protocol start with the header of a
+/// connection of the proxy's own (v1 `UNKNOWN`, v2 `LOCAL`, as haproxy's `check-send-proxy`)
+/// and end with a FIN: a backend that expects a header sees a well-formed probe, not a broken
+/// connection.
+#[test]
+fn health_probes_send_a_local_header_when_the_route_sends_the_protocol() {
+    for (version, v2) in [("v1", false), ("v2", true)] {
+        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = backend.local_addr().unwrap();
+        let config = format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{addr}\"\n\
+             send_proxy_protocol = \"{version}\"\n\
+             [route.health_check]\ninterval = \"100ms\"\ntimeout = \"100ms\"\n"
+        );
+        let _proxy = Proxy::with_config(&config, 1);
+        let (mut probe, _) = backend.accept().unwrap();
+        // The whole probe: the header, then EOF (a reset would be an error here).
+        let got = read_to_end(&mut probe, PROMPT).unwrap();
+        let header = match proxy_protocol::parse(&got) {
+            Ok(Parsed::Complete { header, consumed }) => {
+                assert_eq!(consumed, got.len(), "{version}: only a header: {got:?}");
+                header
+            }
+            other => panic!("{version}: {other:?} from {got:?}"),
+        };
+        assert_eq!(header.addrs, None, "{version}: no addresses");
+        if v2 {
+            assert_eq!(header.command, PpCommand::Local);
+        }
+        assert_eq!(header.version == Version::V2, v2);
+    }
+}
+
 fn accepting_proxy(upstream: SocketAddr, timeout: &str, tap_log: &std::path::Path) -> Proxy {
     Proxy::with_config(
         &format!(
