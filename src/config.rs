@@ -248,6 +248,9 @@ pub struct Route {
 /// What `upstream = "original-destination"` is spelled as.
 pub const ORIGINAL_DESTINATION: &str = "original-destination";
 
+/// Where `pcap = "-"` (`--tap-pcap -`) writes: standard output.
+pub const PCAP_STDOUT: &str = "/dev/stdout";
+
 pub use crate::proxy_protocol::Version as ProxyProtocolVersion;
 
 /// An `allowed_destinations` entry: a network, and optionally a port (`"10.0.0.0/8"`,
@@ -821,8 +824,16 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
             "pcap_rotate_size/pcap_max_files/pcap_direct_io are set but no pcap file is",
         ));
     }
+    let to_stdout = raw.pcap.as_deref().is_some_and(|p| p.trim() == "-");
+    if to_stdout && rotate_bytes.is_some() {
+        return Err(ctx.invalid(
+            format!("{prefix}.pcap_rotate_size"),
+            "rotation needs a file; the pcap goes to stdout (\"-\")",
+        ));
+    }
     let pcap = raw.pcap.as_deref().map(|p| PcapTarget {
-        path: PathBuf::from(p),
+        // "-": stdout, to pipe the capture into `wireshark -k -i -` or `tshark -r -`.
+        path: PathBuf::from(if to_stdout { PCAP_STDOUT } else { p }),
         rotate_bytes,
         max_files,
         direct_io: raw.pcap_direct_io.unwrap_or(true),
@@ -908,6 +919,28 @@ fn check_route_names_and_taps(
             ));
         }
         let Some(tc) = &r.tap else { continue };
+        // One stdout: the text log and a pcap cannot share it.
+        if tc
+            .pcap
+            .as_ref()
+            .is_some_and(|p| p.path == Path::new(PCAP_STDOUT))
+        {
+            let log_on_stdout = (routes.iter().enumerate()).find(|(_, o)| {
+                o.tap
+                    .as_ref()
+                    .is_some_and(|t| t.log == Some(LogTarget::Stdout))
+            });
+            if let Some((j, _)) = log_on_stdout {
+                return Err(ctx.invalid(
+                    tap_key(i, "pcap"),
+                    format!(
+                        "\"-\" (stdout) is also where the text log goes (`{}`): write one of \
+                         them to a file",
+                        tap_key(j, "log")
+                    ),
+                ));
+            }
+        }
         if let (Some(LogTarget::File(l)), Some(p)) = (&tc.log, &tc.pcap) {
             if crate::tap::same_file(l, &p.path) {
                 return Err(ctx.invalid(
@@ -1514,6 +1547,26 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("tap.pcap"), "{e}");
+    }
+
+    /// `pcap = "-"` is stdout; the text log cannot share it, and it cannot rotate.
+    #[test]
+    fn a_pcap_on_stdout() {
+        let c = parse(&format!("[tap]\npcap = \"-\"\n{MINIMAL}")).unwrap();
+        let pcap = c.routes[0].tap.as_ref().unwrap().pcap.as_ref().unwrap();
+        assert_eq!(pcap.path, Path::new(PCAP_STDOUT));
+        let e = err(&format!("[tap]\npcap = \"-\"\nlog = \"-\"\n{MINIMAL}"));
+        assert!(
+            e.contains("`tap.pcap`") && e.contains("also where the text log goes"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "[tap]\npcap = \"-\"\npcap_rotate_size = \"1 MiB\"\n{MINIMAL}"
+        ));
+        assert!(
+            e.contains("`tap.pcap_rotate_size`") && e.contains("stdout"),
+            "{e}"
+        );
     }
 
     /// Keys whose default the reference gives as "off" take "off".

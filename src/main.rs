@@ -26,8 +26,9 @@ struct Args {
     /// Write the live conversation log to FILE, or to stdout with "-".
     #[arg(long, value_name = "FILE|-")]
     tap_log: Option<String>,
-    /// Write a pcap capture (Wireshark, tshark) to FILE.
-    #[arg(long, value_name = "FILE")]
+    /// Write a pcap capture (Wireshark, tshark) to FILE, or to stdout with "-" (to pipe into
+    /// `wireshark -k -i -`).
+    #[arg(long, value_name = "FILE|-")]
     tap_pcap: Option<String>,
     /// Number of event loops (a number or "auto").
     #[arg(long, value_name = "N|auto")]
@@ -163,6 +164,19 @@ fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    // A pcap on stdout is binary: into a pipe or a file, never onto a terminal.
+    // SAFETY: isatty only inspects the descriptor.
+    let pcap_to_stdout = (config.routes.iter().filter_map(|r| r.tap.as_ref()))
+        .filter_map(|t| t.pcap.as_ref())
+        .any(|p| p.path == std::path::Path::new(tcptap::config::PCAP_STDOUT));
+    if pcap_to_stdout && unsafe { libc::isatty(1) } == 1 {
+        return Err((
+            ExitCode::from(2),
+            "the pcap goes to stdout (\"-\"), which is a terminal: pipe it (`| wireshark -k -i -`, \
+             `| tshark -r -`) or redirect it to a file"
+                .to_string(),
+        ));
     }
     raise_fd_limit();
     // A setup error names where the config set what failed, as config errors do.

@@ -1764,3 +1764,39 @@ also_with_two_workers!(
     a_removed_routes_tap_records_its_open_connection_then_stops,
     a_tap_moved_to_another_file_closes_the_old_one_after_its_connections,
 );
+
+/// `--tap-pcap -` writes the capture to stdout, to pipe it into `wireshark -k -i -` or
+/// `tshark -r -`: the pipe gets a whole pcap holding the conversation.
+#[test]
+fn a_pcap_on_stdout_goes_down_the_pipe() {
+    let echo = Upstream::echo();
+    let upstream = echo.addr.to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--tap-pcap",
+        "-",
+    ];
+    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        cmd.stdout(std::process::Stdio::piped());
+    });
+    let mut out = proxy.child.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut all = Vec::new();
+        out.read_to_end(&mut all).map(|_| all)
+    });
+    let msg = Pattern::bytes(31, 300_000);
+    let client = echo_once(proxy.addr(), &msg);
+    proxy.wait_count("bytes to client", 1, PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let piped = reader.join().unwrap().unwrap();
+    let dir = TempDir::new("pcap-stdout");
+    let path = dir.path("piped.pcap");
+    std::fs::write(&path, &piped).unwrap();
+    let flows = read_pcap(&path);
+    assert!(captured_request(&flows, client) == msg, "{}", proxy.logs());
+    proxy.wait_log("tap (pcap to /dev/stdout): ", PROMPT);
+}
