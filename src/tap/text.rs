@@ -16,10 +16,20 @@
 //! ```
 //!
 //! Invariants:
-//! - A payload is shown as text when it is (almost) entirely printable UTF-8 (tab, CR and LF
-//!   allowed): one output line per input line, a CR right before an LF is not shown, and any
-//!   other control or invalid byte is escaped as `\xNN` (a lone CR as `\r`). Otherwise it is shown
-//!   as a `hexdump -C` style dump whose offsets are stream offsets of that direction.
+//! - A payload is shown as text when at most 1 byte in [`TEXT_BAD_RATIO`] is invalid UTF-8 or
+//!   part of a control character other than tab, CR and LF (a character cut off at the end does
+//!   not count, see below): one output line per input line, a CR right before an LF is not
+//!   shown, any other control or invalid byte is escaped as `\xNN` (a lone CR as `\r`), and the
+//!   invisible format characters that reorder or hide text on a terminal (bidi controls,
+//!   zero-width characters, line and paragraph separators: [`is_format`]) as `\u{202e}`.
+//!   Otherwise it is shown as a `hexdump -C` style dump whose offsets are stream offsets of that
+//!   direction.
+//! - A text chunk that ends inside a UTF-8 character holds those (at most 3) bytes back; the next
+//!   chunk of that direction shows them in front of its own when it starts where they end (a
+//!   hexdump then starts at their offset), so a character split across reads is shown whole.
+//!   Anything else that comes first in that direction (a gap, a FIN, a reset, the close) shows
+//!   them as `\xNN` escapes on a line of their own before it, and a chunk that reaches snaplen
+//!   holds nothing back: no byte is lost or moved. Header byte counts are those of the chunk.
 //! - Per connection and direction the sink remembers the next expected stream offset; a record
 //!   starting (or a Fin/Reset/Close ending) past it gets a "not captured" marker line first, split
 //!   into the part lost on a full queue and the part beyond snaplen. The state of a connection
@@ -38,6 +48,26 @@ use super::record::{ConnMeta, Direction, TapEvent, TapRecord};
 
 /// Payloads whose share of non-text bytes is at most 1/`TEXT_BAD_RATIO` are shown as text.
 const TEXT_BAD_RATIO: usize = 32;
+
+/// The bytes a text chunk ended with that start a UTF-8 character the chunk does not complete.
+#[derive(Clone, Copy, Default)]
+struct Held {
+    bytes: [u8; 3],
+    len: u8,
+}
+
+impl Held {
+    fn new(tail: &[u8]) -> Held {
+        let mut held = Held::default();
+        held.bytes[..tail.len()].copy_from_slice(tail);
+        held.len = tail.len() as u8;
+        held
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
 
 /// ANSI escape sequences; all empty when colour is off.
 struct Palette {
@@ -76,6 +106,9 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 struct ConnText {
     /// Next expected stream offset per direction.
     next: [u64; 2],
+    /// Per direction, the start of a character the last chunk ended inside of, not shown yet: it
+    /// lies just before `next`, and the next chunk, if it starts at `next`, shows it first.
+    held: [Held; 2],
     /// `#id downstream -> upstream `, the part of every line start that names the connection.
     name: String,
 }
@@ -94,6 +127,8 @@ pub(crate) struct TextSink {
     second: Option<(u64, String)>,
     /// The payload line lead (`  > `, coloured or not) per direction.
     leads: [String; 2],
+    /// Reused buffer joining held bytes and the chunk that follows them.
+    joined: Vec<u8>,
 }
 
 impl TextSink {
@@ -115,6 +150,7 @@ impl TextSink {
             conns: HashMap::new(),
             second: None,
             leads,
+            joined: Vec::new(),
         }
     }
 
@@ -151,6 +187,7 @@ impl TextSink {
                 );
             }
             TapEvent::Data { dir, offset, bytes } => {
+                let held = self.take_held(record, *dir, *offset);
                 self.catch_up(record, *dir, *offset);
                 let end = offset.saturating_add(bytes.len() as u64);
                 self.advance(record, *dir, end);
@@ -164,15 +201,43 @@ impl TextSink {
                     p.reset,
                     bytes.len()
                 );
+                // Held bytes are shown in front of the chunk: the bytes shown start that much
+                // before the chunk's offset.
+                let mut joined = std::mem::take(&mut self.joined);
+                let shown = if held.len == 0 {
+                    bytes.as_slice()
+                } else {
+                    joined.clear();
+                    joined.extend_from_slice(held.as_slice());
+                    joined.extend_from_slice(bytes);
+                    joined.as_slice()
+                };
+                let base = offset.wrapping_sub(u64::from(held.len));
+                // A character cut at the end does not count against the text (its end is likely
+                // in the next chunk), and waits for that chunk unless none can follow: past
+                // snaplen nothing more of this direction is captured.
+                let tail = incomplete_tail(shown);
+                let judged = &shown[..shown.len() - tail];
+                let more = self.snaplen.is_none_or(|limit| end < limit);
+                let (body, kept) = if more {
+                    shown.split_at(shown.len() - tail)
+                } else {
+                    (shown, &[][..])
+                };
                 let lead = &self.leads[dir.index()];
                 // Clean text is the common case and the cheapest to check and render.
-                if !render_clean_text(&mut self.buf, lead, bytes) {
-                    if is_text(bytes) {
-                        render_text(&mut self.buf, lead, bytes);
-                    } else {
-                        render_hex(&mut self.buf, lead, *offset, bytes);
+                let clean = render_clean_text(&mut self.buf, lead, body);
+                if clean || is_text(judged) {
+                    if !clean {
+                        render_text(&mut self.buf, lead, body);
                     }
+                    if !kept.is_empty() {
+                        conn_text(&mut self.conns, record).held[dir.index()] = Held::new(kept);
+                    }
+                } else {
+                    render_hex(&mut self.buf, lead, base, shown);
                 }
+                self.joined = joined;
             }
             TapEvent::Fin { dir, offset } => {
                 self.catch_up(record, *dir, *offset);
@@ -282,9 +347,22 @@ impl TextSink {
         self.buf.extend_from_slice(&micros);
     }
 
-    /// If `offset` is past the next expected offset of `dir`, writes "not captured" markers for
-    /// the gap and moves the expectation to `offset`.
+    /// Takes the bytes held back for `dir` if a chunk at `offset` continues them (it starts
+    /// where they end); otherwise leaves them to [`TextSink::catch_up`].
+    fn take_held(&mut self, record: &TapRecord, dir: Direction, offset: u64) -> Held {
+        match self.conns.get_mut(&record.conn.id) {
+            Some(conn) if conn.next[dir.index()] == offset => {
+                std::mem::take(&mut conn.held[dir.index()])
+            }
+            _ => Held::default(),
+        }
+    }
+
+    /// Shows the bytes still held back for `dir` (no chunk continued them) as escapes, then, if
+    /// `offset` is past the next expected offset of `dir`, writes "not captured" markers for the
+    /// gap and moves the expectation to `offset`.
     fn catch_up(&mut self, record: &TapRecord, dir: Direction, offset: u64) {
+        self.flush_held(record, dir);
         let expected = self
             .conns
             .get(&record.conn.id)
@@ -314,6 +392,34 @@ impl TextSink {
         self.advance(record, dir, offset);
     }
 
+    /// Writes the bytes held back for `dir`, if any, as `\xNN` escapes under a line of their
+    /// own: what comes next in that direction does not continue them, and they are shown before
+    /// it, in stream order.
+    fn flush_held(&mut self, record: &TapRecord, dir: Direction) {
+        let Some(conn) = self.conns.get_mut(&record.conn.id) else {
+            return;
+        };
+        let held = std::mem::take(&mut conn.held[dir.index()]);
+        if held.len == 0 {
+            return;
+        }
+        self.header(record);
+        let p = self.palette;
+        let _ = writeln!(
+            self.buf,
+            "{}{}{} incomplete character at the end of the last chunk",
+            dir_color(p, dir),
+            dir_name(dir),
+            p.reset
+        );
+        self.buf
+            .extend_from_slice(self.leads[dir.index()].as_bytes());
+        for &b in held.as_slice() {
+            push_hex_escape(&mut self.buf, b);
+        }
+        self.buf.push(b'\n');
+    }
+
     fn advance(&mut self, record: &TapRecord, dir: Direction, end: u64) {
         let next = &mut conn_text(&mut self.conns, record).next[dir.index()];
         *next = (*next).max(end);
@@ -325,6 +431,7 @@ impl TextSink {
 fn conn_text<'a>(conns: &'a mut HashMap<u64, ConnText>, record: &TapRecord) -> &'a mut ConnText {
     conns.entry(record.conn.id).or_insert_with(|| ConnText {
         next: [0; 2],
+        held: [Held::default(); 2],
         name: conn_name(&record.conn),
     })
 }
@@ -370,6 +477,55 @@ fn dir_color(p: &Palette, dir: Direction) -> &'static str {
 /// Whether a control character may appear in text as is.
 fn allowed_control(c: char) -> bool {
     matches!(c, '\t' | '\r' | '\n')
+}
+
+/// Whether `c` is an invisible format character that can reorder or hide text on a terminal
+/// ("Trojan Source"): the bidi controls (U+061C, U+200E, U+200F, U+202A–U+202E, U+2066–U+2069),
+/// zero-width characters (U+200B–U+200D, U+2060–U+2064, U+FEFF), the line and paragraph
+/// separators (U+2028, U+2029), and their invisible neighbours: the rest of U+2060–U+206F, the
+/// Mongolian vowel separator (U+180E), the interlinear annotation controls (U+FFF9–U+FFFB) and
+/// the tag characters (U+E0000–U+E007F), which can carry hidden ASCII. They are escaped as
+/// `\u{...}`. Unlike control characters they do not count against a payload being text: they
+/// are text (U+200C and U+200D join Persian words and emoji), and escaped they are harmless.
+fn is_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x61c
+            | 0x180e
+            | 0x200b..=0x200f
+            | 0x2028..=0x202e
+            | 0x2060..=0x206f
+            | 0xfeff
+            | 0xfff9..=0xfffb
+            | 0xe0000..=0xe007f
+    )
+}
+
+/// Whether `text` may hold a character of [`is_format`]: it has one of their UTF-8 lead bytes.
+/// One branch-free pass, which spares the check per character to most text that is not ASCII
+/// (Latin, Cyrillic, CJK).
+fn may_hold_format(text: &[u8]) -> bool {
+    text.iter().fold(false, |any, &b| {
+        any | (b == 0xd8) | (b == 0xe1) | (b == 0xe2) | (b == 0xef) | (b == 0xf3)
+    })
+}
+
+/// The length (0 to 3) of the end of `bytes` that starts a UTF-8 character without completing
+/// it: bytes that the next chunk can make a valid character of.
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    // Only a byte of 0x80 or more can be part of a character of several bytes.
+    if bytes.last().is_none_or(|&b| b < 0x80) {
+        return 0;
+    }
+    (1..=bytes.len().min(3))
+        .find(|&n| {
+            // Not valid, but only for the lack of bytes after it.
+            matches!(
+                std::str::from_utf8(&bytes[bytes.len() - n..]),
+                Err(e) if e.valid_up_to() == 0 && e.error_len().is_none()
+            )
+        })
+        .unwrap_or(0)
 }
 
 /// True when `bytes` is (almost) all printable UTF-8, tab, CR and LF.
@@ -482,7 +638,8 @@ fn render_text(out: &mut Vec<u8>, lead: &str, bytes: &[u8]) {
 }
 
 /// Appends `bytes` as text, escaping control characters (except tab) and invalid UTF-8 as
-/// `\xNN`, CR as `\r` and the backslash itself as `\\`, so that what reads as an escape is one.
+/// `\xNN`, CR as `\r`, format characters ([`is_format`]) as `\u{NNNN}` and the backslash itself
+/// as `\\`, so that what reads as an escape is one and what the terminal shows is what was sent.
 fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     // The common case, a line of printable ASCII (and tabs): one pass, branch-free, one copy.
     let plain = bytes.iter().fold(true, |plain, &b| {
@@ -494,10 +651,12 @@ fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     }
     for chunk in bytes.utf8_chunks() {
         let text = chunk.valid();
+        let formats = may_hold_format(text.as_bytes());
         // Runs of characters shown as they are go in with one copy.
         let mut shown = 0;
         for (i, c) in text.char_indices() {
-            if (!c.is_control() || c == '\t') && c != '\\' {
+            let format = formats && is_format(c);
+            if (!c.is_control() || c == '\t') && c != '\\' && !format {
                 continue;
             }
             out.extend_from_slice(&text.as_bytes()[shown..i]);
@@ -505,6 +664,8 @@ fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
                 out.extend_from_slice(b"\\r");
             } else if c == '\\' {
                 out.extend_from_slice(b"\\\\");
+            } else if format {
+                push_unicode_escape(out, c);
             } else {
                 let mut utf8 = [0u8; 4];
                 for b in c.encode_utf8(&mut utf8).bytes() {
@@ -528,6 +689,17 @@ fn push_hex_escape(out: &mut Vec<u8>, b: u8) {
         HEX[usize::from(b >> 4)],
         HEX[usize::from(b & 0xf)],
     ]);
+}
+
+/// Appends `\u{N...}`: the code point in lowercase hex without leading zeros, as Rust writes it.
+fn push_unicode_escape(out: &mut Vec<u8>, c: char) {
+    let code = u32::from(c);
+    let digits = (32 - code.leading_zeros()).div_ceil(4).max(1);
+    out.extend_from_slice(b"\\u{");
+    for shift in (0..digits).rev() {
+        out.push(HEX[(code >> (shift * 4)) as usize & 0xf]);
+    }
+    out.push(b'}');
 }
 
 /// Renders a `hexdump -C` style dump; offsets start at the stream offset `base`.
@@ -821,6 +993,328 @@ mod tests {
         assert!(plain.conns.is_empty());
     }
 
+    #[test]
+    fn format_characters_are_escaped() {
+        let escaped = |text: &str| {
+            let mut out = Vec::new();
+            escape_into(&mut out, text.as_bytes());
+            utf8(&out)
+        };
+        for c in [
+            // Bidi controls.
+            '\u{202a}',
+            '\u{202b}',
+            '\u{202c}',
+            '\u{202d}',
+            '\u{202e}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{200e}',
+            '\u{200f}',
+            '\u{61c}',
+            // Zero-width characters.
+            '\u{200b}',
+            '\u{200c}',
+            '\u{200d}',
+            '\u{2060}',
+            '\u{2061}',
+            '\u{2062}',
+            '\u{2063}',
+            '\u{2064}',
+            '\u{feff}',
+            // Line and paragraph separators.
+            '\u{2028}',
+            '\u{2029}',
+            // Tag characters, interlinear annotations, the Mongolian vowel separator.
+            '\u{e0001}',
+            '\u{e0041}',
+            '\u{e007f}',
+            '\u{fff9}',
+            '\u{180e}',
+        ] {
+            let code = u32::from(c);
+            assert_eq!(escaped(&format!("a{c}b")), format!("a\\u{{{code:x}}}b"));
+        }
+        // The "Trojan Source" line reads in the log as it is in the data.
+        assert_eq!(
+            escaped(
+                "if access_level != \"user\u{202e} \u{2066}// Check if admin\u{2069} \u{2066}\""
+            ),
+            "if access_level != \"user\\u{202e} \\u{2066}// Check if admin\\u{2069} \\u{2066}\""
+        );
+        // Neighbours with the same lead bytes are shown as they are.
+        for text in [
+            "‰ € … \u{2070} \u{202f} \u{2027}",
+            "\u{61b}\u{fefe}\u{fffc}",
+            "テスト",
+        ] {
+            assert_eq!(escaped(text), text);
+        }
+        // A backslash in the data cannot forge such an escape.
+        assert_eq!(escaped("\\u{202e}"), "\\\\u{202e}");
+        // Through the sink: escaped on their line, which stays text.
+        let mut s = sink(None);
+        let out = render(
+            &mut s,
+            TapEvent::Data {
+                dir: Direction::UpToDown,
+                offset: 0,
+                bytes: "abc\u{202e}def\u{2028}ghi\r\n".as_bytes().to_vec(),
+            },
+        );
+        assert_eq!(
+            out,
+            format!("{HEAD}upstream -> client 17 bytes\n  < abc\\u{{202e}}def\\u{{2028}}ghi\n")
+        );
+    }
+
+    /// Format characters are text: Persian words are joined with U+200C and emoji with U+200D,
+    /// and the escapes make them harmless, so they do not turn a payload into a hexdump.
+    #[test]
+    fn format_characters_do_not_make_a_hexdump() {
+        let persian = "می\u{200c}خواهم کتاب\u{200c}ها را بخوانم\n";
+        assert!(is_text(persian.as_bytes()));
+        let family = "👨\u{200d}👩\u{200d}👧";
+        assert!(is_text(family.as_bytes()));
+        let mut out = Vec::new();
+        render_text(&mut out, "", family.as_bytes());
+        assert_eq!(utf8(&out), "👨\\u{200d}👩\\u{200d}👧\n");
+    }
+
+    /// Renders `chunks` one after the other in one direction from offset 0 and returns each
+    /// chunk's rendering.
+    fn render_chunks(s: &mut TextSink, chunks: &[&[u8]]) -> Vec<String> {
+        let mut offset = 0;
+        chunks
+            .iter()
+            .map(|chunk| {
+                let out = render(
+                    s,
+                    TapEvent::Data {
+                        dir: Direction::DownToUp,
+                        offset,
+                        bytes: chunk.to_vec(),
+                    },
+                );
+                offset += chunk.len() as u64;
+                out
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_character_split_across_reads_is_shown_whole() {
+        for c in ['é', 'テ', '😀'] {
+            let mut utf8_bytes = [0u8; 4];
+            let encoded = c.encode_utf8(&mut utf8_bytes).as_bytes();
+            // Every way to cut the character into pieces: bit i of `cuts` cuts after byte i.
+            for cuts in 1u32..(1 << (encoded.len() - 1)) {
+                let mut pieces = vec![b"ab".to_vec()];
+                for (i, &b) in encoded.iter().enumerate() {
+                    pieces.last_mut().unwrap().push(b);
+                    if cuts & (1 << i) != 0 {
+                        pieces.push(Vec::new());
+                    }
+                }
+                pieces.last_mut().unwrap().extend_from_slice(b"cd\n");
+                let chunks: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+                let mut s = sink(None);
+                let outs = render_chunks(&mut s, &chunks);
+                let last = outs.len() - 1;
+                for (i, out) in outs.iter().enumerate() {
+                    // Each header counts the chunk's own bytes.
+                    let mut expected =
+                        format!("{HEAD}client -> upstream {} bytes\n", chunks[i].len());
+                    if i == 0 {
+                        expected.push_str("  > ab\n");
+                    }
+                    if i == last {
+                        expected.push_str(&format!("  > {c}cd\n"));
+                    }
+                    assert_eq!(*out, expected, "{c} cut {cuts:b}, chunk {i}");
+                }
+                assert!(s.conns[&7].held.iter().all(|held| held.len == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_small_chunk_ending_inside_a_character_is_text() {
+        let mut s = sink(None);
+        let outs = render_chunks(&mut s, &[b"ab\xe3", b"\x82\xb9"]);
+        assert_eq!(
+            outs,
+            [
+                format!("{HEAD}client -> upstream 3 bytes\n  > ab\n"),
+                format!("{HEAD}client -> upstream 2 bytes\n  > ス\n"),
+            ]
+        );
+        // Held bytes that the next chunk does not continue are shown, escaped, in front of it.
+        let mut s = sink(None);
+        let outs = render_chunks(
+            &mut s,
+            &[b"ab\xe3", b"a line of text that goes on and on\n"],
+        );
+        assert_eq!(
+            outs[1],
+            format!(
+                "{HEAD}client -> upstream 35 bytes\n  > \\xe3a line of text that goes on and on\n"
+            )
+        );
+        // A line end before the cut character ends its line as usual.
+        let mut s = sink(None);
+        let outs = render_chunks(&mut s, &[b"ab\r\n\xe3", b"\x82\xb9\r\n"]);
+        assert_eq!(
+            outs,
+            [
+                format!("{HEAD}client -> upstream 5 bytes\n  > ab\n"),
+                format!("{HEAD}client -> upstream 4 bytes\n  > ス\n"),
+            ]
+        );
+        // Bytes that no continuation makes valid are not held.
+        for broken in [
+            &b"ab\x82"[..],
+            b"ab\xc0",
+            b"ab\xe3\x82\xb9\xb9",
+            b"ab\xed\xa0",
+            b"ab\xf5",
+        ] {
+            assert_eq!(incomplete_tail(broken), 0, "{broken:?}");
+        }
+        assert_eq!(incomplete_tail(b"ab\xf0\x9f\x98"), 3);
+        assert_eq!(incomplete_tail(b"\xe3"), 1);
+    }
+
+    #[test]
+    fn held_bytes_are_flushed_before_a_fin_a_gap_and_the_close() {
+        let flush = |mark: &str| {
+            format!(
+                "{HEAD}client -> upstream incomplete character at the end of the last chunk\n  {mark} \\xe3\\x82\n"
+            )
+        };
+        let data = |offset, bytes: &[u8]| TapEvent::Data {
+            dir: Direction::DownToUp,
+            offset,
+            bytes: bytes.to_vec(),
+        };
+        // Then a FIN.
+        let mut s = sink(None);
+        render(&mut s, data(0, b"ab\xe3\x82"));
+        let fin = render(
+            &mut s,
+            TapEvent::Fin {
+                dir: Direction::DownToUp,
+                offset: 4,
+            },
+        );
+        assert_eq!(
+            fin,
+            format!("{}{HEAD}FIN from client after 4 bytes\n", flush(">"))
+        );
+        // Then a gap: the held bytes come before it; the chunk after it is shown alone.
+        let mut s = sink(None);
+        render(&mut s, data(0, b"ab\xe3\x82"));
+        let after = render(
+            &mut s,
+            data(10, b"\xb9 and the rest of the line, at length"),
+        );
+        assert_eq!(
+            after,
+            format!(
+                "{}{HEAD}client -> upstream [... 6 bytes not captured (tap queue full) ...]\n\
+                 {HEAD}client -> upstream 37 bytes\n  > \\xb9 and the rest of the line, at length\n",
+                flush(">")
+            )
+        );
+        // Then a reset and the close, in both directions, and nothing is left behind.
+        let mut s = sink(None);
+        render(&mut s, data(0, b"ab\xe3\x82"));
+        render(
+            &mut s,
+            TapEvent::Data {
+                dir: Direction::UpToDown,
+                offset: 0,
+                bytes: b"\xe3\x82".to_vec(),
+            },
+        );
+        let reset = render(
+            &mut s,
+            TapEvent::Reset {
+                side: Side::Downstream,
+                offsets: [4, 2],
+            },
+        );
+        assert_eq!(
+            reset,
+            format!(
+                "{}{}{HEAD}RESET by client (client -> upstream 4 bytes, upstream -> client 2 bytes)\n",
+                flush(">"),
+                flush("<").replace("client -> upstream", "upstream -> client")
+            )
+        );
+        let mut s = sink(None);
+        render(&mut s, data(0, b"ab\xe3\x82"));
+        let close = render(
+            &mut s,
+            TapEvent::Close {
+                kind: CloseKind::Normal,
+                offsets: [4, 0],
+                dropped_records: 0,
+                dropped_bytes: 0,
+            },
+        );
+        assert!(close.starts_with(&flush(">")), "{close:?}");
+        assert!(s.conns.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_reaching_snaplen_holds_nothing_back() {
+        let mut s = sink(Some(4));
+        let outs = render_chunks(&mut s, &[b"ab\xe3\x82"]);
+        assert_eq!(
+            outs[0],
+            format!("{HEAD}client -> upstream 4 bytes\n  > ab\\xe3\\x82\n")
+        );
+        assert_eq!(s.conns[&7].held[0].len, 0);
+        // Below snaplen it waits for the rest.
+        let mut s = sink(Some(5));
+        let outs = render_chunks(&mut s, &[b"ab\xe3\x82", b"\xb9"]);
+        assert_eq!(
+            outs[1],
+            format!("{HEAD}client -> upstream 1 bytes\n  > ス\n")
+        );
+    }
+
+    #[test]
+    fn a_hexdump_after_held_bytes_starts_at_their_offset() {
+        let mut s = sink(None);
+        let mut binary = b"\x82\xb9".to_vec();
+        binary.extend(0u8..14);
+        let outs = render_chunks(&mut s, &[b"ab\xe3", &binary]);
+        assert_eq!(
+            outs[1],
+            format!(
+                "{HEAD}client -> upstream 16 bytes\n\
+                 \x20 > 00000002  e3 82 b9 00 01 02 03 04  05 06 07 08 09 0a 0b 0c  |................|\n\
+                 \x20 > 00000012  0d                                                |.|\n"
+            )
+        );
+        // A hexdumped chunk holds nothing back: the next one starts at its own offset.
+        let mut tail = vec![0u8; 15];
+        tail.push(0xe3);
+        let outs = render_chunks(&mut sink(None), &[&tail, b"\x82\xb9"]);
+        assert!(outs[0].ends_with("|................|\n"), "{:?}", outs[0]);
+        assert_eq!(
+            outs[1],
+            format!(
+                "{HEAD}client -> upstream 2 bytes\n\
+                 \x20 > 00000010  82 b9                                             |..|\n"
+            )
+        );
+    }
+
     /// The straightforward renderings, with the formatting machinery, that the table-driven
     /// ones must match byte for byte.
     mod reference {
@@ -840,6 +1334,18 @@ mod tests {
             bad * super::TEXT_BAD_RATIO <= bytes.len()
         }
 
+        /// The characters escaped as `\u{...}`.
+        const FORMAT: [(char, char); 8] = [
+            ('\u{61c}', '\u{61c}'),
+            ('\u{180e}', '\u{180e}'),
+            ('\u{200b}', '\u{200f}'),
+            ('\u{2028}', '\u{202e}'),
+            ('\u{2060}', '\u{206f}'),
+            ('\u{feff}', '\u{feff}'),
+            ('\u{fff9}', '\u{fffb}'),
+            ('\u{e0000}', '\u{e007f}'),
+        ];
+
         pub(super) fn escape_into(out: &mut String, bytes: &[u8]) {
             for chunk in bytes.utf8_chunks() {
                 for c in chunk.valid().chars() {
@@ -847,6 +1353,8 @@ mod tests {
                         out.push_str("\\r");
                     } else if c == '\\' {
                         out.push_str("\\\\");
+                    } else if FORMAT.iter().any(|&(from, to)| (from..=to).contains(&c)) {
+                        let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
                     } else if c.is_control() && c != '\t' {
                         let mut utf8 = [0u8; 4];
                         for b in c.encode_utf8(&mut utf8).bytes() {
@@ -903,7 +1411,7 @@ mod tests {
     }
 
     /// Deterministic pseudo-random inputs: binary, ASCII text with controls, and UTF-8 with C1
-    /// controls and broken sequences.
+    /// controls, format characters, their neighbours and broken sequences.
     fn samples() -> Vec<Vec<u8>> {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
@@ -912,7 +1420,7 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let pieces: [&[u8]; 9] = [
+        let pieces: [&[u8]; 17] = [
             b"GET / HTTP/1.1\r\n",
             b"\\",
             b"\t",
@@ -922,6 +1430,15 @@ mod tests {
             "\u{85}".as_bytes(),
             b"\xe2\x9c",
             b"\r",
+            "\u{202e}\u{2066}".as_bytes(),
+            "\u{200b}\u{feff}".as_bytes(),
+            "\u{2028}\u{61c}".as_bytes(),
+            "\u{e0041}\u{180e}\u{fffb}".as_bytes(),
+            // Neighbours with the same lead bytes, shown as they are.
+            "\u{200a}\u{2027}\u{202f}\u{2070}".as_bytes(),
+            "\u{61b}\u{180f}\u{fefe}\u{fff8}\u{fffc}".as_bytes(),
+            "\u{e0080}\u{dffff}€テ".as_bytes(),
+            b"\xe2\x80",
         ];
         let mut out = vec![
             Vec::new(),
