@@ -7,7 +7,7 @@
 //! 2024-05-01T12:00:00.123500Z #7 10.0.0.1:50000 -> 10.0.0.2:80 client -> upstream 18 bytes
 //!   > GET / HTTP/1.1
 //!   > Host: x
-//! 2024-05-01T12:00:00.124000Z #7 10.0.0.1:50000 -> 10.0.0.2:80 upstream -> client [... 1234 bytes not captured (tap queue full) ...]
+//! 2024-05-01T12:00:00.124000Z #7 10.0.0.1:50000 -> 10.0.0.2:80 upstream -> client [... 1234 bytes not captured (tap behind) ...]
 //! 2024-05-01T12:00:00.124000Z #7 10.0.0.1:50000 -> 10.0.0.2:80 upstream -> client 20 bytes
 //!   < 000004d2  00 01 02 03 04 05 06 07  08 09 0a 0b 0c 0d 0e 0f  |................|
 //!   < 000004e2  10 11 12 13                                       |....|
@@ -371,7 +371,7 @@ impl TextSink {
             return;
         }
         let (queue, snap) = split_gap(self.snaplen, expected, offset);
-        for (len, why) in [(queue, "tap queue full"), (snap, "snaplen")] {
+        for (len, why) in [(queue, "tap behind"), (snap, "snaplen")] {
             if len == 0 {
                 continue;
             }
@@ -846,7 +846,7 @@ mod tests {
             },
         );
         let expected = format!(
-            "{HEAD}upstream -> client [... 1234 bytes not captured (tap queue full) ...]\n\
+            "{HEAD}upstream -> client [... 1234 bytes not captured (tap behind) ...]\n\
              {HEAD}upstream -> client 20 bytes\n\
              \x20 < 000004d2  00 01 02 03 04 05 06 07  08 09 0a 0b 0c 0d 0e 0f  |................|\n\
              \x20 < 000004e2  10 11 12 13                                       |....|\n"
@@ -885,7 +885,7 @@ mod tests {
         assert_eq!(
             fin,
             format!(
-                "{HEAD}client -> upstream [... 97 bytes not captured (tap queue full) ...]\n\
+                "{HEAD}client -> upstream [... 97 bytes not captured (tap behind) ...]\n\
                  {HEAD}client -> upstream [... 50 bytes not captured (snaplen) ...]\n\
                  {HEAD}FIN from client after 150 bytes\n"
             )
@@ -947,8 +947,8 @@ mod tests {
             assert_eq!(
                 render(&mut s, close(kind)),
                 format!(
-                    "{HEAD}client -> upstream [... 5 bytes not captured (tap queue full) ...]\n\
-                     {HEAD}upstream -> client [... 7 bytes not captured (tap queue full) ...]\n\
+                    "{HEAD}client -> upstream [... 5 bytes not captured (tap behind) ...]\n\
+                     {HEAD}upstream -> client [... 7 bytes not captured (tap behind) ...]\n\
                      {HEAD}{line}\n\
                      {HEAD}close: {kind}, client -> upstream 5 bytes, upstream -> client 7 bytes, tap dropped 0 records (0 bytes)\n"
                 )
@@ -1223,7 +1223,7 @@ mod tests {
         assert_eq!(
             after,
             format!(
-                "{}{HEAD}client -> upstream [... 6 bytes not captured (tap queue full) ...]\n\
+                "{}{HEAD}client -> upstream [... 6 bytes not captured (tap behind) ...]\n\
                  {HEAD}client -> upstream 37 bytes\n  > \\xb9 and the rest of the line, at length\n",
                 flush(">")
             )

@@ -353,7 +353,7 @@ impl Writer {
             return;
         }
         warn!(
-            "tap dropped {} records ({} payload bytes) since the last report (queue full, or a failed write), {} records in total; the capture has gaps",
+            "tap dropped {} records ({} payload bytes) since the last report (the writer fell behind the traffic, or a write failed), {} records in total; the capture has gaps",
             records - seen_records,
             bytes - seen_bytes,
             records
