@@ -1161,7 +1161,8 @@ impl Worker {
             )
         } else {
             format!(
-                "the open-file limit ({} descriptor pairs held, kernel pipes included)",
+                "the open-file limit ({active} connections, {} descriptor pairs held, kernel pipes \
+                 included)",
                 fd_budget::used()
             )
         };
