@@ -1261,6 +1261,9 @@ impl Config {
                     addr.ip()
                 ));
             }
+            if let Err(e) = may_bind_port(addr.port()) {
+                problems.push(format!("{}: {what}: {e}", self.origin));
+            }
         };
         for r in &self.routes {
             if !r.transparent {
@@ -1351,6 +1354,34 @@ fn bindable_ip(addr: SocketAddr) -> std::io::Result<()> {
     let mut any_port = addr; // keeps an IPv6 scope id (a link-local address needs it)
     any_port.set_port(0);
     socket.bind(&any_port.into())
+}
+
+/// Whether this process may listen on `port`: below `net.ipv4.ip_unprivileged_port_start`
+/// (1024 unless set otherwise) that takes `CAP_NET_BIND_SERVICE` (root has it).
+fn may_bind_port(port: u16) -> Result<(), String> {
+    let start: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    if port == 0 || u32::from(port) >= start {
+        return Ok(());
+    }
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        });
+    match effective {
+        Some(caps) if caps & (1 << CAP_NET_BIND_SERVICE) == 0 => Err(format!(
+            "port {port} is privileged (below net.ipv4.ip_unprivileged_port_start = {start}): \
+             run as root, or grant CAP_NET_BIND_SERVICE (systemd: \
+             AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+        )),
+        // Allowed, or unknown: binding will tell.
+        _ => Ok(()),
+    }
 }
 
 /// Whether `path` can be opened for writing, or created, without touching it: an existing file

@@ -285,3 +285,52 @@ fn check_config_finds_what_would_fail_at_start() {
     );
     assert!(!dir.path("x.pcap").exists() && !dir.path("access.log").exists());
 }
+
+/// A port below `net.ipv4.ip_unprivileged_port_start` needs CAP_NET_BIND_SERVICE: without it
+/// `--check-config` says so (run as `nobody` when the tests run as root).
+#[test]
+fn check_config_finds_a_privileged_port_without_the_capability() {
+    let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    if start <= 1 {
+        eprintln!(
+            "skipped: every port is unprivileged here (ip_unprivileged_port_start = {start})"
+        );
+        return;
+    }
+    let port = start - 1;
+    let dir = TempDir::new("cli-priv");
+    let path = dir.path("priv.toml");
+    write_file(
+        &path,
+        &format!("[[route]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"127.0.0.1:9\"\n"),
+    );
+    // Readable by `nobody`.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = ["--config", path.to_str().unwrap(), "--check-config"];
+    // SAFETY: geteuid has no preconditions.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        // A copy `nobody` can run wherever the build lives (a home directory may be closed).
+        let copy = dir.path("tcptap");
+        std::fs::copy(binary(), &copy).unwrap();
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&copy)
+            .args(args)
+            .current_dir("/")
+            .output()
+            .expect("run setpriv (util-linux)")
+    } else {
+        run(&args, &dir.0)
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("port {port} is privileged")) && err.contains("CAP_NET_BIND_SERVICE"),
+        "{err}"
+    );
+}
