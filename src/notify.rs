@@ -79,8 +79,8 @@ pub fn reloading() {
     send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
 }
 
-/// `CLOCK_MONOTONIC` in microseconds.
-fn monotonic_usec() -> u64 {
+/// `CLOCK_MONOTONIC` in microseconds, the clock of `MONOTONIC_USEC`.
+pub fn monotonic_usec() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -521,21 +521,18 @@ fn an_unreachable_upstream_is_warned_about_once_with_connection_lines_off() {
 struct Notifications(std::os::unix::net::UnixDatagram);
 
 impl Notifications {
+    /// A socket in `dir` for the proxy to notify (pass its path as `NOTIFY_SOCKET`).
+    fn bind(dir: &TempDir) -> Notifications {
+        let socket = std::os::unix::net::UnixDatagram::bind(dir.path("notify.sock")).unwrap();
+        socket.set_read_timeout(Some(PROMPT)).unwrap();
+        Notifications(socket)
+    }
+
     fn next(&self) -> String {
         let mut buf = [0u8; 4096];
         let n = self.0.recv(&mut buf).expect("a notification in time");
         String::from_utf8(buf[..n].to_vec()).unwrap()
     }
-}
-
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// Under systemd (`Type=notify` / `Type=notify-reload`): `READY=1` once listening,
@@ -544,9 +541,7 @@ fn monotonic_usec() -> u64 {
 #[test]
 fn a_service_manager_is_told_ready_reloading_and_stopping() {
     let dir = TempDir::new("notify");
-    let socket = std::os::unix::net::UnixDatagram::bind(dir.path("notify.sock")).unwrap();
-    socket.set_read_timeout(Some(PROMPT)).unwrap();
-    let notes = Notifications(socket);
+    let notes = Notifications::bind(&dir);
     let tag = |t: u8| {
         Upstream::start(move |mut s| {
             let _ = s.write_all(&[t]);
@@ -564,10 +559,10 @@ fn a_service_manager_is_told_ready_reloading_and_stopping() {
 
     // A reload: its end is told once it is in force.
     write_file(&config, &one_route("127.0.0.1:0", two.addr, ""));
-    let before = monotonic_usec();
+    let before = tcptap::notify::monotonic_usec();
     proxy.signal(libc::SIGHUP);
     let reloading = notes.next();
-    let after = monotonic_usec();
+    let after = tcptap::notify::monotonic_usec();
     let usec: u64 = (reloading.strip_prefix("RELOADING=1\nMONOTONIC_USEC="))
         .unwrap_or_else(|| panic!("{reloading:?}"))
         .parse()
@@ -599,7 +594,11 @@ fn a_service_manager_is_told_ready_reloading_and_stopping() {
 #[test]
 fn a_service_manager_on_an_abstract_socket_is_told_ready() {
     use std::os::linux::net::SocketAddrExt;
-    let name = format!("tcptap-test-{}-{}", std::process::id(), monotonic_usec());
+    let name = format!(
+        "tcptap-test-{}-{}",
+        std::process::id(),
+        tcptap::notify::monotonic_usec()
+    );
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
     socket.set_read_timeout(Some(PROMPT)).unwrap();
@@ -616,9 +615,7 @@ fn a_service_manager_on_an_abstract_socket_is_told_ready() {
 #[test]
 fn a_service_manager_reload_without_a_config_file_ends_at_once() {
     let dir = TempDir::new("notify-cli");
-    let socket = std::os::unix::net::UnixDatagram::bind(dir.path("notify.sock")).unwrap();
-    socket.set_read_timeout(Some(PROMPT)).unwrap();
-    let notes = Notifications(socket);
+    let notes = Notifications::bind(&dir);
     let echo = Upstream::echo();
     let upstream = echo.addr.to_string();
     let proxy = Proxy::start_in(

@@ -497,16 +497,7 @@ fn a_tap_stuck_in_its_output_is_warned_about() {
         .open(&fifo)
         .unwrap();
     let up = Upstream::echo();
-    let upstream = up.addr.to_string();
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--tap-pcap",
-        fifo.to_str().unwrap(),
-    ];
-    let proxy = Proxy::start(&args, 1);
+    let proxy = Proxy::start(&capture_args(up.addr, fifo.to_str().unwrap()), 1);
     let bulk = Pattern::bytes(9, 1 << 20);
     let deadline = Instant::now() + Duration::from_secs(30);
     for round in 0.. {
@@ -811,6 +802,21 @@ fn tap_writer_runs_at_low_priority_unless_configured() {
 }
 
 const SIGHUP: i32 = 1;
+
+/// `--listen 127.0.0.1:0 --upstream <upstream> --tap-pcap <pcap>`.
+fn capture_args(upstream: SocketAddr, pcap: &str) -> Vec<String> {
+    let upstream = upstream.to_string();
+    [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--tap-pcap",
+        pcap,
+    ]
+    .map(String::from)
+    .to_vec()
+}
 
 /// Sends `msg`, shuts the write side, expects it echoed; returns the client's address.
 fn echo_once(addr: SocketAddr, msg: &[u8]) -> SocketAddr {
@@ -1770,16 +1776,7 @@ also_with_two_workers!(
 #[test]
 fn a_pcap_on_stdout_goes_down_the_pipe() {
     let echo = Upstream::echo();
-    let upstream = echo.addr.to_string();
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--tap-pcap",
-        "-",
-    ];
-    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+    let mut proxy = Proxy::start_in(&capture_args(echo.addr, "-"), 1, None, |cmd| {
         cmd.stdout(std::process::Stdio::piped());
     });
     let mut out = proxy.child.stdout.take().unwrap();

@@ -132,7 +132,7 @@ pub fn binary() -> &'static str {
 
 impl Proxy {
     /// Starts `tcptap` with `args` and waits for `routes` "listening on" lines.
-    pub fn start(args: &[&str], routes: usize) -> Proxy {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S], routes: usize) -> Proxy {
         Proxy::start_in(args, routes, None, |_| {})
     }
 
@@ -168,8 +168,8 @@ impl Proxy {
     }
 
     /// Like `start`, with a hook to adjust the command (environment, limits).
-    pub fn start_in(
-        args: &[&str],
+    pub fn start_in<S: AsRef<std::ffi::OsStr>>(
+        args: &[S],
         routes: usize,
         dir: Option<TempDir>,
         adjust: impl FnOnce(&mut Command),
