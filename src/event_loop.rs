@@ -784,7 +784,15 @@ impl Worker {
                 } else if event.is_readable() && !event.is_read_closed() {
                     r.urgent = false;
                 }
-                if event.is_error() && pair.phase == Phase::Established {
+                // An error ends the pair once bytes flow, and also while the upstream connect is
+                // in flight when it is the client's (a client that resets need not wait out
+                // `connect_timeout`, holding its slot and counting as an upstream timeout).
+                let settled = match pair.phase {
+                    Phase::Established => true,
+                    Phase::Connecting { .. } => side == Side::Downstream,
+                    Phase::AwaitingHeader { .. } => false,
+                };
+                if event.is_error() && settled {
                     if let Some(reason) = pair.check_socket_error(side) {
                         self.closing.push((key, pair.meta.id, reason));
                         return;

@@ -18,6 +18,7 @@ also_with_two_workers!(
     client_reset_resets_upstream,
     upstream_refused_closes_client_and_keeps_serving,
     connect_timeout_closes_client,
+    a_client_reset_during_the_upstream_connect_ends_the_connection_at_once,
     idle_timeout_closes_only_idle_pairs,
     slow_reader_keeps_memory_bounded,
     many_connections_no_fd_or_close_wait_leak,
@@ -280,6 +281,58 @@ fn connect_timeout_closes_client() {
     );
     assert!(took < Duration::from_secs(4), "closed after {took:?}");
     proxy.wait_log("upstream connect timeout", PROMPT);
+}
+
+/// A client that resets while its upstream connect is still in flight is closed at once: it
+/// does not hold its slot (and descriptors) until `connect_timeout`, nor count as an upstream
+/// timeout.
+#[test]
+fn a_client_reset_during_the_upstream_connect_ends_the_connection_at_once() {
+    // A listener whose accept queue is full drops SYNs: connects to it hang.
+    let blackhole =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    blackhole.bind(&any.into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
+    // Non-blocking: a connect that finds the queue full would hang here.
+    let _fillers: Vec<socket2::Socket> = (0..8)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+        one_route("127.0.0.1:0", addr, "connect_timeout = \"60s\"")
+    );
+    let proxy = Proxy::with_config(&config, 1);
+    let admin = proxy.admin_addr();
+    let c = connect(proxy.addr());
+    let body = wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 1.0);
+    assert_eq!(
+        metric(&body, "tcptap_connections_accepted_total{route=\"route0\"}"),
+        Some(1.0)
+    );
+    // Reset: SO_LINGER 0, then close.
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let body = wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 0.0);
+    assert_eq!(
+        metric(
+            &body,
+            "tcptap_connections_closed_total{route=\"route0\",reason=\"reset_by_client\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    proxy.wait_log("reset by client", PROMPT);
+    assert_eq!(proxy.count_log("upstream connect timeout"), 0);
 }
 
 #[test]
