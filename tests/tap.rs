@@ -48,6 +48,12 @@ impl Flow {
 
 /// Parses a pcap into flows keyed by (source, destination).
 fn read_pcap(path: &Path) -> BTreeMap<(SocketAddr, SocketAddr), Flow> {
+    read_pcap_from(path, true)
+}
+
+/// Like `read_pcap`; unless `whole`, the capture may start in the middle of connections,
+/// whose segments (before any SYN) are skipped.
+fn read_pcap_from(path: &Path, whole: bool) -> BTreeMap<(SocketAddr, SocketAddr), Flow> {
     let file = std::fs::File::open(path).expect("open pcap");
     let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
     let mut flows: BTreeMap<(SocketAddr, SocketAddr), Flow> = BTreeMap::new();
@@ -77,7 +83,10 @@ fn read_pcap(path: &Path) -> BTreeMap<(SocketAddr, SocketAddr), Flow> {
             f.isn = Some(tcp.sequence_number());
             continue;
         }
-        let isn = f.isn.expect("segment before SYN");
+        let Some(isn) = f.isn else {
+            assert!(!whole, "segment before SYN");
+            continue;
+        };
         let off = u64::from(tcp.sequence_number().wrapping_sub(isn).wrapping_sub(1));
         if !tcp.payload().is_empty() {
             f.data.insert(off, tcp.payload().to_vec());
@@ -1796,4 +1805,66 @@ fn a_pcap_on_stdout_goes_down_the_pipe() {
     let flows = read_pcap(&path);
     assert!(captured_request(&flows, client) == msg, "{}", proxy.logs());
     proxy.wait_log("tap (pcap to /dev/stdout): ", PROMPT);
+}
+
+/// A pcap FIFO read by one reader after another (a live `tshark -r` restarted): each reader
+/// gets a capture of its own, starting with the pcap header, not the middle of the previous
+/// reader's stream.
+#[test]
+fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("fifo-readers");
+    let fifo = dir.path("live.pcap");
+    mkfifo(&fifo);
+    // The first reader: opened before the proxy, so the tap finds it at start.
+    let mut first = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let echo = Upstream::echo();
+    let mut proxy = Proxy::start(&capture_args(echo.addr, fifo.to_str().unwrap()), 1);
+    echo_once(proxy.addr(), b"for the first reader");
+    let deadline = Instant::now() + PROMPT;
+    let mut head = Vec::new();
+    while head.len() < 4 {
+        let mut buf = [0u8; 4096];
+        match first.read(&mut buf) {
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "nothing for the first reader");
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(head[..4], [0xd4, 0xc3, 0xb2, 0xa1]);
+    // The first reader leaves; traffic goes on until the tap has found it gone.
+    drop(first);
+    let deadline = Instant::now() + PROMPT;
+    while proxy.count_log("Broken pipe") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed write: {}",
+            proxy.logs()
+        );
+        echo_once(proxy.addr(), &Pattern::bytes(3, 64 << 10));
+    }
+    // The second reader.
+    let second = std::fs::File::open(&fifo).unwrap();
+    let reader = thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut second = second;
+        second.read_to_end(&mut all).map(|_| all)
+    });
+    let client = echo_once(proxy.addr(), b"for the second reader");
+    proxy.wait_log(&format!("{client} -> {}: ", echo.addr), PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let got = reader.join().unwrap().unwrap();
+    let copy = dir.path("second.pcap");
+    std::fs::write(&copy, &got).unwrap();
+    // A capture of its own: a header, whole packets (it may start with the end of connections
+    // the first reader saw begin), and the new conversation from its SYN.
+    let flows = read_pcap_from(&copy, false);
+    assert_eq!(captured_request(&flows, client), b"for the second reader");
 }

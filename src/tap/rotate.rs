@@ -12,6 +12,8 @@
 //!   `n` bytes, unless it holds no packet yet (a single packet larger than `n` still gets
 //!   written). So every file is at most `max(n, header + largest packet)` bytes.
 //! - Rotation is used only for regular files; a FIFO or a device is written without rotation.
+//!   A FIFO whose write fails (its reader left) is closed, and opened again for the next
+//!   reader, who gets a pcap header first.
 //! - Packets are appended to an in-memory batch buffer and written at the end of each batch
 //!   (and at each file switch). If a write fails on a regular file, the file is cut back to its
 //!   last complete packet (`complete`; a direct write ends on a block boundary, which may fall
@@ -379,6 +381,19 @@ impl RotatingFile {
             self.header_written = false;
         }
         if !self.regular {
+            // A FIFO whose reader left: the capture it read is over, and the pipe may hold the
+            // start of a packet. Closing it frees the pipe (no reader, no writer left); the
+            // next write opens the FIFO again (waiting for a reader) and starts with the pcap
+            // header, so the next reader gets a capture of its own. Not for stdout, which no
+            // new reader can open.
+            let fifo = fs::metadata(&self.path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+            if fifo && self.path != Path::new(crate::config::PCAP_STDOUT) {
+                self.file = None;
+                self.written = 0;
+                self.complete = 0;
+                self.header_written = false;
+            }
             return;
         }
         let direct = self.is_direct();
