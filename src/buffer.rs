@@ -104,7 +104,13 @@ pub struct BufferPool {
     free: Vec<Buffer>,
     /// Buffers currently lent out (for tests and metrics).
     lent: usize,
+    /// Fewest idle buffers since the last [`trim`](BufferPool::trim): that many were not
+    /// needed all that time.
+    low_water: usize,
 }
+
+/// Idle buffers a pool keeps however long it goes unused.
+pub const KEEP_IDLE: usize = 4;
 
 impl BufferPool {
     /// A pool of `size`-byte buffers that keeps at most `max_free` idle ones.
@@ -114,13 +120,35 @@ impl BufferPool {
             max_free,
             free: Vec::new(),
             lent: 0,
+            low_water: 0,
         }
     }
 
     /// An empty buffer, reused when one is free.
     pub fn take(&mut self) -> Buffer {
         self.lent += 1;
-        self.free.pop().unwrap_or_else(|| Buffer::new(self.size))
+        let buf = self.free.pop().unwrap_or_else(|| Buffer::new(self.size));
+        self.low_water = self.low_water.min(self.free.len());
+        buf
+    }
+
+    /// Frees the idle buffers that were not needed since the last trim, down to
+    /// [`KEEP_IDLE`]: after a burst the pool gives its memory back within two trims of calm,
+    /// while a steady load keeps what it uses. Returns how many were freed.
+    pub fn trim(&mut self) -> usize {
+        let unused = self.low_water.min(self.free.len());
+        let freed = unused.min(self.free.len().saturating_sub(KEEP_IDLE));
+        self.free.truncate(self.free.len() - freed);
+        self.low_water = self.free.len();
+        freed
+    }
+
+    /// Whether the pool holds more idle buffers than it keeps for good (a [`trim`] is due
+    /// after a while).
+    ///
+    /// [`trim`]: BufferPool::trim
+    pub fn has_excess(&self) -> bool {
+        self.free.len() > KEEP_IDLE
     }
 
     /// Gives a buffer back; it is dropped if the pool already keeps enough.
@@ -147,6 +175,30 @@ impl BufferPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_buffers_are_freed_after_two_calm_trims_and_used_ones_kept() {
+        let mut pool = BufferPool::new(1024, 100);
+        let burst: Vec<Buffer> = (0..50).map(|_| pool.take()).collect();
+        for b in burst {
+            pool.give(b);
+        }
+        assert!(pool.has_excess());
+        // The first trim after the burst: those 50 were in use meanwhile.
+        assert_eq!(pool.trim(), 0);
+        // A steady load of 10 at a time keeps 10 (and the rest goes).
+        let steady: Vec<Buffer> = (0..10).map(|_| pool.take()).collect();
+        for b in steady {
+            pool.give(b);
+        }
+        assert_eq!(pool.trim(), 40);
+        assert_eq!(pool.free.len(), 10);
+        // Calm: down to what is kept for good, and no further.
+        assert_eq!(pool.trim(), 10 - KEEP_IDLE);
+        assert!(!pool.has_excess());
+        assert_eq!(pool.trim(), 0);
+        assert_eq!(pool.free.len(), KEEP_IDLE);
+    }
 
     #[test]
     fn fill_consume_rewinds() {

@@ -257,7 +257,12 @@ struct Worker {
     /// When "no free local port" was last logged, and the connects that failed so since then.
     last_port_warning: Option<Instant>,
     port_failures_unwarned: u64,
+    /// When the buffer pool was last trimmed (see [`BufferPool::trim`]).
+    pool_trimmed: Instant,
 }
+
+/// How often a buffer pool holding more than it keeps for good gives back what went unused.
+const POOL_TRIM: Duration = Duration::from_secs(10);
 
 impl Server {
     /// Binds every route's listener (once per worker) and starts the taps. Nothing is accepted
@@ -434,6 +439,7 @@ impl Server {
                 last_fd_warning: None,
                 last_port_warning: None,
                 port_failures_unwarned: 0,
+                pool_trimmed: Instant::now(),
             });
         }
         for w in &mut workers {
@@ -674,6 +680,7 @@ impl Worker {
             self.close_pending();
             self.resume_accepting(now);
             self.tick_upstreams(now);
+            self.trim_pool(now);
             if let Some(deadline) = self.draining {
                 // The worker that handles signals stays until the others are done, so that a
                 // second SIGINT still works while they drain.
@@ -704,6 +711,25 @@ impl Worker {
         Ok(exit)
     }
 
+    /// Every [`POOL_TRIM`] while the pool holds more than it keeps for good: frees the buffers
+    /// a burst left that went unused since (and the heap pages they held).
+    fn trim_pool(&mut self, now: Instant) {
+        if now < self.pool_trimmed + POOL_TRIM {
+            return;
+        }
+        self.pool_trimmed = now;
+        let freed = self.pool.trim();
+        if freed > 0 {
+            debug!("worker {}: {freed} idle buffers freed", self.index);
+            // Buffers come from the heap (below glibc's mmap threshold): hand the pages back.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only releases free memory of the allocator.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
     fn poll_timeout(&mut self) -> Option<Duration> {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
@@ -728,6 +754,9 @@ impl Worker {
         }
         if let Some(t) = self.draining {
             consider(t);
+        }
+        if self.pool.has_excess() {
+            consider(self.pool_trimmed + POOL_TRIM);
         }
         for p in self.probers.iter().flatten() {
             if let Some(t) = p.next_deadline() {
