@@ -1849,13 +1849,23 @@ fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
         );
         echo_once(proxy.addr(), &Pattern::bytes(3, 64 << 10));
     }
-    // The second reader.
-    let second = std::fs::File::open(&fifo).unwrap();
+    // The second reader (its open waits for the writer, which opens the FIFO for the first
+    // batch that finds a reader).
+    let (started, has_started) = mpsc::channel();
+    let path = fifo.clone();
     let reader = thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut second = second;
+        let mut second = std::fs::File::open(&path)?;
+        let mut all = vec![0u8; 4096];
+        let n = second.read(&mut all)?;
+        all.truncate(n);
+        let _ = started.send(());
         second.read_to_end(&mut all).map(|_| all)
     });
+    let deadline = Instant::now() + PROMPT;
+    while has_started.try_recv().is_err() {
+        assert!(Instant::now() < deadline, "nothing for the second reader");
+        echo_once(proxy.addr(), b"until the second reader reads");
+    }
     let client = echo_once(proxy.addr(), b"for the second reader");
     proxy.wait_log(&format!("{client} -> {}: ", echo.addr), PROMPT);
     proxy.signal(SIGTERM);

@@ -38,7 +38,7 @@ use log::{info, warn};
 
 use super::PcapTarget;
 use super::direct::{AlignedBuf, DIO_ALIGN, set_direct};
-use super::writer::{open_blocking, open_output};
+use super::writer::{open_blocking, open_if_read, open_output};
 
 /// Size of the pcap global header.
 pub(crate) const GLOBAL_HEADER_LEN: usize = 24;
@@ -89,6 +89,8 @@ pub(crate) struct RotatingFile {
     synced: usize,
     /// First error met while switching files inside the current batch.
     error: Option<io::Error>,
+    /// The file is a FIFO whose reader left: open it again only if a reader has it open.
+    reopen_without_waiting: bool,
 }
 
 impl RotatingFile {
@@ -126,6 +128,7 @@ impl RotatingFile {
             pending: AlignedBuf::new(),
             synced: 0,
             error: None,
+            reopen_without_waiting: false,
         };
         if regular {
             out.start_direct();
@@ -335,7 +338,17 @@ impl RotatingFile {
     /// regular file).
     fn current(&mut self) -> io::Result<&mut File> {
         if self.file.is_none() {
-            let file = open_blocking(&self.path, false)?;
+            let file = if self.reopen_without_waiting {
+                // A FIFO whose last reader left: never wait for the next one (the writer
+                // serves other outputs, and exits); this batch is lost while there is none.
+                let file = open_if_read(&self.path, false)?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotConnected, "the FIFO has no reader")
+                })?;
+                self.reopen_without_waiting = false;
+                file
+            } else {
+                open_blocking(&self.path, false)?
+            };
             self.regular = file.metadata()?.file_type().is_file();
             self.file = Some(file);
             self.written = 0;
@@ -382,14 +395,16 @@ impl RotatingFile {
         }
         if !self.regular {
             // A FIFO whose reader left: the capture it read is over, and the pipe may hold the
-            // start of a packet. Closing it frees the pipe (no reader, no writer left); the
-            // next write opens the FIFO again (waiting for a reader) and starts with the pcap
-            // header, so the next reader gets a capture of its own. Not for stdout, which no
-            // new reader can open.
-            let fifo = fs::metadata(&self.path)
+            // start of a packet. Closing it frees the pipe (no reader, no writer left); later
+            // batches open the FIFO again without waiting (dropped while no reader has it
+            // open) and start with the pcap header, so the next reader gets a capture of its
+            // own. Only a named FIFO: the path itself (not a link such as /dev/stdout or
+            // /proc/self/fd/1 to a pipe, which no new reader can open).
+            let fifo = fs::symlink_metadata(&self.path)
                 .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
-            if fifo && self.path != Path::new(crate::config::PCAP_STDOUT) {
+            if fifo {
                 self.file = None;
+                self.reopen_without_waiting = true;
                 self.written = 0;
                 self.complete = 0;
                 self.header_written = false;

@@ -396,6 +396,19 @@ impl Entry {
 /// Returns `Ok(None)` for a FIFO that has no reader yet: opening it for writing would block, so
 /// the writer thread opens it later with [`open_blocking`]. The returned file is in blocking mode.
 pub(crate) fn open_output(path: &Path, append: bool) -> io::Result<Option<File>> {
+    let file = open_if_read(path, append)?;
+    if file.is_none() {
+        warn!(
+            "tap: {} is a FIFO with no reader yet: its records are dropped (and counted) \
+             until a reader opens it",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Like [`open_output`], quietly: `None` for a FIFO that no reader has open.
+pub(crate) fn open_if_read(path: &Path, append: bool) -> io::Result<Option<File>> {
     let mut options = options(append);
     options.custom_flags(libc::O_NONBLOCK);
     match options.open(path) {
@@ -410,11 +423,6 @@ pub(crate) fn open_output(path: &Path, append: bool) -> io::Result<Option<File>>
                 && std::fs::metadata(path)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())) =>
         {
-            warn!(
-                "tap: {} is a FIFO with no reader yet: its records are dropped (and counted) \
-                 until a reader opens it",
-                path.display()
-            );
             Ok(None)
         }
         Err(err) => Err(err),
