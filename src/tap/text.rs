@@ -187,7 +187,13 @@ impl TextSink {
                 );
             }
             TapEvent::Data { dir, offset, bytes } => {
-                let held = self.take_held(record, *dir, *offset);
+                let mut held = self.take_held(record, *dir, *offset);
+                if !continues(held.as_slice(), bytes) {
+                    // Not the rest of that character (Latin-1 text, say): shown on its own, so
+                    // that it does not count against this chunk being text.
+                    self.write_held(record, *dir, held);
+                    held = Held::default();
+                }
                 self.catch_up(record, *dir, *offset);
                 let end = offset.saturating_add(bytes.len() as u64);
                 self.advance(record, *dir, end);
@@ -400,6 +406,11 @@ impl TextSink {
             return;
         };
         let held = std::mem::take(&mut conn.held[dir.index()]);
+        self.write_held(record, dir, held);
+    }
+
+    /// Writes `held` (if any) as `\xNN` escapes under a line of its own.
+    fn write_held(&mut self, record: &TapRecord, dir: Direction, held: Held) {
         if held.len == 0 {
             return;
         }
@@ -508,6 +519,22 @@ fn may_hold_format(text: &[u8]) -> bool {
     text.iter().fold(false, |any, &b| {
         any | (b == 0xd8) | (b == 0xe1) | (b == 0xe2) | (b == 0xef) | (b == 0xf3)
     })
+}
+
+/// Whether `next` continues the incomplete character `held` (or cannot tell yet); true when
+/// nothing is held.
+fn continues(held: &[u8], next: &[u8]) -> bool {
+    if held.is_empty() {
+        return true;
+    }
+    let mut probe = [0u8; 4];
+    let take = next.len().min(4 - held.len());
+    probe[..held.len()].copy_from_slice(held);
+    probe[held.len()..held.len() + take].copy_from_slice(&next[..take]);
+    match std::str::from_utf8(&probe[..held.len() + take]) {
+        Ok(_) => true,
+        Err(e) => e.valid_up_to() > 0 || e.error_len().is_none(),
+    }
 }
 
 /// The length (0 to 3) of the end of `bytes` that starts a UTF-8 character without completing
@@ -993,6 +1020,28 @@ mod tests {
         assert!(plain.conns.is_empty());
     }
 
+    /// A held byte that the next chunk does not continue (Latin-1 text) is shown on its own,
+    /// and the next chunk still reads as text.
+    #[test]
+    fn a_held_byte_the_next_chunk_does_not_continue_is_shown_alone() {
+        let mut s = sink(None);
+        let mut out = String::new();
+        for (offset, bytes) in [(0u64, &b"un caf\xe9"[..]), (7, b"\r\nau lait\r\n")] {
+            out += &render(
+                &mut s,
+                TapEvent::Data {
+                    dir: Direction::DownToUp,
+                    offset,
+                    bytes: bytes.to_vec(),
+                },
+            );
+        }
+        assert!(out.contains("  > \\xe9\n"), "{out}");
+        assert!(out.contains("  > \n  > au lait\n"), "{out}");
+        assert!(!out.contains("0000000"), "no hexdump: {out}");
+        assert!(!out.contains("[..."), "no gap: {out}");
+    }
+
     #[test]
     fn format_characters_are_escaped() {
         let escaped = |text: &str| {
@@ -1151,7 +1200,8 @@ mod tests {
                 format!("{HEAD}client -> upstream 2 bytes\n  > ス\n"),
             ]
         );
-        // Held bytes that the next chunk does not continue are shown, escaped, in front of it.
+        // Held bytes that the next chunk does not continue are shown, escaped, on their own
+        // before it.
         let mut s = sink(None);
         let outs = render_chunks(
             &mut s,
@@ -1160,7 +1210,8 @@ mod tests {
         assert_eq!(
             outs[1],
             format!(
-                "{HEAD}client -> upstream 35 bytes\n  > \\xe3a line of text that goes on and on\n"
+                "{HEAD}client -> upstream incomplete character at the end of the last chunk\n  \
+                 > \\xe3\n{HEAD}client -> upstream 35 bytes\n  > a line of text that goes on and on\n"
             )
         );
         // A line end before the cut character ends its line as usual.
