@@ -192,9 +192,10 @@ struct RouteRt {
     set_epoch: u64,
     /// When connecting upstream last failed with a warning, and the failures since.
     connect_warning: (Option<Instant>, u64),
-    /// Where its connections count in `/metrics` and for its `max_connections`: the route's
-    /// index at start, a slot of its own for a route added or renamed by a reload (slots with
-    /// the same name add up, so a route's series goes on under its name).
+    /// Where its connections count in `/metrics`: the route's index at start, a slot of its
+    /// own for a route added or renamed by a reload (slots with the same name add up, so a
+    /// route's series goes on under its name). Its `max_connections` counts the connections
+    /// of its listener (`route_active`, by route index), a renamed route's included.
     metrics_slot: usize,
 }
 
@@ -721,7 +722,10 @@ impl Worker {
         let freed = self.pool.trim();
         if freed > 0 {
             debug!("worker {}: {freed} idle buffers freed", self.index);
-            // Buffers come from the heap (below glibc's mmap threshold): hand the pages back.
+        }
+        // Buffers come from the heap (below glibc's mmap threshold): hand the pages back, when
+        // worth the walk over the heap that this takes.
+        if freed * self.pool.buffer_size() >= 4 << 20 {
             #[cfg(target_env = "gnu")]
             // SAFETY: malloc_trim only releases free memory of the allocator.
             unsafe {
@@ -864,13 +868,12 @@ impl Worker {
         let spawned = std::thread::Builder::new()
             .name("tcptap-reload".into())
             .spawn(move || {
-                let mut status;
                 loop {
                     shared.reload_pending.store(false, Ordering::SeqCst);
                     notify::reloading();
                     wait_applied(&shared);
                     info!("SIGHUP: reloading {}", path.display());
-                    status = match prepare_reload(&shared, &path, &overrides) {
+                    let status = match prepare_reload(&shared, &path, &overrides) {
                         Ok(()) => format!(
                             "serving configuration generation {}",
                             shared.generation.load(Ordering::SeqCst)
@@ -882,18 +885,22 @@ impl Worker {
                             format!("reload rejected: {}", e.replace('\n', "; "))
                         }
                     };
+                    if shared.reload_pending.load(Ordering::SeqCst) {
+                        continue; // a SIGHUP came meanwhile: its reload follows at once
+                    }
+                    // The end is told while this thread still holds `reloading`, so that it
+                    // cannot be taken for the end of a reload started after it.
+                    wait_applied(&shared);
+                    notify::send(&format!("READY=1\nSTATUS={status}"));
                     shared.reloading.store(false, Ordering::SeqCst);
-                    // A SIGHUP that came meanwhile either found `reloading` cleared and started
-                    // a reload of its own (which reports the end), or left it to this thread.
-                    if !shared.reload_pending.load(Ordering::SeqCst) {
+                    // A SIGHUP that came since either found `reloading` cleared and started a
+                    // reload of its own, or left it to this thread.
+                    if !shared.reload_pending.load(Ordering::SeqCst)
+                        || shared.reloading.swap(true, Ordering::SeqCst)
+                    {
                         break;
                     }
-                    if shared.reloading.swap(true, Ordering::SeqCst) {
-                        return;
-                    }
                 }
-                wait_applied(&shared);
-                notify::send(&format!("READY=1\nSTATUS={status}"));
             });
         if let Err(e) = spawned {
             error!("reload: cannot start: {e}");
@@ -1173,14 +1180,14 @@ impl Worker {
     fn at_limit(&self, route: usize) -> bool {
         // Workers check and count separately, so N workers may overshoot by at most N - 1.
         self.shared.stats.active.load(Ordering::Relaxed) as usize >= self.shared.max_connections
-            || self.shared.route_active[self.routes[route].metrics_slot].load(Ordering::Relaxed)
+            || self.shared.route_active[route].load(Ordering::Relaxed)
                 >= self.routes[route].config.max_connections
             || !fd_budget::has_room()
     }
 
-    /// Accepting on route `i` pauses at a limit: clients wait in the listen backlog, which an
-    /// operator should know about. A warning at once, then at most every 10 s per route (and
-    /// worker) with the number of pauses since.
+    /// A client waits in route `i`'s listen backlog because accepting is paused at a limit,
+    /// which an operator should know about. A warning at once, then at most every 10 s per
+    /// route (and worker) with the number of such arrivals since.
     fn warn_limit(&mut self, i: usize, now: Instant) {
         let active = self.shared.stats.active.load(Ordering::Relaxed) as usize;
         let route = &self.routes[i];
@@ -1189,7 +1196,7 @@ impl Worker {
                 "max_connections = {} (all routes)",
                 self.shared.max_connections
             )
-        } else if self.shared.route_active[route.metrics_slot].load(Ordering::Relaxed)
+        } else if self.shared.route_active[i].load(Ordering::Relaxed)
             >= route.config.max_connections
         {
             format!(
@@ -1213,7 +1220,7 @@ impl Worker {
             return;
         }
         let again = if *since > 1 {
-            format!(" ({} times since the last warning)", *since)
+            format!(" ({} arrivals since the last warning)", *since)
         } else {
             String::new()
         };
@@ -1227,6 +1234,9 @@ impl Worker {
     }
 
     fn accept(&mut self, i: usize, now: Instant) {
+        // A limit met before accepting anything here means a client waits (this is its
+        // listener's event); met after accepting, it was just reached.
+        let mut accepted = false;
         loop {
             let l = &mut self.listeners[i];
             if l.socket.is_none() || l.paused_until.is_some_and(|t| now < t) {
@@ -1235,8 +1245,13 @@ impl Worker {
             l.paused_until = None;
             if self.at_limit(i) {
                 // Leave connections in the kernel's backlog; resume when a slot frees.
-                if !self.listeners[i].blocked_by_limit {
+                if !accepted {
                     self.warn_limit(i, now);
+                } else {
+                    debug!(
+                        "route `{}`: connection limit reached, accepting paused",
+                        self.routes[i].config.name
+                    );
                 }
                 self.listeners[i].blocked_by_limit = true;
                 return;
@@ -1248,6 +1263,7 @@ impl Worker {
             match socket.accept() {
                 Ok((stream, peer)) => {
                     self.start_pair(i, stream, peer, now);
+                    accepted = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1410,7 +1426,7 @@ impl Worker {
             connect_started: now,
             own_upstream: None,
         });
-        self.shared.route_active[slot].fetch_add(1, Ordering::Relaxed);
+        self.shared.route_active[route_idx].fetch_add(1, Ordering::Relaxed);
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.route(slot).on_accept();
         self.timers.push(Reverse((deadline, key, id)));
@@ -1940,7 +1956,7 @@ impl Worker {
         ) {
             self.warn_connect_failure(route, &reason, pair.meta.upstream);
         }
-        self.shared.route_active[pair.metrics].fetch_sub(1, Ordering::Relaxed);
+        self.shared.route_active[pair.route].fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
         stats.active.fetch_sub(1, Ordering::Relaxed);
         stats.closed.fetch_add(1, Ordering::Relaxed);
@@ -2226,15 +2242,18 @@ fn prepare_reload(
     // Metrics slots: routes added or renamed here get new ones, numbered from `first_slot`.
     let first_slot = shared.route_names.read().map_or(0, |n| n.len());
     let mut new_names: Vec<String> = Vec::new();
-    let mut bound = Vec::new();
-    for r in (new.routes.iter())
+    let added_routes: Vec<&Route> = (new.routes.iter())
         .filter(|r| is_new(r) && !adopted.iter().any(|(_, a)| std::ptr::eq(*a, *r)))
-    {
-        if first_slot + adopted.len() + bound.len() >= MAX_ROUTES {
-            return Err(format!(
-                "more than {MAX_ROUTES} routes over the process's life; restart to add more"
-            ));
-        }
+        .collect();
+    // Before anything is bound or started: each added or renamed route takes a slot for good.
+    if first_slot + adopted.len() + added_routes.len() > MAX_ROUTES {
+        return Err(format!(
+            "more than {MAX_ROUTES} routes added or renamed over the process's life; restart to \
+             add more"
+        ));
+    }
+    let mut bound = Vec::new();
+    for r in added_routes {
         let mut addr = r.listen;
         let mut listeners = Vec::new();
         for _ in 0..workers {
@@ -2303,11 +2322,6 @@ fn prepare_reload(
                     new_names.push(r.name.clone());
                     first_slot + new_names.len() - 1
                 });
-                if first_slot + new_names.len() > MAX_ROUTES {
-                    return Err(format!(
-                        "more than {MAX_ROUTES} routes over the process's life; restart to add more"
-                    ));
-                }
                 for c in changes.iter_mut() {
                     c.push(RouteChange::Update {
                         index,
