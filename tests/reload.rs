@@ -461,12 +461,13 @@ fn a_reload_renames_routes_and_swaps_their_addresses() {
 /// is closed before the next reload starts).
 #[test]
 fn sighups_in_quick_succession_end_with_the_last_file_in_force() {
-    let ups: Vec<Upstream> = (1..=4).map(tagged).collect();
+    // One upstream per step, so that each step's file is told apart by what `x` answers.
+    let ups: Vec<Upstream> = (1..=11).map(tagged).collect();
     let p = free_port();
     let dir = TempDir::new("reload-burst");
     let path = dir.path("proxy.toml");
     let config = |k: usize| {
-        let up = ups[k % 4].addr;
+        let up = ups[k].addr;
         let x = format!("[[route]]\nname = \"x\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n");
         // `y` is there in even steps only.
         let y = if k % 2 == 0 {
@@ -487,7 +488,7 @@ fn sighups_in_quick_succession_end_with_the_last_file_in_force() {
     let x_addr = proxy.addrs[0];
     // Waits for step `k`'s file to be in force; returns its upstream's tag.
     let settled = |k: usize| {
-        let want = (k % 4 + 1) as u8;
+        let want = (k + 1) as u8;
         let deadline = std::time::Instant::now() + PROMPT;
         while ask(x_addr) != want {
             assert!(
