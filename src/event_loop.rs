@@ -538,11 +538,7 @@ impl Server {
                 self.workers[0].listeners[i].local,
                 r.upstream_name,
                 fmt_addrs(&r.upstream),
-                if n > 1 {
-                    format!(", {n} workers")
-                } else {
-                    String::new()
-                }
+                workers_note(n)
             );
         }
         // Where each tap writes, and for which routes.
@@ -978,11 +974,7 @@ impl Worker {
                             route.name,
                             route.upstream_name,
                             fmt_addrs(&route.upstream),
-                            if n > 1 {
-                                format!(", {n} workers")
-                            } else {
-                                String::new()
-                            }
+                            workers_note(n)
                         );
                     }
                     let registered = self.poll.registry().register(
@@ -2386,6 +2378,15 @@ fn prepare_reload(
         summary.2
     );
     Ok(())
+}
+
+/// `, N workers` after a route's listening line when there are several.
+fn workers_note(n: usize) -> String {
+    if n > 1 {
+        format!(", {n} workers")
+    } else {
+        String::new()
+    }
 }
 
 /// Waits until every worker has applied the generation in force (workers apply a plan at their
