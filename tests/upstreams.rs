@@ -100,6 +100,8 @@ fn health_checks_take_a_dead_upstream_out_and_put_it_back() {
     let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let proxy = Proxy::with_config(&format!("{admin}{}", route(&[a.addr, b_addr], extra)), 1);
     drop(b_listener); // B is down from the start
+    // Each event loop probes on its own: wait for every one to have taken B out.
+    proxy.wait_count("is DOWN after", workers(), PROMPT);
     let line = proxy.wait_log("DOWN", PROMPT);
     assert!(
         line.contains(&format!(

@@ -99,6 +99,11 @@ pub fn with_workers<R>(n: usize, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The event loops of the proxies this thread starts (see [`with_workers`]).
+pub fn workers() -> usize {
+    WORKERS.with(|w| w.get()).unwrap_or(1)
+}
+
 /// Declares, in a module `workers2`, a copy of each named test that runs with two workers.
 #[macro_export]
 macro_rules! also_with_two_workers {
