@@ -1063,13 +1063,14 @@ impl Worker {
     /// Answers pending `/connections` requests with this worker's live pairs.
     fn answer_snapshots(&mut self, now: Instant) {
         let pairs = &self.pairs;
-        let routes = &self.routes;
         admin::answer_snapshots(&self.snapshots, || {
             pairs
                 .iter()
                 .map(|(_, p)| ConnInfo {
                     id: p.meta.id,
-                    route: routes[p.route].config.name.clone(),
+                    // The name it was accepted under, as in its log lines and metrics (a
+                    // reload may have renamed the route since).
+                    route: p.meta.route.to_string(),
                     client: p.meta.downstream,
                     upstream: p.meta.upstream,
                     age_ms: now.saturating_duration_since(p.started).as_millis() as u64,

@@ -435,6 +435,15 @@ fn a_reload_renames_routes_and_swaps_their_addresses() {
         Some(1.0),
         "{body}"
     );
+    // So does `/connections`: the open connection is listed under the name it was accepted
+    // under, as in its log line.
+    let (_, body) = http_get(proxy.admin_addr(), "/connections");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let client = live.local_addr().unwrap().to_string();
+    let entry = (list.as_array().unwrap().iter())
+        .find(|c| c["client"] == client.as_str())
+        .unwrap_or_else(|| panic!("{client} not in {body}"));
+    assert_eq!(entry["route"], "a", "{body}");
     // `b` and `c` swap addresses (and so upstreams stay with the names).
     reload([("c", q, one.addr), ("b", p, two.addr)], 3);
     assert_eq!((ask(at_q), ask(at_p)), (1, 2));
