@@ -495,31 +495,15 @@ fn blocked_tap_sink_neither_hangs_nor_slows_proxying() {
 /// the writer has been stuck in it for 5 s: a stuck writer cannot report its own drops.
 #[test]
 fn a_tap_stuck_in_its_output_is_warned_about() {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = TempDir::new("fifo-stuck");
     let fifo = dir.path("never-read");
     mkfifo(&fifo);
     // Opened for reading and never read: writes block once the pipe is full.
-    let _reader = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .unwrap();
+    let _reader = open_fifo_reader(&fifo);
     let up = Upstream::echo();
     let proxy = Proxy::start(&capture_args(up.addr, fifo.to_str().unwrap()), 1);
     let bulk = Pattern::bytes(9, 1 << 20);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for round in 0.. {
-        if proxy.count_log("its output has taken nothing") > 0 {
-            break;
-        }
-        assert!(
-            round < 20_000 && Instant::now() < deadline,
-            "no warning: {}",
-            proxy.logs()
-        );
-        echo_once(proxy.addr(), &bulk);
-    }
+    echo_until_logged(&proxy, "its output has taken nothing", &bulk, 20_000);
     let line = proxy.wait_log("its output has taken nothing", PROMPT);
     assert!(
         line.contains("WARN") && line.contains("never-read"),
@@ -834,6 +818,34 @@ fn echo_once(addr: SocketAddr, msg: &[u8]) -> SocketAddr {
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), msg);
     c.local_addr().unwrap()
+}
+
+/// Echoes `msg` through `proxy` over and over until its log has a line with `needle` (at most
+/// `max` rounds and 30 s); returns the rounds it took.
+fn echo_until_logged(proxy: &Proxy, needle: &str, msg: &[u8], max: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        if proxy.count_log(needle) > 0 {
+            return round;
+        }
+        assert!(
+            round < max && Instant::now() < deadline,
+            "no {needle:?} after {round} rounds: {}",
+            proxy.logs()
+        );
+        echo_once(proxy.addr(), msg);
+    }
+    unreachable!()
+}
+
+/// Opens the FIFO `path` for reading without waiting for a writer.
+fn open_fifo_reader(path: &Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .unwrap()
 }
 
 /// The address route `name` listens on, from its (last) log line.
@@ -1356,20 +1368,7 @@ fn a_pcap_cut_short_by_the_file_size_limit_stays_readable_after() {
     // Bulk transfers (2 MiB each way) until the writer has met the limit: it may drop much of
     // them while it is behind, so the count of rounds varies.
     let bulk = Pattern::bytes(5, 2 << 20);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut rounds = 0;
-    for round in 0.. {
-        if proxy.count_log("File too large") > 0 {
-            rounds = round;
-            break;
-        }
-        assert!(
-            round < 3000 && Instant::now() < deadline,
-            "the capture never met the limit: {}",
-            proxy.logs()
-        );
-        echo_once(proxy.addr(), &bulk);
-    }
+    let rounds = echo_until_logged(&proxy, "File too large", &bulk, 3000);
     set_fsize(proxy.pid(), libc::RLIM_INFINITY);
     let after = b"a conversation after the file had room again";
     let client = echo_once(proxy.addr(), after);
@@ -1812,16 +1811,11 @@ fn a_pcap_on_stdout_goes_down_the_pipe() {
 /// reader's stream.
 #[test]
 fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = TempDir::new("fifo-readers");
     let fifo = dir.path("live.pcap");
     mkfifo(&fifo);
     // The first reader: opened before the proxy, so the tap finds it at start.
-    let mut first = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .unwrap();
+    let mut first = open_fifo_reader(&fifo);
     let echo = Upstream::echo();
     let mut proxy = Proxy::start(&capture_args(echo.addr, fifo.to_str().unwrap()), 1);
     echo_once(proxy.addr(), b"for the first reader");
@@ -1840,15 +1834,7 @@ fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
     assert_eq!(head[..4], [0xd4, 0xc3, 0xb2, 0xa1]);
     // The first reader leaves; traffic goes on until the tap has found it gone.
     drop(first);
-    let deadline = Instant::now() + PROMPT;
-    while proxy.count_log("Broken pipe") == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no failed write: {}",
-            proxy.logs()
-        );
-        echo_once(proxy.addr(), &Pattern::bytes(3, 64 << 10));
-    }
+    echo_until_logged(&proxy, "Broken pipe", &Pattern::bytes(3, 64 << 10), 10_000);
     // The second reader (its open waits for the writer, which opens the FIFO for the first
     // batch that finds a reader).
     let (started, has_started) = mpsc::channel();

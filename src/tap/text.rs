@@ -197,16 +197,7 @@ impl TextSink {
                 self.catch_up(record, *dir, *offset);
                 let end = offset.saturating_add(bytes.len() as u64);
                 self.advance(record, *dir, end);
-                self.header(record);
-                let p = self.palette;
-                let _ = writeln!(
-                    self.buf,
-                    "{}{}{} {} bytes",
-                    dir_color(p, *dir),
-                    dir_name(*dir),
-                    p.reset,
-                    bytes.len()
-                );
+                self.dir_line(record, *dir, format_args!("{} bytes", bytes.len()));
                 // Held bytes are shown in front of the chunk: the bytes shown start that much
                 // before the chunk's offset.
                 let mut joined = std::mem::take(&mut self.joined);
@@ -381,21 +372,30 @@ impl TextSink {
             if len == 0 {
                 continue;
             }
-            self.header(record);
             let p = self.palette;
-            let _ = writeln!(
-                self.buf,
-                "{}{}{} {}[... {} bytes not captured ({}) ...]{}",
-                dir_color(p, dir),
-                dir_name(dir),
-                p.reset,
-                p.gap,
-                len,
-                why,
-                p.reset
+            self.dir_line(
+                record,
+                dir,
+                format_args!(
+                    "{}[... {len} bytes not captured ({why}) ...]{}",
+                    p.gap, p.reset
+                ),
             );
         }
         self.advance(record, dir, offset);
+    }
+
+    /// A line of `record`'s connection about direction `dir`: the header, the direction, `what`.
+    fn dir_line(&mut self, record: &TapRecord, dir: Direction, what: std::fmt::Arguments<'_>) {
+        self.header(record);
+        let p = self.palette;
+        let _ = writeln!(
+            self.buf,
+            "{}{}{} {what}",
+            dir_color(p, dir),
+            dir_name(dir),
+            p.reset
+        );
     }
 
     /// Writes the bytes held back for `dir`, if any, as `\xNN` escapes under a line of their
@@ -414,14 +414,10 @@ impl TextSink {
         if held.len == 0 {
             return;
         }
-        self.header(record);
-        let p = self.palette;
-        let _ = writeln!(
-            self.buf,
-            "{}{}{} incomplete character at the end of the last chunk",
-            dir_color(p, dir),
-            dir_name(dir),
-            p.reset
+        self.dir_line(
+            record,
+            dir,
+            format_args!("incomplete character at the end of the last chunk"),
         );
         self.buf
             .extend_from_slice(self.leads[dir.index()].as_bytes());
