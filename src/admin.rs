@@ -50,7 +50,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use serde::Serialize;
 
-use crate::metrics::{ExtraGauges, Metrics};
+use crate::metrics::{ExtraGauges, Metrics, UpstreamUp};
 use crate::pipe::PipeState;
 
 /// Most bytes of request line plus headers accepted; a longer head gets 431.
@@ -236,6 +236,8 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     /// Called at each scrape for numbers owned by other components (tap, access log).
     pub extra: Box<dyn Fn() -> ExtraGauges + Send + Sync>,
+    /// Called at each scrape for the health of the backends of routes with health checks.
+    pub upstreams: Box<dyn Fn() -> Vec<UpstreamUp> + Send + Sync>,
     /// One per event loop: where its snapshot requests go (the loop holds the receiver, see
     /// [`snapshot_channel`]) and how to wake it after queueing one (`mio::Waker::wake`).
     /// `/connections` asks every loop and concatenates the answers.
@@ -967,6 +969,7 @@ fn metrics(shared: &Shared) -> Response {
     extra.admin_connections_refused = shared.refused.load(Ordering::Relaxed);
     let mut body = String::with_capacity(16 * 1024);
     state.metrics.render_prometheus(&routes, &extra, &mut body);
+    crate::metrics::render_upstream_health(&(state.upstreams)(), &mut body);
     Response {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -1100,6 +1103,14 @@ mod tests {
                 tap_records_written: 42,
                 ..ExtraGauges::default()
             }),
+            upstreams: Box::new(|| {
+                vec![UpstreamUp {
+                    route: "db".into(),
+                    upstream: "db.internal:5432".into(),
+                    address: "10.0.0.7:5432".into(),
+                    up: false,
+                }]
+            }),
             loops: vec![SnapshotTarget {
                 snapshots: tx,
                 wake: {
@@ -1177,6 +1188,12 @@ mod tests {
         };
         assert_eq!(find("tcptap_connections_active", Some("db")), Some(1.0));
         assert_eq!(find("tcptap_tap_records_written_total", None), Some(42.0));
+        let up = samples.iter().find(|(n, _, _)| n == "tcptap_upstream_up");
+        let (_, labels, value) = up.expect("tcptap_upstream_up");
+        assert_eq!(*value, 0.0);
+        let label = |k: &str| labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(label("upstream"), Some("db.internal:5432"));
+        assert_eq!(label("address"), Some("10.0.0.7:5432"));
         // HEAD: same headers, no body.
         let (status, head, body) = exchange(
             f.server.local_addr(),
@@ -1339,6 +1356,7 @@ mod tests {
             routes: Arc::new(std::sync::RwLock::new(vec!["web".into()])),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),
+            upstreams: Box::new(Vec::new),
             loops: vec![SnapshotTarget {
                 snapshots: tx,
                 wake: Arc::new(|| {}),
@@ -1628,6 +1646,7 @@ mod tests {
             routes: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),
+            upstreams: Box::new(Vec::new),
             loops: vec![SnapshotTarget {
                 snapshots: tx,
                 wake: Arc::new(|| {}),

@@ -37,7 +37,7 @@ use crate::admin::{
 use crate::buffer::BufferPool;
 use crate::config::{Config, Overrides, ProxyProtocolVersion, Route};
 use crate::fd_budget;
-use crate::metrics::{CloseCause, ConnectFailure, ExtraGauges, Metrics};
+use crate::metrics::{CloseCause, ConnectFailure, ExtraGauges, Metrics, UpstreamUp};
 use crate::net::{self, SetupError};
 use crate::notify;
 use crate::orig_dst;
@@ -48,7 +48,9 @@ use crate::proxy_protocol::{self, Parsed};
 use crate::splice::PipePool;
 use crate::stats::Stats;
 use crate::tap::{ConnMeta, Direction, Side, TapConfig, TapHandle, TapSet, TapStats};
-use crate::upstream::{AddressUpdate, Prober, ResolveTarget, Resolver, Subscriber, UpstreamSet};
+use crate::upstream::{
+    AddressUpdate, Health, Prober, ResolveTarget, Resolver, Subscriber, UpstreamSet,
+};
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
@@ -422,7 +424,7 @@ impl Server {
                     .config
                     .routes
                     .iter()
-                    .map(|r| UpstreamSet::new(&r.name, &r.upstream_set).seen_by_worker(index, n))
+                    .map(|r| UpstreamSet::new(&r.name, &r.upstream_set).on_worker(index))
                     .collect(),
                 probers: Vec::new(),
                 address_updates: updates_rx,
@@ -462,6 +464,10 @@ impl Server {
                     routes: shared.route_names.clone(),
                     draining: shared.draining.clone(),
                     extra: Box::new(move || extra_gauges(taps.stats(), access.as_ref())),
+                    upstreams: {
+                        let shared = shared.clone();
+                        Box::new(move || upstream_health(&lock(&shared.current_routes)))
+                    },
                     loops,
                     snapshot_timeout: admin::DEFAULT_SNAPSHOT_TIMEOUT,
                 };
@@ -945,7 +951,7 @@ impl Worker {
                             p.stop(self.poll.registry());
                         }
                         self.sets[index] = UpstreamSet::new(&route.name, &route.upstream_set)
-                            .seen_by_worker(self.index, self.shared.config.workers.get());
+                            .on_worker(self.index);
                         self.probers[index] = prober(&self.sets[index], &route, index);
                         self.routes[index].set_epoch += 1;
                     } else if let Some(p) = self.probers[index].as_mut() {
@@ -989,8 +995,7 @@ impl Worker {
                         );
                     }
                     self.sets.push(
-                        UpstreamSet::new(&route.name, &route.upstream_set)
-                            .seen_by_worker(self.index, self.shared.config.workers.get()),
+                        UpstreamSet::new(&route.name, &route.upstream_set).on_worker(self.index),
                     );
                     self.probers.push(prober(&self.sets[i], &route, i));
                     self.listeners.push(Listener {
@@ -2315,13 +2320,19 @@ fn prepare_reload(
                     new_names.push(r.name.clone());
                     first_slot + new_names.len() - 1
                 });
+                // A renamed route's set logs under its new name.
+                let upstreams_changed = r.upstream_set != old.upstream_set || r.name != old.name;
+                let mut route = r.clone();
+                if !upstreams_changed {
+                    // The loops keep their sets, and with them the board they share.
+                    route.upstream_set.board = old.upstream_set.board.clone();
+                }
                 for c in changes.iter_mut() {
                     c.push(RouteChange::Update {
                         index,
-                        route: r.clone(),
+                        route: route.clone(),
                         tap: tap.clone(),
-                        // A renamed route's set logs under its new name.
-                        upstreams_changed: r.upstream_set != old.upstream_set || r.name != old.name,
+                        upstreams_changed,
                         metrics_slot,
                     });
                 }
@@ -2438,6 +2449,23 @@ fn warn_resolver_fixed(r: &Route) {
 /// Locks a read-write lock for writing (nothing panics while holding it).
 fn lock_write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The health of every backend of the routes in force that have health checks, as their
+/// probing loop last published it.
+fn upstream_health(routes: &[Option<Route>]) -> Vec<UpstreamUp> {
+    let checked = routes.iter().flatten();
+    let checked = checked.filter(|r| r.upstream_set.health_check.is_some());
+    checked
+        .flat_map(|r| {
+            (r.upstream_set.board.entries().into_iter()).map(|e| UpstreamUp {
+                route: r.name.clone(),
+                upstream: e.name,
+                address: e.addr.to_string(),
+                up: e.health == Health::Up,
+            })
+        })
+        .collect()
 }
 
 /// The health prober of route `i` (with the set `set`), if it has health checks.

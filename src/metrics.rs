@@ -597,6 +597,41 @@ impl Metrics {
     }
 }
 
+/// One backend of a route with health checks, as `tcptap_upstream_up` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUp {
+    /// The route's name.
+    pub route: String,
+    /// The upstream as written in the config (a `host:port` may stand for several addresses).
+    pub upstream: String,
+    /// The address probed.
+    pub address: String,
+    /// True while in rotation.
+    pub up: bool,
+}
+
+/// Appends the `tcptap_upstream_up` family: 1 per backend in rotation, 0 per backend taken out by
+/// its health checks. Routes without health checks have no samples.
+pub fn render_upstream_health(rows: &[UpstreamUp], out: &mut String) {
+    let mut w = Exposition { out };
+    w.family(
+        "tcptap_upstream_up",
+        "gauge",
+        "1 if the upstream address passes its route's health checks (or has not failed them yet), 0 if it is DOWN. Only routes with health checks.",
+    );
+    for r in rows {
+        w.sample(
+            "tcptap_upstream_up",
+            &[
+                ("route", &r.route),
+                ("upstream", &r.upstream),
+                ("address", &r.address),
+            ],
+            u8::from(r.up),
+        );
+    }
+}
+
 /// The metrics of the routes that share a name, read as one route.
 struct Merged<'a>(&'a [&'a RouteMetrics]);
 

@@ -9,7 +9,10 @@
 //! - [`HealthState`]: the rise/fall machine of one backend (`UP` → `DOWN` after `fall` consecutive failed
 //!   probes, `DOWN` → `UP` after `rise` consecutive good ones; every backend starts `UP`).
 //! - [`Prober`]: non-blocking TCP connect probes, registered in the loop's `mio::Registry` under tokens
-//!   `base .. base + capacity`, results reported into the [`UpstreamSet`].
+//!   `base .. base + capacity`, results reported into the [`UpstreamSet`]. Only the first event loop
+//!   probes: its set publishes each backend's health on the route's [`HealthBoard`], and the sets of
+//!   the other loops follow it there, so a backend sees one probe per interval however many loops
+//!   run, and every loop agrees on what is `DOWN`.
 //! - [`Resolver`]: a std thread that re-resolves host names every `resolve_interval` and sends changed
 //!   address lists to each loop (an mpsc channel plus a wake callback), so DNS never blocks a loop.
 //!
@@ -27,8 +30,9 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -127,6 +131,9 @@ pub struct UpstreamSpec {
     pub health_check: Option<HealthCheck>,
     /// Re-resolve host names this often (`resolve_interval`), off unless set.
     pub resolve_interval: Option<Duration>,
+    /// Not configuration: where the health checks of this route, made by one event loop, are
+    /// published for the others. Every clone of a spec shares it; equality ignores it.
+    pub board: HealthBoard,
 }
 
 impl Default for UpstreamSpec {
@@ -137,6 +144,7 @@ impl Default for UpstreamSpec {
             connect_attempts: None,
             health_check: None,
             resolve_interval: None,
+            board: HealthBoard::default(),
         }
     }
 }
@@ -290,6 +298,80 @@ impl Backend {
     }
 }
 
+/// One backend as published on a [`HealthBoard`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoardEntry {
+    /// The target name as written.
+    pub name: String,
+    /// The address probed.
+    pub addr: SocketAddr,
+    /// Its health.
+    pub health: Health,
+}
+
+#[derive(Debug, Default)]
+struct Board {
+    /// Bumped after each publication, read without the lock.
+    version: AtomicU64,
+    entries: Mutex<Vec<BoardEntry>>,
+}
+
+/// The health of one route's live backends, written by the event loop that probes them and read
+/// by the others (at their next pick) and by `/metrics`. A cheap handle: clones share the board.
+/// Readers take the lock only after the version moved, so a loop's pick costs one atomic load.
+#[derive(Clone, Default)]
+pub struct HealthBoard(Arc<Board>);
+
+impl HealthBoard {
+    /// Every live backend with its health, in the prober's slot order; empty until the prober's
+    /// loop has started.
+    pub fn entries(&self) -> Vec<BoardEntry> {
+        self.lock().clone()
+    }
+
+    fn version(&self) -> u64 {
+        self.0.version.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<BoardEntry>> {
+        self.0
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self, entries: Vec<BoardEntry>) {
+        *self.lock() = entries;
+        self.0.version.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Not part of the configuration: two specs are equal whatever their boards.
+impl PartialEq for HealthBoard {
+    fn eq(&self, _: &HealthBoard) -> bool {
+        true
+    }
+}
+
+impl Eq for HealthBoard {}
+
+impl fmt::Debug for HealthBoard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthBoard")
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a set probes its backends (and publishes their health) or follows the board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The first event loop's set: its [`Prober`] probes, it publishes.
+    Prober,
+    /// Another loop's set: takes each backend's health from the board, last seen at `seen`.
+    Follower { seen: u64 },
+}
+
 /// Why a probe failed.
 #[derive(Debug)]
 pub enum ProbeFailure {
@@ -323,9 +405,9 @@ pub struct UpstreamSet {
     backends: Vec<Backend>,
     /// Round-robin position: the next index to consider.
     cursor: usize,
-    /// Appended to health lines: each event loop probes on its own, so with several loops a
-    /// change is logged by each, saying which (` (worker 1 of 2)`).
-    seen_by: String,
+    /// Shared with the sets of the same route on the other event loops.
+    board: HealthBoard,
+    role: Role,
 }
 
 impl UpstreamSet {
@@ -347,16 +429,61 @@ impl UpstreamSet {
             names: spec.targets.iter().map(|t| t.name.clone()).collect(),
             backends,
             cursor: 0,
-            seen_by: String::new(),
+            board: spec.board.clone(),
+            role: Role::Prober,
         }
     }
 
-    /// This set is event loop `index`'s of `workers`: its health lines say so.
-    pub fn seen_by_worker(mut self, index: usize, workers: usize) -> UpstreamSet {
-        if workers > 1 {
-            self.seen_by = format!(" (worker {index} of {workers})");
+    /// The set of event loop `index`: the first loop's probes and publishes (from now: `/metrics`
+    /// lists its backends), the others follow the board. [`UpstreamSet::new`] makes a set that
+    /// probes and has published nothing yet.
+    pub fn on_worker(mut self, index: usize) -> UpstreamSet {
+        if index == 0 {
+            self.publish();
+        } else {
+            self.role = Role::Follower { seen: 0 };
+            self.follow();
         }
         self
+    }
+
+    /// True when this set's health comes from its own probes (see [`UpstreamSet::on_worker`]).
+    pub fn probes(&self) -> bool {
+        self.role == Role::Prober
+    }
+
+    /// Puts every live backend's health on the board, if this set is the prober's.
+    fn publish(&self) {
+        if self.role != Role::Prober || self.check.is_none() {
+            return;
+        }
+        let entries = (self.backends.iter().filter(|b| b.live))
+            .map(|b| BoardEntry {
+                name: b.name.clone(),
+                addr: b.addr,
+                health: b.health.health(),
+            })
+            .collect();
+        self.board.publish(entries);
+    }
+
+    /// Takes each backend's health from the board when it changed since last time, if this set
+    /// follows it. A backend the board does not list (yet) stays as it is.
+    fn follow(&mut self) {
+        let Role::Follower { seen } = &mut self.role else {
+            return;
+        };
+        if self.check.is_none() || self.board.version() == *seen {
+            return;
+        }
+        // Read the version first: a publication racing this read is seen again next time.
+        *seen = self.board.version();
+        let entries = self.board.lock();
+        for b in self.backends.iter_mut().filter(|b| b.live) {
+            if let Some(e) = entries.iter().find(|e| e.addr == b.addr) {
+                b.health.health = e.health;
+            }
+        }
     }
 
     /// The route name.
@@ -421,6 +548,7 @@ impl UpstreamSet {
     }
 
     fn choose(&mut self, exclude: &[usize]) -> Option<usize> {
+        self.follow();
         let n = self.backends.len();
         let eligible = |i: usize, b: &Backend| b.live && !exclude.contains(&i);
         let any_up = self
@@ -502,6 +630,7 @@ impl UpstreamSet {
         }
         let changed = !added.is_empty() || !removed.is_empty();
         if changed {
+            self.publish();
             debug!(
                 "route `{}`: upstream {name} now resolves to {} (added {}; removed {})",
                 self.route,
@@ -513,8 +642,9 @@ impl UpstreamSet {
         changed
     }
 
-    /// Counts a probe of `addr` at `idx`; logs and returns the new health when it changed. Ignored
-    /// when checks are off or the slot no longer holds `addr`.
+    /// Counts a probe of `addr` at `idx`; logs, publishes and returns the new health when it
+    /// changed. Ignored when checks are off, the slot no longer holds `addr`, or this set follows
+    /// the board.
     pub fn report_probe(
         &mut self,
         idx: usize,
@@ -522,6 +652,9 @@ impl UpstreamSet {
         result: Result<(), &ProbeFailure>,
     ) -> Option<Health> {
         let check = self.check?;
+        if self.role != Role::Prober {
+            return None;
+        }
         let b = self
             .backends
             .get_mut(idx)
@@ -529,15 +662,15 @@ impl UpstreamSet {
         let changed = b.health.record(result.is_ok(), check.rise, check.fall)?;
         match (changed, result) {
             (Health::Down, Err(why)) => info!(
-                "route `{}`: upstream {} ({addr}) is DOWN after {} failed probe(s), last: \
-                 {why}{}",
-                self.route, b.name, check.fall, self.seen_by
+                "route `{}`: upstream {} ({addr}) is DOWN after {} failed probe(s), last: {why}",
+                self.route, b.name, check.fall
             ),
             _ => info!(
-                "route `{}`: upstream {} ({addr}) is {changed} after {} good probe(s){}",
-                self.route, b.name, check.rise, self.seen_by
+                "route `{}`: upstream {} ({addr}) is {changed} after {} good probe(s)",
+                self.route, b.name, check.rise
             ),
         }
+        self.publish();
         Some(changed)
     }
 }
@@ -595,10 +728,11 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// A prober for `set`, or `None` when the route has no health check. At most `capacity` (at least
-    /// 1) probes run at once; they use tokens `base .. base + capacity`.
+    /// A prober for `set`, or `None` when the route has no health check or the set follows another
+    /// loop's probes ([`UpstreamSet::probes`]). At most `capacity` (at least 1) probes run at once;
+    /// they use tokens `base .. base + capacity`.
     pub fn for_set(set: &UpstreamSet, base: usize, capacity: usize) -> Option<Prober> {
-        let check = set.health_check()?;
+        let check = set.health_check().filter(|_| set.probes())?;
         Some(Prober {
             greeting: Vec::new(),
             check,
@@ -1078,9 +1212,8 @@ mod tests {
                 })
                 .collect(),
             policy,
-            connect_attempts: None,
             health_check: check,
-            resolve_interval: None,
+            ..UpstreamSpec::default()
         }
     }
 
@@ -1263,6 +1396,54 @@ mod tests {
 
     /// The default `connect_attempts`, min(3, addresses), follows re-resolution: a name that
     /// resolved to one address at startup and to two now fails over to the second.
+    #[test]
+    fn other_loops_follow_the_probing_loops_health() {
+        let s = spec(Policy::RoundRobin, &[1, 2], Some(CHECK));
+        let mut prober = UpstreamSet::new("r", &s).on_worker(0);
+        // A loop that applies the route late still starts from what was published.
+        let why = ProbeFailure::TimedOut(CHECK.timeout);
+        for _ in 0..CHECK.fall {
+            prober.report_probe(1, addr(2), Err(&why));
+        }
+        let mut late = UpstreamSet::new("r", &s.clone()).on_worker(1);
+        assert_eq!(late.backend(1).unwrap().health(), Health::Down);
+        assert!(!late.probes() && Prober::for_set(&late, 0, 4).is_none());
+        // Its own probe results (it runs none, but say one arrived) count for nothing.
+        for _ in 0..CHECK.rise {
+            assert_eq!(late.report_probe(1, addr(2), Ok(())), None);
+        }
+        assert_eq!(
+            (0..4).map(|_| late.pick().unwrap()).collect::<Vec<_>>(),
+            [0; 4]
+        );
+        // Back up on the prober: the follower puts it back at its next pick.
+        for _ in 0..CHECK.rise {
+            prober.report_probe(1, addr(2), Ok(()));
+        }
+        let picks: Vec<usize> = (0..4).map(|_| late.pick().unwrap()).collect();
+        assert!(picks.contains(&1), "{picks:?}");
+        // The board lists every live backend, for /metrics.
+        let names: Vec<(SocketAddr, Health)> = (s.board.entries().iter())
+            .map(|e| (e.addr, e.health))
+            .collect();
+        assert_eq!(names, [(addr(1), Health::Up), (addr(2), Health::Up)]);
+        // A retired address leaves it; a spec parsed anew (a reload) has a board of its own.
+        let name = addr(2).to_string();
+        assert!(prober.replace_addresses(&name, &[addr(3)]));
+        let listed: Vec<SocketAddr> = s.board.entries().iter().map(|e| e.addr).collect();
+        assert_eq!(listed, [addr(1), addr(3)]);
+        let fresh = spec(Policy::RoundRobin, &[1, 2], Some(CHECK));
+        assert!(fresh == s && fresh.board.entries().is_empty());
+    }
+
+    #[test]
+    fn without_health_checks_nothing_is_published() {
+        let s = spec(Policy::RoundRobin, &[1, 2], None);
+        let mut set = UpstreamSet::new("r", &s).on_worker(0);
+        assert!(set.replace_addresses(&addr(2).to_string(), &[addr(3)]));
+        assert!(s.board.entries().is_empty());
+    }
+
     #[test]
     fn default_attempts_follow_the_resolved_addresses() {
         let name = "backend.test:80";

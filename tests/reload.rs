@@ -534,7 +534,59 @@ fn sighups_in_quick_succession_end_with_the_last_file_in_force() {
     assert_eq!(proxy.count_log("reload rejected"), 0, "{}", proxy.logs());
 }
 
+/// Health survives a reload that keeps a route's upstreams: a DOWN backend stays out of
+/// rotation and `/metrics` still shows it DOWN. New upstreams start from scratch.
+#[test]
+fn a_reload_keeps_the_health_of_upstreams_it_does_not_change() {
+    let a = tagged(1);
+    let c = tagged(3);
+    let dead = dead_addr();
+    let dir = TempDir::new("reload-health");
+    let path = dir.path("proxy.toml");
+    let config = |upstreams: &[SocketAddr], idle: &str| {
+        let list: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n\
+             upstreams = [{}]\nidle_timeout = \"{idle}\"\n[route.health_check]\n\
+             interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n",
+            list.join(", ")
+        )
+    };
+    write_file(&path, &config(&[a.addr, dead], "1m"));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    proxy.wait_log("is DOWN after", PROMPT);
+    let up = |at: SocketAddr| {
+        let (_, metrics) = http_get(proxy.admin_addr(), "/metrics");
+        let series =
+            format!("tcptap_upstream_up{{route=\"r\",upstream=\"{at}\",address=\"{at}\"}}");
+        metric(&metrics, &series)
+    };
+    assert_eq!((up(a.addr), up(dead)), (Some(1.0), Some(0.0)));
+    // Only the idle timeout changes.
+    write_file(&path, &config(&[a.addr, dead], "2m"));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    assert_eq!((up(a.addr), up(dead)), (Some(1.0), Some(0.0)));
+    for _ in 0..4 {
+        assert_eq!(ask(proxy.addr()), 1, "{}", proxy.logs());
+    }
+    assert_eq!(proxy.count_log("is DOWN after"), 1, "{}", proxy.logs());
+    // The upstreams change: their health is checked anew.
+    write_file(&path, &config(&[a.addr, dead, c.addr], "2m"));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    proxy.wait_count("is DOWN after", 2, PROMPT);
+    let deadline = std::time::Instant::now() + PROMPT;
+    while up(c.addr) != Some(1.0) || up(dead) != Some(0.0) {
+        assert!(std::time::Instant::now() < deadline, "{}", proxy.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(up(a.addr), Some(1.0));
+    assert_eq!(proxy.count_log("reload rejected"), 0, "{}", proxy.logs());
+}
+
 also_with_two_workers!(
     sighups_in_quick_succession_end_with_the_last_file_in_force,
     a_reload_renames_routes_and_swaps_their_addresses,
+    a_reload_keeps_the_health_of_upstreams_it_does_not_change,
 );

@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -100,8 +100,6 @@ fn health_checks_take_a_dead_upstream_out_and_put_it_back() {
     let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let proxy = Proxy::with_config(&format!("{admin}{}", route(&[a.addr, b_addr], extra)), 1);
     drop(b_listener); // B is down from the start
-    // Each event loop probes on its own: wait for every one to have taken B out.
-    proxy.wait_count("is DOWN after", workers(), PROMPT);
     let line = proxy.wait_log("DOWN", PROMPT);
     assert!(
         line.contains(&format!(
@@ -109,6 +107,8 @@ fn health_checks_take_a_dead_upstream_out_and_put_it_back() {
         )),
         "{line}"
     );
+    // One loop probes for all: one line, whatever the number of loops.
+    assert_eq!(proxy.count_log("is DOWN after"), 1, "{}", proxy.logs());
     // Every connection now goes to A, with no failed attempt on B first.
     for _ in 0..6 {
         assert_eq!(ask(proxy.addr()), Some(1), "{}", proxy.logs());
@@ -123,6 +123,13 @@ fn health_checks_take_a_dead_upstream_out_and_put_it_back() {
         Some(0.0),
         "connections still tried the DOWN upstream:\n{metrics}"
     );
+    let up = |metrics: &str, at: SocketAddr| {
+        let series =
+            format!("tcptap_upstream_up{{route=\"route0\",upstream=\"{at}\",address=\"{at}\"}}");
+        metric(metrics, &series)
+    };
+    assert_eq!(up(&metrics, a.addr), Some(1.0), "{metrics}");
+    assert_eq!(up(&metrics, b_addr), Some(0.0), "{metrics}");
     // B comes back on the same port and is put back into rotation.
     let b = TcpListener::bind(b_addr).expect("rebind B");
     serve_b(b);
@@ -136,5 +143,46 @@ fn health_checks_take_a_dead_upstream_out_and_put_it_back() {
         seen_b,
         "B never served again after recovering:\n{}",
         proxy.logs()
+    );
+    let (_, metrics) = http_get(proxy.admin_addr(), "/metrics");
+    assert_eq!(up(&metrics, b_addr), Some(1.0), "{metrics}");
+    assert_eq!(proxy.count_log("is UP after"), 1, "{}", proxy.logs());
+}
+
+/// However many event loops run, a backend sees one probe per interval: the loops share one
+/// prober. With a prober per loop, probes of the loops come in bursts, a few milliseconds apart.
+#[test]
+fn two_workers_probe_each_upstream_once_per_interval() {
+    const INTERVAL: Duration = Duration::from_millis(300);
+    const PROBES: usize = 6;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { break };
+            drop(s);
+            if tx.send(Instant::now()).is_err() {
+                break;
+            }
+        }
+    });
+    let extra = format!(
+        "[route.health_check]\ninterval = \"{}ms\"\ntimeout = \"200ms\"\n",
+        INTERVAL.as_millis()
+    );
+    let config = format!("workers = 2\n{}", route(&[addr], &extra));
+    let proxy = Proxy::with_config(&config, 1);
+    let mut times = Vec::new();
+    while times.len() < PROBES {
+        match rx.recv_timeout(PROMPT) {
+            Ok(t) => times.push(t),
+            Err(e) => panic!("{} probes, then {e}:\n{}", times.len(), proxy.logs()),
+        }
+    }
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|&g| g > INTERVAL / 2),
+        "probes closer than the interval ({INTERVAL:?}): {gaps:?}"
     );
 }
