@@ -476,11 +476,17 @@ impl Pair {
                     },
                 );
             }
+            let kind = reason.kind();
+            let connecting = match kind {
+                CloseKind::ConnectFailed => self.connect_started.elapsed(),
+                _ => Duration::ZERO,
+            };
             let close = TapEvent::Close {
-                kind: reason.kind(),
+                kind,
                 offsets,
                 dropped_records: t.dropped_records,
                 dropped_bytes: t.dropped_bytes,
+                connecting,
             };
             t.event(&meta, close);
         }

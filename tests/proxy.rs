@@ -248,28 +248,8 @@ fn upstream_refused_closes_client_and_keeps_serving() {
 
 #[test]
 fn connect_timeout_closes_client() {
-    // A listener whose accept queue is full drops SYNs: connects to it hang.
-    let blackhole =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    blackhole
-        .bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    blackhole.listen(0).unwrap();
-    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let _ = s.connect(&addr.into());
-        fillers.push(s);
-    }
-    thread::sleep(Duration::from_millis(100)); // let the handshakes of the fillers settle
-    let config = one_route("127.0.0.1:0", addr, "connect_timeout = \"400ms\"");
+    let blackhole = Blackhole::start();
+    let config = one_route("127.0.0.1:0", blackhole.addr, "connect_timeout = \"400ms\"");
     let proxy = Proxy::with_config(&config, 1);
     let mut c = connect(proxy.addr());
     let start = Instant::now();

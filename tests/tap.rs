@@ -1864,3 +1864,49 @@ fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
     let flows = read_pcap_from(&copy, false);
     assert_eq!(captured_request(&flows, client), b"for the second reader");
 }
+
+/// A connect that times out shows in the capture as a SYN when the connect started and a RST
+/// from the upstream when the proxy gave up: Wireshark's delta between them is the wait.
+#[test]
+fn a_timed_out_connect_shows_its_syn_when_it_was_sent() {
+    let blackhole = Blackhole::start();
+    let dir = TempDir::new("tap-connect-timeout");
+    let pcap = dir.path("out.pcap");
+    let config = format!(
+        "connect_timeout = \"400ms\"\n[tap]\npcap = \"{}\"\n{}",
+        pcap.display(),
+        one_route("127.0.0.1:0", blackhole.addr, "")
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let mut c = connect(proxy.addr());
+    let client = c.local_addr().unwrap();
+    let _ = read_to_end(&mut c, PROMPT);
+    proxy.wait_log("upstream connect timeout", PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let file = std::fs::File::open(&pcap).expect("open pcap");
+    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
+    let mut seen = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        let p = p.expect("pcap packet");
+        let sliced = SlicedPacket::from_ethernet(&p.data).expect("ethernet frame");
+        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
+            panic!("not TCP")
+        };
+        let from_client = tcp.source_port() == client.port();
+        seen.push((from_client, tcp.syn(), tcp.rst(), p.timestamp));
+    }
+    let syn = seen
+        .iter()
+        .find(|p| p.0 && p.1)
+        .expect("a SYN from the client");
+    let rst = seen
+        .iter()
+        .find(|p| !p.0 && p.2)
+        .expect("a RST from the upstream");
+    let waited = rst.3.saturating_sub(syn.3);
+    assert!(
+        waited >= Duration::from_millis(350) && waited < PROMPT,
+        "SYN to RST in the capture: {waited:?}, the connect waited 400ms: {seen:?}"
+    );
+}

@@ -25,12 +25,13 @@
 //!   RST/ACK toward each side, i.e. one from each address. Close after a failed connect → SYN
 //!   then RST/ACK toward the client. Per-connection state is forgotten at Close.
 //! - IPv4 header checksum and TCP checksum (with the IPv4 or IPv6 pseudo-header) are correct.
-//! - Timestamps are the record times.
+//! - Timestamps are the record times, except the SYN of a failed connect: the Close time less
+//!   how long the connect went on, so the capture shows the wait.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::PcapTarget;
 use super::queue::Teed;
@@ -270,12 +271,18 @@ impl PcapSink {
     fn record(&mut self, record: &TapRecord) {
         let id = record.conn.id;
         let time = record.time;
-        if let TapEvent::Close { kind, offsets, .. } = &record.event {
+        if let TapEvent::Close {
+            kind,
+            offsets,
+            connecting,
+            ..
+        } = &record.event
+        {
             match self.flows.remove(&id) {
                 Some(mut flow) => self.close(time, &mut flow, *kind, *offsets),
                 None if *kind == CloseKind::ConnectFailed => {
                     let mut flow = Flow::new(&record.conn);
-                    self.failed_connect(time, &mut flow);
+                    self.failed_connect(time, *connecting, &mut flow);
                 }
                 None => {}
             }
@@ -313,9 +320,11 @@ impl PcapSink {
         );
     }
 
-    fn failed_connect(&mut self, time: SystemTime, flow: &mut Flow) {
+    /// The SYN of a connect that failed at `time` after `connecting`, and the RST that ended it.
+    fn failed_connect(&mut self, time: SystemTime, connecting: Duration, flow: &mut Flow) {
         let c = flow.isn[0];
-        self.emit(time, flow, Segment::control(Direction::DownToUp, SYN, c, 0));
+        let sent = time.checked_sub(connecting).unwrap_or(time);
+        self.emit(sent, flow, Segment::control(Direction::DownToUp, SYN, c, 0));
         self.emit(
             time,
             flow,
@@ -654,6 +663,8 @@ mod tests {
         ack: u32,
         flags: u8,
         payload: Vec<u8>,
+        /// Since the epoch.
+        time: Duration,
     }
 
     /// Reads a pcap written by the sink, verifying the format and every checksum.
@@ -705,6 +716,7 @@ mod tests {
                 ack: tcp.acknowledgment_number(),
                 flags,
                 payload: tcp.payload().to_vec(),
+                time: packet.timestamp,
             });
         }
         out
@@ -1095,6 +1107,7 @@ mod tests {
                     offsets: [(req.len() + tail.len()) as u64, n],
                     dropped_records: 0,
                     dropped_bytes: 0,
+                    connecting: Duration::ZERO,
                 },
             ),
         ];
@@ -1283,6 +1296,7 @@ mod tests {
                     offsets: [4, 4],
                     dropped_records: 0,
                     dropped_bytes: 0,
+                    connecting: Duration::ZERO,
                 },
             ),
             record(
@@ -1301,6 +1315,7 @@ mod tests {
                     offsets: [500, 5],
                     dropped_records: 1,
                     dropped_bytes: 100,
+                    connecting: Duration::ZERO,
                 },
             ),
             record(
@@ -1311,6 +1326,7 @@ mod tests {
                     offsets: [0, 0],
                     dropped_records: 0,
                     dropped_bytes: 0,
+                    connecting: Duration::from_micros(4),
                 },
             ),
         ];
@@ -1361,6 +1377,8 @@ mod tests {
         assert_eq!(failed.len(), 2);
         assert_eq!((failed[0].flags, failed[1].flags), (SYN, RST | ACK));
         assert_eq!(failed[1].ack, failed[0].seq.wrapping_add(1));
+        // The SYN when the connect started, the RST when it failed.
+        assert_eq!(failed[1].time - failed[0].time, Duration::from_micros(4));
 
         if let Some((follows, text)) = tshark(&path, 2) {
             eprintln!("{text}");
@@ -1398,6 +1416,7 @@ mod tests {
                     offsets,
                     dropped_records: 0,
                     dropped_bytes: 0,
+                    connecting: Duration::ZERO,
                 },
             )
         };

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Which way bytes travel through a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,6 +192,9 @@ pub enum TapEvent {
         dropped_records: u64,
         /// Payload bytes this connection lost because the tap queue was full.
         dropped_bytes: u64,
+        /// After a failed upstream connect ([`CloseKind::ConnectFailed`]): how long the last
+        /// attempt went on, so that a capture shows its SYN when it was sent. Zero otherwise.
+        connecting: Duration,
     },
 }
 

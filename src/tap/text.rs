@@ -266,6 +266,7 @@ impl TextSink {
                 offsets,
                 dropped_records,
                 dropped_bytes,
+                ..
             } => {
                 for dir in Direction::BOTH {
                     self.catch_up(record, dir, offsets[dir.index()]);
@@ -933,6 +934,7 @@ mod tests {
                 offsets: [150, 0],
                 dropped_records: 1,
                 dropped_bytes: 97,
+                connecting: Duration::ZERO,
             },
         );
         assert_eq!(
@@ -951,6 +953,7 @@ mod tests {
             offsets: [5, 7],
             dropped_records: 0,
             dropped_bytes: 0,
+            connecting: Duration::ZERO,
         };
         for (kind, line) in [
             (
@@ -1310,6 +1313,7 @@ mod tests {
                 offsets: [4, 0],
                 dropped_records: 0,
                 dropped_bytes: 0,
+                connecting: Duration::ZERO,
             },
         );
         assert!(close.starts_with(&flush(">")), "{close:?}");

@@ -741,6 +741,40 @@ pub fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// A listener whose accept queue is full: it drops SYNs, so connects to `addr` hang.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<socket2::Socket>,
+}
+
+impl Blackhole {
+    pub fn start() -> Blackhole {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        listener.bind(&any.into()).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let fillers: Vec<Socket> = (0..8)
+            .map(|_| {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                s.set_nonblocking(true).unwrap();
+                let _ = s.connect(&addr.into());
+                s
+            })
+            .collect();
+        // The fillers' handshakes complete (or their SYNs are dropped) at once on loopback;
+        // give them a moment so the next SYN finds the queue full.
+        std::thread::sleep(Duration::from_millis(100));
+        Blackhole {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
 /// A minimal config for one route.
 pub fn one_route(listen: &str, upstream: SocketAddr, extra: &str) -> String {
     format!("{extra}\n[[route]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n")
