@@ -114,6 +114,12 @@ struct Shared {
     applied_generation: Vec<AtomicU64>,
     /// Config generation in force (1 at start).
     generation: AtomicU64,
+    /// The service manager's keep-alive period ([`notify::watchdog`]), if it asked for one.
+    watchdog: Option<Duration>,
+    /// Per worker, when its loop last turned, in milliseconds since `epoch`; [`FINISHED`] once
+    /// it has returned. Kept only with a watchdog.
+    heartbeats: Vec<AtomicU64>,
+    epoch: Instant,
     /// Each worker's end for reload plans, with its waker.
     reload_targets: Mutex<Vec<(Sender<ReloadPlan>, Arc<Waker>)>>,
     /// Started from a terminal: without a config file, SIGHUP is its hangup and ends the process.
@@ -262,6 +268,8 @@ struct Worker {
     port_failures_unwarned: u64,
     /// When the buffer pool was last trimmed (see [`BufferPool::trim`]).
     pool_trimmed: Instant,
+    /// Worker 0: when it last told the service manager the process is alive.
+    watchdog_sent: Option<Instant>,
 }
 
 /// How often a buffer pool holding more than it keeps for good gives back what went unused.
@@ -328,6 +336,9 @@ impl Server {
             reload_pending: AtomicBool::new(false),
             applied_generation: (0..n).map(|_| AtomicU64::new(1)).collect(),
             generation: AtomicU64::new(1),
+            watchdog: notify::watchdog(),
+            heartbeats: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
             reload_targets: Mutex::new(Vec::new()),
             hangup_ends: AtomicBool::new(false),
             taps: taps.clone(),
@@ -443,6 +454,7 @@ impl Server {
                 last_port_warning: None,
                 port_failures_unwarned: 0,
                 pool_trimmed: Instant::now(),
+                watchdog_sent: None,
             });
         }
         for w in &mut workers {
@@ -650,6 +662,7 @@ impl Worker {
         // unused now.
         let taps = self.routes.iter_mut().filter_map(|r| r.tap.take());
         lock(&self.shared.parked_taps).extend(taps);
+        self.shared.heartbeats[self.index].store(FINISHED, Ordering::Relaxed);
         self.shared.workers_running.fetch_sub(1, Ordering::SeqCst);
         // The signal-handling worker waits for the others: tell it one is gone.
         let _ = self.wakers[0].wake();
@@ -684,6 +697,7 @@ impl Worker {
             self.resume_accepting(now);
             self.tick_upstreams(now);
             self.trim_pool(now);
+            self.keep_alive(now);
             if let Some(deadline) = self.draining {
                 // The worker that handles signals stays until the others are done, so that a
                 // second SIGINT still works while they drain.
@@ -712,6 +726,32 @@ impl Worker {
             self.abort_all(|| CloseReason::Stopped);
         }
         Ok(exit)
+    }
+
+    /// With a service manager's watchdog: notes that this loop turned and, on worker 0 once per
+    /// period, sends `WATCHDOG=1` if every loop turned within the period. A loop that hangs (a
+    /// bug, a blocking call) thus stops the keep-alives and systemd restarts the proxy.
+    fn keep_alive(&mut self, now: Instant) {
+        let Some(period) = self.shared.watchdog else {
+            return;
+        };
+        let ms = |t: Instant| t.saturating_duration_since(self.shared.epoch).as_millis() as u64;
+        self.shared.heartbeats[self.index].store(ms(now), Ordering::Relaxed);
+        if self.index != 0 || self.watchdog_sent.is_some_and(|t| now < t + period) {
+            return;
+        }
+        self.watchdog_sent = Some(now);
+        let beats: Vec<u64> = (self.shared.heartbeats.iter())
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        match stalled_worker(&beats, ms(now), period.as_millis() as u64) {
+            None => notify::send("WATCHDOG=1"),
+            Some((i, idle_ms)) => warn!(
+                "worker {i} has not turned for {:.1}s: the service manager's watchdog is not \
+                 told that the proxy is alive",
+                idle_ms as f64 / 1000.0
+            ),
+        }
     }
 
     /// Every [`POOL_TRIM`] while the pool holds more than it keeps for good: frees the buffers
@@ -760,6 +800,10 @@ impl Worker {
         }
         if let Some(t) = self.draining {
             consider(t);
+        }
+        if let Some(period) = self.shared.watchdog {
+            // Turn at least twice a period, so that an idle loop is not taken for a hung one.
+            consider(now + period / 2);
         }
         if self.pool.has_excess() {
             consider(self.pool_trimmed + POOL_TRIM);
@@ -2066,6 +2110,18 @@ impl Worker {
     }
 }
 
+/// A heartbeat of a worker whose loop has returned.
+const FINISHED: u64 = u64::MAX;
+
+/// The first worker whose loop has not turned for longer than `period_ms` at `now_ms`, with how
+/// long; `None` when every loop turned since (or has finished).
+fn stalled_worker(beats: &[u64], now_ms: u64, period_ms: u64) -> Option<(usize, u64)> {
+    (beats.iter().enumerate())
+        .filter(|&(_, &b)| b != FINISHED)
+        .map(|(i, &b)| (i, now_ms.saturating_sub(b)))
+        .find(|&(_, idle)| idle > period_ms)
+}
+
 /// Locks a mutex that no code path can poison (nothing panics while holding it).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -2591,4 +2647,20 @@ fn fmt_addrs(addrs: &[SocketAddr]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_that_stopped_turning_holds_back_the_watchdog() {
+        // Worker 1 last turned 900 ms ago, with a period of 500 ms.
+        assert_eq!(stalled_worker(&[1000, 100], 1000, 500), Some((1, 900)));
+        assert_eq!(stalled_worker(&[1000, 600], 1000, 500), None);
+        // A loop that has returned (draining ends unevenly) is not waited for.
+        assert_eq!(stalled_worker(&[1000, FINISHED], 1000, 500), None);
+        // Nor a clock read before a heartbeat stored after it.
+        assert_eq!(stalled_worker(&[1200, 1100], 1000, 500), None);
+    }
 }

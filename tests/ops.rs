@@ -590,6 +590,55 @@ fn a_service_manager_is_told_ready_reloading_and_stopping() {
     assert!(proxy.wait_exit(PROMPT).success());
 }
 
+/// `WatchdogSec=` (`WATCHDOG_USEC`): `WATCHDOG=1` every half period while the loops turn, idle
+/// or busy, with one loop or several; nothing when `WATCHDOG_PID` names another process.
+#[test]
+fn a_service_manager_watchdog_is_kept_alive() {
+    let echo = Upstream::echo();
+    for (workers, pid) in [(1, None), (2, None), (2, Some(std::process::id()))] {
+        let dir = TempDir::new("notify-watchdog");
+        let notes = Notifications::bind(&dir);
+        let config = one_route("127.0.0.1:0", echo.addr, &format!("workers = {workers}"));
+        let proxy = Proxy::with_config_in(&config, 1, |cmd| {
+            cmd.env("NOTIFY_SOCKET", dir.path("notify.sock"));
+            cmd.env("WATCHDOG_USEC", "200000");
+            if let Some(pid) = pid {
+                cmd.env("WATCHDOG_PID", pid.to_string());
+            }
+        });
+        let mut watchdogs = Vec::new();
+        let mut c = connect(proxy.addr());
+        if pid.is_some() {
+            // Not for this process: READY, then nothing for several periods.
+            assert!(notes.next().starts_with("READY=1\n"));
+            notes
+                .0
+                .set_read_timeout(Some(Duration::from_millis(600)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let got = notes.0.recv(&mut buf).map(|n| buf[..n].to_vec());
+            assert!(got.is_err(), "{got:?}");
+            continue;
+        }
+        while watchdogs.len() < 4 {
+            let note = notes.next();
+            if note == "WATCHDOG=1" {
+                watchdogs.push(Instant::now());
+                // Busy in between: keep-alives come while bytes move too.
+                c.write_all(b"ping").unwrap();
+                assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"ping");
+            } else {
+                assert!(note.starts_with("READY=1\n"), "{note:?}");
+            }
+        }
+        let gaps: Vec<Duration> = watchdogs.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().all(|&g| g >= Duration::from_millis(50)),
+            "keep-alives closer than the period (100ms): {gaps:?}"
+        );
+    }
+}
+
 /// `NOTIFY_SOCKET` may name an abstract socket (`@name`).
 #[test]
 fn a_service_manager_on_an_abstract_socket_is_told_ready() {
