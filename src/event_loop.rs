@@ -863,15 +863,17 @@ impl Worker {
                 } else if event.is_readable() && !event.is_read_closed() {
                     r.urgent = false;
                 }
-                // An error ends the pair once bytes flow, and also while the upstream connect is
-                // in flight when it is the client's (a client that resets need not wait out
-                // `connect_timeout`, holding its slot and counting as an upstream timeout).
-                let settled = match pair.phase {
-                    Phase::Established => true,
-                    Phase::Connecting { .. } => side == Side::Downstream,
-                    Phase::AwaitingHeader { .. } => false,
-                };
-                if event.is_error() && settled {
+                // An error (a reset) ends the pair once what the peer sent before it is passed
+                // on: the pumps read it, then meet the error (see `Pair::settle_errors`). A
+                // client that resets while its upstream connect is in flight, having sent
+                // nothing, ends at once: it need not wait out `connect_timeout`, holding its
+                // slot and counting as an upstream timeout.
+                r.error |= event.is_error();
+                if event.is_error()
+                    && side == Side::Downstream
+                    && matches!(pair.phase, Phase::Connecting { .. })
+                    && pair.unread(side) == 0
+                {
                     if let Some(reason) = pair.check_socket_error(side) {
                         self.closing.push((key, pair.meta.id, reason));
                         return;
@@ -1873,7 +1875,12 @@ impl Worker {
         let pair = &mut self.pairs[key];
         let before = pair.offsets();
         let buffered = pair.buffered();
-        let drive = pair.pump(&mut self.pool, &mut self.pipes, self.budget, now);
+        let mut drive = pair.pump(&mut self.pool, &mut self.pipes, self.budget, now);
+        if let Drive::Idle = drive {
+            if let Some(reason) = pair.settle_errors() {
+                drive = Drive::Close(reason);
+            }
+        }
         let m = self.shared.metrics.route(pair.metrics);
         for dir in Direction::BOTH {
             let moved = pair.pipes[dir.index()].read_total() - before[dir.index()];

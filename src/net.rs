@@ -190,6 +190,19 @@ pub fn unacked(stream: &impl AsRawFd) -> io::Result<u64> {
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+/// Bytes received and not yet read (`SIOCINQ`). Still answers after a reset: what the peer sent
+/// before it stays readable, ahead of the error.
+pub fn unread(stream: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD on Linux) writes one int through the pointer, to a local that
+    // outlives the call; the descriptor is the live socket `stream` owns.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// Classifies an I/O error from a peer: true when it is the peer resetting or vanishing
 /// (`ECONNRESET`, `EPIPE`, `ECONNABORTED`, `ENOTCONN`, `ETIMEDOUT` from keepalive), which is routine for a proxy.
 pub fn is_peer_reset(e: &io::Error) -> bool {

@@ -249,6 +249,32 @@ impl Pair {
         }
     }
 
+    /// Bytes `side` sent that wait unread in its socket (0 if unknown).
+    pub fn unread(&self, side: Side) -> u64 {
+        self.stream(side)
+            .and_then(|s| net::unread(s).ok())
+            .unwrap_or(0)
+    }
+
+    /// After the pumps ran until they would block: the error an event reported, which they did
+    /// not meet. A direction reading the socket has passed on what its peer sent before the
+    /// error, as far as the destination takes it now: the rest is not waited for (the peer
+    /// is gone, and a destination that does not read would hold the pair), and is discarded
+    /// and counted with the abort. A socket no direction reads any more (its FIN came before)
+    /// only ever tells the error this way.
+    pub fn settle_errors(&mut self) -> Option<CloseReason> {
+        for side in [Side::Downstream, Side::Upstream] {
+            if !self.ready[side.index()].error {
+                continue;
+            }
+            self.ready[side.index()].error = false;
+            if let Some(reason) = self.check_socket_error(side) {
+                return Some(reason);
+            }
+        }
+        None
+    }
+
     /// After an event while connecting: done, still in progress, or failed. A clean event (see
     /// `Readiness::connected`) settles it without a syscall; otherwise mio's recipe: writable,
     /// then `take_error()` is `None`, then `peer_addr()` succeeds.
@@ -257,6 +283,12 @@ impl Pair {
             return Ok(false);
         };
         if self.ready[Side::Upstream.index()].connected {
+            self.phase = Phase::Established;
+            return Ok(true);
+        }
+        // Bytes came in, then an error (the upstream greeted and reset at once): it connected.
+        // The pumps pass the bytes on, then meet the error (left unread here).
+        if self.ready[Side::Upstream.index()].error && net::unread(upstream).is_ok_and(|n| n > 0) {
             self.phase = Phase::Established;
             return Ok(true);
         }
@@ -288,6 +320,7 @@ impl Pair {
         let before = self.moved();
         let states = [self.pipes[0].state(), self.pipes[1].state()];
         let mut yielded = false;
+        let mut failed: Option<CloseReason> = None;
         for dir in Direction::BOTH {
             let [down_ready, up_ready] = &mut self.ready;
             let (src, src_ready, dst, dst_ready) = match dir {
@@ -373,7 +406,20 @@ impl Pair {
                 Ok(PumpStatus::Yielded) => yielded = true,
                 Ok(PumpStatus::Blocked) => {}
                 Err(PumpError::Read(e)) => return Drive::Close(classify(dir.source(), e)),
-                Err(PumpError::Write(e)) => return Drive::Close(classify(dir.source().other(), e)),
+                Err(PumpError::Write(e)) => {
+                    let reason = classify(dir.source().other(), e);
+                    if dir == Direction::DownToUp && matches!(reason, CloseReason::Reset(_)) {
+                        // The upstream reset: what it sent before, still queued in its socket,
+                        // goes to the client first (the other direction reads it, then the
+                        // reset, as a direct connection would show them).
+                        failed = Some(reason);
+                        continue;
+                    }
+                    return Drive::Close(reason);
+                }
+            }
+            if let Some(reason) = failed.take() {
+                return Drive::Close(reason);
             }
         }
         if self.moved() != before {

@@ -77,6 +77,11 @@ pub struct Readiness {
     /// copying read finds the socket drained, or by a readable event without `EPOLLPRI` before
     /// the FIN.
     pub urgent: bool,
+    /// An event reported an error (`EPOLLERR`, a reset as a rule). Bytes the peer sent before it
+    /// stay readable ahead of the error, so a direction that reads this socket passes them on
+    /// and meets the error itself; if it stops first (the destination is full, or no direction
+    /// reads the socket any more), the pair asks `SO_ERROR` (see `Pair::settle_errors`).
+    pub error: bool,
 }
 
 /// Why a pump stopped without error.
@@ -609,6 +614,7 @@ mod tests {
             closing: false,
             connected: true,
             urgent: false,
+            error: false,
         }
     }
 

@@ -186,9 +186,113 @@ fn upstream_reset_resets_client() {
     };
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     assert!(start.elapsed() < PROMPT);
-    assert!(b"partial".starts_with(&got));
+    assert_eq!(got, b"partial", "what the upstream sent before its reset");
     let line = proxy.wait_log("reset by upstream", PROMPT);
     assert!(line.contains("reset by upstream"), "{line}");
+}
+
+/// Reads until an error; a clean EOF is a failure (a reset must not become a FIN).
+fn read_until_reset(s: &mut TcpStream) -> (Vec<u8>, ErrorKind) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(PROMPT)).unwrap();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("clean EOF after {} bytes, not a reset", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, e.kind()),
+        }
+    }
+}
+
+/// What a peer sends just before it resets reaches the other peer, then the reset: as over a
+/// direct connection, whichever side resets, whether the bytes are a reply to a request or a
+/// greeting, and however the events of the bytes and the reset fall.
+#[test]
+fn bytes_sent_just_before_a_reset_arrive_before_it() {
+    const ROUNDS: usize = 40;
+    let reply = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
+    // The upstream answers a request, or greets, then resets.
+    let answers = Upstream::start(move |mut s| {
+        let mut b = [0u8; 5];
+        if s.read_exact(&mut b).is_ok() {
+            let _ = s.write_all(reply);
+            reset(s);
+        }
+    });
+    let greets = Upstream::start(move |s| {
+        let _ = (&s).write_all(b"220 ready\r\n");
+        reset(s);
+    });
+    // The client sends, then resets: the upstream tells what it got.
+    let (tx, rx) = mpsc::channel();
+    let hears = Upstream::start(move |mut s| {
+        let _ = tx.send(read_until_reset(&mut s));
+    });
+    let config = format!(
+        "{}{}{}",
+        one_route("127.0.0.1:0", answers.addr, ""),
+        one_route("127.0.0.1:0", greets.addr, ""),
+        one_route("127.0.0.1:0", hears.addr, "")
+    );
+    let proxy = Proxy::with_config(&config, 3);
+    for i in 0..ROUNDS {
+        let mut c = connect(proxy.addrs[0]);
+        c.write_all(b"hello").unwrap();
+        assert_eq!(
+            read_until_reset(&mut c),
+            (reply.to_vec(), ErrorKind::ConnectionReset),
+            "round {i}"
+        );
+        let mut c = connect(proxy.addrs[1]);
+        let (got, kind) = read_until_reset(&mut c);
+        assert_eq!(
+            (&got[..], kind),
+            (&b"220 ready\r\n"[..], ErrorKind::ConnectionReset)
+        );
+        let c = connect(proxy.addrs[2]);
+        (&c).write_all(&[7u8; 100]).unwrap();
+        reset(c);
+        let (got, kind) = rx
+            .recv_timeout(PROMPT)
+            .expect("the upstream saw the connection");
+        assert_eq!(
+            (got, kind),
+            (vec![7u8; 100], ErrorKind::ConnectionReset),
+            "round {i}"
+        );
+    }
+}
+
+/// A client that sends and resets while the upstream connect is still in flight: its bytes
+/// are delivered once the connect completes, then the reset. (Without bytes, such a client ends
+/// at once; see the test below.)
+#[test]
+fn bytes_a_client_sent_before_resetting_during_the_connect_reach_the_upstream() {
+    let blackhole = Blackhole::start();
+    let config = one_route("127.0.0.1:0", blackhole.addr, "connect_timeout = \"30s\"");
+    let proxy = Proxy::with_config(&config, 1);
+    let c = connect(proxy.addr());
+    (&c).write_all(b"request before the reset").unwrap();
+    reset(c);
+    // Only now may the upstream connect complete: take every connection off the full queue
+    // (the SYNs it dropped are sent again) until the proxy's arrives.
+    let fillers = blackhole.filler_addrs();
+    let listener = blackhole.listener();
+    let deadline = Instant::now() + PROMPT;
+    let mut upstream = loop {
+        assert!(Instant::now() < deadline, "no connection from the proxy");
+        let (s, from) = listener.accept().unwrap();
+        if !fillers.contains(&from) {
+            break s;
+        }
+    };
+    let (got, kind) = read_until_reset(&mut upstream);
+    assert_eq!(
+        (&got[..], kind),
+        (&b"request before the reset"[..], ErrorKind::ConnectionReset)
+    );
+    proxy.wait_log("reset by client", PROMPT);
 }
 
 #[test]
@@ -268,26 +372,10 @@ fn connect_timeout_closes_client() {
 /// timeout.
 #[test]
 fn a_client_reset_during_the_upstream_connect_ends_the_connection_at_once() {
-    // A listener whose accept queue is full drops SYNs: connects to it hang.
-    let blackhole =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    blackhole.bind(&any.into()).unwrap();
-    blackhole.listen(0).unwrap();
-    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
-    // Non-blocking: a connect that finds the queue full would hang here.
-    let _fillers: Vec<socket2::Socket> = (0..8)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
+    let blackhole = Blackhole::start();
     let config = format!(
         "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
-        one_route("127.0.0.1:0", addr, "connect_timeout = \"60s\"")
+        one_route("127.0.0.1:0", blackhole.addr, "connect_timeout = \"60s\"")
     );
     let proxy = Proxy::with_config(&config, 1);
     let admin = proxy.admin_addr();

@@ -773,6 +773,20 @@ impl Blackhole {
             _fillers: fillers,
         }
     }
+
+    /// The local addresses of the connections that fill the queue.
+    pub fn filler_addrs(&self) -> Vec<SocketAddr> {
+        (self._fillers.iter())
+            .filter_map(|s| s.local_addr().ok()?.as_socket())
+            .collect()
+    }
+
+    /// The listener, blocking, to accept from it.
+    pub fn listener(&self) -> TcpListener {
+        let l: TcpListener = self._listener.try_clone().unwrap().into();
+        l.set_nonblocking(false).unwrap();
+        l
+    }
 }
 
 /// A minimal config for one route.
