@@ -353,9 +353,10 @@ impl GuardInner {
                 warn!("tap writer thread panicked; the capture may be incomplete");
             }
             Err(RecvTimeoutError::Timeout) => {
+                let (records, bytes) = self.shared.abandon();
                 warn!(
-                    "tap writer did not finish within {timeout:?} (blocked sink?); {} bytes of queued records abandoned",
-                    self.shared.queued_cost.load(Ordering::Relaxed)
+                    "tap writer did not finish within {timeout:?} (blocked sink?); {records} \
+                     queued records ({bytes} payload bytes) abandoned, counted as dropped"
                 );
             }
         }
@@ -767,6 +768,13 @@ mod tests {
         let stats = guard.shutdown(Duration::from_millis(200));
         assert!(started.elapsed() < Duration::from_secs(3));
         assert_eq!(stats.records_written, 0);
+        // What the abandoned writer held counts as dropped: written + dropped = admitted.
+        assert_eq!(
+            (stats.dropped_records, stats.dropped_bytes),
+            (2, 5),
+            "{stats:?}"
+        );
+        assert_eq!(stats.records_queued, 2);
         // Give the writer its reader so the thread can finish.
         let reader = OpenOptions::new()
             .read(true)
@@ -798,6 +806,7 @@ mod tests {
         assert!(stats.write_errors >= 2, "{stats:?}");
         assert_eq!(stats.records_written, 0);
         assert_eq!(stats.records_queued, 11);
+        assert_eq!(stats.dropped_records, 11, "{stats:?}");
     }
 
     #[test]

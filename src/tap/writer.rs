@@ -184,20 +184,26 @@ impl Writer {
                 }
             };
             let mut cost = 0usize;
+            // Admitted payload of the batch (a teed record's bytes missing from its pipe
+            // included), settled once the batch is written or dropped.
+            let mut admitted = 0u64;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(record, c) => {
                         batch.push(Entry::Record(record));
+                        admitted += batch.last().map_or(0, Entry::payload_len);
                         cost += c;
                     }
                     // The pcap sink alone reads teed bytes straight into its buffer; the text
                     // sink needs them as a record.
                     Msg::Teed(teed, c) if self.text.is_none() && self.pcap.is_some() => {
+                        admitted += teed.len as u64;
                         batch.push(Entry::Teed(teed));
                         cost += c;
                     }
                     Msg::Teed(teed, c) => {
+                        admitted += teed.len as u64;
                         let (record, missing) = teed.into_record();
                         if missing > 0 {
                             self.shared.count_drop(missing);
@@ -223,6 +229,7 @@ impl Writer {
                 (self.shared.in_sink_since).store(super::queue::clock_ms(), Ordering::Relaxed);
                 self.write(&batch, carried.is_some());
                 self.shared.in_sink_since.store(0, Ordering::Relaxed);
+                self.shared.settle(batch.len() as u64, admitted);
             }
             let linger = !stopping && carried.is_none() && cost < self.burst() && !batch.is_empty();
             batch.clear();
@@ -399,8 +406,8 @@ pub(crate) fn open_output(path: &Path, append: bool) -> io::Result<Option<File>>
     let file = open_if_read(path, append)?;
     if file.is_none() {
         warn!(
-            "tap: {} is a FIFO with no reader yet: its records are dropped (and counted) \
-             until a reader opens it",
+            "tap: {} is a FIFO with no reader yet: its records wait in the tap queue until \
+             a reader opens it (once the queue is full, they are dropped and counted)",
             path.display()
         );
     }
