@@ -438,6 +438,8 @@ pub struct Config {
     /// Routes with a `[route.tap]` of their own, which `--tap-log` / `--tap-pcap` (setting the
     /// global `[tap]`) do not change; empty unless one of those flags is given.
     pub own_taps_kept: Vec<String>,
+    /// Routes with a `[route.tap]` of their own (for messages that name where a tap is set).
+    pub own_taps: Vec<String>,
 }
 
 /// Overrides given on the command line.
@@ -781,7 +783,12 @@ fn ops_sections(
 }
 
 fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, ConfigError> {
-    let log = raw.log.as_deref().map(|l| {
+    // "off" (the documented default) is no output, not a file of that name ("./off" is one).
+    fn output(o: &Option<String>) -> Option<&str> {
+        (o.as_deref()).filter(|p| !p.trim().eq_ignore_ascii_case("off"))
+    }
+    let (raw_log, raw_pcap) = (output(&raw.log), output(&raw.pcap));
+    let log = raw_log.map(|l| {
         if l == "-" {
             LogTarget::Stdout
         } else {
@@ -814,7 +821,7 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
     if max_files == 0 {
         return Err(ctx.invalid(format!("{prefix}.pcap_max_files"), "must be at least 1"));
     }
-    if raw.pcap.is_none()
+    if raw_pcap.is_none()
         && (pcap_rotate_size.is_some()
             || raw.pcap_max_files.is_some()
             || raw.pcap_direct_io.is_some())
@@ -824,14 +831,14 @@ fn tap(ctx: &Ctx<'_>, prefix: &str, raw: &RawTap) -> Result<Option<TapConfig>, C
             "pcap_rotate_size/pcap_max_files/pcap_direct_io are set but no pcap file is",
         ));
     }
-    let to_stdout = raw.pcap.as_deref().is_some_and(|p| p.trim() == "-");
+    let to_stdout = raw_pcap.is_some_and(|p| p.trim() == "-");
     if to_stdout && rotate_bytes.is_some() {
         return Err(ctx.invalid(
             format!("{prefix}.pcap_rotate_size"),
             "rotation needs a file; the pcap goes to stdout (\"-\")",
         ));
     }
-    let pcap = raw.pcap.as_deref().map(|p| PcapTarget {
+    let pcap = raw_pcap.map(|p| PcapTarget {
         // "-": stdout, to pipe the capture into `wireshark -k -i -` or `tshark -r -`.
         path: PathBuf::from(if to_stdout { PCAP_STDOUT } else { p }),
         rotate_bytes,
@@ -1114,6 +1121,7 @@ impl Config {
 
         let mut routes = Vec::new();
         let mut own_taps_kept = Vec::new();
+        let mut own_taps = Vec::new();
         match (&ov.listen, &ov.upstream) {
             (Some(listen), Some(upstream)) => {
                 let orig = upstream == ORIGINAL_DESTINATION;
@@ -1158,6 +1166,7 @@ impl Config {
                     }
                     let route_tap = match &r.tap {
                         Some(t) => {
+                            own_taps.push(name.clone());
                             if ov.tap_log.is_some() || ov.tap_pcap.is_some() {
                                 own_taps_kept.push(name.clone());
                             }
@@ -1243,6 +1252,7 @@ impl Config {
             admin,
             access_log,
             own_taps_kept,
+            own_taps,
         })
     }
 
@@ -1687,8 +1697,16 @@ mod tests {
     #[test]
     fn a_route_tap_names_its_outputs() {
         let with = |tap: &str| format!("[tap]\npcap = \"cap.pcap\"\n{MINIMAL}{tap}");
-        // An empty [route.tap] turns the tap off for the route.
+        // An empty [route.tap] turns the tap off for the route, as does "off" for its outputs.
         assert_eq!(parse(&with("[route.tap]\n")).unwrap().routes[0].tap, None);
+        let off = parse(&with("[route.tap]\nlog = \"off\"\npcap = \"OFF\"\n")).unwrap();
+        assert_eq!(off.routes[0].tap, None);
+        let one = parse(&with("[route.tap]\nlog = \"off\"\npcap = \"./off\"\n")).unwrap();
+        let tap = one.routes[0].tap.as_ref().unwrap();
+        assert_eq!(
+            (tap.log.as_ref(), tap.pcap.as_ref().map(|p| p.path.clone())),
+            (None, Some("./off".into()))
+        );
         // Settings without an output would be ignored: rejected.
         let e = err(&with("[route.tap]\nsnaplen = \"1 KiB\"\n"));
         assert!(

@@ -2624,7 +2624,7 @@ fn fd_capped_max_connections(configured: usize, reserve: u64) -> usize {
         info!(
             "max_connections = {configured} needs {} descriptors but the open-file limit is {}; \
              holding at most {cap} connections (raise `ulimit -n` for more)",
-            configured * 2 + reserve as usize,
+            (configured as u128) * 2 + u128::from(reserve),
             limit
         );
         return cap;

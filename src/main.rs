@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tcptap::tap::TapError;
 use tcptap::{Config, Exit, Overrides, Server, SetupError};
 
 /// A transparent TCP proxy with a traffic tap.
@@ -181,6 +182,7 @@ fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
     raise_fd_limit();
     // A setup error names where the config set what failed, as config errors do.
     let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+    let own_taps = config.own_taps.clone();
     let origin = config.origin.clone();
     let key = |e: &SetupError| -> Option<String> {
         match e {
@@ -192,11 +194,25 @@ fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
             }),
             SetupError::Admin(_) => Some("admin.listen".to_string()),
             SetupError::AccessLog { .. } => Some("access_log.path".to_string()),
+            SetupError::Tap { route, source } => {
+                let (what, flag) = match source {
+                    TapError::Log { .. } => ("log", &args.tap_log),
+                    TapError::Pcap { .. } => ("pcap", &args.tap_pcap),
+                    _ => return None,
+                };
+                Some(match names.iter().position(|n| n == route) {
+                    Some(i) if own_taps.contains(route) => format!("route[{i}].tap.{what}"),
+                    _ if flag.is_some() => format!("--tap-{what}"),
+                    _ => format!("tap.{what}"),
+                })
+            }
             _ => None,
         }
     };
     let mut server = Server::bind(config).map_err(|e| {
         let message = match key(&e) {
+            // A flag is not in a file.
+            Some(key) if key.starts_with("--") => format!("`{key}`: {}", error_chain(&e)),
             Some(key) => format!("{origin}: `{key}`: {}", error_chain(&e)),
             None => error_chain(&e),
         };

@@ -202,6 +202,23 @@ fn startup_errors_name_the_file_and_the_key() {
             format!("[admin]\nlisten = \"{addr}\"\n{}", route("127.0.0.1:0")),
             "`admin.listen`:",
         ),
+        (
+            format!(
+                "[tap]\npcap = \"/nonexistent/t.pcap\"\n{}",
+                route("127.0.0.1:0")
+            ),
+            "`tap.pcap`: route `route0`: cannot start the tap: cannot open pcap file \
+             /nonexistent/t.pcap: No such file",
+        ),
+        (
+            format!(
+                "[tap]\npcap = \"t.pcap\"\n{}{}[route.tap]\nlog = \"/nonexistent/t.log\"\n",
+                route("127.0.0.1:0"),
+                route("127.0.0.1:0")
+            ),
+            "`route[1].tap.log`: route `route1`: cannot start the tap: cannot open tap log \
+             /nonexistent/t.log: No such file",
+        ),
     ];
     for (text, needle) in cases {
         let path = dir.path("start.toml");
@@ -211,6 +228,24 @@ fn startup_errors_name_the_file_and_the_key() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&format!("start.toml: {needle}")), "{err}");
     }
+    // A flag is named as such, with no file.
+    let out = run(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--tap-pcap",
+            "/nonexistent/t.pcap",
+        ],
+        &dir.0,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("tcptap: `--tap-pcap`: route `cli`: cannot start the tap"),
+        "{err}"
+    );
 }
 
 #[test]
