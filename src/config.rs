@@ -671,8 +671,14 @@ fn health_check(
         return Err(ctx.invalid(
             format!("{prefix}.timeout"),
             format!(
-                "{:?} is longer than the interval ({:?})",
-                h.timeout, h.interval
+                "{:?}{} is longer than the interval ({:?}); a probe must end before the next",
+                h.timeout,
+                if raw.timeout.is_none() {
+                    " (the default)"
+                } else {
+                    ""
+                },
+                h.interval
             ),
         ));
     }
@@ -2111,7 +2117,12 @@ mod tests {
             (
                 format!("{TWO}[route.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n"),
                 "route[0].health_check.timeout",
-                "longer than the interval",
+                "2s is longer than the interval",
+            ),
+            (
+                format!("{TWO}[route.health_check]\ninterval = \"500ms\"\n"),
+                "route[0].health_check.timeout",
+                "1s (the default) is longer than the interval (500ms)",
             ),
             (
                 format!("{TWO}[route.health_check]\nrise = 0\n"),
