@@ -180,23 +180,21 @@ pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
 /// included once `shutdown(Write)` queued it (it takes one sequence number). Still answers after
 /// a reset, which threw those bytes away: with `SO_LINGER` 0, so does `close(2)`.
 pub fn unacked(stream: &impl AsRawFd) -> io::Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int through the pointer, to a local that
-    // outlives the call; the descriptor is the live socket `stream` owns.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut n) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::try_from(n).unwrap_or(0))
+    queue_len(stream, libc::TIOCOUTQ) // SIOCOUTQ
 }
 
 /// Bytes received and not yet read (`SIOCINQ`). Still answers after a reset: what the peer sent
 /// before it stays readable, ahead of the error.
 pub fn unread(stream: &impl AsRawFd) -> io::Result<u64> {
+    queue_len(stream, libc::FIONREAD) // SIOCINQ
+}
+
+/// A socket queue length ioctl (`SIOCINQ`, `SIOCOUTQ`): one int.
+fn queue_len(stream: &impl AsRawFd, request: libc::Ioctl) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
-    // SAFETY: SIOCINQ (FIONREAD on Linux) writes one int through the pointer, to a local that
-    // outlives the call; the descriptor is the live socket `stream` owns.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    // SAFETY: both requests write one int through the pointer, to a local that outlives the
+    // call; the descriptor is the live socket `stream` owns.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), request, &raw mut n) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
