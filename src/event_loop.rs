@@ -551,11 +551,10 @@ impl Server {
         let n = self.workers.len();
         for (i, r) in self.shared.config.routes.iter().enumerate() {
             info!(
-                "route `{}`: listening on {} -> {} ({}){}",
+                "route `{}`: listening on {} -> {}{}",
                 r.name,
                 self.workers[0].listeners[i].local,
-                r.upstream_name,
-                fmt_addrs(&r.upstream),
+                upstream_desc(r),
                 workers_note(n)
             );
         }
@@ -1022,10 +1021,9 @@ impl Worker {
                     if self.index == 0 {
                         let n = self.shared.config.workers.get();
                         info!(
-                            "route `{}`: listening on {local} -> {} ({}){}",
+                            "route `{}`: listening on {local} -> {}{}",
                             route.name,
-                            route.upstream_name,
-                            fmt_addrs(&route.upstream),
+                            upstream_desc(&route),
                             workers_note(n)
                         );
                     }
@@ -2648,6 +2646,15 @@ fn refit_fd_budget(config: &Config, routes: &[Option<Route>], max_connections: u
     }
 }
 
+/// A route's upstreams for its listening line: as written, with what they resolved to
+/// (`db.internal:5432 (10.0.0.7:5432)`); `original-destination` alone.
+fn upstream_desc(r: &Route) -> String {
+    if r.upstream.is_empty() {
+        return r.upstream_name.clone();
+    }
+    format!("{} ({})", r.upstream_name, fmt_addrs(&r.upstream))
+}
+
 fn fmt_addrs(addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
@@ -2659,6 +2666,15 @@ fn fmt_addrs(addrs: &[SocketAddr]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listening_line_names_the_upstreams_and_what_they_resolved_to() {
+        let toml = "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+                    [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"original-destination\"\n";
+        let c = Config::from_toml_str(toml, "t.toml", &Default::default()).unwrap();
+        assert_eq!(upstream_desc(&c.routes[0]), "127.0.0.1:9 (127.0.0.1:9)");
+        assert_eq!(upstream_desc(&c.routes[1]), "original-destination");
+    }
 
     #[test]
     fn a_loop_that_stopped_turning_holds_back_the_watchdog() {

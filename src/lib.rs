@@ -15,7 +15,8 @@
 //! - [`pipe`]: one direction's state machine (`OPEN` → `READ-CLOSED` → `WRITE-SHUT`) over any Read/Write.
 //! - [`buffer`]: fixed-capacity buffers and the pool that lends them only while bytes are in flight.
 //! - [`fd_budget`]: the open-file budget that connections and kernel pipes share.
-//! - [`splice`]: the zero-copy path (socket → kernel pipe → socket) for routes without a tap.
+//! - [`splice`]: the zero-copy path (socket → kernel pipe → socket) for bulk data, and the
+//!   `tee(2)` that hands a tap its copy.
 //! - [`tap`]: records, the bounded hand-off queue, the writer thread, text and pcap output.
 //! - [`stats`]: process-wide counters.
 //! - [`logging`]: the process log, written to stderr off the event loops through a bounded queue.

@@ -13,7 +13,7 @@ use tcptap::{Config, Exit, Overrides, Server, SetupError};
 /// With no arguments, reads ./proxy.toml. `--listen` and `--upstream` proxy one route without a
 /// config file (or replace the routes of `--config FILE`). Log level: RUST_LOG (default info).
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about)]
 struct Args {
     /// Config file (default: ./proxy.toml, unless --listen/--upstream are given).
     #[arg(short, long, value_name = "FILE")]
