@@ -7,7 +7,6 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -100,15 +99,6 @@ fn read_until_cut(s: &mut TcpStream) -> (Vec<u8>, bool) {
             Err(e) => panic!("after {} bytes: {e}", got.len()),
         }
     }
-}
-
-/// Bytes waiting in a socket's receive queue (`FIONREAD`).
-fn unread(s: &TcpStream) -> u64 {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to a live local; the descriptor is `s`'s.
-    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &raw mut n) };
-    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
-    n as u64
 }
 
 /// What the upstream does once its response no longer moves.
@@ -238,7 +228,7 @@ fn a_client_reset_with_a_response_in_flight_shows_what_it_had_received() {
         .recv_timeout(PROMPT + PROMPT)
         .expect("the response stalls");
     // What the client's kernel holds for it counts as received: the client's TCP acknowledged it.
-    let got = head.len() as u64 + unread(&c);
+    let got = head.len() as u64 + tcptap::net::unread(&c).expect("SIOCINQ");
     socket2::SockRef::from(&c)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
