@@ -29,6 +29,9 @@ pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 /// Default kernel pipe capacity per direction on the splice path: each `splice(2)` call moves up
 /// to this much (256 KiB takes 1.2-1.9x the CPU per byte, 64 KiB, the kernel's default, more).
 pub const DEFAULT_SPLICE_PIPE_SIZE: usize = 1024 * 1024;
+/// Default `splice_memory_limit`: what the kernel lets an unprivileged user hold in pipes
+/// (`/proc/sys/fs/pipe-user-pages-soft`, 16384 pages).
+pub const DEFAULT_SPLICE_MEMORY_LIMIT: usize = 64 << 20;
 /// Default tap queue budget.
 pub const DEFAULT_TAP_QUEUE: usize = 16 * 1024 * 1024;
 
@@ -76,6 +79,7 @@ pub struct RawConfig {
     listen_backlog: Option<i32>,
     splice: Option<bool>,
     splice_pipe_size: Option<Size>,
+    splice_memory_limit: Option<Size>,
     workers: Option<Workers>,
     socket: Option<RawSocket>,
     tap: Option<RawTap>,
@@ -427,6 +431,9 @@ pub struct Config {
     pub splice: bool,
     /// Capacity of each direction's kernel pipe on the splice path (default 1 MiB).
     pub splice_pipe_size: usize,
+    /// Kernel pipe capacity that spliced directions may hold together, over all workers
+    /// (default 64 MiB); past it, directions copy.
+    pub splice_memory_limit: usize,
     /// Socket options for proxied sockets.
     pub socket: SocketOptions,
     /// The routes; at least one.
@@ -520,6 +527,16 @@ impl Ctx<'_> {
         let n = self.size(key, size)?;
         usize::try_from(n).map_err(|_| self.invalid(key, "too large"))
     }
+}
+
+/// Writes a size as [`parse_size`] reads it, in the largest binary unit that divides it.
+pub fn format_size(n: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} B")
 }
 
 /// Parses `"64 KiB"`, `"16MiB"`, `"1G"`, `"512"`, `"512 B"` (binary multiples).
@@ -1046,6 +1063,22 @@ impl Config {
         if !(4096..=64 << 20).contains(&splice_pipe_size) {
             return Err(file_ctx.invalid("splice_pipe_size", "must be between 4 KiB and 64 MiB"));
         }
+        let splice_memory_limit = match &raw.splice_memory_limit {
+            Some(s) => file_ctx.usize_size("splice_memory_limit", s)?,
+            None => DEFAULT_SPLICE_MEMORY_LIMIT,
+        };
+        // The kernel rounds a pipe up to a power of two pages.
+        let one_pipe = splice_pipe_size.next_power_of_two();
+        if splice_memory_limit < one_pipe {
+            return Err(file_ctx.invalid(
+                "splice_memory_limit",
+                format!(
+                    "must hold at least one pipe of splice_pipe_size ({}), or no direction \
+                     could splice (`splice = false` copies always)",
+                    format_size(one_pipe as u64)
+                ),
+            ));
+        }
         let max_connections = raw.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
             return Err(file_ctx.invalid("max_connections", "must be at least 1"));
@@ -1252,6 +1285,7 @@ impl Config {
             listen_backlog,
             splice: raw.splice.unwrap_or(true),
             splice_pipe_size,
+            splice_memory_limit,
             workers,
             socket,
             routes,
@@ -1448,6 +1482,30 @@ mod tests {
     }
 
     const MINIMAL: &str = "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn splice_memory_limit_holds_at_least_one_pipe() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.splice_memory_limit, 64 << 20);
+        let c = parse(&format!(
+            "splice_pipe_size = \"64 KiB\"\nsplice_memory_limit = \"128 KiB\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.splice_memory_limit, 128 << 10);
+        // 100 KiB pipes are 128 KiB ones to the kernel.
+        let e = err(&format!(
+            "splice_pipe_size = \"100 KiB\"\nsplice_memory_limit = \"100 KiB\"\n{MINIMAL}"
+        ));
+        assert!(
+            e.contains("test.toml") && e.contains("splice_memory_limit") && e.contains("128 KiB"),
+            "{e}"
+        );
+        assert_eq!(format_size(3 << 20), "3 MiB");
+        assert_eq!(format_size((1 << 20) + 1), "1048577 B");
+        for n in [1, 1024, 5 << 30, 1536] {
+            assert_eq!(parse_size(&format_size(n)), Some(n));
+        }
+    }
 
     #[test]
     fn splice_pipe_size_is_checked() {

@@ -323,7 +323,7 @@ impl Server {
             ),
             workers_listening: AtomicUsize::new(n),
             workers_running: AtomicUsize::new(n),
-            metrics: Arc::new(Metrics::new(MAX_ROUTES)),
+            metrics: Arc::new(Metrics::new(MAX_ROUTES, config.splice_memory_limit)),
             draining: Arc::new(AtomicBool::new(false)),
             access_log: access_handle,
             own_upstreams: Mutex::new(HashSet::new()),
@@ -430,7 +430,11 @@ impl Server {
                     .collect(),
                 pairs: Slab::with_capacity(1024),
                 pool: BufferPool::new(buffer_size, max_free),
-                pipes: PipePool::new(shared.config.splice_pipe_size, PIPE_POOL_MAX),
+                pipes: PipePool::new(
+                    shared.config.splice_pipe_size,
+                    PIPE_POOL_MAX,
+                    Arc::clone(&shared.metrics.splice_memory),
+                ),
                 sets: shared
                     .config
                     .routes
@@ -2433,6 +2437,15 @@ fn prepare_reload(
         }
     }
     refit_fd_budget(&shared.config, &current, shared.max_connections);
+    let memory = &shared.metrics.splice_memory;
+    if memory.limit() != new.splice_memory_limit {
+        info!(
+            "reload: splice_memory_limit is now {} (was {})",
+            crate::config::format_size(new.splice_memory_limit as u64),
+            crate::config::format_size(memory.limit() as u64)
+        );
+        memory.set_limit(new.splice_memory_limit);
+    }
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.metrics.on_reload(Some(generation));
     for ((tx, waker), changes) in targets.iter().zip(changes) {

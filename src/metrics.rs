@@ -15,10 +15,12 @@
 
 use std::fmt::{self, Display, Write as _};
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::pair::CloseReason;
+use crate::splice::SpliceMemory;
 use crate::tap::{Direction, Side};
 
 /// Upper bounds (inclusive, microseconds) of the upstream connect latency histogram buckets:
@@ -346,16 +348,21 @@ pub struct Metrics {
     config_generation: AtomicU64,
     /// 1 when the last reload attempt succeeded (or none was made), 0 when it failed.
     last_reload_success: AtomicU64,
+    /// Kernel pipe memory held by spliced directions, and its limit (shared with every
+    /// worker's pipe pool).
+    pub splice_memory: Arc<SpliceMemory>,
 }
 
 impl Metrics {
-    /// Metrics for `routes` routes, all zero; config generation 1.
-    pub fn new(routes: usize) -> Metrics {
+    /// Metrics for `routes` routes, all zero; config generation 1; spliced directions may hold
+    /// `splice_memory_limit` bytes of pipes.
+    pub fn new(routes: usize, splice_memory_limit: usize) -> Metrics {
         Metrics {
             routes: (0..routes).map(|_| RouteMetrics::default()).collect(),
             spare: RouteMetrics::default(),
             config_generation: AtomicU64::new(1),
             last_reload_success: AtomicU64::new(1),
+            splice_memory: Arc::new(SpliceMemory::new(splice_memory_limit)),
         }
     }
 
@@ -482,7 +489,7 @@ impl Metrics {
             w.sample("tcptap_buffered_bytes", &[("route", name)], r.buffered());
         }
 
-        let globals: [(&str, &str, &str, u64); 15] = [
+        let globals: [(&str, &str, &str, u64); 18] = [
             (
                 "tcptap_tap_records_written_total",
                 "counter",
@@ -560,6 +567,24 @@ impl Metrics {
                 "gauge",
                 "Kernel pipes held by spliced directions and tap tees (two descriptors each; idle pooled pipes not counted).",
                 crate::fd_budget::pipes() as u64,
+            ),
+            (
+                "tcptap_splice_pipe_bytes",
+                "gauge",
+                "Capacity of the kernel pipes held by spliced directions, in bytes (at most splice_memory_limit).",
+                self.splice_memory.held() as u64,
+            ),
+            (
+                "tcptap_splice_memory_limit_bytes",
+                "gauge",
+                "splice_memory_limit: kernel pipe capacity spliced directions may hold together.",
+                self.splice_memory.limit() as u64,
+            ),
+            (
+                "tcptap_splice_refused_total",
+                "counter",
+                "Times a direction copied instead of splicing because a pipe would have passed splice_memory_limit.",
+                self.splice_memory.refused(),
             ),
             (
                 "tcptap_config_generation",
@@ -974,7 +999,7 @@ pub(crate) mod tests {
 
     #[test]
     fn test_render_empty_is_valid() {
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, usize::MAX);
         let mut out = String::new();
         m.render_prometheus(&["web", "db"], &ExtraGauges::default(), &mut out);
         let samples = check_exposition(&out);
@@ -992,7 +1017,7 @@ pub(crate) mod tests {
 
     #[test]
     fn test_render_counts_and_histogram() {
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, usize::MAX);
         let r = m.route(1);
         for _ in 0..3 {
             r.on_accept();
@@ -1067,7 +1092,7 @@ pub(crate) mod tests {
     fn test_routes_with_one_name_render_as_one_series() {
         // A reload that moves route `api` to another listen address removes it (slot 0) and
         // adds it again (slot 2).
-        let m = Metrics::new(3);
+        let m = Metrics::new(3, usize::MAX);
         m.route(0).on_accept();
         m.route(0).on_connected(Duration::from_millis(3));
         m.route(0).on_close(CloseCause::ClientClosedFirst);
@@ -1090,7 +1115,7 @@ pub(crate) mod tests {
 
     #[test]
     fn test_render_escapes_label_values() {
-        let m = Metrics::new(1);
+        let m = Metrics::new(1, usize::MAX);
         m.route(0).on_accept();
         let name = "we\"b\\x\ny";
         let mut out = String::new();

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use crate::buffer::{Buffer, BufferPool};
-use crate::splice::{KernelPipe, NoPipe, PipePool};
+use crate::splice::{KernelPipe, NoPipe, PipePool, Refusal};
 use crate::tap::Direction;
 
 /// Where a pipe is in its life.
@@ -163,9 +163,9 @@ pub struct Pipe {
     /// May move bytes with `splice(2)` ([`pump_splice`](Pipe::pump_splice)) rather than copying
     /// (off by config, or once no kernel pipe could be had).
     pub zero_copy: bool,
-    /// Copying because the descriptor budget had no pipe to spare: splice again once the copy
-    /// buffer is empty and the budget has room.
-    pipe_refused: bool,
+    /// Copying because a budget (descriptors, splice memory) had no pipe to spare: splice again
+    /// once the copy buffer is empty and the refusal is lifted.
+    pipe_refused: Option<Refusal>,
     /// A copying read has filled a whole empty buffer: this direction carries bulk data, and
     /// moves it with `splice(2)` from now on when `zero_copy` allows. Small messages (request /
     /// response) are cheaper to copy: one read and one write, where splice needs a third call to
@@ -188,7 +188,7 @@ impl Pipe {
             buf: None,
             kpipe: None,
             zero_copy: false,
-            pipe_refused: false,
+            pipe_refused: None,
             bulk: false,
             read_total: 0,
             written_total: 0,
@@ -350,7 +350,10 @@ impl Pipe {
                             // if that was the reason, else from now on.
                             log::debug!("{}: no kernel pipe ({e}); copying instead", self.dir);
                             self.zero_copy = false;
-                            self.pipe_refused = matches!(e, NoPipe::Budget);
+                            self.pipe_refused = match e {
+                                NoPipe::Refused(r) => Some(r),
+                                NoPipe::Os(_) => None,
+                            };
                             break PumpStatus::Yielded;
                         }
                     }
@@ -444,14 +447,13 @@ impl Pipe {
                 }
             }
 
-            if self.pipe_refused
-                && self.state == PipeState::Open
+            if self.state == PipeState::Open
                 && self.buf.as_ref().is_none_or(Buffer::is_empty)
-                && crate::fd_budget::has_room()
+                && self.pipe_refused.as_ref().is_some_and(Refusal::lifted)
             {
-                // Copying only because the descriptor budget had no pipe to spare, and nothing
-                // is buffered: the next bytes may be spliced, in order. The caller pumps again.
-                self.pipe_refused = false;
+                // Copying only because a budget had no pipe to spare, and nothing is buffered:
+                // the next bytes may be spliced, in order. The caller pumps again.
+                self.pipe_refused = None;
                 self.zero_copy = true;
                 break PumpStatus::Yielded;
             }
@@ -944,7 +946,7 @@ mod tests {
         let mut pipe = Pipe::new(Direction::UpToDown);
         pipe.zero_copy = true;
         let mut pool = BufferPool::new(64 * 1024, 2);
-        let mut pipes = PipePool::new(1 << 20, 2);
+        let mut pipes = PipePool::new(1 << 20, 2, crate::splice::unlimited());
         let (mut src_ready, mut dst_ready) = (ready(), ready());
         let mut pump =
             |pipe: &mut Pipe, src_ready: &mut Readiness, dst_ready: &mut Readiness, budget| {
@@ -1030,7 +1032,7 @@ mod tests {
         let mut pipe = Pipe::new(Direction::DownToUp);
         pipe.zero_copy = true;
         let mut pool = BufferPool::new(64 * 1024, 2);
-        let mut pipes = PipePool::new(64 * 1024, 2);
+        let mut pipes = PipePool::new(64 * 1024, 2, crate::splice::unlimited());
         // As after an event that came before the urgent byte: no EPOLLPRI seen.
         let (mut src_ready, mut dst_ready) = (ready(), ready());
         src_ready.closing = true;

@@ -10,8 +10,90 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::fd_budget::PipeSlot;
+
+/// Kernel memory that the pipes of spliced directions may hold together (`splice_memory_limit`),
+/// over every worker. A pipe counts at its capacity while a direction holds it: a direction
+/// stalled on a slow reader keeps its pipe full, and run as root (`CAP_SYS_RESOURCE`) no
+/// per-user pipe limit of the kernel bounds the sum. A direction that finds the limit reached
+/// copies through its user-space buffer instead, and splices again once there is room.
+#[derive(Debug)]
+pub struct SpliceMemory {
+    limit: AtomicUsize,
+    held: AtomicUsize,
+    refused: AtomicU64,
+}
+
+impl SpliceMemory {
+    /// A budget of `limit` bytes, none held.
+    pub fn new(limit: usize) -> SpliceMemory {
+        SpliceMemory {
+            limit: AtomicUsize::new(limit),
+            held: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Changes the limit (a reload). Pipes held beyond a lowered limit stay until given back.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Capacity of the pipes held by directions now, in bytes.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Times a direction copied because a pipe would have passed the limit.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether a pipe of `bytes` fits now.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.held().saturating_add(bytes) <= self.limit()
+    }
+
+    /// Counts `bytes` as held, if they fit.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Held> {
+        let limit = self.limit();
+        let fits = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                n.checked_add(bytes).filter(|&m| m <= limit)
+            })
+            .is_ok();
+        if !fits {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Held {
+            memory: Arc::clone(self),
+            bytes,
+        })
+    }
+}
+
+/// A pipe's capacity counted in a [`SpliceMemory`], released on drop.
+#[derive(Debug)]
+struct Held {
+    memory: Arc<SpliceMemory>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.memory.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// Both ends of a kernel pipe and the number of bytes in it.
 #[derive(Debug)]
@@ -24,6 +106,8 @@ pub struct KernelPipe {
     pub capacity: usize,
     /// Its place in the descriptor budget while a direction holds it (see [`PipePool`]).
     slot: Option<PipeSlot>,
+    /// Its capacity counted in the splice memory budget while a direction holds it.
+    held: Option<Held>,
 }
 
 impl KernelPipe {
@@ -63,6 +147,7 @@ impl KernelPipe {
             len: 0,
             capacity,
             slot: None,
+            held: None,
         })
     }
 
@@ -230,16 +315,45 @@ impl TeePipe {
 /// Why [`PipePool::take`] has no pipe.
 #[derive(Debug)]
 pub enum NoPipe {
-    /// The descriptor budget has none to spare: they are kept for connections (for now).
-    Budget,
+    /// A budget has no room for one, for now: see [`Refusal::lifted`].
+    Refused(Refusal),
     /// The kernel refused one, or granted one too small to be worth it.
     Os(io::Error),
+}
+
+/// A budget with no room for one more pipe.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// The descriptor budget has none to spare: they are kept for connections.
+    Descriptors,
+    /// The pipes held would pass `splice_memory_limit`.
+    Memory {
+        /// The budget.
+        memory: Arc<SpliceMemory>,
+        /// The capacity of the pipe refused.
+        bytes: usize,
+    },
+}
+
+impl Refusal {
+    /// Whether the budgets have room now for what was refused: a direction that copies because
+    /// of this refusal may splice again (it may be refused again, if another took the room).
+    pub fn lifted(&self) -> bool {
+        crate::fd_budget::has_room()
+            && match self {
+                Refusal::Descriptors => true,
+                Refusal::Memory { memory, bytes } => memory.has_room(*bytes),
+            }
+    }
 }
 
 impl std::fmt::Display for NoPipe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NoPipe::Budget => f.write_str(BUDGET_SPENT),
+            NoPipe::Refused(Refusal::Descriptors) => f.write_str(BUDGET_SPENT),
+            NoPipe::Refused(Refusal::Memory { .. }) => {
+                f.write_str("the pipes held reach splice_memory_limit")
+            }
             NoPipe::Os(e) => e.fmt(f),
         }
     }
@@ -257,15 +371,18 @@ pub struct PipePool {
     size: usize,
     max_free: usize,
     free: Vec<KernelPipe>,
+    memory: Arc<SpliceMemory>,
 }
 
 impl PipePool {
-    /// A pool of pipes of `size` bytes keeping at most `max_free` idle ones.
-    pub fn new(size: usize, max_free: usize) -> PipePool {
+    /// A pool of pipes of `size` bytes keeping at most `max_free` idle ones, whose busy pipes
+    /// count in `memory`.
+    pub fn new(size: usize, max_free: usize, memory: Arc<SpliceMemory>) -> PipePool {
         PipePool {
             size,
             max_free,
             free: Vec::new(),
+            memory,
         }
     }
 
@@ -275,24 +392,47 @@ impl PipePool {
     }
 
     /// An empty pipe; fails when the descriptor budget has none to spare (they are left to
-    /// connections, see [`crate::fd_budget`]), when descriptors run out, or when the kernel
-    /// grants less than 64 KiB (or less than `size`, if smaller): past the user's
-    /// pipe-user-pages-soft, new pipes hold two pages, and splicing through those costs more
-    /// than copying. The caller then copies.
+    /// connections, see [`crate::fd_budget`]), when the pipes held would pass the splice memory
+    /// limit, when descriptors run out, or when the kernel grants less than 64 KiB (or less
+    /// than `size`, if smaller): past the user's pipe-user-pages-soft, new pipes hold two pages,
+    /// and splicing through those costs more than copying. The caller then copies.
     ///
-    /// Idle pipes kept in the pool are outside the budget (the event loop reserves descriptors
+    /// Idle pipes kept in the pool are outside both budgets (the event loop reserves descriptors
     /// for them): a pipe counts while a direction holds it.
     pub fn take(&mut self) -> Result<KernelPipe, NoPipe> {
-        let slot = PipeSlot::take().ok_or(NoPipe::Budget)?;
+        let slot = PipeSlot::take().ok_or(NoPipe::Refused(Refusal::Descriptors))?;
         if let Some(mut p) = self.free.pop() {
-            p.slot = Some(slot);
-            return Ok(p);
+            let held = self.memory.reserve(p.capacity);
+            let capacity = p.capacity;
+            match held {
+                Some(held) => {
+                    p.slot = Some(slot);
+                    p.held = Some(held);
+                    return Ok(p);
+                }
+                None => {
+                    self.free.push(p);
+                    return Err(self.memory_refusal(capacity));
+                }
+            }
         }
+        // A new pipe counts at what was asked until the kernel says what it granted (a power
+        // of two pages, or less when refused).
+        let held = self
+            .memory
+            .reserve(self.size)
+            .ok_or_else(|| self.memory_refusal(self.size))?;
         let mut p = KernelPipe::new(self.size).map_err(NoPipe::Os)?;
         p.slot = Some(slot);
-        if p.capacity != self.size {
+        p.held = Some(if p.capacity == self.size {
+            held
+        } else {
+            drop(held);
             log::debug!("kernel pipe of {} bytes ({} asked)", p.capacity, self.size);
-        }
+            self.memory
+                .reserve(p.capacity)
+                .ok_or_else(|| self.memory_refusal(p.capacity))?
+        });
         if p.capacity < self.size.min(MIN_USEFUL_PIPE) {
             return Err(NoPipe::Os(io::Error::other(format!(
                 "the kernel granted a pipe of {} bytes (pipe-user-pages-soft reached?)",
@@ -302,13 +442,27 @@ impl PipePool {
         Ok(p)
     }
 
+    fn memory_refusal(&self, bytes: usize) -> NoPipe {
+        NoPipe::Refused(Refusal::Memory {
+            memory: Arc::clone(&self.memory),
+            bytes,
+        })
+    }
+
     /// Returns an empty pipe; a pipe with bytes left is closed instead.
     pub fn give(&mut self, mut pipe: KernelPipe) {
         pipe.slot = None;
+        pipe.held = None;
         if pipe.len == 0 && self.free.len() < self.max_free {
             self.free.push(pipe);
         }
     }
+}
+
+/// A budget with no limit, for tests.
+#[cfg(test)]
+pub(crate) fn unlimited() -> Arc<SpliceMemory> {
+    Arc::new(SpliceMemory::new(usize::MAX))
 }
 
 #[cfg(test)]
@@ -342,7 +496,7 @@ mod tests {
     #[test]
     fn moves_bytes_between_sockets_and_sees_eof() {
         let [mut a, b, c, mut d] = two_connections();
-        let mut pool = PipePool::new(64 * 1024, 2);
+        let mut pool = PipePool::new(64 * 1024, 2, unlimited());
         let mut p = pool.take().unwrap();
         a.write_all(b"zero-copy").unwrap();
         a.shutdown(std::net::Shutdown::Write).unwrap();
@@ -360,6 +514,41 @@ mod tests {
         assert_eq!(&got, b"zero-copy");
         pool.give(p);
         assert_eq!(pool.free.len(), 1);
+    }
+
+    #[test]
+    fn busy_pipes_stay_within_the_memory_limit() {
+        let memory = Arc::new(SpliceMemory::new(128 * 1024));
+        let mut pool = PipePool::new(64 * 1024, 4, Arc::clone(&memory));
+        let mut a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        assert_eq!(memory.held(), 128 * 1024);
+        let refusal = match pool.take() {
+            Err(NoPipe::Refused(r @ Refusal::Memory { .. })) => r,
+            other => panic!("a third pipe: {other:?}"),
+        };
+        assert_eq!(memory.refused(), 1);
+        assert!(!refusal.lifted());
+        // A pipe given back with bytes in it is closed; its memory is free all the same.
+        a.len = 1;
+        pool.give(a);
+        assert_eq!(memory.held(), 64 * 1024);
+        assert!(refusal.lifted());
+        let c = pool.take().unwrap();
+        pool.give(b);
+        pool.give(c);
+        assert_eq!(memory.held(), 0, "idle pooled pipes do not count");
+        assert_eq!(pool.free.len(), 2);
+        // A pooled pipe counts again when taken, and is kept when refused.
+        memory.set_limit(64 * 1024);
+        let d = pool.take().unwrap();
+        assert!(matches!(
+            pool.take(),
+            Err(NoPipe::Refused(Refusal::Memory { .. }))
+        ));
+        assert_eq!(pool.free.len(), 1);
+        drop(d);
+        assert_eq!(memory.held(), 0, "a dropped pipe frees its memory");
     }
 
     #[test]

@@ -302,6 +302,67 @@ fn a_transfer_refused_a_pipe_splices_again_once_one_is_free() {
     assert_budget_whole(&proxy, "route0");
 }
 
+/// `splice_memory_limit` bounds the kernel memory that stalled transfers pin in their pipes
+/// (run as root, the kernel's own per-user limit does not): with room for one pipe, a second
+/// stalled transfer copies through its user-space buffer instead, the refusal is counted, and
+/// it splices again once the first one's pipe is given back. Every byte arrives, in order.
+#[test]
+fn splice_memory_limit_holds_stalled_transfers_to_their_copy_buffers() {
+    const LEN: usize = 4 << 20;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = Proxy::with_config(
+        &format!(
+            "splice_pipe_size = \"1 MiB\"\nsplice_memory_limit = \"1 MiB\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
+            one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
+        ),
+        1,
+    );
+    let admin = proxy.admin_addr();
+    let text = http_get(admin, "/metrics").1;
+    assert_eq!(
+        metric(&text, "tcptap_splice_memory_limit_bytes"),
+        Some((1 << 20) as f64)
+    );
+    // The first transfer stalls with its bytes in a pipe of 1 MiB.
+    let first = bulk_sender(proxy.addr(), 0, LEN);
+    let mut first_up = accept_within(&upstream, PROMPT);
+    wait_metric(admin, "tcptap_splice_pipe_bytes", (1 << 20) as f64);
+    // The second finds the limit reached: it copies, counted, and stalls too.
+    let second = bulk_sender(proxy.addr(), 1, LEN);
+    let mut second_up = accept_within(&upstream, PROMPT);
+    wait_metric(admin, "tcptap_splice_refused_total", 1.0);
+    let mut head = vec![0u8; 8 + 64 * 1024];
+    second_up.read_exact(&mut head).unwrap();
+    assert_eq!(head[..8], 1u64.to_le_bytes());
+    let text = http_get(admin, "/metrics").1;
+    assert_eq!(
+        (
+            metric(&text, "tcptap_splice_pipe_bytes"),
+            metric(&text, "tcptap_kernel_pipes")
+        ),
+        (Some((1 << 20) as f64), Some(1.0)),
+        "the second transfer got a pipe past the limit"
+    );
+    // The first one ends: its pipe goes back, and the second, read on, splices again.
+    expect_bulk(&mut first_up, 0, LEN);
+    drop((first.join().unwrap(), first_up));
+    wait_metric(admin, "tcptap_connections_active{route=\"route0\"}", 1.0);
+    let mut rest = vec![0u8; LEN - 64 * 1024];
+    second_up
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    second_up.read_exact(&mut rest[..1 << 20]).unwrap();
+    wait_metric(admin, "tcptap_splice_pipe_bytes", (1 << 20) as f64);
+    second_up.read_exact(&mut rest[1 << 20..]).unwrap();
+    let mut got = head[8..].to_vec();
+    got.extend_from_slice(&rest);
+    assert!(got == Pattern::bytes(1, LEN), "stream 1 differs");
+    drop((second.join().unwrap(), second_up));
+    assert_budget_whole(&proxy, "route0");
+    wait_metric(admin, "tcptap_splice_pipe_bytes", 0.0);
+}
+
 /// Many bulk transfers both ways through a proxy whose open-file limit holds a few connections
 /// and pipes at a time: clients take turns from the backlog, every byte arrives, nobody is reset,
 /// and the budget is whole again afterwards.
@@ -431,10 +492,11 @@ fn pipe_limit_of_the_user_falls_back_to_copying() {
     const LEN: usize = 2 << 20;
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     // Small fixed socket buffers toward the upstream, which does not read yet: the bytes behind
-    // them stay in each direction's pipe, so every pipe is held at once.
+    // them stay in each direction's pipe, so every pipe is held at once. `splice_memory_limit`
+    // (by default the same 64 MiB) is set out of the way: the kernel's limit is under test.
     let proxy = start_unprivileged(
         &format!(
-            "splice_pipe_size = \"1 MiB\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
+            "splice_pipe_size = \"1 MiB\"\nsplice_memory_limit = \"1 GiB\"\n[socket]\nsend_buffer_size = \"64 KiB\"\n{}",
             one_route("127.0.0.1:0", upstream.local_addr().unwrap(), "")
         ),
         "info,tcptap::pipe=debug",

@@ -274,6 +274,31 @@ fn sighup_warns_about_settings_that_wait_for_a_restart() {
     assert!(!log.exists(), "the access log opened before a restart");
 }
 
+/// `splice_memory_limit` is one number for the whole process, changed by a reload at once.
+#[test]
+fn sighup_changes_the_splice_memory_limit() {
+    let one = tagged(1);
+    let dir = TempDir::new("reload-splice-memory");
+    let path = dir.path("proxy.toml");
+    let config = |limit: &str| {
+        format!(
+            "splice_memory_limit = \"{limit}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            one.addr
+        )
+    };
+    write_file(&path, &config("64 MiB"));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let series = "tcptap_splice_memory_limit_bytes";
+    wait_metric(proxy.admin_addr(), series, (64u64 << 20) as f64);
+    write_file(&path, &config("8 MiB"));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    proxy.wait_log("splice_memory_limit is now 8 MiB (was 64 MiB)", PROMPT);
+    wait_metric(proxy.admin_addr(), series, (8u64 << 20) as f64);
+    assert_eq!(ask(proxy.addr()), 1);
+}
+
 /// Open connections keep the `idle_timeout` they started with; new ones get the reloaded one.
 #[test]
 fn open_connections_keep_their_idle_timeout_across_a_reload() {
