@@ -2026,7 +2026,6 @@ impl Worker {
         };
         let meta = pair.meta.clone();
         let duration = pair.started.elapsed();
-        let (tap_records, tap_bytes) = pair.tap_drops();
         let m = self.shared.metrics.route(pair.metrics);
         m.on_close(CloseCause::of(&reason));
         let buffered = pair.buffered();
@@ -2037,6 +2036,8 @@ impl Worker {
             Direction::BOTH.map(|dir| DirEnd::of(dir, pair.pipes[dir.index()].state(), &reason));
         let access = self.shared.access_log.as_ref();
         let totals = pair.finish(&reason, &mut self.pool, access.is_some());
+        // Counted by `finish`: the records of the end (reset, close) may have been dropped too.
+        let (tap_records, tap_bytes) = totals.tap_dropped;
         let (discarded, offsets) = (totals.discarded, totals.received);
         if let (Some(access), Some(delivered)) = (access, totals.delivered) {
             access.log(&ConnSummary {

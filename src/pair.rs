@@ -119,6 +119,8 @@ pub struct Totals {
     pub delivered: Option<[u64; 2]>,
     /// Bytes still in the proxy's buffers, thrown away.
     pub discarded: u64,
+    /// Tap records and payload bytes of this connection dropped, those of its end included.
+    pub tap_dropped: (u64, u64),
 }
 
 /// What driving a pair produced.
@@ -540,6 +542,7 @@ impl Pair {
             received: offsets,
             delivered,
             discarded,
+            tap_dropped: self.tap_drops(),
         }
     }
 

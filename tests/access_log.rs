@@ -280,3 +280,76 @@ fn a_clean_connection_delivered_every_byte_it_received() {
         assert_eq!(num(&entry, field), LEN as u64, "{field}: {entry:?}");
     }
 }
+
+/// Each connection's `tap_dropped_records` counts every record of it the tap dropped, those
+/// of its end (FIN, reset, close) included: over all connections they add up to the total in
+/// `/metrics`, as its bytes do.
+#[test]
+fn tap_drops_per_connection_add_up_to_the_total() {
+    // More than the queue's reserve for control records (open, FIN, reset, close) holds.
+    const CONNS: usize = 400;
+    let dir = TempDir::new("access-tap-drops");
+    // A FIFO nobody opens: the tap writer waits for a reader, its small queue fills, and the
+    // records past it are dropped.
+    let fifo = dir.path("nobody-reads");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let up = Upstream::echo();
+    let toml = config(&dir, "json", "drain_timeout = \"1s\"", up.addr).replace(
+        "[[route]]\n",
+        &format!(
+            "[tap]\nlog = \"{}\"\nqueue_size = \"4 KiB\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[route]]\n",
+            fifo.display()
+        ),
+    );
+    let proxy = Proxy::with_config(&toml, 1);
+    // Some connections end with a FIN each way, some with the client's reset.
+    for i in 0..CONNS {
+        let mut c = common::connect(proxy.addr());
+        c.write_all(b"ping").unwrap();
+        assert_eq!(common::read_n(&mut c, 4, PROMPT).unwrap(), b"ping");
+        if i % 2 == 0 {
+            c.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(common::read_to_end(&mut c, PROMPT).unwrap(), b"");
+        } else {
+            socket2::SockRef::from(&c)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+    }
+    let path = dir.path("access.log");
+    let deadline = Instant::now() + PROMPT;
+    let entries = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() == CONNS && text.ends_with('\n') {
+            break lines.into_iter().map(parse_entry).collect::<Vec<_>>();
+        }
+        assert!(Instant::now() < deadline, "{} entries: {text}", lines.len());
+        thread::sleep(Duration::from_millis(20));
+    };
+    let sum = |field| entries.iter().map(|e| num(e, field)).sum::<u64>();
+    let (records, bytes) = (sum("tap_dropped_records"), sum("tap_dropped_bytes"));
+    let body = common::wait_metric(
+        proxy.admin_addr(),
+        "tcptap_tap_dropped_records_total",
+        records as f64,
+    );
+    assert_eq!(
+        common::metric(&body, "tcptap_tap_dropped_bytes_total"),
+        Some(bytes as f64),
+        "{body}"
+    );
+    // The last connections lost every record: open, the data each way, then FIN both ways
+    // and close, or reset and close.
+    let last = &entries[CONNS - 2..];
+    assert_eq!(
+        last.iter()
+            .map(|e| num(e, "tap_dropped_records"))
+            .collect::<Vec<_>>(),
+        [6, 5],
+        "{last:?}"
+    );
+}
