@@ -244,7 +244,7 @@ fn bytes_sent_just_before_a_reset_arrive_before_it() {
             (reply.to_vec(), ErrorKind::ConnectionReset),
             "round {i}"
         );
-        let mut c = connect(proxy.addrs[1]);
+        let mut c = connect_for_greeting(proxy.addrs[1]);
         let (got, kind) = read_until_reset(&mut c);
         assert_eq!(
             (&got[..], kind),

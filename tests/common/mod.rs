@@ -492,6 +492,39 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A connect that does not ask `SO_ERROR` once the handshake is done. A server that greets and
+/// resets at once may have done both before the connecting thread looks, and `connect_timeout`
+/// would report that reset instead of the connection, whose greeting is still there to read
+/// (ahead of the reset, as a read shows them).
+pub fn connect_for_greeting(addr: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    s.set_nonblocking(true).unwrap();
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&s),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one pollfd we own.
+            let n = unsafe { libc::poll(&mut pfd, 1, PROMPT.as_millis() as i32) };
+            assert_eq!(n, 1, "connect to {addr} did not complete");
+        }
+        Err(e) => panic!("connect to {addr}: {e}"),
+    }
+    s.set_nonblocking(false).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, PROMPT).expect("connect through proxy");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
