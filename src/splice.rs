@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::fd_budget::PipeSlot;
 
 /// Kernel memory that the pipes of spliced directions may hold together (`splice_memory_limit`),
-/// over every worker. A pipe counts at its capacity while a direction holds it: a direction
+/// over every worker. A pipe counts while a direction holds it (see [`PipePool`]): a direction
 /// stalled on a slow reader keeps its pipe full, and run as root (`CAP_SYS_RESOURCE`) no
 /// per-user pipe limit of the kernel bounds the sum. A direction that finds the limit reached
 /// copies through its user-space buffer instead, and splices again once there is room.
@@ -47,7 +47,7 @@ impl SpliceMemory {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// Capacity of the pipes held by directions now, in bytes.
+    /// Bytes the pipes held by directions count now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
@@ -401,51 +401,43 @@ impl PipePool {
     /// for them): a pipe counts while a direction holds it.
     pub fn take(&mut self) -> Result<KernelPipe, NoPipe> {
         let slot = PipeSlot::take().ok_or(NoPipe::Refused(Refusal::Descriptors))?;
-        if let Some(mut p) = self.free.pop() {
-            let held = self.memory.reserve(p.capacity);
-            let capacity = p.capacity;
-            match held {
-                Some(held) => {
-                    p.slot = Some(slot);
-                    p.held = Some(held);
-                    return Ok(p);
-                }
-                None => {
-                    self.free.push(p);
-                    return Err(self.memory_refusal(capacity));
-                }
-            }
-        }
-        // A new pipe counts at what was asked until the kernel says what it granted (a power
-        // of two pages, or less when refused).
         let held = self
             .memory
-            .reserve(self.size)
-            .ok_or_else(|| self.memory_refusal(self.size))?;
-        let mut p = KernelPipe::new(self.size).map_err(NoPipe::Os)?;
+            .reserve(self.cost())
+            .ok_or_else(|| self.memory_refusal())?;
+        let mut p = match self.free.pop() {
+            Some(p) => p,
+            None => {
+                let p = KernelPipe::new(self.size).map_err(NoPipe::Os)?;
+                if p.capacity != self.size {
+                    log::debug!("kernel pipe of {} bytes ({} asked)", p.capacity, self.size);
+                }
+                if p.capacity < self.size.min(MIN_USEFUL_PIPE) {
+                    return Err(NoPipe::Os(io::Error::other(format!(
+                        "the kernel granted a pipe of {} bytes (pipe-user-pages-soft reached?)",
+                        p.capacity
+                    ))));
+                }
+                p
+            }
+        };
         p.slot = Some(slot);
-        p.held = Some(if p.capacity == self.size {
-            held
-        } else {
-            drop(held);
-            log::debug!("kernel pipe of {} bytes ({} asked)", p.capacity, self.size);
-            self.memory
-                .reserve(p.capacity)
-                .ok_or_else(|| self.memory_refusal(p.capacity))?
-        });
-        if p.capacity < self.size.min(MIN_USEFUL_PIPE) {
-            return Err(NoPipe::Os(io::Error::other(format!(
-                "the kernel granted a pipe of {} bytes (pipe-user-pages-soft reached?)",
-                p.capacity
-            ))));
-        }
+        p.held = Some(held);
         Ok(p)
     }
 
-    fn memory_refusal(&self, bytes: usize) -> NoPipe {
+    /// What a pipe counts in the splice memory budget: the size asked, as the kernel rounds it
+    /// (a power of two pages). One figure for every pipe of the pool, so that a refusal is
+    /// lifted exactly when a take would succeed (a pipe the kernel granted smaller, past the
+    /// user's limit, counts at the size asked).
+    fn cost(&self) -> usize {
+        self.size.next_power_of_two()
+    }
+
+    fn memory_refusal(&self) -> NoPipe {
         NoPipe::Refused(Refusal::Memory {
             memory: Arc::clone(&self.memory),
-            bytes,
+            bytes: self.cost(),
         })
     }
 
@@ -549,6 +541,17 @@ mod tests {
         assert_eq!(pool.free.len(), 1);
         drop(d);
         assert_eq!(memory.held(), 0, "a dropped pipe frees its memory");
+        // A size the kernel rounds up counts rounded, the same in a take and in its refusal.
+        let memory = Arc::new(SpliceMemory::new(128 * 1024));
+        let mut pool = PipePool::new(100 * 1024, 4, Arc::clone(&memory));
+        let e = pool.take().unwrap();
+        assert_eq!((e.capacity, memory.held()), (128 * 1024, 128 * 1024));
+        let Err(NoPipe::Refused(refusal)) = pool.take() else {
+            panic!("a second pipe past the limit");
+        };
+        pool.give(e);
+        assert!(refusal.lifted());
+        pool.take().unwrap();
     }
 
     #[test]
