@@ -1806,6 +1806,60 @@ fn a_pcap_on_stdout_goes_down_the_pipe() {
     proxy.wait_log("tap (pcap to /dev/stdout): ", PROMPT);
 }
 
+/// `--tap-pcap -` writes to the standard output the process was given, whatever it is: a
+/// socket (a capture streamed through socat, inetd or a systemd socket), which /dev/stdout
+/// cannot open, or a file the shell appends to, whose earlier contents stay.
+#[test]
+fn a_pcap_on_stdout_goes_to_a_socket_or_after_what_a_file_holds() {
+    const EARLIER: &[u8] = b"earlier output\n";
+    let echo = Upstream::echo();
+    let dir = TempDir::new("pcap-stdout-kinds");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let appended = dir.path("appended");
+    std::fs::write(&appended, EARLIER).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&appended)
+        .unwrap();
+    let msg = Pattern::bytes(32, 100_000);
+    let mut clients = Vec::new();
+    for stdout in [
+        std::process::Stdio::from(std::os::fd::OwnedFd::from(theirs)),
+        std::process::Stdio::from(file),
+    ] {
+        let mut proxy = Proxy::start_in(&capture_args(echo.addr, "-"), 1, None, |cmd| {
+            cmd.stdout(stdout);
+        });
+        clients.push(echo_once(proxy.addr(), &msg));
+        proxy.wait_count("bytes to client", 1, PROMPT);
+        proxy.signal(SIGTERM);
+        assert_eq!(
+            proxy.wait_exit(TAP_FLUSH).code(),
+            Some(0),
+            "{}",
+            proxy.logs()
+        );
+        proxy.wait_log("tap (pcap to /dev/stdout): ", PROMPT);
+    }
+    // The socket: everything the proxy wrote (it has exited: ours is the last end open).
+    ours.set_read_timeout(Some(PROMPT)).unwrap();
+    let mut streamed = Vec::new();
+    (&ours).read_to_end(&mut streamed).unwrap();
+    let path = dir.path("streamed.pcap");
+    std::fs::write(&path, &streamed).unwrap();
+    assert!(captured_request(&read_pcap(&path), clients[0]) == msg);
+    // The file: what it held, then the capture.
+    let text = std::fs::read(&appended).unwrap();
+    assert!(
+        text.starts_with(EARLIER),
+        "{:?}",
+        &text[..text.len().min(40)]
+    );
+    let path = dir.path("appended.pcap");
+    std::fs::write(&path, &text[EARLIER.len()..]).unwrap();
+    assert!(captured_request(&read_pcap(&path), clients[1]) == msg);
+}
+
 /// A pcap FIFO read by one reader after another (a live `tshark -r` restarted): each reader
 /// gets a capture of its own, starting with the pcap header, not the middle of the previous
 /// reader's stream.

@@ -95,15 +95,25 @@ pub(crate) struct RotatingFile {
 
 impl RotatingFile {
     /// Opens (creates, truncates) the target's path without blocking and writes the header to
-    /// a regular file right away.
+    /// a regular file right away. Standard output (`-`) is written where it is, as it is.
     pub(crate) fn open(
         target: &PcapTarget,
         header: [u8; GLOBAL_HEADER_LEN],
     ) -> io::Result<RotatingFile> {
-        let file = open_output(&target.path, false)?;
-        let regular = match &file {
-            Some(f) => f.metadata()?.file_type().is_file(),
-            None => false,
+        let (file, regular) = if target.path == Path::new(crate::config::PCAP_STDOUT) {
+            // The open file the process was given, not a new one: /dev/stdout cannot open a
+            // socket again (ENXIO: a capture streamed over socat, inetd, a systemd socket), and
+            // would truncate a file and write it from its start where the shell appends.
+            // Written in sequence like a pipe: no rotation, no direct I/O at offsets of ours.
+            let fd = std::os::fd::AsFd::as_fd(&io::stdout()).try_clone_to_owned()?;
+            (Some(File::from(fd)), false)
+        } else {
+            let file = open_output(&target.path, false)?;
+            let regular = match &file {
+                Some(f) => f.metadata()?.file_type().is_file(),
+                None => false,
+            };
+            (file, regular)
         };
         if target.rotate_bytes.is_some() && !regular {
             warn!(
