@@ -737,6 +737,79 @@ fn workers(ctx: &Ctx<'_>, key: &str, w: &Workers) -> Result<NonZeroUsize, Config
 }
 
 /// Checks `[admin]` (its address must not be a route's) and `[access_log]`.
+/// Whether a connection to `dst` reaches a listener bound to `listen`: the same address, or,
+/// for a wildcard listener, its port on a loopback address (or the wildcard itself, which
+/// connect(2) takes for loopback). Other addresses of this host are not known here.
+fn reaches(listen: SocketAddr, dst: SocketAddr) -> bool {
+    listen.port() != 0
+        && listen.port() == dst.port()
+        && listen.is_ipv4() == dst.is_ipv4()
+        && (listen.ip() == dst.ip()
+            || (listen.ip().is_unspecified()
+                && (dst.ip().is_loopback() || dst.ip().is_unspecified())))
+}
+
+/// Refuses routes whose upstreams lead back to themselves, directly (the upstream is the
+/// route's own listen address) or through other routes: each connection would open another
+/// through tcptap, until descriptors or `max_connections` run out and nothing is served.
+/// Routes that feed one another without a cycle (one route's upstream is another's listener,
+/// to tap a hop) are fine.
+fn check_route_loops(ctx: &Ctx<'_>, from_cli: bool, routes: &[Route]) -> Result<(), ConfigError> {
+    // next[i]: the routes that route i's upstreams reach.
+    let next: Vec<Vec<usize>> = routes
+        .iter()
+        .map(|r| {
+            (0..routes.len())
+                .filter(|&j| r.upstream.iter().any(|&u| reaches(routes[j].listen, u)))
+                .collect()
+        })
+        .collect();
+    for start in 0..routes.len() {
+        // Depth-first from `start`, looking for a way back to it.
+        let mut seen = vec![false; routes.len()];
+        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+        while let Some(&mut (at, ref mut k)) = path.last_mut() {
+            let Some(&to) = next[at].get(*k) else {
+                path.pop();
+                continue;
+            };
+            *k += 1;
+            if to == start {
+                let r = &routes[start];
+                let hop = &routes[at];
+                let dst = hop
+                    .upstream
+                    .iter()
+                    .find(|&&u| reaches(r.listen, u))
+                    .expect("an edge has an address");
+                let key = if from_cli {
+                    "--upstream".to_string()
+                } else {
+                    format!("route[{at}].upstream")
+                };
+                let why = if at == start {
+                    format!("{dst} is this route's own listen address")
+                } else {
+                    format!(
+                        "{dst} is the listen address of route `{}`, whose upstreams lead back \
+                         to this one",
+                        r.name
+                    )
+                };
+                return Err(ctx.invalid(
+                    key,
+                    format!("{why}: every connection would come back to tcptap, in a loop"),
+                ));
+            }
+            if !seen[to] {
+                seen[to] = true;
+                path.push((to, 0));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn ops_sections(
     ctx: &Ctx<'_>,
     admin: Option<&RawAdmin>,
@@ -1269,6 +1342,12 @@ impl Config {
                 ));
             }
         }
+        let from_cli = ov.listen.is_some();
+        check_route_loops(
+            if from_cli { &cli_ctx } else { &file_ctx },
+            from_cli,
+            &routes,
+        )?;
         let flags = (ov.tap_log.is_some(), ov.tap_pcap.is_some());
         check_route_names_and_taps(&file_ctx, &routes, &raw.route, flags)?;
         let (admin, access_log) = ops_sections(
@@ -1482,6 +1561,60 @@ mod tests {
     }
 
     const MINIMAL: &str = "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn routes_that_lead_back_to_themselves_are_refused() {
+        let route = |listen: &str, upstream: &str| {
+            format!("[[route]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n")
+        };
+        let e = err(&route("127.0.0.1:18794", "127.0.0.1:18794"));
+        assert!(
+            e.contains("test.toml")
+                && e.contains("route[0].upstream")
+                && e.contains("127.0.0.1:18794 is this route's own listen address"),
+            "{e}"
+        );
+        // A wildcard listener is reached on loopback.
+        let e = err(&route("0.0.0.0:18794", "127.0.0.2:18794"));
+        assert!(e.contains("route[0].upstream"), "{e}");
+        // Through another route, and back.
+        let e = err(&format!(
+            "{}{}",
+            route("127.0.0.1:18001", "127.0.0.1:18002"),
+            route("127.0.0.1:18002", "127.0.0.1:18001")
+        ));
+        assert!(
+            e.contains("route[1].upstream")
+                && e.contains("127.0.0.1:18001 is the listen address of route `route0`"),
+            "{e}"
+        );
+        // One route feeding another, without a way back; other addresses, families, port 0.
+        for ok in [
+            format!(
+                "{}{}",
+                route("127.0.0.1:18001", "127.0.0.1:18002"),
+                route("127.0.0.1:18002", "127.0.0.1:9")
+            ),
+            route("127.0.0.1:18794", "127.0.0.2:18794"),
+            route("[::]:18794", "127.0.0.1:18794"),
+            route("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // The command line says which flag.
+        let ov = Overrides {
+            listen: Some("127.0.0.1:18794".into()),
+            upstream: Some("localhost:18794".into()),
+            ..Default::default()
+        };
+        let e = Config::from_raw(RawConfig::default(), "command line", &ov)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--upstream") && e.contains("own listen address"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn splice_memory_limit_holds_at_least_one_pipe() {

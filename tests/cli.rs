@@ -136,6 +136,14 @@ fn bad_configs_name_file_key_and_problem() {
             "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"no-such-host.invalid:80\"\n",
             &["route[0].upstream", "no-such-host.invalid"],
         ),
+        (
+            "loop.toml",
+            &format!(
+                "[[route]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"localhost:{port}\"\n",
+                port = free_port()
+            ),
+            &["route[0].upstream", "own listen address", "loop"],
+        ),
     ];
     for (name, text, needles) in cases {
         let path = dir.path(name);
@@ -254,6 +262,24 @@ fn listen_without_upstream_is_rejected() {
     let out = run(&["--listen", "127.0.0.1:0"], &dir.0);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"));
+}
+
+/// A proxy whose upstream is its own listener would open connections to itself until it can
+/// serve nothing: refused before it starts.
+#[test]
+fn an_upstream_that_is_the_listen_address_is_rejected() {
+    let dir = TempDir::new("cli");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = run(
+        &["--listen", &addr, "--upstream", &addr, "--check-config"],
+        &dir.0,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--upstream") && err.contains("own listen address"),
+        "{err}"
+    );
 }
 
 /// `--check-config` is a pre-deploy gate: besides the file, it checks what would make the start
