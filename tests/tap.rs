@@ -598,6 +598,47 @@ fn snaplen_caps_capture_and_marks_the_rest() {
     );
 }
 
+/// The log says when a direction reaches snaplen, while the connection is still open: nothing
+/// else would show that the bytes after it go uncaptured until the connection ends.
+#[test]
+fn the_log_says_at_once_that_a_direction_reached_snaplen() {
+    let dir = TempDir::new("snap-live");
+    let log = dir.path("tap.log");
+    let echo = Upstream::echo();
+    let config = format!(
+        "[tap]\nlog = \"{}\"\nsnaplen = 100\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        log.display(),
+        echo.addr
+    );
+    let proxy = Proxy::with_config(&config, 1);
+    let mut c = connect(proxy.addr());
+    for i in 0..6u8 {
+        let command = format!("SET key{i} {}\r\n", "v".repeat(20));
+        c.write_all(command.as_bytes()).unwrap();
+        assert_eq!(
+            read_n(&mut c, command.len(), PROMPT).unwrap(),
+            command.as_bytes()
+        );
+    }
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let marks = text
+            .lines()
+            .filter(|l| {
+                l.contains("[... snaplen (100 bytes) reached: later bytes not captured ...]")
+            })
+            .count();
+        if marks == 2 {
+            assert!(!text.contains("close:"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{marks} marks:\n{text}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+}
+
 #[test]
 fn pcap_rotation_keeps_max_files_each_valid() {
     let dir = TempDir::new("rot");

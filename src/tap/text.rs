@@ -32,7 +32,8 @@
 //!   holds nothing back: no byte is lost or moved. Header byte counts are those of the chunk.
 //! - Per connection and direction the sink remembers the next expected stream offset; a record
 //!   starting (or a Fin/Reset/Close ending) past it gets a "not captured" marker line first, split
-//!   into the part lost on a full queue and the part beyond snaplen. The state of a connection
+//!   into the part lost on a full queue and the part beyond snaplen. The chunk that reaches
+//!   snaplen is followed by a line saying so, at once. The state of a connection
 //!   is forgotten at its Close record; records of a connection whose Open was lost are rendered
 //!   the same way (every record carries its `ConnMeta`).
 //! - ANSI colours are used only when the caller says so (stdout that is a terminal).
@@ -235,6 +236,19 @@ impl TextSink {
                     render_hex(&mut self.buf, lead, base, shown);
                 }
                 self.joined = joined;
+                if !more {
+                    // Said now, not at the end of the connection: until then nothing would show
+                    // that this direction goes on uncaptured.
+                    let p = self.palette;
+                    self.dir_line(
+                        record,
+                        *dir,
+                        format_args!(
+                            "{}[... snaplen ({end} bytes) reached: later bytes not captured ...]{}",
+                            p.gap, p.reset
+                        ),
+                    );
+                }
             }
             TapEvent::Fin { dir, offset } => {
                 self.catch_up(record, *dir, *offset);
@@ -1326,7 +1340,11 @@ mod tests {
         let outs = render_chunks(&mut s, &[b"ab\xe3\x82"]);
         assert_eq!(
             outs[0],
-            format!("{HEAD}client -> upstream 4 bytes\n  > ab\\xe3\\x82\n")
+            format!(
+                "{HEAD}client -> upstream 4 bytes\n  > ab\\xe3\\x82\n\
+                 {HEAD}client -> upstream [... snaplen (4 bytes) reached: later bytes not \
+                 captured ...]\n"
+            )
         );
         assert_eq!(s.conns[&7].held[0].len, 0);
         // Below snaplen it waits for the rest.
@@ -1334,7 +1352,11 @@ mod tests {
         let outs = render_chunks(&mut s, &[b"ab\xe3\x82", b"\xb9"]);
         assert_eq!(
             outs[1],
-            format!("{HEAD}client -> upstream 1 bytes\n  > ス\n")
+            format!(
+                "{HEAD}client -> upstream 1 bytes\n  > ス\n\
+                 {HEAD}client -> upstream [... snaplen (5 bytes) reached: later bytes not \
+                 captured ...]\n"
+            )
         );
     }
 
