@@ -197,6 +197,17 @@ impl Write for QueueWriter {
 /// Installs the global logger: env_logger's filter (`RUST_LOG`, default `info`) and format,
 /// writing through the queue to stderr, and a panic hook that lets queued lines out first.
 /// Colors as env_logger chooses them for a terminal: `RUST_LOG_STYLE=always|never` decides;
+/// Whether output to a stream is colored: when `CLICOLOR_FORCE` is set (not to `0`), or when
+/// the stream is a terminal, `NO_COLOR` is unset (or empty) and `TERM` is not `dumb`. `env`
+/// reads an environment variable.
+pub fn wants_color(is_terminal: bool, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    let set = |name| env(name).is_some_and(|v| !v.is_empty() && v != "0");
+    set("CLICOLOR_FORCE")
+        || (is_terminal
+            && env("NO_COLOR").is_none_or(|v| v.is_empty())
+            && env("TERM").is_none_or(|t| t != "dumb"))
+}
+
 /// otherwise colored when `CLICOLOR_FORCE` is set, or when stderr is a terminal, `NO_COLOR` is
 /// unset and `TERM` is not `dumb`.
 pub fn init() {
@@ -205,11 +216,7 @@ pub fn init() {
     let mut builder = env_logger::Builder::from_env(env);
     let style = std::env::var("RUST_LOG_STYLE").unwrap_or_default();
     if style != "always" && style != "never" {
-        let set = |name| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
-        let color = set("CLICOLOR_FORCE")
-            || (io::stderr().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-                && std::env::var_os("TERM").is_none_or(|t| t != "dumb"));
+        let color = wants_color(io::stderr().is_terminal(), |name| std::env::var_os(name));
         builder.write_style(if color {
             env_logger::WriteStyle::Always
         } else {
@@ -253,6 +260,28 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::mpsc;
+
+    #[test]
+    fn color_follows_the_terminal_and_the_conventions() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert!(wants_color(true, env(&[])));
+        assert!(!wants_color(false, env(&[])));
+        assert!(!wants_color(true, env(&[("NO_COLOR", "1")])));
+        assert!(wants_color(true, env(&[("NO_COLOR", "")])));
+        assert!(!wants_color(true, env(&[("TERM", "dumb")])));
+        assert!(wants_color(false, env(&[("CLICOLOR_FORCE", "1")])));
+        assert!(!wants_color(false, env(&[("CLICOLOR_FORCE", "0")])));
+        assert!(wants_color(
+            true,
+            env(&[("NO_COLOR", "1"), ("CLICOLOR_FORCE", "1")])
+        ));
+    }
 
     /// A writer that blocks each write until the test lets it through.
     struct Gate {

@@ -1901,6 +1901,42 @@ fn a_pcap_on_stdout_goes_to_a_socket_or_after_what_a_file_holds() {
     assert!(captured_request(&read_pcap(&path), clients[1]) == msg);
 }
 
+/// The log on stdout is plain text down a pipe, coloured where `CLICOLOR_FORCE` asks for it
+/// (as the process log is).
+#[test]
+fn the_log_on_stdout_is_coloured_only_when_asked() {
+    let echo = Upstream::echo();
+    let upstream = echo.addr.to_string();
+    for force in [false, true] {
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--tap-log",
+            "-",
+        ];
+        let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+            cmd.stdout(std::process::Stdio::piped());
+            if force {
+                cmd.env("CLICOLOR_FORCE", "1");
+            }
+        });
+        let mut out = proxy.child.stdout.take().unwrap();
+        let reader = thread::spawn(move || {
+            let mut all = Vec::new();
+            out.read_to_end(&mut all).map(|_| all)
+        });
+        echo_once(proxy.addr(), b"hello");
+        proxy.wait_count("bytes to client", 1, PROMPT);
+        proxy.signal(SIGTERM);
+        assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+        let text = String::from_utf8(reader.join().unwrap().unwrap()).unwrap();
+        assert!(text.contains("hello"), "{text}");
+        assert_eq!(text.contains("\x1b["), force, "{text}");
+    }
+}
+
 /// A pcap FIFO read by one reader after another (a live `tshark -r` restarted): each reader
 /// gets a capture of its own, starting with the pcap header, not the middle of the previous
 /// reader's stream.

@@ -372,7 +372,9 @@ pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
             name: "stdout".to_owned(),
             sink: TextSink::new(
                 Box::new(StdoutSink),
-                io::stdout().is_terminal(),
+                crate::logging::wants_color(io::stdout().is_terminal(), |name| {
+                    std::env::var_os(name)
+                }),
                 cfg.snaplen,
             ),
         }),
