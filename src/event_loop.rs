@@ -1600,6 +1600,7 @@ impl Worker {
         }
         pair.upstream = Some(stream);
         pair.connect_started = now;
+        pair.tap_connect();
         let deadline = now + route.connect_timeout;
         pair.phase = Phase::Connecting { deadline };
         // The pair's timer may already be this deadline (armed at accept, in the same round).

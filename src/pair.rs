@@ -524,17 +524,11 @@ impl Pair {
                     },
                 );
             }
-            let kind = reason.kind();
-            let connecting = match kind {
-                CloseKind::ConnectFailed => self.connect_started.elapsed(),
-                _ => Duration::ZERO,
-            };
             let close = TapEvent::Close {
-                kind,
+                kind: reason.kind(),
                 offsets,
                 dropped_records: t.dropped_records,
                 dropped_bytes: t.dropped_bytes,
-                connecting,
             };
             t.event(&meta, close);
         }
@@ -551,6 +545,14 @@ impl Pair {
         self.tap
             .as_ref()
             .map_or((0, 0), |t| (t.dropped_records, t.dropped_bytes))
+    }
+
+    /// Sends the tap's Connect record: a connect to `meta.upstream` has started.
+    pub fn tap_connect(&mut self) {
+        let meta = self.meta.clone();
+        if let Some(t) = self.tap.as_mut() {
+            t.event(&meta, TapEvent::Connect);
+        }
     }
 
     /// Sends the tap's Open record.

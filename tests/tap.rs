@@ -1996,6 +1996,92 @@ fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
     assert_eq!(captured_request(&flows, client), b"for the second reader");
 }
 
+/// A slow connect shows in the capture as its SYN when the connect started and the SYN-ACK when
+/// the upstream answered; a failed one, as its SYN and then the RST. The frames of other
+/// connections in between stay in time order: Wireshark shows no negative deltas.
+#[test]
+fn connects_show_in_the_capture_when_they_happen_in_time_order() {
+    let (slow, failing) = (Blackhole::start(), Blackhole::start());
+    let echo = Upstream::echo();
+    let dir = TempDir::new("tap-connect-order");
+    let pcap = dir.path("out.pcap");
+    let route = |up: SocketAddr, timeout: &str| {
+        format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n\
+             connect_timeout = \"{timeout}\"\n"
+        )
+    };
+    let config = format!(
+        "[tap]\npcap = \"{}\"\nwriter_priority = \"normal\"\n{}{}{}",
+        pcap.display(),
+        route(slow.addr, "30s"),
+        route(failing.addr, "400ms"),
+        route(echo.addr, "5s")
+    );
+    let mut proxy = Proxy::with_config(&config, 3);
+    let mut waiting = connect(proxy.addrs[0]);
+    let mut refused = connect(proxy.addrs[1]);
+    let ports = [&waiting, &refused].map(|c| c.local_addr().unwrap().port());
+    // Another conversation while both connects wait.
+    echo_once(proxy.addrs[2], b"meanwhile");
+    let _ = read_to_end(&mut refused, PROMPT);
+    proxy.wait_log("upstream connect timeout", PROMPT);
+    // Let the slow connect through: the proxy's SYN is sent again (after about a second) and
+    // finds room once the queue is emptied.
+    let fillers = slow.filler_addrs();
+    let listener = slow.listener();
+    let mut upstream = loop {
+        let (s, from) = listener.accept().unwrap();
+        if !fillers.contains(&from) {
+            break s;
+        }
+    };
+    upstream.write_all(b"late").unwrap();
+    assert_eq!(read_n(&mut waiting, 4, PROMPT).unwrap(), b"late");
+    drop((waiting, upstream));
+    proxy.wait_count("bytes to client", 3, PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let file = std::fs::File::open(&pcap).expect("open pcap");
+    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
+    // (ports, SYN, ACK, RST, time) of every frame, in file order.
+    let mut frames = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        let p = p.expect("pcap packet");
+        let sliced = SlicedPacket::from_ethernet(&p.data).expect("ethernet frame");
+        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
+            panic!("not TCP")
+        };
+        let ports = [tcp.source_port(), tcp.destination_port()];
+        frames.push((ports, tcp.syn(), tcp.ack(), tcp.rst(), p.timestamp));
+    }
+    for w in frames.windows(2) {
+        assert!(w[0].4 <= w[1].4, "frames out of time order: {frames:?}");
+    }
+    let of = |port: u16| -> Vec<(bool, bool, bool, Duration)> {
+        (frames.iter())
+            .filter(|f| f.0.contains(&port))
+            .map(|f| (f.1, f.2, f.3, f.4))
+            .collect()
+    };
+    // The slow one: SYN, then SYN-ACK and ACK once the upstream answered.
+    let slow_frames = of(ports[0]);
+    let (syn, syn_ack) = (slow_frames[0], slow_frames[1]);
+    assert!(syn.0 && !syn.1 && syn_ack.0 && syn_ack.1, "{slow_frames:?}");
+    assert!(
+        syn_ack.3 - syn.3 >= Duration::from_millis(500),
+        "the SYN-ACK came about a second after the SYN: {slow_frames:?}"
+    );
+    // The failed one: SYN, and the upstream's RST when the proxy gave up.
+    let failed = of(ports[1]);
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed[0].0 && failed[1].2, "{failed:?}");
+    assert!(
+        failed[1].3 - failed[0].3 >= Duration::from_millis(350),
+        "{failed:?}"
+    );
+}
+
 /// A connect that times out shows in the capture as a SYN when the connect started and a RST
 /// from the upstream when the proxy gave up: Wireshark's delta between them is the wait.
 #[test]

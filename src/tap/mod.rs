@@ -893,7 +893,6 @@ mod tests {
                 offsets: [25, 12],
                 dropped_records: 0,
                 dropped_bytes: 0,
-                connecting: Duration::ZERO,
             }
         ));
         let stats = guard.shutdown(Duration::from_secs(5));

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::PcapTarget;
 use super::queue::Teed;
@@ -94,6 +94,8 @@ struct Flow {
     ip_id: [u16; 2],
     /// Whether a RST was written.
     reset: bool,
+    /// Only the SYN is written: the upstream has not answered (yet).
+    syn_only: bool,
 }
 
 impl Flow {
@@ -117,6 +119,7 @@ impl Flow {
             acked: [0; 2],
             ip_id: [(seed >> 7) as u16, (seed >> 23) as u16],
             reset: false,
+            syn_only: false,
         }
     }
 
@@ -255,13 +258,20 @@ impl PcapSink {
         self.flows.insert(teed.conn.id, flow);
     }
 
-    /// The state of a connection, starting it with a handshake if it has none.
+    /// The state of a connection, starting it with a handshake if it has none, or finishing the
+    /// handshake whose SYN went out at its Connect record.
     fn flow_for(&mut self, conn: &ConnMeta, time: SystemTime) -> Flow {
         match self.flows.remove(&conn.id) {
+            Some(mut flow) if flow.syn_only => {
+                flow.syn_only = false;
+                self.answer(time, &mut flow);
+                flow
+            }
             Some(flow) => flow,
             None => {
                 let mut flow = Flow::new(conn);
-                self.handshake(time, &mut flow);
+                self.syn(time, &mut flow);
+                self.answer(time, &mut flow);
                 flow
             }
         }
@@ -271,26 +281,44 @@ impl PcapSink {
     fn record(&mut self, record: &TapRecord) {
         let id = record.conn.id;
         let time = record.time;
-        if let TapEvent::Close {
-            kind,
-            offsets,
-            connecting,
-            ..
-        } = &record.event
-        {
-            match self.flows.remove(&id) {
-                Some(mut flow) => self.close(time, &mut flow, *kind, *offsets),
-                None if *kind == CloseKind::ConnectFailed => {
-                    let mut flow = Flow::new(&record.conn);
-                    self.failed_connect(time, *connecting, &mut flow);
+        match &record.event {
+            TapEvent::Connect => {
+                // An earlier attempt of this connection, to another address, failed.
+                if let Some(mut earlier) = self.flows.remove(&id) {
+                    self.unanswered(time, &mut earlier, CloseKind::ConnectFailed);
                 }
-                None => {}
+                let mut flow = Flow::new(&record.conn);
+                self.syn(time, &mut flow);
+                flow.syn_only = true;
+                self.flows.insert(id, flow);
+                return;
             }
-            return;
+            TapEvent::Close { kind, offsets, .. } => {
+                match self.flows.remove(&id) {
+                    Some(mut flow) if flow.syn_only => self.unanswered(time, &mut flow, *kind),
+                    Some(mut flow) => self.close(time, &mut flow, *kind, *offsets),
+                    // Its Connect record was lost: the SYN is shown now, in file order.
+                    None if *kind == CloseKind::ConnectFailed => {
+                        let mut flow = Flow::new(&record.conn);
+                        self.syn(time, &mut flow);
+                        self.unanswered(time, &mut flow, *kind);
+                    }
+                    None => {}
+                }
+                return;
+            }
+            // The client left, or the upstream refused, before the handshake ended.
+            TapEvent::Reset { side, .. } if self.flows.get(&id).is_some_and(|f| f.syn_only) => {
+                let mut flow = self.flows.remove(&id).expect("checked above");
+                self.unanswered(time, &mut flow, CloseKind::Reset(*side));
+                self.flows.insert(id, flow);
+                return;
+            }
+            _ => {}
         }
         let mut flow = self.flow_for(&record.conn, time);
         match &record.event {
-            TapEvent::Open | TapEvent::Close { .. } => {}
+            TapEvent::Connect | TapEvent::Open | TapEvent::Close { .. } => {}
             TapEvent::Data { dir, offset, bytes } => {
                 self.data(time, &mut flow, *dir, *offset, Payload::Bytes(bytes));
             }
@@ -300,9 +328,15 @@ impl PcapSink {
         self.flows.insert(id, flow);
     }
 
-    fn handshake(&mut self, time: SystemTime, flow: &mut Flow) {
-        let [c, u] = flow.isn;
+    /// The client's SYN.
+    fn syn(&mut self, time: SystemTime, flow: &mut Flow) {
+        let c = flow.isn[0];
         self.emit(time, flow, Segment::control(Direction::DownToUp, SYN, c, 0));
+    }
+
+    /// The rest of the handshake: the upstream's SYN-ACK and the client's ACK.
+    fn answer(&mut self, time: SystemTime, flow: &mut Flow) {
+        let [c, u] = flow.isn;
         self.emit(
             time,
             flow,
@@ -320,16 +354,24 @@ impl PcapSink {
         );
     }
 
-    /// The SYN of a connect that failed at `time` after `connecting`, and the RST that ended it.
-    fn failed_connect(&mut self, time: SystemTime, connecting: Duration, flow: &mut Flow) {
+    /// The end of a connection whose SYN got no answer: a reset from the upstream when the
+    /// connect failed (refused, timed out, or the upstream reset), else from the client.
+    fn unanswered(&mut self, time: SystemTime, flow: &mut Flow, kind: CloseKind) {
+        if flow.reset {
+            return;
+        }
+        flow.reset = true;
+        flow.syn_only = false;
         let c = flow.isn[0];
-        let sent = time.checked_sub(connecting).unwrap_or(time);
-        self.emit(sent, flow, Segment::control(Direction::DownToUp, SYN, c, 0));
-        self.emit(
-            time,
-            flow,
-            Segment::control(Direction::UpToDown, RST | ACK, 0, c.wrapping_add(1)),
-        );
+        let seg = match kind {
+            CloseKind::ConnectFailed
+            | CloseKind::Reset(Side::Upstream)
+            | CloseKind::Error(Side::Upstream) => {
+                Segment::control(Direction::UpToDown, RST | ACK, 0, c.wrapping_add(1))
+            }
+            _ => Segment::control(Direction::DownToUp, RST, c.wrapping_add(1), 0),
+        };
+        self.emit(time, flow, seg);
     }
 
     /// Appends the segments of a data record; returns how many of its bytes were written
@@ -608,6 +650,7 @@ fn checksum(sum: u64) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn fast_sum_matches_word_by_word() {
@@ -1107,7 +1150,6 @@ mod tests {
                     offsets: [(req.len() + tail.len()) as u64, n],
                     dropped_records: 0,
                     dropped_bytes: 0,
-                    connecting: Duration::ZERO,
                 },
             ),
         ];
@@ -1254,6 +1296,90 @@ mod tests {
         }
     }
 
+    /// A Connect record writes the SYN when the connect started; the rest of the handshake
+    /// follows at the Open, so a slow connect shows as the time between them and the file stays
+    /// in time order. A retry to another address ends the first attempt with the upstream's
+    /// reset; a client that resets before the upstream answers sends the RST itself.
+    #[test]
+    fn connects_show_their_syn_when_sent() {
+        let dir = TempDir::new("pcap-connect");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, None, 1);
+        // #20: slow connect; #21: refused by one address, then open on another; #22: the
+        // client resets before the upstream answers.
+        let slow = conn(20, "192.0.2.1:1000", "192.0.2.2:2000");
+        let first = conn(21, "192.0.2.1:1001", "192.0.2.3:2001");
+        let second = conn(21, "192.0.2.1:1001", "192.0.2.4:2001");
+        let left = conn(22, "192.0.2.1:1002", "192.0.2.2:2000");
+        let batch = vec![
+            record(&slow, 0, TapEvent::Connect),
+            record(&first, 1, TapEvent::Connect),
+            record(&left, 2, TapEvent::Connect),
+            record(&second, 3, TapEvent::Connect),
+            record(
+                &left,
+                4,
+                TapEvent::Reset {
+                    side: Side::Downstream,
+                    offsets: [0, 0],
+                },
+            ),
+            record(
+                &left,
+                4,
+                TapEvent::Close {
+                    kind: CloseKind::Reset(Side::Downstream),
+                    offsets: [0, 0],
+                    dropped_records: 0,
+                    dropped_bytes: 0,
+                },
+            ),
+            record(&second, 5, TapEvent::Open),
+            record(&slow, 1_000_000, TapEvent::Open),
+            record(&slow, 1_000_001, data(C2U, 0, b"hello")),
+        ];
+        s.write_batch(&batch, false).expect("write");
+        let pkts = read(&path);
+        assert!(
+            pkts.windows(2).all(|w| w[0].time <= w[1].time),
+            "frames out of time order"
+        );
+        let of = |c: &ConnMeta| -> Vec<(u8, Duration)> {
+            let (client, server) = addrs(c);
+            pkts.iter()
+                .filter(|p| {
+                    (p.src, p.dst) == (client, server) || (p.src, p.dst) == (server, client)
+                })
+                .map(|p| (p.flags, p.time - pkts[0].time))
+                .collect()
+        };
+        let us = Duration::from_micros;
+        assert_eq!(
+            of(&slow)[..3],
+            [
+                (SYN, us(0)),
+                (SYN | ACK, us(1_000_000)),
+                (ACK, us(1_000_000))
+            ]
+        );
+        assert_eq!(of(&first), [(SYN, us(1)), (RST | ACK, us(3))]);
+        assert_eq!(
+            of(&second),
+            [(SYN, us(3)), (SYN | ACK, us(5)), (ACK, us(5))]
+        );
+        assert_eq!(of(&left), [(SYN, us(2)), (RST, us(4))]);
+        if let Some((_, text)) = tshark(&path, 4) {
+            for problem in [
+                "Previous segment",
+                "ACKed unseen",
+                "Malformed",
+                "Retransmission",
+            ] {
+                assert!(!text.contains(problem), "{text}");
+            }
+        }
+    }
+
     #[test]
     fn gaps_resets_and_lost_opens() {
         let dir = TempDir::new("pcap-gaps");
@@ -1268,6 +1394,7 @@ mod tests {
         let batch = vec![
             record(&a, 0, data(C2U, 0, b"first")),
             record(&b, 1, TapEvent::Open),
+            record(&f, 2, TapEvent::Connect),
             record(&a, 2, data(C2U, 105, b"second")),
             record(&b, 3, data(C2U, 0, b"ping")),
             record(&b, 4, data(U2C, 0, b"pong")),
@@ -1296,7 +1423,6 @@ mod tests {
                     offsets: [4, 4],
                     dropped_records: 0,
                     dropped_bytes: 0,
-                    connecting: Duration::ZERO,
                 },
             ),
             record(
@@ -1315,7 +1441,6 @@ mod tests {
                     offsets: [500, 5],
                     dropped_records: 1,
                     dropped_bytes: 100,
-                    connecting: Duration::ZERO,
                 },
             ),
             record(
@@ -1326,7 +1451,6 @@ mod tests {
                     offsets: [0, 0],
                     dropped_records: 0,
                     dropped_bytes: 0,
-                    connecting: Duration::from_micros(4),
                 },
             ),
         ];
@@ -1378,7 +1502,7 @@ mod tests {
         assert_eq!((failed[0].flags, failed[1].flags), (SYN, RST | ACK));
         assert_eq!(failed[1].ack, failed[0].seq.wrapping_add(1));
         // The SYN when the connect started, the RST when it failed.
-        assert_eq!(failed[1].time - failed[0].time, Duration::from_micros(4));
+        assert_eq!(failed[1].time - failed[0].time, Duration::from_micros(9));
 
         if let Some((follows, text)) = tshark(&path, 2) {
             eprintln!("{text}");
@@ -1416,7 +1540,6 @@ mod tests {
                     offsets,
                     dropped_records: 0,
                     dropped_bytes: 0,
-                    connecting: Duration::ZERO,
                 },
             )
         };

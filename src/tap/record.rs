@@ -10,7 +10,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 /// Which way bytes travel through a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,6 +155,10 @@ impl fmt::Display for CloseKind {
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TapEvent {
+    /// The connect to the upstream (`ConnMeta::upstream`) started. Another one follows for the
+    /// next address when this one fails and the connection tries again. Only a capture shows it
+    /// (its SYN, when it was sent); the log starts at [`TapEvent::Open`].
+    Connect,
     /// The upstream connect succeeded: the pair starts proxying.
     Open,
     /// Bytes proxied in `dir`; `offset` is the number of bytes proxied in `dir` before them.
@@ -192,9 +196,6 @@ pub enum TapEvent {
         dropped_records: u64,
         /// Payload bytes this connection lost because the tap queue was full.
         dropped_bytes: u64,
-        /// After a failed upstream connect ([`CloseKind::ConnectFailed`]): how long the last
-        /// attempt went on, so that a capture shows its SYN when it was sent. Zero otherwise.
-        connecting: Duration,
     },
 }
 
