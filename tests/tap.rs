@@ -1937,6 +1937,52 @@ fn the_log_on_stdout_is_coloured_only_when_asked() {
     }
 }
 
+/// The warning about dropped records says how to capture more where the writer's low priority
+/// is the reason (it drops bulk bytes it is behind on by design), and only there.
+#[test]
+fn the_drop_warning_of_a_low_priority_writer_says_how_to_capture_more() {
+    let echo = Upstream::echo();
+    for priority in ["low", "normal"] {
+        let dir = TempDir::new("drop-hint");
+        let fifo = dir.path("slow-reader");
+        mkfifo(&fifo);
+        // A reader that takes nothing until the queue has overflowed.
+        let mut reader = open_fifo_reader(&fifo);
+        let config = format!(
+            "[tap]\nlog = \"{}\"\nqueue_size = \"4 KiB\"\nwriter_priority = \"{priority}\"\n{}",
+            fifo.display(),
+            one_route("127.0.0.1:0", echo.addr, "")
+        );
+        let proxy = Proxy::with_config(&config, 1);
+        let mut c = connect(proxy.addr());
+        for _ in 0..50 {
+            let msg = Pattern::bytes(5, 4096);
+            c.write_all(&msg).unwrap();
+            assert_eq!(read_n(&mut c, msg.len(), PROMPT).unwrap(), msg);
+        }
+        // Now read: the writer goes on and reports what it dropped.
+        let deadline = Instant::now() + PROMPT;
+        let line = loop {
+            let mut buf = [0u8; 65536];
+            let _ = reader.read(&mut buf);
+            if proxy.count_log("tap dropped") > 0 {
+                break proxy.wait_log("tap dropped", PROMPT);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no drop warning: {}",
+                proxy.logs()
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            line.contains("writer_priority = \"normal\" in [tap] captures more"),
+            priority == "low",
+            "{line}"
+        );
+    }
+}
+
 /// A pcap FIFO read by one reader after another (a live `tshark -r` restarted): each reader
 /// gets a capture of its own, starting with the pcap header, not the middle of the previous
 /// reader's stream.

@@ -359,8 +359,14 @@ impl Writer {
         if !last && self.drop_warnings.allow(Instant::now()).is_none() {
             return;
         }
+        // A low-priority writer drops bulk data by design; say how to trade that for throughput.
+        let hint = if self.shared.copy_when_behind {
+            ""
+        } else {
+            " (writer_priority = \"normal\" in [tap] captures more, at some cost in throughput)"
+        };
         warn!(
-            "tap dropped {} records ({} payload bytes) since the last report (the writer fell behind the traffic, or a write failed), {} records in total; the capture has gaps",
+            "tap dropped {} records ({} payload bytes) since the last report (the writer fell behind the traffic, or a write failed), {} records in total; the capture has gaps{hint}",
             records - seen_records,
             bytes - seen_bytes,
             records
