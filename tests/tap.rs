@@ -1983,6 +1983,47 @@ fn the_drop_warning_of_a_low_priority_writer_says_how_to_capture_more() {
     }
 }
 
+/// `--tap-log - | head`: once the reader of stdout has gone, the log there stops, said once;
+/// proxying goes on, and the exit is clean.
+#[test]
+fn a_log_on_stdout_whose_reader_left_stops_once_and_proxying_goes_on() {
+    let echo = Upstream::echo();
+    let upstream = echo.addr.to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--tap-log",
+        "-",
+    ];
+    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        cmd.stdout(std::process::Stdio::piped());
+    });
+    let mut out = proxy.child.stdout.take().unwrap();
+    echo_once(proxy.addr(), b"first");
+    // The reader takes the first line, then leaves.
+    let mut line = [0u8; 16];
+    out.read_exact(&mut line).unwrap();
+    drop(out);
+    let deadline = Instant::now() + PROMPT;
+    let mut n = 0;
+    while proxy.count_log("has no reader any more") == 0 {
+        assert!(Instant::now() < deadline, "{}", proxy.logs());
+        echo_once(proxy.addr(), b"more");
+        n += 1;
+    }
+    for _ in 0..50 {
+        echo_once(proxy.addr(), b"after");
+    }
+    proxy.wait_count("bytes to client", n + 51, PROMPT);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    let logs = proxy.logs();
+    assert_eq!(proxy.count_log("has no reader any more"), 1, "{logs}");
+    assert_eq!(proxy.count_log("cannot write to stdout"), 0, "{logs}");
+}
+
 /// A pcap FIFO read by one reader after another (a live `tshark -r` restarted): each reader
 /// gets a capture of its own, starting with the pcap header, not the middle of the previous
 /// reader's stream.

@@ -369,7 +369,7 @@ pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
     let text = match &cfg.log {
         None => None,
         Some(LogTarget::Stdout) => Some(NamedText {
-            name: "stdout".to_owned(),
+            name: writer::STDOUT_NAME.to_owned(),
             sink: TextSink::new(
                 Box::new(StdoutSink),
                 crate::logging::wants_color(io::stdout().is_terminal(), |name| {

@@ -122,6 +122,9 @@ pub(crate) fn set_low_priority() {
     }
 }
 
+/// The name of the text log on standard output, in messages.
+pub(crate) const STDOUT_NAME: &str = "stdout";
+
 /// The writer thread's state.
 pub(crate) struct Writer {
     pub(crate) rx: Receiver<Msg>,
@@ -300,6 +303,12 @@ impl Writer {
     /// Writes one batch to every sink and updates the counters. `more_queued`: the next batch
     /// is already waiting.
     fn write(&mut self, batch: &[Entry], more_queued: bool) {
+        if self.text.is_none() && self.pcap.is_none() {
+            // Every output stopped (see `stop_if_reader_gone`).
+            let payload = batch.iter().map(Entry::payload_len).sum();
+            self.shared.count_drops(batch.len() as u64, payload);
+            return;
+        }
         let mut failures: Vec<(String, io::Error)> = Vec::new();
         if let Some(text) = &mut self.text
             && let Err(err) = text
@@ -319,8 +328,10 @@ impl Writer {
                 failures.push((pcap.name(), err));
             }
         }
+        let failed = failures.len();
+        failures.retain(|(name, err)| !self.stop_if_reader_gone(name, err));
         let payload: u64 = batch.iter().map(Entry::payload_len).sum::<u64>() - missing;
-        if failures.is_empty() {
+        if failed == 0 {
             self.shared
                 .records_written
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -334,7 +345,10 @@ impl Writer {
         self.shared.count_drops(batch.len() as u64, payload);
         self.shared
             .write_errors
-            .fetch_add(failures.len() as u64, Ordering::Relaxed);
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        if failures.is_empty() {
+            return;
+        }
         if let Some(held_back) = self.error_warnings.allow(Instant::now()) {
             for (name, err) in failures {
                 if held_back > 0 {
@@ -348,12 +362,39 @@ impl Writer {
         }
     }
 
+    /// Standard output whose reader has gone (`| head`, a pager that quit) gets no new one,
+    /// unlike a named FIFO: that output is closed, and the writer says so once. Proxying goes on.
+    /// Whether `err` from output `name` was that.
+    fn stop_if_reader_gone(&mut self, name: &str, err: &io::Error) -> bool {
+        if err.kind() != io::ErrorKind::BrokenPipe {
+            return false;
+        }
+        if name == STDOUT_NAME && self.text.is_some() {
+            self.text = None;
+        } else if name == crate::config::PCAP_STDOUT && self.pcap.is_some() {
+            self.pcap = None;
+        } else {
+            return false;
+        }
+        let left = if self.text.is_none() && self.pcap.is_none() {
+            " (the tap has no output left: its records are counted as dropped)"
+        } else {
+            ""
+        };
+        warn!(
+            "tap: {name} has no reader any more ({err}): nothing more is written to it{left}; proxying goes on"
+        );
+        true
+    }
+
     /// Warns about drops since the last report (rate-limited unless `last`).
     fn report_drops(&mut self, last: bool) {
         let records = self.shared.dropped_records.load(Ordering::Relaxed);
         let bytes = self.shared.dropped_bytes.load(Ordering::Relaxed);
         let (seen_records, seen_bytes) = self.reported_drops;
-        if records == seen_records {
+        // With no output left (its reader gone), every record is dropped: said once already.
+        let silent = self.text.is_none() && self.pcap.is_none() && !last;
+        if records == seen_records || silent {
             return;
         }
         if !last && self.drop_warnings.allow(Instant::now()).is_none() {
