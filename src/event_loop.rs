@@ -2199,6 +2199,18 @@ fn prepare_reload(
     overrides: &Overrides,
 ) -> Result<(), String> {
     let new = Config::load(path, overrides).map_err(|e| e.to_string())?;
+    // The new limit applies now, to pipes of the size in force until the restart.
+    let one_pipe = shared.config.splice_pipe_size.next_power_of_two();
+    if shared.config.splice && new.splice_memory_limit < one_pipe {
+        return Err(format!(
+            "{}: `splice_memory_limit`: {} does not hold one pipe of the splice_pipe_size in \
+             force ({}; a new splice_pipe_size takes effect at the next restart), so no \
+             direction could splice",
+            path.display(),
+            crate::config::format_size(new.splice_memory_limit as u64),
+            crate::config::format_size(one_pipe as u64)
+        ));
+    }
     let mut current = lock(&shared.current_routes);
     let targets = lock(&shared.reload_targets);
     let workers = targets.len();

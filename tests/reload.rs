@@ -297,6 +297,20 @@ fn sighup_changes_the_splice_memory_limit() {
     proxy.wait_log("splice_memory_limit is now 8 MiB (was 64 MiB)", PROMPT);
     wait_metric(proxy.admin_addr(), series, (8u64 << 20) as f64);
     assert_eq!(ask(proxy.addr()), 1);
+    // A limit below one pipe of the size in force (1 MiB until a restart) would stop all
+    // splicing, although the file on its own is valid: rejected.
+    write_file(
+        &path,
+        &config("128 KiB").replace("[admin]", "splice_pipe_size = \"64 KiB\"\n[admin]"),
+    );
+    proxy.signal(SIGHUP);
+    let line = proxy.wait_log("reload rejected", PROMPT);
+    assert!(
+        line.contains("splice_memory_limit") && line.contains("1 MiB"),
+        "{line}"
+    );
+    wait_metric(proxy.admin_addr(), series, (8u64 << 20) as f64);
+    assert_eq!(ask(proxy.addr()), 1);
 }
 
 /// Open connections keep the `idle_timeout` they started with; new ones get the reloaded one.
