@@ -2083,6 +2083,38 @@ fn each_reader_of_a_pcap_fifo_gets_a_whole_capture() {
     assert_eq!(captured_request(&flows, client), b"for the second reader");
 }
 
+/// One TCP frame of a capture: ports (source, destination), flags, time.
+#[derive(Debug)]
+struct Frame {
+    ports: [u16; 2],
+    syn: bool,
+    ack: bool,
+    rst: bool,
+    time: Duration,
+}
+
+/// The TCP frames of the capture at `path`, in file order.
+fn tcp_frames(path: &Path) -> Vec<Frame> {
+    let file = std::fs::File::open(path).expect("open pcap");
+    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
+    let mut frames = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        let p = p.expect("pcap packet");
+        let sliced = SlicedPacket::from_ethernet(&p.data).expect("ethernet frame");
+        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
+            panic!("not TCP")
+        };
+        frames.push(Frame {
+            ports: [tcp.source_port(), tcp.destination_port()],
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            rst: tcp.rst(),
+            time: p.timestamp,
+        });
+    }
+    frames
+}
+
 /// A slow connect shows in the capture as its SYN when the connect started and the SYN-ACK when
 /// the upstream answered; a failed one, as its SYN and then the RST. The frames of other
 /// connections in between stay in time order: Wireshark shows no negative deltas.
@@ -2115,56 +2147,39 @@ fn connects_show_in_the_capture_when_they_happen_in_time_order() {
     proxy.wait_log("upstream connect timeout", PROMPT);
     // Let the slow connect through: the proxy's SYN is sent again (after about a second) and
     // finds room once the queue is emptied.
-    let fillers = slow.filler_addrs();
-    let listener = slow.listener();
-    let mut upstream = loop {
-        let (s, from) = listener.accept().unwrap();
-        if !fillers.contains(&from) {
-            break s;
-        }
-    };
+    let mut upstream = slow.accept_other(PROMPT);
     upstream.write_all(b"late").unwrap();
     assert_eq!(read_n(&mut waiting, 4, PROMPT).unwrap(), b"late");
     drop((waiting, upstream));
     proxy.wait_count("bytes to client", 3, PROMPT);
     proxy.signal(SIGTERM);
     assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
-    let file = std::fs::File::open(&pcap).expect("open pcap");
-    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
-    // (ports, SYN, ACK, RST, time) of every frame, in file order.
-    let mut frames = Vec::new();
-    while let Some(p) = reader.next_packet() {
-        let p = p.expect("pcap packet");
-        let sliced = SlicedPacket::from_ethernet(&p.data).expect("ethernet frame");
-        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
-            panic!("not TCP")
-        };
-        let ports = [tcp.source_port(), tcp.destination_port()];
-        frames.push((ports, tcp.syn(), tcp.ack(), tcp.rst(), p.timestamp));
-    }
+    let frames = tcp_frames(&pcap);
     for w in frames.windows(2) {
-        assert!(w[0].4 <= w[1].4, "frames out of time order: {frames:?}");
+        assert!(
+            w[0].time <= w[1].time,
+            "frames out of time order: {frames:?}"
+        );
     }
-    let of = |port: u16| -> Vec<(bool, bool, bool, Duration)> {
-        (frames.iter())
-            .filter(|f| f.0.contains(&port))
-            .map(|f| (f.1, f.2, f.3, f.4))
-            .collect()
-    };
+    let of =
+        |port: u16| -> Vec<&Frame> { frames.iter().filter(|f| f.ports.contains(&port)).collect() };
     // The slow one: SYN, then SYN-ACK and ACK once the upstream answered.
     let slow_frames = of(ports[0]);
     let (syn, syn_ack) = (slow_frames[0], slow_frames[1]);
-    assert!(syn.0 && !syn.1 && syn_ack.0 && syn_ack.1, "{slow_frames:?}");
     assert!(
-        syn_ack.3 - syn.3 >= Duration::from_millis(500),
+        syn.syn && !syn.ack && syn_ack.syn && syn_ack.ack,
+        "{slow_frames:?}"
+    );
+    assert!(
+        syn_ack.time - syn.time >= Duration::from_millis(500),
         "the SYN-ACK came about a second after the SYN: {slow_frames:?}"
     );
     // The failed one: SYN, and the upstream's RST when the proxy gave up.
     let failed = of(ports[1]);
     assert_eq!(failed.len(), 2, "{failed:?}");
-    assert!(failed[0].0 && failed[1].2, "{failed:?}");
+    assert!(failed[0].syn && failed[1].rst, "{failed:?}");
     assert!(
-        failed[1].3 - failed[0].3 >= Duration::from_millis(350),
+        failed[1].time - failed[0].time >= Duration::from_millis(350),
         "{failed:?}"
     );
 }
@@ -2188,27 +2203,15 @@ fn a_timed_out_connect_shows_its_syn_when_it_was_sent() {
     proxy.wait_log("upstream connect timeout", PROMPT);
     proxy.signal(SIGTERM);
     assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
-    let file = std::fs::File::open(&pcap).expect("open pcap");
-    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
-    let mut seen = Vec::new();
-    while let Some(p) = reader.next_packet() {
-        let p = p.expect("pcap packet");
-        let sliced = SlicedPacket::from_ethernet(&p.data).expect("ethernet frame");
-        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
-            panic!("not TCP")
-        };
-        let from_client = tcp.source_port() == client.port();
-        seen.push((from_client, tcp.syn(), tcp.rst(), p.timestamp));
-    }
-    let syn = seen
-        .iter()
-        .find(|p| p.0 && p.1)
+    let seen = tcp_frames(&pcap);
+    let from_client = |f: &&Frame| f.ports[0] == client.port();
+    let syn = (seen.iter())
+        .find(|f| from_client(f) && f.syn)
         .expect("a SYN from the client");
-    let rst = seen
-        .iter()
-        .find(|p| !p.0 && p.2)
+    let rst = (seen.iter())
+        .find(|f| !from_client(f) && f.rst)
         .expect("a RST from the upstream");
-    let waited = rst.3.saturating_sub(syn.3);
+    let waited = rst.time.saturating_sub(syn.time);
     assert!(
         waited >= Duration::from_millis(350) && waited < PROMPT,
         "SYN to RST in the capture: {waited:?}, the connect waited 400ms: {seen:?}"

@@ -814,6 +814,25 @@ impl Blackhole {
             .collect()
     }
 
+    /// Empties the queue and returns the first connection that is not a filler (one whose
+    /// SYN was dropped while the queue was full, and sent again): fails after `timeout`.
+    pub fn accept_other(&self, timeout: Duration) -> TcpStream {
+        let fillers = self.filler_addrs();
+        let listener = self.listener();
+        let deadline = Instant::now() + timeout;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no other connection to {}",
+                self.addr
+            );
+            let (s, from) = listener.accept().unwrap();
+            if !fillers.contains(&from) {
+                return s;
+            }
+        }
+    }
+
     /// The listener, blocking, to accept from it.
     pub fn listener(&self) -> TcpListener {
         let l: TcpListener = self._listener.try_clone().unwrap().into();
