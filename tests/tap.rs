@@ -1901,28 +1901,40 @@ fn a_pcap_on_stdout_goes_to_a_socket_or_after_what_a_file_holds() {
     assert!(captured_request(&read_pcap(&path), clients[1]) == msg);
 }
 
+/// A proxy toward `upstream` with `--tap-log -`, its stdout a pipe: the proxy and the pipe's
+/// reading end. `adjust` sets up the command further.
+fn logging_to_stdout(
+    upstream: SocketAddr,
+    adjust: impl FnOnce(&mut std::process::Command),
+) -> (Proxy, std::process::ChildStdout) {
+    let upstream = upstream.to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--tap-log",
+        "-",
+    ];
+    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
+        cmd.stdout(std::process::Stdio::piped());
+        adjust(cmd);
+    });
+    let out = proxy.child.stdout.take().unwrap();
+    (proxy, out)
+}
+
 /// The log on stdout is plain text down a pipe, coloured where `CLICOLOR_FORCE` asks for it
 /// (as the process log is).
 #[test]
 fn the_log_on_stdout_is_coloured_only_when_asked() {
     let echo = Upstream::echo();
-    let upstream = echo.addr.to_string();
     for force in [false, true] {
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream,
-            "--tap-log",
-            "-",
-        ];
-        let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
-            cmd.stdout(std::process::Stdio::piped());
+        let (mut proxy, mut out) = logging_to_stdout(echo.addr, |cmd| {
             if force {
                 cmd.env("CLICOLOR_FORCE", "1");
             }
         });
-        let mut out = proxy.child.stdout.take().unwrap();
         let reader = thread::spawn(move || {
             let mut all = Vec::new();
             out.read_to_end(&mut all).map(|_| all)
@@ -1988,19 +2000,7 @@ fn the_drop_warning_of_a_low_priority_writer_says_how_to_capture_more() {
 #[test]
 fn a_log_on_stdout_whose_reader_left_stops_once_and_proxying_goes_on() {
     let echo = Upstream::echo();
-    let upstream = echo.addr.to_string();
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--tap-log",
-        "-",
-    ];
-    let mut proxy = Proxy::start_in(&args, 1, None, |cmd| {
-        cmd.stdout(std::process::Stdio::piped());
-    });
-    let mut out = proxy.child.stdout.take().unwrap();
+    let (mut proxy, mut out) = logging_to_stdout(echo.addr, |_| {});
     echo_once(proxy.addr(), b"first");
     // The reader takes the first line, then leaves.
     let mut line = [0u8; 16];
