@@ -66,7 +66,8 @@ impl CloseReason {
             CloseReason::Reset(s) => CloseKind::Reset(*s),
             CloseReason::Error(s, _) => CloseKind::Error(*s),
             CloseReason::IdleTimeout => CloseKind::IdleTimeout,
-            CloseReason::ConnectFailed(_) | CloseReason::ConnectTimeout => CloseKind::ConnectFailed,
+            CloseReason::ConnectFailed(_) => CloseKind::ConnectFailed,
+            CloseReason::ConnectTimeout => CloseKind::ConnectTimeout,
             CloseReason::Shutdown | CloseReason::Stopped => CloseKind::Shutdown,
             CloseReason::Refused(_)
             | CloseReason::BadProxyHeader(_)

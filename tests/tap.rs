@@ -2190,10 +2190,11 @@ fn connects_show_in_the_capture_when_they_happen_in_time_order() {
 fn a_timed_out_connect_shows_its_syn_when_it_was_sent() {
     let blackhole = Blackhole::start();
     let dir = TempDir::new("tap-connect-timeout");
-    let pcap = dir.path("out.pcap");
+    let (pcap, log) = (dir.path("out.pcap"), dir.path("tap.log"));
     let config = format!(
-        "connect_timeout = \"400ms\"\n[tap]\npcap = \"{}\"\n{}",
+        "connect_timeout = \"400ms\"\n[tap]\npcap = \"{}\"\nlog = \"{}\"\n{}",
         pcap.display(),
+        log.display(),
         one_route("127.0.0.1:0", blackhole.addr, "")
     );
     let mut proxy = Proxy::with_config(&config, 1);
@@ -2203,6 +2204,13 @@ fn a_timed_out_connect_shows_its_syn_when_it_was_sent() {
     proxy.wait_log("upstream connect timeout", PROMPT);
     proxy.signal(SIGTERM);
     assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    // The log tells a timeout from a refusal.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("RESET by proxy to client (upstream connect timed out)")
+            && text.contains("close: upstream connect timed out"),
+        "{text}"
+    );
     let seen = tcp_frames(&pcap);
     let from_client = |f: &&Frame| f.ports[0] == client.port();
     let syn = (seen.iter())

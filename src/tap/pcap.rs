@@ -298,7 +298,11 @@ impl PcapSink {
                     Some(mut flow) if flow.syn_only => self.unanswered(time, &mut flow, *kind),
                     Some(mut flow) => self.close(time, &mut flow, *kind, *offsets),
                     // Its Connect record was lost: the SYN is shown now, in file order.
-                    None if *kind == CloseKind::ConnectFailed => {
+                    None if matches!(
+                        kind,
+                        CloseKind::ConnectFailed | CloseKind::ConnectTimeout
+                    ) =>
+                    {
                         let mut flow = Flow::new(&record.conn);
                         self.syn(time, &mut flow);
                         self.unanswered(time, &mut flow, *kind);
@@ -365,6 +369,7 @@ impl PcapSink {
         let c = flow.isn[0];
         let seg = match kind {
             CloseKind::ConnectFailed
+            | CloseKind::ConnectTimeout
             | CloseKind::Reset(Side::Upstream)
             | CloseKind::Error(Side::Upstream) => {
                 Segment::control(Direction::UpToDown, RST | ACK, 0, c.wrapping_add(1))
@@ -485,7 +490,10 @@ impl PcapSink {
             }
             // The proxy reset the sides itself; the handshake is written, so both ends of the
             // conversation are shown reset.
-            CloseKind::IdleTimeout | CloseKind::Shutdown | CloseKind::ConnectFailed => {
+            CloseKind::IdleTimeout
+            | CloseKind::Shutdown
+            | CloseKind::ConnectFailed
+            | CloseKind::ConnectTimeout => {
                 self.abort(time, flow, offsets);
                 return;
             }

@@ -117,8 +117,10 @@ pub enum CloseKind {
     Reset(Side),
     /// No bytes moved for the idle timeout.
     IdleTimeout,
-    /// The upstream connect failed or timed out (no data was ever proxied).
+    /// The upstream connect failed (no data was ever proxied).
     ConnectFailed,
+    /// The upstream connect timed out (no data was ever proxied).
+    ConnectTimeout,
     /// Aborted at the end of the shutdown drain period.
     Shutdown,
     /// A local error on one side (not a peer reset).
@@ -133,7 +135,7 @@ impl CloseKind {
     pub fn reset_by_proxy(self) -> Option<&'static str> {
         match self {
             CloseKind::IdleTimeout | CloseKind::Shutdown => Some("client and upstream"),
-            CloseKind::ConnectFailed => Some("client"),
+            CloseKind::ConnectFailed | CloseKind::ConnectTimeout => Some("client"),
             CloseKind::Normal | CloseKind::Reset(_) | CloseKind::Error(_) => None,
         }
     }
@@ -146,6 +148,7 @@ impl fmt::Display for CloseKind {
             CloseKind::Reset(side) => write!(f, "reset by {side}"),
             CloseKind::IdleTimeout => f.write_str("idle timeout"),
             CloseKind::ConnectFailed => f.write_str("upstream connect failed"),
+            CloseKind::ConnectTimeout => f.write_str("upstream connect timed out"),
             CloseKind::Shutdown => f.write_str("aborted at shutdown"),
             CloseKind::Error(side) => write!(f, "error on {side}"),
         }
