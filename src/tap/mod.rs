@@ -370,6 +370,7 @@ pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
         None => None,
         Some(LogTarget::Stdout) => Some(NamedText {
             name: writer::STDOUT_NAME.to_owned(),
+            stdout: true,
             sink: TextSink::new(
                 Box::new(StdoutSink),
                 crate::logging::wants_color(io::stdout().is_terminal(), |name| {
@@ -385,6 +386,7 @@ pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
             })?;
             Some(NamedText {
                 name: path.display().to_string(),
+                stdout: false,
                 sink: TextSink::new(
                     Box::new(LogFile::new(path.clone(), file)),
                     false,
@@ -567,6 +569,7 @@ mod tests {
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let text = NamedText {
             name: "blocking".to_owned(),
+            stdout: false,
             sink: TextSink::new(Box::new(BlockingWriter { gate: gate_rx }), false, None),
         };
         let budget = 4096;
@@ -649,6 +652,7 @@ mod tests {
         };
         let text = NamedText {
             name: "counting".to_owned(),
+            stdout: false,
             sink: TextSink::new(Box::new(sink), false, None),
         };
         // At normal priority, and with the sender sleeping between records, the writer gets a
@@ -715,6 +719,7 @@ mod tests {
         };
         let text = NamedText {
             name: "counting".to_owned(),
+            stdout: false,
             sink: TextSink::new(Box::new(sink), false, None),
         };
         // A small queue keeps batches small (a few records), so the batch under way when the

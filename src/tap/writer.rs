@@ -102,6 +102,8 @@ impl RateLimit {
 /// A text log sink and the name used in messages about it.
 pub(crate) struct NamedText {
     pub(crate) name: String,
+    /// Standard output (`-`): no reader comes back once it has gone.
+    pub(crate) stdout: bool,
     pub(crate) sink: TextSink,
 }
 
@@ -369,7 +371,11 @@ impl Writer {
         if err.kind() != io::ErrorKind::BrokenPipe {
             return false;
         }
-        if name == STDOUT_NAME && self.text.is_some() {
+        if self
+            .text
+            .as_ref()
+            .is_some_and(|t| t.stdout && t.name == name)
+        {
             self.text = None;
         } else if name == crate::config::PCAP_STDOUT && self.pcap.is_some() {
             self.pcap = None;
