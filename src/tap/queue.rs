@@ -94,10 +94,11 @@ pub(crate) struct Shared {
     pub(crate) copy_when_behind: bool,
     pub(crate) records_queued: AtomicU64,
     pub(crate) bytes_queued: AtomicU64,
-    /// Records admitted that the writer has neither written nor counted as dropped yet, and
-    /// their payload bytes: what a writer abandoned at exit loses.
-    pub(crate) pending_records: AtomicU64,
-    pub(crate) pending_bytes: AtomicU64,
+    /// Of the records queued (and their payload bytes), those the writer has written or counted
+    /// as dropped: the rest is what a writer abandoned at exit loses. Written by the writer
+    /// only, so the data path counts a record once, in `records_queued`.
+    pub(crate) settled_records: AtomicU64,
+    pub(crate) settled_bytes: AtomicU64,
     pub(crate) records_written: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) dropped_records: AtomicU64,
@@ -136,8 +137,8 @@ impl Shared {
             retired: AtomicBool::new(false),
             records_queued: AtomicU64::new(0),
             bytes_queued: AtomicU64::new(0),
-            pending_records: AtomicU64::new(0),
-            pending_bytes: AtomicU64::new(0),
+            settled_records: AtomicU64::new(0),
+            settled_bytes: AtomicU64::new(0),
             records_written: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             dropped_records: AtomicU64::new(0),
@@ -183,17 +184,20 @@ impl Shared {
 
     /// The writer is done with admitted records (written or counted as dropped).
     pub(crate) fn settle(&self, records: u64, payload: u64) {
-        self.pending_records.fetch_sub(records, Ordering::Relaxed);
-        self.pending_bytes.fetch_sub(payload, Ordering::Relaxed);
+        self.settled_records.fetch_add(records, Ordering::Relaxed);
+        self.settled_bytes.fetch_add(payload, Ordering::Relaxed);
     }
 
-    /// Records still pending when the writer is abandoned (it did not finish in time at exit)
-    /// count as dropped: written + dropped then still adds up to what was admitted.
+    /// Records queued and not settled when the writer is abandoned (it did not finish in time
+    /// at exit) count as dropped: written + dropped then still adds up to what was admitted.
     pub(crate) fn abandon(&self) -> (u64, u64) {
-        let records = self.pending_records.swap(0, Ordering::Relaxed);
-        let payload = self.pending_bytes.swap(0, Ordering::Relaxed);
-        self.dropped_records.fetch_add(records, Ordering::Relaxed);
-        self.dropped_bytes.fetch_add(payload, Ordering::Relaxed);
+        let unsettled = |queued: &AtomicU64, settled: &AtomicU64| {
+            let queued = queued.load(Ordering::Relaxed);
+            queued.saturating_sub(settled.swap(queued, Ordering::Relaxed))
+        };
+        let records = unsettled(&self.records_queued, &self.settled_records);
+        let payload = unsettled(&self.bytes_queued, &self.settled_bytes);
+        self.count_drops(records, payload);
         (records, payload)
     }
 
@@ -608,25 +612,17 @@ impl TapHandle {
     /// writer is gone, gives the cost back and counts a drop.
     fn send(&self, msg: Msg, cost: usize, payload: usize) -> bool {
         let shared = &self.feed.shared;
-        // Pending before the writer can see it, so that it never settles more than is pending.
-        shared.pending_records.fetch_add(1, Ordering::Relaxed);
-        (shared.pending_bytes).fetch_add(payload as u64, Ordering::Relaxed);
+        // Queued before the writer can see it, so that it never settles more than was queued.
+        shared.records_queued.fetch_add(1, Ordering::Relaxed);
+        (shared.bytes_queued).fetch_add(payload as u64, Ordering::Relaxed);
         if self.feed.tx.send(msg).is_err() {
             // The writer is gone: with a handle left, only the exit stops it.
-            shared.pending_records.fetch_sub(1, Ordering::Relaxed);
-            (shared.pending_bytes).fetch_sub(payload as u64, Ordering::Relaxed);
+            shared.records_queued.fetch_sub(1, Ordering::Relaxed);
+            (shared.bytes_queued).fetch_sub(payload as u64, Ordering::Relaxed);
             shared.release(cost);
             shared.count_drop(payload);
             return false;
         }
-        self.feed
-            .shared
-            .records_queued
-            .fetch_add(1, Ordering::Relaxed);
-        self.feed
-            .shared
-            .bytes_queued
-            .fetch_add(payload as u64, Ordering::Relaxed);
         true
     }
 }
