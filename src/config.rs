@@ -1140,8 +1140,7 @@ impl Config {
             Some(s) => file_ctx.usize_size("splice_memory_limit", s)?,
             None => DEFAULT_SPLICE_MEMORY_LIMIT,
         };
-        // The kernel rounds a pipe up to a power of two pages.
-        let one_pipe = splice_pipe_size.next_power_of_two();
+        let one_pipe = crate::splice::pipe_cost(splice_pipe_size);
         if splice_memory_limit < one_pipe {
             return Err(file_ctx.invalid(
                 "splice_memory_limit",

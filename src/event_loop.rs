@@ -2200,7 +2200,7 @@ fn prepare_reload(
 ) -> Result<(), String> {
     let new = Config::load(path, overrides).map_err(|e| e.to_string())?;
     // The new limit applies now, to pipes of the size in force until the restart.
-    let one_pipe = shared.config.splice_pipe_size.next_power_of_two();
+    let one_pipe = crate::splice::pipe_cost(shared.config.splice_pipe_size);
     if shared.config.splice && new.splice_memory_limit < one_pipe {
         return Err(format!(
             "{}: `splice_memory_limit`: {} does not hold one pipe of the splice_pipe_size in \

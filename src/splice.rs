@@ -82,6 +82,13 @@ impl SpliceMemory {
     }
 }
 
+/// What a pipe asked of `size` bytes counts in a [`SpliceMemory`]: the size the kernel makes of
+/// it (a power of two pages). A pipe the kernel granted smaller, past the user's limit, counts
+/// at that size all the same.
+pub fn pipe_cost(size: usize) -> usize {
+    size.next_power_of_two()
+}
+
 /// A pipe's capacity counted in a [`SpliceMemory`], released on drop.
 #[derive(Debug)]
 struct Held {
@@ -426,12 +433,10 @@ impl PipePool {
         Ok(p)
     }
 
-    /// What a pipe counts in the splice memory budget: the size asked, as the kernel rounds it
-    /// (a power of two pages). One figure for every pipe of the pool, so that a refusal is
-    /// lifted exactly when a take would succeed (a pipe the kernel granted smaller, past the
-    /// user's limit, counts at the size asked).
+    /// What each pipe of this pool counts in the splice memory budget: see [`pipe_cost`]. One
+    /// figure for every pipe, so that a refusal is lifted exactly when a take would succeed.
     fn cost(&self) -> usize {
-        self.size.next_power_of_two()
+        pipe_cost(self.size)
     }
 
     fn memory_refusal(&self) -> NoPipe {
