@@ -412,6 +412,65 @@ fn text_payload_is_shown_as_text() {
     assert!(text.contains("  < PING\n"), "{text}");
 }
 
+#[test]
+fn a_log_appended_to_by_two_runs_says_where_each_begins() {
+    let dir = TempDir::new("log");
+    let log = dir.path("tap.log");
+    let echo = Upstream::echo();
+    let mut runs = Vec::new();
+    for msg in [&b"first run\n"[..], b"second run\n"] {
+        let mut proxy = Proxy::start(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &echo.addr.to_string(),
+                "--tap-log",
+                log.to_str().unwrap(),
+            ],
+            1,
+        );
+        let client = echo_once(proxy.addr(), msg);
+        proxy.wait_count("bytes to client", 1, PROMPT);
+        proxy.signal(SIGTERM);
+        assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+        runs.push((proxy.pid(), client));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let openings: Vec<usize> = (lines.iter().enumerate())
+        .filter(|(_, l)| l.ends_with("opened this log"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(openings.len(), 2, "{text}");
+    assert_eq!(
+        openings[0], 0,
+        "the first line says who opened the log:\n{text}"
+    );
+    for (k, &(pid, client)) in runs.iter().enumerate() {
+        let line = lines[openings[k]];
+        let ts = line.split(' ').next().unwrap();
+        assert!(ts.len() == 27 && ts.ends_with('Z'), "{line}");
+        assert!(
+            line.contains(&format!(
+                " tcptap {} (pid {pid}) ",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{line}"
+        );
+        // Each run's connections follow its own line, ids from #1 again.
+        let end = openings.get(k + 1).copied().unwrap_or(lines.len());
+        let run = &lines[openings[k] + 1..end];
+        assert!(
+            run[0].contains(&format!("#1 {client} -> {} open", echo.addr)),
+            "{text}"
+        );
+        assert!(run.iter().all(|l| !l.contains(" #2 ")), "{text}");
+    }
+    assert!(text.contains("  > first run\n"), "{text}");
+    assert!(text.contains("  > second run\n"), "{text}");
+}
+
 fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: valid NUL-terminated path.

@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use log::warn;
 
@@ -391,7 +391,8 @@ pub fn start(cfg: &TapConfig) -> Result<(TapHandle, TapGuard), TapError> {
                     Box::new(LogFile::new(path.clone(), file)),
                     false,
                     cfg.snaplen,
-                ),
+                )
+                .opening_line(SystemTime::now()),
             })
         }
     };

@@ -130,6 +130,9 @@ pub(crate) struct TextSink {
     leads: [String; 2],
     /// Reused buffer joining held bytes and the chunk that follows them.
     joined: Vec<u8>,
+    /// When this process opened the log file, until the line saying so is written (see
+    /// [`TextSink::opening_line`]).
+    opened: Option<SystemTime>,
 }
 
 impl TextSink {
@@ -152,7 +155,16 @@ impl TextSink {
             second: None,
             leads,
             joined: Vec::new(),
+            opened: None,
         }
+    }
+
+    /// Starts the log with a line naming this process, written with the first batch: a log
+    /// file is appended to across runs, and connection ids start again at #1 in each, so the
+    /// line tells the runs apart.
+    pub(crate) fn opening_line(mut self, opened: SystemTime) -> TextSink {
+        self.opened = Some(opened);
+        self
     }
 
     /// Renders the batch into the reused buffer and writes it with one write and one flush.
@@ -161,6 +173,18 @@ impl TextSink {
         batch: impl IntoIterator<Item = &'a TapRecord>,
     ) -> io::Result<()> {
         self.buf.clear();
+        if let Some(opened) = self.opened {
+            let p = self.palette;
+            self.buf.extend_from_slice(p.dim.as_bytes());
+            self.timestamp(opened);
+            self.buf.extend_from_slice(p.reset.as_bytes());
+            let _ = writeln!(
+                self.buf,
+                " tcptap {} (pid {}) opened this log",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id()
+            );
+        }
         for record in batch {
             self.render(record);
         }
@@ -168,6 +192,9 @@ impl TextSink {
             .out
             .write_all(&self.buf)
             .and_then(|()| self.out.flush());
+        if result.is_ok() {
+            self.opened = None;
+        }
         if self.buf.capacity() > 16 << 20 {
             self.buf = Vec::new();
         }
@@ -821,6 +848,38 @@ mod tests {
             downstream: "10.0.0.1:50000".parse().unwrap(),
             upstream: "[2001:db8::2]:80".parse().unwrap(),
         })
+    }
+
+    #[test]
+    fn the_opening_line_comes_once_before_the_first_records() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let opened = SystemTime::UNIX_EPOCH + Duration::from_micros(1_714_564_799_000_001);
+        let mut s = TextSink::new(Box::new(out.clone()), false, None).opening_line(opened);
+        s.write_batch(&[rec(TapEvent::Open)]).unwrap();
+        s.write_batch(&[rec(TapEvent::Open)]).unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!(
+                "2024-05-01T11:59:59.000001Z tcptap {} (pid {}) opened this log",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id()
+            )
+        );
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[1].ends_with(" open (route web)"), "{text}");
     }
 
     fn rec(event: TapEvent) -> TapRecord {
