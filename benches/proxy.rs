@@ -29,6 +29,8 @@
 //! - `TCPTAP_BENCH_TARGETS=direct,tcptap,...` and
 //!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis,wrk` to select.
 //! - `TCPTAP_BENCH_BIN`: the tcptap binary to use instead of Cargo's.
+//! - `TCPTAP_BENCH_OUT`: the name of the result files (default `latest`), so that a run of
+//!   some rows leaves the full suite's results alone.
 //! - `TCPTAP_BENCH_RUST_LOG`: RUST_LOG for tcptap (default
 //!   `info,tcptap::conn=warn`: no line per connection).
 //!
@@ -36,8 +38,9 @@
 //! smoke test of the harness: direct and tcptap only, tiny durations, no
 //! result files.
 //!
-//! Results: printed, and written to `benches/results/latest.md` (medians)
-//! and `benches/results/latest.json` (every round).
+//! Results: printed, and written to `benches/results/latest.md` (medians, and
+//! how the ratios to the peers spread over the rounds) and
+//! `benches/results/latest.json` (every round).
 
 mod loadgen;
 mod peers;
@@ -103,6 +106,8 @@ struct Config {
     redis_churn_n: u32,
     targets: Option<Vec<String>>,
     groups: Option<Vec<String>>,
+    /// The name of the result files under `benches/results/` (`latest`: the full suite's).
+    out: String,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -112,6 +117,26 @@ fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
         Err(_) => {
             eprintln!("warning: ignoring {name}={v:?} (cannot parse)");
             None
+        }
+    }
+}
+
+/// The result files' name: `TCPTAP_BENCH_OUT` when it is a plain file name (letters, digits,
+/// `-`, `_`, `.`; no path), else `latest`.
+fn bench_out(v: Option<String>) -> String {
+    match v.map(|v| v.trim().to_owned()) {
+        None => "latest".into(),
+        Some(v)
+            if !v.is_empty()
+                && !v.starts_with('.')
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+        {
+            v
+        }
+        Some(v) => {
+            eprintln!("warning: ignoring TCPTAP_BENCH_OUT={v:?} (not a plain file name)");
+            "latest".into()
         }
     }
 }
@@ -168,6 +193,7 @@ impl Config {
             } else {
                 env_list("TCPTAP_BENCH_ONLY")
             },
+            out: bench_out(std::env::var("TCPTAP_BENCH_OUT").ok()),
         }
     }
 
@@ -258,23 +284,39 @@ impl Results {
     /// row run one after the other in a round, so each quotient compares them under the same
     /// machine load, which drifts between rounds on a shared machine.
     fn paired_ratio(&self, metric: &str, a: &str, b: &str) -> Option<f64> {
+        median(self.round_ratios(metric, a, b))
+    }
+
+    /// The per-round ratios `a / b` of a row, in round order (rounds that measured both).
+    fn round_ratios(&self, metric: &str, a: &str, b: &str) -> Vec<f64> {
         let get = |t: &str| self.values.get(&(metric.to_owned(), t.to_owned()));
-        let (xa, xb) = (get(a)?, get(b)?);
-        median(
-            xa.iter()
-                .zip(xb)
-                .filter_map(|(x, y)| match (x, y) {
-                    (Some(x), Some(y)) if *y != 0.0 => Some(x / y),
-                    _ => None,
-                })
-                .collect(),
-        )
+        let (Some(xa), Some(xb)) = (get(a), get(b)) else {
+            return Vec::new();
+        };
+        xa.iter()
+            .zip(xb)
+            .filter_map(|(x, y)| match (x, y) {
+                (Some(x), Some(y)) if *y != 0.0 => Some(x / y),
+                _ => None,
+            })
+            .collect()
     }
 
     fn note(&mut self, s: String) {
         println!("note: {s}");
         self.notes.push(s);
     }
+}
+
+/// The `q` quantile (0..=1) of `v`, interpolated between the two nearest values.
+fn quantile(mut v: Vec<f64>, q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -682,6 +724,23 @@ fn wrk_parse_self_check() {
     assert!(parse_wrk(&ok.replace("125731 requests", "0 requests")).is_err());
 }
 
+/// Checks [`quantile`] and [`spread_cell`].
+fn spread_self_check() {
+    assert_eq!(quantile(vec![3.0, 1.0, 2.0, 4.0], 0.5), Some(2.5));
+    assert_eq!(quantile(vec![1.0, 2.0, 3.0, 4.0, 5.0], 0.25), Some(2.0));
+    assert_eq!(quantile(vec![7.0], 0.75), Some(7.0));
+    assert_eq!(quantile(Vec::new(), 0.5), None);
+    let r = [0.8, 1.1, 1.2, 0.9, 1.3];
+    assert_eq!(spread_cell(&r, true), "1.10 (0.90–1.20) 3/5");
+    assert_eq!(spread_cell(&r, false), "1.10 (0.90–1.20) 2/5");
+    assert_eq!(spread_cell(&[], true), "–");
+    assert_eq!(bench_out(None), "latest");
+    assert_eq!(bench_out(Some(" small-rows_2.x ".into())), "small-rows_2.x");
+    for bad in ["", "../x", "a/b", ".hidden"] {
+        assert_eq!(bench_out(Some(bad.into())), "latest", "{bad:?}");
+    }
+}
+
 fn redis_parse_self_check() {
     let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\"\n\
                \"PING_INLINE\",\"15748.03\",\"0.240\",\"0.024\"\n\
@@ -967,6 +1026,60 @@ fn markdown_table(res: &Results, targets: &[Target]) -> String {
     s
 }
 
+/// How the ratios of tcptap to each peer spread over the rounds: per row and peer, the median
+/// ratio, the middle half of the rounds' ratios, and in how many rounds tcptap did better. On a
+/// shared machine a single row's median moves from run to run; a middle half that straddles 1
+/// says the two are within the noise of this run, and the rounds won say which way it leans.
+fn spread_table(res: &Results, targets: &[Target]) -> String {
+    let peers: Vec<(String, String)> = ratio_columns(targets)
+        .into_iter()
+        .filter(|(_, b)| b != "direct" && targets.iter().any(|t| t.name == *b && !t.is_tcptap()))
+        .collect();
+    if peers.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("| metric | better |");
+    for (a, b) in &peers {
+        let _ = write!(s, " {a}/{b} |");
+    }
+    s.push_str("\n|---|---|");
+    for _ in &peers {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for (m, unit) in &res.order {
+        let cells: Vec<String> = peers
+            .iter()
+            .map(|(a, b)| spread_cell(&res.round_ratios(m, a, b), unit.higher_is_better))
+            .collect();
+        if cells.iter().all(|c| c == "–") {
+            continue;
+        }
+        let better = if unit.higher_is_better { "↑" } else { "↓" };
+        let _ = write!(s, "| {m} | {better} |");
+        for c in cells {
+            let _ = write!(s, " {c} |");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// `median (q1–q3) won/rounds` for one row's per-round ratios.
+fn spread_cell(ratios: &[f64], higher_is_better: bool) -> String {
+    let (Some(q1), Some(q2), Some(q3)) = (
+        quantile(ratios.to_vec(), 0.25),
+        quantile(ratios.to_vec(), 0.5),
+        quantile(ratios.to_vec(), 0.75),
+    ) else {
+        return "–".into();
+    };
+    let won = (ratios.iter())
+        .filter(|&&r| if higher_is_better { r > 1.0 } else { r < 1.0 })
+        .count();
+    format!("{q2:.2} ({q1:.2}–{q3:.2}) {won}/{}", ratios.len())
+}
+
 fn utc_now() -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1025,10 +1138,15 @@ fn write_results(
     targets: &[Target],
     versions: &[String],
     table: &str,
+    spread: &str,
 ) -> std::io::Result<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
     std::fs::create_dir_all(&dir)?;
-    let mut md = String::from("# tcptap proxy benchmark: latest run\n\n");
+    let mut md = if cfg.out == "latest" {
+        String::from("# tcptap proxy benchmark: latest run\n\n")
+    } else {
+        format!("# tcptap proxy benchmark: {}\n\n", cfg.out)
+    };
     let _ = writeln!(md, "- date: {}", m.date);
     let _ = writeln!(md, "- kernel (`uname -r`): {}", m.kernel);
     let _ = writeln!(md, "- CPU: {} × {} (nproc)", m.cpu, m.nproc);
@@ -1050,6 +1168,15 @@ fn write_results(
          below 1 means tcptap is better). `–`: not measured or failed.\n"
     );
     md.push_str(table);
+    if !spread.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nRound by round: the median ratio of tcptap to each peer, the middle half of the \
+             rounds' ratios in parentheses, and the rounds where tcptap did better. A middle \
+             half that straddles 1 is within the noise of this run.\n"
+        );
+        md.push_str(spread);
+    }
     if !res.notes.is_empty() {
         md.push_str("\nNotes:\n");
         for n in &res.notes {
@@ -1062,7 +1189,7 @@ fn write_results(
             let _ = writeln!(md, "- {}", e.lines().next().unwrap_or(""));
         }
     }
-    std::fs::write(dir.join("latest.md"), md)?;
+    std::fs::write(dir.join(format!("{}.md", cfg.out)), md)?;
 
     let metrics: Vec<serde_json::Value> = res
         .order
@@ -1112,7 +1239,7 @@ fn write_results(
         "errors": res.errors,
     });
     let text = serde_json::to_string_pretty(&json).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join("latest.json"), text + "\n")?;
+    std::fs::write(dir.join(format!("{}.json", cfg.out)), text + "\n")?;
     Ok(dir)
 }
 
@@ -1127,6 +1254,7 @@ fn main() {
         loadgen::http_self_check();
         wrk_parse_self_check();
         redis_parse_self_check();
+        spread_self_check();
     }
     let mut res = Results::default();
     let mut versions = Vec::new();
@@ -1295,7 +1423,11 @@ fn main() {
     drop(env);
 
     let table = markdown_table(&res, &targets);
+    let spread = spread_table(&res, &targets);
     println!("\n{table}");
+    if !spread.is_empty() {
+        println!("round by round, tcptap/peer: median (middle half) rounds won\n\n{spread}");
+    }
     println!("total time: {:.1} s", secs(started.elapsed()));
     if cfg.smoke {
         if !res.errors.is_empty() {
@@ -1305,8 +1437,12 @@ fn main() {
         return;
     }
     let m = machine();
-    match write_results(&cfg, &m, &res, &targets, &versions, &table) {
-        Ok(dir) => println!("wrote {}/latest.md and latest.json", dir.display()),
+    match write_results(&cfg, &m, &res, &targets, &versions, &table, &spread) {
+        Ok(dir) => println!(
+            "wrote {}/{name}.md and {name}.json",
+            dir.display(),
+            name = cfg.out
+        ),
         Err(e) => {
             eprintln!("error: cannot write results: {e}");
             std::process::exit(1);
