@@ -323,17 +323,7 @@ fn tap_log_shows_events_and_bytes() {
     let log = dir.path("tap.log");
     let (tx, rx) = mpsc::channel();
     let up = reply_upstream(tx);
-    let mut proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-            "--tap-log",
-            log.to_str().unwrap(),
-        ],
-        1,
-    );
+    let mut proxy = logging_to(up.addr, &log);
     let mut c = connect(proxy.addr());
     let mut sent = header(5, 40);
     sent.extend(b"GET / HTTP/1.1\r\nHost: tcptap\r\n\r\n");
@@ -389,17 +379,7 @@ fn text_payload_is_shown_as_text() {
     let dir = TempDir::new("log");
     let log = dir.path("tap.log");
     let echo = Upstream::echo();
-    let mut proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &echo.addr.to_string(),
-            "--tap-log",
-            log.to_str().unwrap(),
-        ],
-        1,
-    );
+    let mut proxy = logging_to(echo.addr, &log);
     let mut c = connect(proxy.addr());
     c.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
     assert_eq!(read_n(&mut c, 14, PROMPT).unwrap(), b"*1\r\n$4\r\nPING\r\n");
@@ -419,17 +399,7 @@ fn a_log_appended_to_by_two_runs_says_where_each_begins() {
     let echo = Upstream::echo();
     let mut runs = Vec::new();
     for msg in [&b"first run\n"[..], b"second run\n"] {
-        let mut proxy = Proxy::start(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                &echo.addr.to_string(),
-                "--tap-log",
-                log.to_str().unwrap(),
-            ],
-            1,
-        );
+        let mut proxy = logging_to(echo.addr, &log);
         let client = echo_once(proxy.addr(), msg);
         proxy.wait_count("bytes to client", 1, PROMPT);
         proxy.signal(SIGTERM);
@@ -469,6 +439,21 @@ fn a_log_appended_to_by_two_runs_says_where_each_begins() {
     }
     assert!(text.contains("  > first run\n"), "{text}");
     assert!(text.contains("  > second run\n"), "{text}");
+}
+
+/// A proxy toward `upstream` with its text log in the file `log`.
+fn logging_to(upstream: SocketAddr, log: &Path) -> Proxy {
+    Proxy::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream.to_string(),
+            "--tap-log",
+            log.to_str().unwrap(),
+        ],
+        1,
+    )
 }
 
 fn mkfifo(path: &Path) {
@@ -1416,17 +1401,7 @@ fn a_tap_log_at_the_file_size_limit_neither_kills_nor_tears() {
     let up = Upstream::echo();
     let dir = TempDir::new("fsize");
     let log = dir.path("tap.log");
-    let mut proxy = Proxy::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-            "--tap-log",
-            log.to_str().unwrap(),
-        ],
-        1,
-    );
+    let mut proxy = logging_to(up.addr, &log);
     set_fsize(proxy.pid(), LIMIT);
     // Far more log than the limit holds, one conversation after the other.
     for i in 0..300 {
