@@ -319,17 +319,8 @@ fn quantile(mut v: Vec<f64>, q: f64) -> Option<f64> {
     Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+fn median(v: Vec<f64>) -> Option<f64> {
+    quantile(v, 0.5)
 }
 
 type Measured = Vec<(String, Unit, f64)>;
@@ -1067,11 +1058,8 @@ fn spread_table(res: &Results, targets: &[Target]) -> String {
 
 /// `median (q1–q3) won/rounds` for one row's per-round ratios.
 fn spread_cell(ratios: &[f64], higher_is_better: bool) -> String {
-    let (Some(q1), Some(q2), Some(q3)) = (
-        quantile(ratios.to_vec(), 0.25),
-        quantile(ratios.to_vec(), 0.5),
-        quantile(ratios.to_vec(), 0.75),
-    ) else {
+    let [Some(q1), Some(q2), Some(q3)] = [0.25, 0.5, 0.75].map(|q| quantile(ratios.to_vec(), q))
+    else {
         return "–".into();
     };
     let won = (ratios.iter())
