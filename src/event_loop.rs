@@ -757,13 +757,16 @@ impl Worker {
         }
     }
 
-    /// Every [`POOL_TRIM`] while the pool holds more than it keeps for good: frees the buffers
-    /// a burst left that went unused since (and the heap pages they held).
+    /// Every [`POOL_TRIM`]: frees the buffers a burst left that went unused since (and the heap
+    /// pages they held), and closes the tee pipes a lagging tap writer made that it has emptied
+    /// since (they are otherwise closed only by the next tapped traffic, or while descriptors
+    /// are short).
     fn trim_pool(&mut self, now: Instant) {
         if now < self.pool_trimmed + POOL_TRIM {
             return;
         }
         self.pool_trimmed = now;
+        self.trim_tee_pipes();
         let freed = self.pool.trim();
         if freed > 0 {
             debug!("worker {}: {freed} idle buffers freed", self.index);
@@ -776,6 +779,14 @@ impl Worker {
             unsafe {
                 libc::malloc_trim(0);
             }
+        }
+    }
+
+    /// Closes the idle tee pipes of every route's tap, but one each (see
+    /// [`TapHandle::trim_tee_pipes`]).
+    fn trim_tee_pipes(&self) {
+        for tap in self.routes.iter().filter_map(|r| r.tap.as_ref()) {
+            tap.trim_tee_pipes();
         }
     }
 
@@ -808,7 +819,8 @@ impl Worker {
             // Turn at least twice a period, so that an idle loop is not taken for a hung one.
             consider(now + period / 2);
         }
-        if self.pool.has_excess() {
+        let tees = || self.routes.iter().filter_map(|r| r.tap.as_ref());
+        if self.pool.has_excess() || tees().any(TapHandle::may_trim_tee_pipes) {
             consider(self.pool_trimmed + POOL_TRIM);
         }
         for p in self.probers.iter().flatten() {
@@ -2096,9 +2108,7 @@ impl Worker {
     fn resume_accepting(&mut self, now: Instant) {
         if !fd_budget::has_room() && self.listeners.iter().any(|l| l.blocked_by_limit) {
             // Idle tee pipes hold descriptors too: give them back while clients wait for some.
-            for tap in self.routes.iter().filter_map(|r| r.tap.as_ref()) {
-                tap.trim_tee_pipes();
-            }
+            self.trim_tee_pipes();
         }
         for i in 0..self.listeners.len() {
             let l = &self.listeners[i];

@@ -488,6 +488,64 @@ fn counting_upstream() -> Upstream {
     })
 }
 
+/// Tee pipes that a lagging writer made are closed once it has emptied them, without waiting for
+/// more tapped traffic to do it: one stays, for the next tee.
+#[test]
+fn tee_pipes_a_writer_has_emptied_are_closed_without_more_traffic() {
+    const LEN: usize = 32 << 20;
+    let dir = TempDir::new("tee-trim");
+    let fifo = dir.path("late-reader");
+    mkfifo(&fifo);
+    let up = counting_upstream();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[tap]\nlog = \"{}\"\nqueue_size = \"4 MiB\"\n\
+         writer_priority = \"normal\"\n{}",
+        fifo.display(),
+        one_route("127.0.0.1:0", up.addr, "")
+    );
+    let mut proxy = Proxy::with_config(&config, 1);
+    let admin = proxy.admin_addr();
+    proxy.wait_log("is a FIFO with no reader yet", PROMPT);
+    let pipes = || metric(&http_get(admin, "/metrics").1, "tcptap_kernel_pipes").unwrap();
+    // Nobody reads the log yet: the tees of the transfer wait in pipes the writer has not read.
+    transfer_time(proxy.addr(), LEN);
+    let held = pipes() as usize;
+    assert!(held >= 2, "{held} pipes held after the transfer");
+    let fds = pipe_fds(proxy.pid());
+    // A reader comes, and the writer empties them.
+    let reader = thread::spawn(move || {
+        let mut f = std::fs::File::open(&fifo).unwrap();
+        std::io::copy(&mut f, &mut std::io::sink()).unwrap()
+    });
+    // All but one close, within the pool's trim period: watched in /proc, since a request for
+    // the metrics would wake the event loop, and this must happen with nothing to wake it.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while pipe_fds(proxy.pid()) > fds - 2 * (held - 1) {
+        assert!(
+            Instant::now() < deadline,
+            "{} pipe descriptors, {fds} with {held} pipes after the transfer",
+            pipe_fds(proxy.pid())
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pipes(), 1.0);
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(TAP_FLUSH).code(), Some(0));
+    assert!(reader.join().unwrap() > 0, "the log reached the reader");
+}
+
+/// The pipe descriptors process `pid` holds, standard input and output aside.
+fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) > Some(2))
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+        })
+        .count()
+}
+
 #[test]
 fn blocked_tap_sink_neither_hangs_nor_slows_proxying() {
     const LEN: usize = 96 << 20;

@@ -260,6 +260,9 @@ pub(crate) const CHUNKS_PER_QUEUE: usize = 4;
 pub(crate) struct Lane {
     /// Only the owning worker locks it (the writer reads through the records' `Arc`s).
     pipes: std::sync::Mutex<Vec<Arc<TeePipe>>>,
+    /// How many pipes it held after the last change, read without the lock by the event loop
+    /// to know whether it has pipes to trim (see [`TapHandle::may_trim_tee_pipes`]).
+    held: AtomicUsize,
 }
 
 impl Lane {
@@ -267,7 +270,7 @@ impl Lane {
     /// are behind and no more can be had.
     fn pipe_with_room(&self, len: usize, budget: usize) -> Option<Arc<TeePipe>> {
         let mut pipes = self.pipes.lock().unwrap_or_else(|e| e.into_inner());
-        Lane::trim(&mut pipes);
+        self.trim(&mut pipes);
         if let Some(p) = pipes.iter().find(|p| p.has_room(len)) {
             return Some(Arc::clone(p));
         }
@@ -280,13 +283,14 @@ impl Lane {
             return None;
         }
         pipes.push(Arc::clone(&pipe));
+        self.held.store(pipes.len(), Ordering::Relaxed);
         Some(pipe)
     }
 
     /// Closes the pipes the writer has emptied and no queued record names, but one: pipes added
     /// while the writer lagged go once it has caught up, giving their descriptors back (see
     /// [`crate::fd_budget`]).
-    fn trim(pipes: &mut Vec<Arc<TeePipe>>) {
+    fn trim(&self, pipes: &mut Vec<Arc<TeePipe>>) {
         if pipes.len() < 2 {
             return; // one pipe, idle or not, stays
         }
@@ -297,6 +301,7 @@ impl Lane {
             idle_kept |= idle;
             keep
         });
+        self.held.store(pipes.len(), Ordering::Relaxed);
     }
 }
 
@@ -382,12 +387,21 @@ impl TapHandle {
         }
     }
 
-    /// Closes this worker's tee pipes that are idle, but one (see [`Lane`]); the event loop
-    /// calls it while descriptors are short, when no tapped traffic may come to do it.
+    /// Closes this worker's tee pipes that are idle, but one (see [`Lane`]). Tapped traffic
+    /// does it as it comes; the event loop also calls it while descriptors are short, and
+    /// every 10 s while [`TapHandle::may_trim_tee_pipes`].
     pub fn trim_tee_pipes(&self) {
         if let Some(lane) = &self.lane {
-            Lane::trim(&mut lane.pipes.lock().unwrap_or_else(|e| e.into_inner()));
+            lane.trim(&mut lane.pipes.lock().unwrap_or_else(|e| e.into_inner()));
         }
+    }
+
+    /// Whether this worker holds more tee pipes than the one [`TapHandle::trim_tee_pipes`]
+    /// keeps, idle or not; a relaxed load, no lock.
+    pub fn may_trim_tee_pipes(&self) -> bool {
+        self.lane
+            .as_ref()
+            .is_some_and(|lane| lane.held.load(Ordering::Relaxed) > 1)
     }
 
     /// Queues `bytes`, proxied in `dir` at stream `offset`, for the writer.
