@@ -22,13 +22,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use serde::Serialize;
 
+use crate::flush::{self, Flushed};
 use crate::metrics::CloseCause;
 use crate::pair::CloseReason;
 use crate::pipe::PipeState;
@@ -279,21 +280,41 @@ pub struct AccessLogGuard {
 
 impl AccessLogGuard {
     /// Writes every queued entry, then joins the writer; gives up waiting after `timeout`.
-    pub fn shutdown(mut self, timeout: Duration) -> AccessLogStats {
+    pub fn shutdown(self, timeout: Duration) -> AccessLogStats {
+        self.shutdown_unless(timeout, &|| false)
+    }
+
+    /// [`AccessLogGuard::shutdown`], also given up on as soon as `interrupted` says so (see
+    /// [`crate::flush::wait`]).
+    pub fn shutdown_unless(
+        mut self,
+        timeout: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> AccessLogStats {
         self.request_stop();
-        match self.done.recv_timeout(timeout) {
-            // Disconnected: the writer ended without saying so (it panicked); join reports that.
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+        let slow = &mut |left: Duration| {
+            warn!(
+                "access log: waiting up to {left:.0?} for its writer to write the queued lines; \
+                 interrupt again (Ctrl-C) to drop them and stop now"
+            )
+        };
+        match flush::wait(&self.done, timeout, interrupted, slow) {
+            // Panicked: the writer ended without saying so; join reports that.
+            Flushed::Done | Flushed::Panicked => {
                 if let Some(t) = self.thread.take() {
                     if t.join().is_err() {
                         warn!("access log: the writer thread panicked");
                     }
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
+            Flushed::TimedOut => {
                 warn!(
                     "access log: the writer did not finish within {timeout:?}; queued lines may be lost"
                 );
+                self.thread.take();
+            }
+            Flushed::Interrupted => {
+                warn!("access log: interrupted; queued lines may be lost");
                 self.thread.take();
             }
         }

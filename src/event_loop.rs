@@ -132,6 +132,9 @@ struct Shared {
     /// The routes' tap handles once their worker has stopped, kept until the writers are shut
     /// down: dropping them before would end those writers as unused (see `TapSet`).
     parked_taps: Mutex<Vec<TapHandle>>,
+    /// The signals, once the worker that handled them has stopped: the shutdown looks at them
+    /// while it waits for the tap and access log writers.
+    parked_signals: Mutex<ParkedSignals>,
     /// Local addresses of upstream sockets opened for `original-destination` routes: a client
     /// connecting from one of them is this proxy itself, caught by a REDIRECT rule that does not
     /// exclude the proxy's own traffic.
@@ -343,6 +346,7 @@ impl Server {
             hangup_ends: AtomicBool::new(false),
             taps: taps.clone(),
             parked_taps: Mutex::new(Vec::new()),
+            parked_signals: Mutex::new(ParkedSignals(None)),
             config,
         });
         let mut workers = Vec::with_capacity(n);
@@ -624,7 +628,11 @@ impl Server {
         } else {
             Duration::from_secs(1)
         };
-        for (tap, s) in self.shared.taps.shutdown(timeout) {
+        // The writers may take up to `timeout` each (a FIFO nobody reads): an interrupt now
+        // stops waiting for them, as one during the drain stops the drain.
+        let shared = Arc::clone(&self.shared);
+        let interrupted = move || shared.interrupted_now();
+        for (tap, s) in self.shared.taps.shutdown(timeout, &interrupted) {
             info!(
                 "tap ({}): {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
                 tap.describe(),
@@ -644,14 +652,37 @@ impl Server {
             r.stop();
         }
         if let Some(guard) = self.access_guard.take() {
-            let s = guard.shutdown(timeout);
+            let s = guard.shutdown_unless(timeout, &interrupted);
             info!(
                 "access log: {} lines written, {} dropped, {} write errors",
                 s.written, s.dropped, s.write_errors
             );
         }
         info!("stopped: {}", self.shared.stats.summary());
+        if self.shared.request.load(Ordering::SeqCst) == IMMEDIATE {
+            return exit.map(|_| Exit::Immediate);
+        }
         exit
+    }
+}
+
+impl Shared {
+    /// While the writers flush at shutdown: whether SIGINT came since the loops stopped (or an
+    /// immediate stop was asked before); it stops the waiting for every writer that is left.
+    fn interrupted_now(&self) -> bool {
+        if self.request.load(Ordering::SeqCst) == IMMEDIATE {
+            return true;
+        }
+        let mut parked = lock(&self.parked_signals);
+        let Some(signals) = parked.0.as_mut() else {
+            return false;
+        };
+        if signals.pending().any(|sig| sig == libc::SIGINT) {
+            info!("interrupt: not waiting for the writers any longer");
+            self.request.store(IMMEDIATE, Ordering::SeqCst);
+            return true;
+        }
+        false
     }
 }
 
@@ -665,6 +696,9 @@ impl Worker {
         // unused now.
         let taps = self.routes.iter_mut().filter_map(|r| r.tap.take());
         lock(&self.shared.parked_taps).extend(taps);
+        if let Some(signals) = self.signals.take() {
+            lock(&self.shared.parked_signals).0 = Some(signals);
+        }
         self.shared.heartbeats[self.index].store(FINISHED, Ordering::Relaxed);
         self.shared.workers_running.fetch_sub(1, Ordering::SeqCst);
         // The signal-handling worker waits for the others: tell it one is gone.
@@ -2141,6 +2175,15 @@ fn stalled_worker(beats: &[u64], now_ms: u64, period_ms: u64) -> Option<(usize, 
         .filter(|&(_, &b)| b != FINISHED)
         .map(|(i, &b)| (i, now_ms.saturating_sub(b)))
         .find(|&(_, idle)| idle > period_ms)
+}
+
+/// See `Shared::parked_signals`.
+struct ParkedSignals(Option<signal_hook_mio::v1_0::Signals>);
+
+impl std::fmt::Debug for ParkedSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 /// Locks a mutex that no code path can poison (nothing panics while holding it).

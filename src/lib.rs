@@ -33,6 +33,7 @@ pub mod buffer;
 pub mod config;
 pub mod event_loop;
 pub mod fd_budget;
+pub mod flush;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -534,6 +534,46 @@ fn tee_pipes_a_writer_has_emptied_are_closed_without_more_traffic() {
     assert!(reader.join().unwrap() > 0, "the log reached the reader");
 }
 
+/// At shutdown, a tap writer that cannot write what is queued (its FIFO has no reader) is
+/// waited for up to the drain timeout, and the log says so; an interrupt then stops at once, as
+/// during the drain, with the records it held counted as dropped.
+#[test]
+fn an_interrupt_stops_the_wait_for_a_tap_writer_at_shutdown() {
+    let dir = TempDir::new("fifo-exit");
+    let fifo = dir.path("nobody-reads");
+    mkfifo(&fifo);
+    let echo = Upstream::echo();
+    let mut proxy = logging_to(echo.addr, &fifo);
+    proxy.wait_log("is a FIFO with no reader yet", PROMPT);
+    echo_once(proxy.addr(), b"never logged\n");
+    proxy.wait_count("bytes to client", 1, PROMPT);
+    proxy.signal(SIGTERM);
+    // The drain timeout is 30 s: the wait is announced after a second.
+    let line = proxy.wait_log("for its writer to write", PROMPT);
+    assert!(
+        line.contains("WARN")
+            && line.contains("nobody-reads")
+            && line.contains("waiting up to")
+            && line.contains("interrupt again"),
+        "{line}"
+    );
+    let asked = Instant::now();
+    proxy.signal(SIGINT);
+    let status = proxy.wait_exit(PROMPT);
+    assert_eq!(status.code(), Some(130), "{}", proxy.logs());
+    assert!(asked.elapsed() < PROMPT, "{:?}", asked.elapsed());
+    // What it held counts as dropped.
+    let logs = proxy.logs();
+    let totals = (logs.lines())
+        .find(|l| l.contains("bytes) written,"))
+        .unwrap_or_else(|| panic!("no totals:\n{logs}"));
+    assert!(
+        totals.contains(": 0 records (0 bytes) written") && !totals.contains(", 0 records"),
+        "{totals}"
+    );
+    assert!(logs.contains("interrupted;"), "{logs}");
+}
+
 /// The pipe descriptors process `pid` holds, standard input and output aside.
 fn pipe_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

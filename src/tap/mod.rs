@@ -50,11 +50,13 @@ use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use log::warn;
+
+use crate::flush::{self, Flushed};
 
 pub use queue::{TEE_CHUNK_MAX, TapHandle, Wants};
 pub use record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
@@ -288,9 +290,19 @@ impl TapGuard {
     /// Stops accepting records, lets the writer drain what is queued and flush, and joins it;
     /// gives up after `timeout` (the writer is then left behind, blocked in its sink).
     /// Returns the final totals.
-    pub fn shutdown(mut self, timeout: Duration) -> TapStats {
+    pub fn shutdown(self, timeout: Duration) -> TapStats {
+        self.shutdown_unless(timeout, &|| false)
+    }
+
+    /// [`TapGuard::shutdown`], also given up on, records abandoned, as soon as `interrupted`
+    /// says so (it is asked every 50 ms); a writer that takes more than a second is announced.
+    pub fn shutdown_unless(
+        mut self,
+        timeout: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> TapStats {
         match self.inner.take() {
-            Some(inner) => inner.shutdown(timeout),
+            Some(inner) => inner.shutdown(timeout, interrupted),
             None => TapStats::default(),
         }
     }
@@ -327,36 +339,54 @@ impl TapGuard {
 impl Drop for TapGuard {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
-            inner.shutdown(DROP_TIMEOUT);
+            inner.shutdown(DROP_TIMEOUT, &|| false);
         }
     }
 }
 
 impl GuardInner {
-    fn shutdown(self, timeout: Duration) -> TapStats {
+    fn shutdown(self, timeout: Duration, interrupted: &dyn Fn() -> bool) -> TapStats {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Msg::Stop);
+        let label = || self.shared.label.get().map_or("?", String::as_str);
         let done = if self.finished {
-            Ok(())
+            Flushed::Done
         } else {
-            self.done.recv_timeout(timeout)
+            flush::wait(&self.done, timeout, interrupted, &mut |left| {
+                let (records, bytes) = self.shared.unsettled();
+                warn!(
+                    "tap {}: waiting up to {:.0?} for its writer to write {records} queued \
+                     records ({bytes} payload bytes); interrupt again (Ctrl-C) to drop them and \
+                     stop now",
+                    label(),
+                    left
+                );
+            })
         };
         match done {
-            Ok(()) => {
+            Flushed::Done => {
                 if self.thread.join().is_err() {
                     warn!("tap writer thread panicked");
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => {
+            Flushed::Panicked => {
                 // The thread ended without signalling: it panicked.
                 let _ = self.thread.join();
                 warn!("tap writer thread panicked; the capture may be incomplete");
             }
-            Err(RecvTimeoutError::Timeout) => {
+            Flushed::TimedOut => {
                 let (records, bytes) = self.shared.abandon();
                 warn!(
                     "tap writer did not finish within {timeout:?} (blocked sink?); {records} \
                      queued records ({bytes} payload bytes) abandoned, counted as dropped"
+                );
+            }
+            Flushed::Interrupted => {
+                let (records, bytes) = self.shared.abandon();
+                warn!(
+                    "tap {}: interrupted; {records} queued records ({bytes} payload bytes) \
+                     abandoned, counted as dropped",
+                    label()
                 );
             }
         }

@@ -190,6 +190,17 @@ impl Shared {
 
     /// Records queued and not settled when the writer is abandoned (it did not finish in time
     /// at exit) count as dropped: written + dropped then still adds up to what was admitted.
+    /// Records (and their payload bytes) queued that the writer has not settled yet.
+    pub(crate) fn unsettled(&self) -> (u64, u64) {
+        let unsettled = |queued: &AtomicU64, settled: &AtomicU64| {
+            (queued.load(Ordering::Relaxed)).saturating_sub(settled.load(Ordering::Relaxed))
+        };
+        (
+            unsettled(&self.records_queued, &self.settled_records),
+            unsettled(&self.bytes_queued, &self.settled_bytes),
+        )
+    }
+
     pub(crate) fn abandon(&self) -> (u64, u64) {
         let unsettled = |queued: &AtomicU64, settled: &AtomicU64| {
             let queued = queued.load(Ordering::Relaxed);

@@ -157,8 +157,13 @@ impl TapSet {
     /// Stops every writer (see [`TapGuard::shutdown`]; each is given `timeout`) and returns the
     /// final totals of each one that had not reported its end already (a writer that ended
     /// because nothing used it any more logged its totals then).
-    /// No writer starts after this ([`TapError::Closed`]).
-    pub fn shutdown(&self, timeout: Duration) -> Vec<(TapConfig, TapStats)> {
+    /// No writer starts after this ([`TapError::Closed`]). `interrupted` cuts the waits short
+    /// (see [`TapGuard::shutdown_unless`]).
+    pub fn shutdown(
+        &self,
+        timeout: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Vec<(TapConfig, TapStats)> {
         let mut inner = self.lock();
         inner.closed = true;
         let guards: Vec<(TapGuard, Arc<Shared>, TapConfig)> = (inner.writers.iter_mut())
@@ -170,7 +175,7 @@ impl TapSet {
         guards
             .into_iter()
             .filter_map(|(guard, shared, config)| {
-                let stats = guard.shutdown(timeout);
+                let stats = guard.shutdown_unless(timeout, interrupted);
                 (!shared.retired.load(Ordering::Acquire)).then_some((config, stats))
             })
             .collect()
@@ -238,7 +243,7 @@ mod tests {
         let stats = set.stats();
         assert_eq!((stats.records_written, stats.bytes_written), (3, 21));
         // Nothing left to shut down at exit.
-        assert!(set.shutdown(Duration::from_secs(1)).is_empty());
+        assert!(set.shutdown(Duration::from_secs(1), &|| false).is_empty());
         assert_eq!(set.stats(), stats);
     }
 
@@ -247,7 +252,7 @@ mod tests {
         let dir = TempDir::new("set-closed");
         let set = TapSet::new();
         let running = set.start(&log_config(&dir.path().join("a.log")), Duration::ZERO);
-        assert_eq!(set.shutdown(Duration::from_secs(5)).len(), 1);
+        assert_eq!(set.shutdown(Duration::from_secs(5), &|| false).len(), 1);
         drop(running);
         // A reload that was preparing a tap meanwhile: refused, and nothing was opened.
         let late = dir.path().join("b.log");
