@@ -290,8 +290,11 @@ impl TapGuard {
     /// Stops accepting records, lets the writer drain what is queued and flush, and joins it;
     /// gives up after `timeout` (the writer is then left behind, blocked in its sink).
     /// Returns the final totals.
-    pub fn shutdown(self, timeout: Duration) -> TapStats {
-        self.shutdown_unless(timeout, &|| false)
+    pub fn shutdown(mut self, timeout: Duration) -> TapStats {
+        match self.inner.take() {
+            Some(inner) => inner.shutdown(timeout, None),
+            None => TapStats::default(),
+        }
     }
 
     /// [`TapGuard::shutdown`], also given up on, records abandoned, as soon as `interrupted`
@@ -302,7 +305,7 @@ impl TapGuard {
         interrupted: &dyn Fn() -> bool,
     ) -> TapStats {
         match self.inner.take() {
-            Some(inner) => inner.shutdown(timeout, interrupted),
+            Some(inner) => inner.shutdown(timeout, Some(interrupted)),
             None => TapStats::default(),
         }
     }
@@ -339,29 +342,38 @@ impl TapGuard {
 impl Drop for TapGuard {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
-            inner.shutdown(DROP_TIMEOUT, &|| false);
+            inner.shutdown(DROP_TIMEOUT, None);
         }
     }
 }
 
 impl GuardInner {
-    fn shutdown(self, timeout: Duration, interrupted: &dyn Fn() -> bool) -> TapStats {
+    /// With `interrupted`, a wait of more than a second is announced (with how to cut it short).
+    fn shutdown(self, timeout: Duration, interrupted: Option<&dyn Fn() -> bool>) -> TapStats {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Msg::Stop);
         let label = || self.shared.label.get().map_or("?", String::as_str);
         let done = if self.finished {
             Flushed::Done
         } else {
-            flush::wait(&self.done, timeout, interrupted, &mut |left| {
-                let (records, bytes) = self.shared.unsettled();
-                warn!(
-                    "tap {}: waiting up to {:.0?} for its writer to write {records} queued \
-                     records ({bytes} payload bytes); interrupt again (Ctrl-C) to drop them and \
-                     stop now",
-                    label(),
-                    left
-                );
-            })
+            flush::wait(
+                &self.done,
+                timeout,
+                interrupted.unwrap_or(&|| false),
+                &mut |left| {
+                    if interrupted.is_none() {
+                        return;
+                    }
+                    let (records, bytes) = self.shared.unsettled();
+                    warn!(
+                        "tap {}: waiting up to {:.0?} for its writer to write {records} \
+                         queued records ({bytes} payload bytes); interrupt again (Ctrl-C) to \
+                         drop them and stop now",
+                        label(),
+                        left
+                    );
+                },
+            )
         };
         match done {
             Flushed::Done => {
