@@ -81,6 +81,7 @@ pub struct RawConfig {
     splice_pipe_size: Option<Size>,
     splice_memory_limit: Option<Size>,
     workers: Option<Workers>,
+    busy_poll: Option<String>,
     socket: Option<RawSocket>,
     tap: Option<RawTap>,
     admin: Option<RawAdmin>,
@@ -427,6 +428,9 @@ pub struct Config {
     pub listen_backlog: i32,
     /// Number of event loops (default 1).
     pub workers: NonZeroUsize,
+    /// How long an event loop that just had events polls again without sleeping before it
+    /// waits in the kernel (default off).
+    pub busy_poll: Option<Duration>,
     /// Move bulk data with `splice(2)` through a kernel pipe (default on).
     pub splice: bool,
     /// Capacity of each direction's kernel pipe on the splice path (default 1 MiB).
@@ -462,6 +466,8 @@ pub struct Overrides {
     pub tap_pcap: Option<String>,
     /// `--workers N|auto`.
     pub workers: Option<String>,
+    /// `--busy-poll DURATION|off`.
+    pub busy_poll: Option<String>,
 }
 
 /// The longest duration any setting takes.
@@ -1176,6 +1182,11 @@ impl Config {
             (None, Some(w)) => workers(&file_ctx, "workers", w)?,
             (None, None) => NonZeroUsize::MIN,
         };
+        let busy_poll = match (&ov.busy_poll, &raw.busy_poll) {
+            (Some(t), _) => cli_ctx.optional_duration("--busy-poll", t)?,
+            (None, Some(t)) => file_ctx.optional_duration("busy_poll", t)?,
+            (None, None) => None,
+        };
 
         let rs = raw.socket.take().unwrap_or_default();
         let keepalive = match &rs.keepalive {
@@ -1365,6 +1376,7 @@ impl Config {
             splice_pipe_size,
             splice_memory_limit,
             workers,
+            busy_poll,
             socket,
             routes,
             admin,
@@ -2070,6 +2082,38 @@ mod tests {
         let e = Config::from_overrides(&bad).unwrap_err().to_string();
         assert!(
             e.contains("command line") && e.contains("--upstream"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn busy_poll_is_off_unless_set_and_the_flag_wins() {
+        assert_eq!(parse(MINIMAL).unwrap().busy_poll, None);
+        for off in ["off", "0s", "0us"] {
+            let c = parse(&format!("busy_poll = \"{off}\"\n{MINIMAL}")).unwrap();
+            assert_eq!(c.busy_poll, None, "{off}");
+        }
+        let c = parse(&format!("busy_poll = \"50us\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.busy_poll, Some(Duration::from_micros(50)));
+        let e = err(&format!("busy_poll = \"fast\"\n{MINIMAL}"));
+        assert!(
+            e.contains("`busy_poll`") && e.contains("not a duration"),
+            "{e}"
+        );
+        let ov = |v: &str| Overrides {
+            busy_poll: Some(v.into()),
+            ..Overrides::default()
+        };
+        let file = format!("busy_poll = \"50us\"\n{MINIMAL}");
+        let c = Config::from_toml_str(&file, "test.toml", &ov("1ms")).unwrap();
+        assert_eq!(c.busy_poll, Some(Duration::from_millis(1)));
+        let c = Config::from_toml_str(&file, "test.toml", &ov("off")).unwrap();
+        assert_eq!(c.busy_poll, None);
+        let e = Config::from_toml_str(&file, "test.toml", &ov("1 parsec"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("command line") && e.contains("--busy-poll"),
             "{e}"
         );
     }

@@ -273,6 +273,10 @@ struct Worker {
     pool_trimmed: Instant,
     /// Worker 0: when it last told the service manager the process is alive.
     watchdog_sent: Option<Instant>,
+    /// `busy_poll`: how long to poll without sleeping after a wait that returned events.
+    busy_poll: Option<Duration>,
+    /// The last wait returned events: the next may poll before it sleeps.
+    busy: bool,
 }
 
 /// How often a buffer pool holding more than it keeps for good gives back what went unused.
@@ -463,6 +467,8 @@ impl Server {
                 port_failures_unwarned: 0,
                 pool_trimmed: Instant::now(),
                 watchdog_sent: None,
+                busy_poll: shared.config.busy_poll,
+                busy: false,
             });
         }
         for w in &mut workers {
@@ -581,6 +587,12 @@ impl Server {
                 tc.describe(),
                 if names.len() == 1 { "" } else { "s" },
                 names.join("`, `")
+            );
+        }
+        if let Some(d) = self.shared.config.busy_poll {
+            info!(
+                "busy_poll: after events, each event loop polls for up to {} before it sleeps",
+                humantime::format_duration(d)
             );
         }
         // The listeners are bound: clients are served (from the backlog) from here on.
@@ -712,7 +724,7 @@ impl Worker {
         self.tick_upstreams(Instant::now());
         let exit = loop {
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.wait(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -763,6 +775,55 @@ impl Worker {
             self.abort_all(|| CloseReason::Stopped);
         }
         Ok(exit)
+    }
+
+    /// Waits for events, for up to `timeout`. With `busy_poll`, a loop whose last wait returned
+    /// events first polls without sleeping, for up to that long: the next event of a busy
+    /// connection usually comes within microseconds, and the peer that sends it then does not
+    /// pay for waking the loop, nor the loop for sleeping. A loop woken by a timer alone, or
+    /// that polled for the whole window in vain, sleeps at once: an idle proxy does not spin.
+    fn wait(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        let Some(spin) = self.busy_poll else {
+            return self.poll.poll(events, timeout);
+        };
+        let mut timeout = timeout;
+        if self.busy && timeout != Some(Duration::ZERO) {
+            match self.spin(events, spin, timeout)? {
+                None => return Ok(()),
+                Some(left) => timeout = left,
+            }
+        }
+        self.poll.poll(events, timeout)?;
+        // A turn with work left over (a zero timeout) keeps the loop busy until it sleeps.
+        self.busy = !events.is_empty() || (self.busy && timeout == Some(Duration::ZERO));
+        Ok(())
+    }
+
+    /// [`wait`](Self::wait)'s polling: `None` once events came within `spin` (or `timeout`);
+    /// else what is left of `timeout` to sleep for (nothing, when a timer came due meanwhile).
+    /// Out of line, so that the loop without `busy_poll` compiles as it would without it.
+    #[cold]
+    #[inline(never)]
+    fn spin(
+        &mut self,
+        events: &mut Events,
+        spin: Duration,
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Option<Duration>>> {
+        let start = Instant::now();
+        let window = timeout.map_or(spin, |t| t.min(spin));
+        loop {
+            self.poll.poll(events, Some(Duration::ZERO))?;
+            if !events.is_empty() {
+                return Ok(None);
+            }
+            if start.elapsed() >= window {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.busy = false;
+        Ok(Some(timeout.map(|t| t.saturating_sub(start.elapsed()))))
     }
 
     /// With a service manager's watchdog: notes that this loop turned and, on worker 0 once per
@@ -1009,6 +1070,16 @@ impl Worker {
 
     /// Applies this worker's part of a reload.
     fn apply_reload(&mut self, plan: ReloadPlan, now: Instant) {
+        if plan.busy_poll != self.busy_poll {
+            if self.index == 0 {
+                info!(
+                    "reload: busy_poll is now {} (was {})",
+                    fmt_busy_poll(plan.busy_poll),
+                    fmt_busy_poll(self.busy_poll)
+                );
+            }
+            self.busy_poll = plan.busy_poll;
+        }
         for change in plan.changes {
             match change {
                 RouteChange::Remove(i) => {
@@ -2220,6 +2291,8 @@ pub const MAX_ROUTES: usize = 256;
 struct ReloadPlan {
     generation: u64,
     changes: Vec<RouteChange>,
+    /// `busy_poll`, which a reload changes at once.
+    busy_poll: Option<Duration>,
 }
 
 enum RouteChange {
@@ -2519,6 +2592,7 @@ fn prepare_reload(
         let _ = tx.send(ReloadPlan {
             generation,
             changes,
+            busy_poll: new.busy_poll,
         });
         let _ = waker.wake();
     }
@@ -2645,6 +2719,14 @@ pub const FD_RESERVE: u64 = 64;
 /// limits, health probes in flight at once, and, with `splice`, each worker's idle pipes.
 pub fn reserved_descriptors(config: &Config) -> u64 {
     reserve_for(config, config.routes.iter())
+}
+
+/// `busy_poll` as the config writes it.
+fn fmt_busy_poll(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "off".into(),
+        |d| humantime::format_duration(d).to_string(),
+    )
 }
 
 /// [`reserved_descriptors`] with `routes` in place of the config's: those a reload leaves.

@@ -34,6 +34,10 @@ struct Args {
     /// Number of event loops (a number or "auto").
     #[arg(long, value_name = "N|auto")]
     workers: Option<String>,
+    /// After events, poll again without sleeping for up to this long (e.g. "50us") before
+    /// waiting: less latency, for CPU spent polling while traffic flows. Off by default.
+    #[arg(long, value_name = "DURATION|off")]
+    busy_poll: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -46,6 +50,7 @@ fn overrides(args: &Args) -> Overrides {
         tap_log: args.tap_log.clone(),
         tap_pcap: args.tap_pcap.clone(),
         workers: args.workers.clone(),
+        busy_poll: args.busy_poll.clone(),
     }
 }
 
