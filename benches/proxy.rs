@@ -19,8 +19,9 @@
 //!
 //! Columns: tcptap variants (copy path, tap to pcap / log / a blocked FIFO, two
 //! workers), haproxy `mode tcp` with nbthread 1, nbthread 1 with forced splice,
-//! and nbthread 2, socat, nginx stream with 1 and 2 workers. Two-thread peers
-//! are compared with tcptap's two workers, the others with one event loop.
+//! nbthread 2, and nbthread 1 with `busy-polling`, socat, nginx stream with 1 and 2 workers.
+//! Two-thread peers are compared with tcptap's two workers, haproxy's busy polling with
+//! tcptap's (`--busy-poll 50us`), the others with one event loop.
 //!
 //! Run: `cargo bench --bench proxy`. Environment:
 //! - `TCPTAP_BENCH_QUICK=1`: one short round (under 30 s).
@@ -79,10 +80,15 @@ const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
     ("tcptap+blocked", &["--tap-log", "{fifo}"]),
     // Two event loops.
     (TWO_WORKERS, &["--workers", "2"]),
+    // Polling without sleeping for 50 µs after events, against haproxy's `busy-polling`.
+    (BUSY, &["--busy-poll", "50us"]),
 ];
 
 /// The tcptap variant with two workers, compared with the two-thread peers.
 const TWO_WORKERS: &str = "tcptap-2w";
+
+/// The tcptap variant that busy-polls, compared with haproxy's `busy-polling`.
+const BUSY: &str = "tcptap-busy";
 
 /// File descriptors kept back from the idle-connection budget.
 const FD_RESERVE: usize = 512;
@@ -842,10 +848,11 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
             versions.push(peers::version_line(&bin, &["-v"]));
             // nbthread 1 is the reference for one event loop; with forced splice, the same
             // zero-copy path as tcptap's default; nbthread 2 against tcptap's two workers.
-            for (name, threads, splice) in [
-                ("haproxy", 1, false),
-                ("haproxy-splice", 1, true),
-                ("haproxy-2t", 2, false),
+            for (name, threads, splice, busy) in [
+                ("haproxy", 1, false, false),
+                ("haproxy-splice", 1, true, false),
+                ("haproxy-2t", 2, false, false),
+                ("haproxy-busy", 1, false, true),
             ] {
                 ts.push(Target {
                     name: name.into(),
@@ -853,6 +860,7 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
                         bin: bin.clone(),
                         threads,
                         splice,
+                        busy,
                     },
                 });
             }
@@ -950,6 +958,8 @@ fn fmt_num(v: f64) -> String {
 fn tcptap_for(peer: &str) -> &'static str {
     if peer.ends_with("-2t") || peer.ends_with("-2w") {
         TWO_WORKERS
+    } else if peer.ends_with("-busy") {
+        BUSY
     } else {
         TCPTAP_VARIANTS[0].0
     }

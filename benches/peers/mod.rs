@@ -311,11 +311,13 @@ pub enum Kind {
         args: Vec<String>,
     },
     /// haproxy `mode tcp` with `nbthread threads`; `splice` forces `option splice-request` and
-    /// `option splice-response` (zero-copy, off by default in haproxy).
+    /// `option splice-response` (zero-copy, off by default in haproxy); `busy` sets
+    /// `busy-polling` (its threads never sleep in the poller).
     Haproxy {
         bin: PathBuf,
         threads: u32,
         splice: bool,
+        busy: bool,
     },
     Socat {
         bin: PathBuf,
@@ -407,6 +409,7 @@ impl Target {
                 bin,
                 threads,
                 splice,
+                busy,
             } => {
                 // A few pipes are enough for the bulk rows; haproxy's default (maxconn / 4)
                 // would need more descriptors than RLIMIT_NOFILE allows with the idle row's
@@ -419,12 +422,13 @@ impl Target {
                 } else {
                     ("", "")
                 };
+                let busy = if *busy { "  busy-polling\n" } else { "" };
                 let port = free_port()?;
                 let cfg = dir.0.join("haproxy.cfg");
                 fs::write(
                     &cfg,
                     format!(
-                        "global\n  nbthread {threads}\n  maxconn {max_conns}\n{maxpipes}\n\
+                        "global\n  nbthread {threads}\n  maxconn {max_conns}\n{maxpipes}{busy}\n\
                          defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n{splice}\n\
                          frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
                          backend be\n  server up {upstream}\n"
