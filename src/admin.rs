@@ -1091,7 +1091,7 @@ mod tests {
 
     /// Starts a server on 127.0.0.1:0; returns the receiving end of its snapshot queue too.
     fn start_server(snapshot_timeout: Duration) -> (Fixture, Receiver<SnapshotRequest>) {
-        let metrics = Arc::new(Metrics::new(2, usize::MAX));
+        let metrics = Arc::new(Metrics::new(2, usize::MAX, 1));
         let draining = Arc::new(AtomicBool::new(false));
         let wakes = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = snapshot_channel();
@@ -1352,7 +1352,7 @@ mod tests {
     fn start_limited(limit: usize) -> (AdminServer, Receiver<SnapshotRequest>) {
         let (tx, rx) = snapshot_channel();
         let state = AdminState {
-            metrics: Arc::new(Metrics::new(1, usize::MAX)),
+            metrics: Arc::new(Metrics::new(1, usize::MAX, 1)),
             routes: Arc::new(std::sync::RwLock::new(vec!["web".into()])),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),
@@ -1642,7 +1642,7 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (tx, _rx) = snapshot_channel();
         let state = Arc::new(AdminState {
-            metrics: Arc::new(Metrics::new(0, usize::MAX)),
+            metrics: Arc::new(Metrics::new(0, usize::MAX, 1)),
             routes: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
             extra: Box::new(ExtraGauges::default),

@@ -330,7 +330,11 @@ impl Server {
             ),
             workers_listening: AtomicUsize::new(n),
             workers_running: AtomicUsize::new(n),
-            metrics: Arc::new(Metrics::new(MAX_ROUTES, config.splice_memory_limit)),
+            metrics: Arc::new(Metrics::new(
+                MAX_ROUTES,
+                config.splice_memory_limit,
+                config.workers.get(),
+            )),
             draining: Arc::new(AtomicBool::new(false)),
             access_log: access_handle,
             own_upstreams: Mutex::new(HashSet::new()),
@@ -815,6 +819,9 @@ impl Worker {
         loop {
             self.poll.poll(events, Some(Duration::ZERO))?;
             if !events.is_empty() {
+                self.shared
+                    .metrics
+                    .on_busy_poll(self.index, start.elapsed());
                 return Ok(None);
             }
             if start.elapsed() >= window {
@@ -822,8 +829,10 @@ impl Worker {
             }
             std::hint::spin_loop();
         }
+        let spent = start.elapsed();
+        self.shared.metrics.on_busy_poll(self.index, spent);
         self.busy = false;
-        Ok(Some(timeout.map(|t| t.saturating_sub(start.elapsed()))))
+        Ok(Some(timeout.map(|t| t.saturating_sub(spent))))
     }
 
     /// With a service manager's watchdog: notes that this loop turned and, on worker 0 once per

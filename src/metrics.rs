@@ -351,19 +351,42 @@ pub struct Metrics {
     /// Kernel pipe memory held by spliced directions, and its limit (shared with every
     /// worker's pipe pool).
     pub splice_memory: Arc<SpliceMemory>,
+    /// Nanoseconds each event loop spent polling without sleeping (`busy_poll`), one slot per
+    /// worker, each on a cache line of its own.
+    busy_poll_ns: Box<[PerWorker]>,
 }
 
+/// A counter that one worker adds to, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct PerWorker(AtomicU64);
+
 impl Metrics {
-    /// Metrics for `routes` routes, all zero; config generation 1; spliced directions may hold
-    /// `splice_memory_limit` bytes of pipes.
-    pub fn new(routes: usize, splice_memory_limit: usize) -> Metrics {
+    /// Metrics for `routes` routes and `workers` event loops, all zero; config generation 1;
+    /// spliced directions may hold `splice_memory_limit` bytes of pipes.
+    pub fn new(routes: usize, splice_memory_limit: usize, workers: usize) -> Metrics {
         Metrics {
             routes: (0..routes).map(|_| RouteMetrics::default()).collect(),
             spare: RouteMetrics::default(),
             config_generation: AtomicU64::new(1),
             last_reload_success: AtomicU64::new(1),
             splice_memory: Arc::new(SpliceMemory::new(splice_memory_limit)),
+            busy_poll_ns: (0..workers.max(1)).map(|_| PerWorker::default()).collect(),
         }
+    }
+
+    /// Worker `worker` polled for `spent` without sleeping.
+    pub fn on_busy_poll(&self, worker: usize, spent: Duration) {
+        if let Some(slot) = self.busy_poll_ns.get(worker) {
+            let ns = u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX);
+            slot.0.fetch_add(ns, Relaxed);
+        }
+    }
+
+    /// Seconds the event loops spent polling without sleeping, in all.
+    fn busy_poll_seconds(&self) -> f64 {
+        let ns: u64 = (self.busy_poll_ns.iter()).map(|s| s.0.load(Relaxed)).sum();
+        ns as f64 / 1e9
     }
 
     /// Number of routes.
@@ -603,6 +626,33 @@ impl Metrics {
             w.family(name, kind, help);
             w.sample(name, &[], value);
         }
+        w.family(
+            "tcptap_busy_poll_seconds_total",
+            "counter",
+            "Time the event loops spent polling without sleeping (busy_poll), in all.",
+        );
+        w.sample(
+            "tcptap_busy_poll_seconds_total",
+            &[],
+            self.busy_poll_seconds(),
+        );
+        let usage = process_usage();
+        if let Some(cpu) = usage.cpu_seconds {
+            w.family(
+                "process_cpu_seconds_total",
+                "counter",
+                "Total user and system CPU time spent in seconds.",
+            );
+            w.sample("process_cpu_seconds_total", &[], cpu);
+        }
+        if let Some(rss) = usage.resident_bytes {
+            w.family(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+            );
+            w.sample("process_resident_memory_bytes", &[], rss);
+        }
         if let Some(n) = open_fds() {
             w.family(
                 "process_open_fds",
@@ -754,6 +804,38 @@ pub fn open_fds() -> Option<u64> {
     // The directory handle being read is itself one of the listed descriptors.
     let n = dir.filter(|e| e.is_ok()).count() as u64;
     Some(n.saturating_sub(1))
+}
+
+/// What the process uses, as the standard `process_*` metrics show it.
+struct ProcessUsage {
+    /// User + system CPU time of every thread.
+    cpu_seconds: Option<f64>,
+    /// Resident set size.
+    resident_bytes: Option<u64>,
+}
+
+fn process_usage() -> ProcessUsage {
+    // SAFETY: getrusage only writes the struct we pass, which lives for the call.
+    let cpu_seconds = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut ru) == 0).then(|| {
+            let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+            t(ru.ru_utime) + t(ru.ru_stime)
+        })
+    };
+    // statm: size resident shared text lib data dt, in pages.
+    let resident_bytes = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            pages * u64::try_from(page).unwrap_or(4096)
+        });
+    ProcessUsage {
+        cpu_seconds,
+        resident_bytes,
+    }
 }
 
 /// The soft limit on open file descriptors, when it is finite.
@@ -999,7 +1081,7 @@ pub(crate) mod tests {
 
     #[test]
     fn test_render_empty_is_valid() {
-        let m = Metrics::new(2, usize::MAX);
+        let m = Metrics::new(2, usize::MAX, 1);
         let mut out = String::new();
         m.render_prometheus(&["web", "db"], &ExtraGauges::default(), &mut out);
         let samples = check_exposition(&out);
@@ -1016,8 +1098,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn busy_poll_time_adds_up_over_workers_and_process_usage_is_shown() {
+        let m = Metrics::new(1, usize::MAX, 2);
+        m.on_busy_poll(0, Duration::from_micros(1500));
+        m.on_busy_poll(1, Duration::from_micros(500));
+        m.on_busy_poll(0, Duration::from_millis(1));
+        // A worker index past the count (a caller bug) is ignored, not a panic.
+        m.on_busy_poll(7, Duration::from_secs(1));
+        let mut out = String::new();
+        m.render_prometheus(&["web"], &ExtraGauges::default(), &mut out);
+        let samples = check_exposition(&out);
+        let polled = value(&samples, "tcptap_busy_poll_seconds_total", &[]);
+        assert!((polled - 0.003).abs() < 1e-9, "{polled}");
+        // This test process has run and holds memory.
+        assert!(value(&samples, "process_cpu_seconds_total", &[]) > 0.0);
+        assert!(value(&samples, "process_resident_memory_bytes", &[]) > 1e6);
+    }
+
+    #[test]
     fn test_render_counts_and_histogram() {
-        let m = Metrics::new(2, usize::MAX);
+        let m = Metrics::new(2, usize::MAX, 1);
         let r = m.route(1);
         for _ in 0..3 {
             r.on_accept();
@@ -1092,7 +1192,7 @@ pub(crate) mod tests {
     fn test_routes_with_one_name_render_as_one_series() {
         // A reload that moves route `api` to another listen address removes it (slot 0) and
         // adds it again (slot 2).
-        let m = Metrics::new(3, usize::MAX);
+        let m = Metrics::new(3, usize::MAX, 1);
         m.route(0).on_accept();
         m.route(0).on_connected(Duration::from_millis(3));
         m.route(0).on_close(CloseCause::ClientClosedFirst);
@@ -1115,7 +1215,7 @@ pub(crate) mod tests {
 
     #[test]
     fn test_render_escapes_label_values() {
-        let m = Metrics::new(1, usize::MAX);
+        let m = Metrics::new(1, usize::MAX, 1);
         m.route(0).on_accept();
         let name = "we\"b\\x\ny";
         let mut out = String::new();

@@ -159,7 +159,8 @@ fn a_bad_busy_poll_is_refused_with_its_name() {
     );
 }
 
-/// `busy_poll` in the config file, changed by a reload at once, both ways.
+/// `busy_poll` in the config file, changed by a reload at once, both ways; `/metrics` counts
+/// the time spent polling.
 #[test]
 fn a_reload_turns_busy_poll_on_and_off_at_once() {
     let _alone = alone();
@@ -168,26 +169,41 @@ fn a_reload_turns_busy_poll_on_and_off_at_once() {
     let path = dir.path("proxy.toml");
     let config = |busy_poll: &str| {
         format!(
-            "busy_poll = \"{busy_poll}\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            "busy_poll = \"{busy_poll}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
             up.addr
         )
     };
     std::fs::write(&path, config("off")).unwrap();
     let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let admin = proxy.admin_addr();
+    let polled = || {
+        let (status, body) = http_get(admin, "/metrics");
+        assert_eq!(status, 200);
+        metric(&body, "tcptap_busy_poll_seconds_total").expect("busy_poll metric")
+    };
     let without = sleeps_per_request(&proxy);
+    assert_eq!(polled(), 0.0, "polled with busy_poll off");
+
     std::fs::write(&path, config("5ms")).unwrap();
     proxy.signal(libc::SIGHUP);
     proxy.wait_log("reload: busy_poll is now 5ms (was off)", PROMPT);
     proxy.wait_log("configuration generation 2", PROMPT);
     let with = sleeps_per_request(&proxy);
+
     std::fs::write(&path, config("off")).unwrap();
     proxy.signal(libc::SIGHUP);
     proxy.wait_log("reload: busy_poll is now off (was 5ms)", PROMPT);
     proxy.wait_log("configuration generation 3", PROMPT);
+    // Each request's round trip was spent polling: far more than nothing.
+    let on = polled();
+    assert!(on > 0.0, "busy_poll on, yet no time counted as polling");
     let again = sleeps_per_request(&proxy);
     assert!(
         with < without / 4.0 && with < again / 4.0,
         "sleeps per request: {without:.3} off, {with:.3} after the reload to 5ms, {again:.3} \
          after the reload back to off"
     );
+    // Off again (the worker logs the change as it applies it): the loop no longer polls.
+    assert_eq!(polled(), on, "polled after busy_poll was turned off");
 }
