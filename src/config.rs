@@ -727,6 +727,23 @@ fn listen_addr(ctx: &Ctx<'_>, key: &str, text: &str) -> Result<SocketAddr, Confi
     })
 }
 
+/// The longest `busy_poll`: a loop polls that long after every event, a health probe's included.
+const MAX_BUSY_POLL: Duration = Duration::from_secs(1);
+
+fn busy_poll(ctx: &Ctx<'_>, key: &str, text: &str) -> Result<Option<Duration>, ConfigError> {
+    let d = ctx.optional_duration(key, text)?;
+    if d.is_some_and(|d| d > MAX_BUSY_POLL) {
+        return Err(ctx.invalid(
+            key,
+            format!(
+                "{text:?} is longer than 1s; the loop polls that long after every event (a \
+                 health probe's too): write microseconds, e.g. \"50us\""
+            ),
+        ));
+    }
+    Ok(d)
+}
+
 fn workers(ctx: &Ctx<'_>, key: &str, w: &Workers) -> Result<NonZeroUsize, ConfigError> {
     match w {
         Workers::Count(n) => {
@@ -1183,8 +1200,8 @@ impl Config {
             (None, None) => NonZeroUsize::MIN,
         };
         let busy_poll = match (&ov.busy_poll, &raw.busy_poll) {
-            (Some(t), _) => cli_ctx.optional_duration("--busy-poll", t)?,
-            (None, Some(t)) => file_ctx.optional_duration("busy_poll", t)?,
+            (Some(t), _) => busy_poll(&cli_ctx, "--busy-poll", t)?,
+            (None, Some(t)) => busy_poll(&file_ctx, "busy_poll", t)?,
             (None, None) => None,
         };
 
@@ -2098,6 +2115,13 @@ mod tests {
         let e = err(&format!("busy_poll = \"fast\"\n{MINIMAL}"));
         assert!(
             e.contains("`busy_poll`") && e.contains("not a duration"),
+            "{e}"
+        );
+        let c = parse(&format!("busy_poll = \"1s\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.busy_poll, Some(Duration::from_secs(1)));
+        let e = err(&format!("busy_poll = \"1001ms\"\n{MINIMAL}"));
+        assert!(
+            e.contains("`busy_poll`") && e.contains("longer than 1s"),
             "{e}"
         );
         let ov = |v: &str| Overrides {

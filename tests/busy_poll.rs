@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
@@ -11,6 +12,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const REQUESTS: usize = 2000;
+
+also_with_two_workers!(
+    busy_poll_keeps_a_busy_loop_awake_and_lets_an_idle_one_sleep,
+    a_reload_turns_busy_poll_on_and_off_at_once,
+);
 
 /// The tests that count sleeps run one at a time: a loop finds events without sleeping more
 /// often while other tests keep the CPUs busy.
@@ -20,18 +26,28 @@ fn alone() -> MutexGuard<'static, ()> {
     ALONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Times the proxy's threads went to sleep (voluntary context switches, over all its threads).
-fn sleeps(pid: u32) -> u64 {
+/// Times each of the proxy's event loops went to sleep so far (voluntary context switches), by
+/// thread id: worker 0 runs on the main thread, the others on `tcptap-worker-N` threads. The
+/// other threads (tap and log writers, admin, reload) come and go and sleep on their own.
+fn sleeps(pid: u32) -> HashMap<String, u64> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("proxy's threads");
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|status| {
-            (status.lines())
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter_map(|t| {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            if tid != pid.to_string() && !comm.starts_with("tcptap-worker") {
+                return None;
+            }
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let n = (status.lines())
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((tid, n))
         })
-        .sum()
+        .collect()
 }
 
 /// `REQUESTS` ping-pongs of 64 bytes over one connection through the proxy; returns the
@@ -59,7 +75,11 @@ fn sleeps_per_request(proxy: &Proxy) -> f64 {
         );
     }
     let after = sleeps(proxy.pid());
-    let per = (after - before) as f64 / REQUESTS as f64;
+    assert!(!after.is_empty(), "no event loop thread found");
+    let slept: u64 = (after.iter())
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(*n)))
+        .sum();
+    let per = slept as f64 / REQUESTS as f64;
     eprintln!("{per:.3} sleeps per request");
     per
 }
@@ -90,18 +110,18 @@ fn busy_poll_keeps_a_busy_loop_awake_and_lets_an_idle_one_sleep() {
     let without = sleeps_per_request(&plain);
     drop(plain);
     // With a window far longer than a round trip on loopback, it hardly sleeps at all.
-    let busy = proxy(up.addr, "5ms");
+    let busy = proxy(up.addr, "20ms");
     busy.wait_log(
-        "each event loop polls for up to 5ms before it sleeps",
+        "each event loop polls for up to 20ms before it sleeps",
         PROMPT,
     );
     let with = sleeps_per_request(&busy);
     assert!(
         with < without / 4.0,
-        "with busy_poll = \"5ms\" the loop slept {with:.3} times per request, without it \
+        "with busy_poll = \"20ms\" the loop slept {with:.3} times per request, without it \
          {without:.3}"
     );
-    // Idle (the client gone, nothing sent): the loop polls for 5 ms at most, then sleeps. A
+    // Idle (the client gone, nothing sent): the loop polls for 20 ms at most, then sleeps. A
     // loop that kept polling would take the whole second.
     let cpu0 = busy.cpu_time();
     thread::sleep(Duration::from_secs(1));
@@ -119,6 +139,7 @@ fn busy_poll_keeps_a_busy_loop_awake_and_lets_an_idle_one_sleep() {
 /// A wrong value names the flag or the key, and the proxy does not start.
 #[test]
 fn a_bad_busy_poll_is_refused_with_its_name() {
+    let _alone = alone();
     let out = std::process::Command::new(binary())
         .args([
             "--listen",
@@ -139,23 +160,62 @@ fn a_bad_busy_poll_is_refused_with_its_name() {
     );
     let dir = TempDir::new("busy-poll-bad");
     let path = dir.path("proxy.toml");
-    std::fs::write(
-        &path,
-        "busy_poll = \"-1us\"\n[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(binary())
-        .args(["--config", path.to_str().unwrap(), "--check-config"])
-        .output()
+    for (value, problem) in [("slow", "is not a duration"), ("2s", "longer than 1s")] {
+        std::fs::write(
+            &path,
+            format!(
+                "busy_poll = \"{value}\"\n\
+                 [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
+            ),
+        )
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+        let out = std::process::Command::new(binary())
+            .args(["--config", path.to_str().unwrap(), "--check-config"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "accepted busy_poll = \"{value}\": {err}"
+        );
+        assert!(
+            err.contains(path.to_str().unwrap())
+                && err.contains("busy_poll")
+                && err.contains(problem),
+            "{err}"
+        );
+    }
+}
+
+/// A timer due within the window cuts the polling short: with `busy_poll = "1s"`, an idle
+/// connection is still reset at its 300 ms `idle_timeout`, not after a second of polling.
+#[test]
+fn timers_fire_on_time_while_the_loop_polls() {
+    let _alone = alone();
+    let up = Upstream::echo();
+    let proxy = Proxy::with_config(
+        &format!(
+            "busy_poll = \"1s\"\nidle_timeout = \"300ms\"\n\
+             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            up.addr
+        ),
+        1,
+    );
+    let mut s = connect(proxy.addr());
+    s.write_all(b"ping").unwrap();
+    assert_eq!(read_n(&mut s, 4, PROMPT).unwrap(), b"ping");
+    let idle_since = Instant::now();
+    // The loop now polls; the connection's idle timer is due in 300 ms.
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    let after = idle_since.elapsed();
     assert!(
-        !out.status.success(),
-        "accepted busy_poll = \"-1us\": {err}"
+        matches!(r, Ok(0) | Err(_)),
+        "expected the idle connection to be closed, read {r:?}"
     );
     assert!(
-        err.contains(path.to_str().unwrap()) && err.contains("busy_poll"),
-        "{err}"
+        after >= Duration::from_millis(250) && after < Duration::from_millis(800),
+        "idle_timeout of 300 ms fired after {after:?}"
     );
 }
 
@@ -185,15 +245,15 @@ fn a_reload_turns_busy_poll_on_and_off_at_once() {
     let without = sleeps_per_request(&proxy);
     assert_eq!(polled(), 0.0, "polled with busy_poll off");
 
-    std::fs::write(&path, config("5ms")).unwrap();
+    std::fs::write(&path, config("20ms")).unwrap();
     proxy.signal(libc::SIGHUP);
-    proxy.wait_log("reload: busy_poll is now 5ms (was off)", PROMPT);
+    proxy.wait_log("reload: busy_poll is now 20ms (was off)", PROMPT);
     proxy.wait_log("configuration generation 2", PROMPT);
     let with = sleeps_per_request(&proxy);
 
     std::fs::write(&path, config("off")).unwrap();
     proxy.signal(libc::SIGHUP);
-    proxy.wait_log("reload: busy_poll is now off (was 5ms)", PROMPT);
+    proxy.wait_log("reload: busy_poll is now off (was 20ms)", PROMPT);
     proxy.wait_log("configuration generation 3", PROMPT);
     // Each request's round trip was spent polling: far more than nothing.
     let on = polled();
@@ -201,7 +261,7 @@ fn a_reload_turns_busy_poll_on_and_off_at_once() {
     let again = sleeps_per_request(&proxy);
     assert!(
         with < without / 4.0 && with < again / 4.0,
-        "sleeps per request: {without:.3} off, {with:.3} after the reload to 5ms, {again:.3} \
+        "sleeps per request: {without:.3} off, {with:.3} after the reload to 20ms, {again:.3} \
          after the reload back to off"
     );
     // Off again (the worker logs the change as it applies it): the loop no longer polls.
