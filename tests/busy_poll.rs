@@ -161,14 +161,8 @@ fn a_bad_busy_poll_is_refused_with_its_name() {
     let dir = TempDir::new("busy-poll-bad");
     let path = dir.path("proxy.toml");
     for (value, problem) in [("slow", "is not a duration"), ("2s", "longer than 1s")] {
-        std::fs::write(
-            &path,
-            format!(
-                "busy_poll = \"{value}\"\n\
-                 [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
-            ),
-        )
-        .unwrap();
+        let top = format!("busy_poll = \"{value}\"");
+        write_file(&path, &one_route("127.0.0.1:0", dead_addr(), &top));
         let out = std::process::Command::new(binary())
             .args(["--config", path.to_str().unwrap(), "--check-config"])
             .output()
@@ -193,14 +187,8 @@ fn a_bad_busy_poll_is_refused_with_its_name() {
 fn timers_fire_on_time_while_the_loop_polls() {
     let _alone = alone();
     let up = Upstream::echo();
-    let proxy = Proxy::with_config(
-        &format!(
-            "busy_poll = \"1s\"\nidle_timeout = \"300ms\"\n\
-             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-            up.addr
-        ),
-        1,
-    );
+    let top = "busy_poll = \"1s\"\nidle_timeout = \"300ms\"";
+    let proxy = Proxy::with_config(&one_route("127.0.0.1:0", up.addr, top), 1);
     let mut s = connect(proxy.addr());
     s.write_all(b"ping").unwrap();
     assert_eq!(read_n(&mut s, 4, PROMPT).unwrap(), b"ping");
@@ -228,13 +216,10 @@ fn a_reload_turns_busy_poll_on_and_off_at_once() {
     let dir = TempDir::new("busy-poll-reload");
     let path = dir.path("proxy.toml");
     let config = |busy_poll: &str| {
-        format!(
-            "busy_poll = \"{busy_poll}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-            up.addr
-        )
+        let top = format!("busy_poll = \"{busy_poll}\"\n[admin]\nlisten = \"127.0.0.1:0\"");
+        one_route("127.0.0.1:0", up.addr, &top)
     };
-    std::fs::write(&path, config("off")).unwrap();
+    write_file(&path, &config("off"));
     let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
     let admin = proxy.admin_addr();
     let polled = || {
@@ -245,13 +230,13 @@ fn a_reload_turns_busy_poll_on_and_off_at_once() {
     let without = sleeps_per_request(&proxy);
     assert_eq!(polled(), 0.0, "polled with busy_poll off");
 
-    std::fs::write(&path, config("20ms")).unwrap();
+    write_file(&path, &config("20ms"));
     proxy.signal(libc::SIGHUP);
     proxy.wait_log("reload: busy_poll is now 20ms (was off)", PROMPT);
     proxy.wait_log("configuration generation 2", PROMPT);
     let with = sleeps_per_request(&proxy);
 
-    std::fs::write(&path, config("off")).unwrap();
+    write_file(&path, &config("off"));
     proxy.signal(libc::SIGHUP);
     proxy.wait_log("reload: busy_poll is now off (was 20ms)", PROMPT);
     proxy.wait_log("configuration generation 3", PROMPT);

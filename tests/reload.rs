@@ -281,11 +281,8 @@ fn sighup_changes_the_splice_memory_limit() {
     let dir = TempDir::new("reload-splice-memory");
     let path = dir.path("proxy.toml");
     let config = |limit: &str| {
-        format!(
-            "splice_memory_limit = \"{limit}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-            one.addr
-        )
+        let top = format!("splice_memory_limit = \"{limit}\"\n[admin]\nlisten = \"127.0.0.1:0\"");
+        one_route("127.0.0.1:0", one.addr, &top)
     };
     write_file(&path, &config("64 MiB"));
     let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
