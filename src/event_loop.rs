@@ -2618,6 +2618,14 @@ fn prepare_reload(
     Ok(())
 }
 
+/// `busy_poll` as the config writes it.
+fn fmt_busy_poll(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "off".into(),
+        |d| humantime::format_duration(d).to_string(),
+    )
+}
+
 /// `, N workers` after a route's listening line when there are several.
 fn workers_note(n: usize) -> String {
     if n > 1 {
@@ -2730,14 +2738,6 @@ pub const FD_RESERVE: u64 = 64;
 /// limits, health probes in flight at once, and, with `splice`, each worker's idle pipes.
 pub fn reserved_descriptors(config: &Config) -> u64 {
     reserve_for(config, config.routes.iter())
-}
-
-/// `busy_poll` as the config writes it.
-fn fmt_busy_poll(d: Option<Duration>) -> String {
-    d.map_or_else(
-        || "off".into(),
-        |d| humantime::format_duration(d).to_string(),
-    )
 }
 
 /// [`reserved_descriptors`] with `routes` in place of the config's: those a reload leaves.
