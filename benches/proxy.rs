@@ -847,7 +847,8 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
         Some(bin) => {
             versions.push(peers::version_line(&bin, &["-v"]));
             // nbthread 1 is the reference for one event loop; with forced splice, the same
-            // zero-copy path as tcptap's default; nbthread 2 against tcptap's two workers.
+            // zero-copy path as tcptap's default; nbthread 2 against tcptap's two workers;
+            // with busy-polling against tcptap's busy_poll.
             for (name, threads, splice, busy) in [
                 ("haproxy", 1, false, false),
                 ("haproxy-splice", 1, true, false),

@@ -636,38 +636,38 @@ impl Metrics {
             &[],
             self.busy_poll_seconds(),
         );
-        let usage = process_usage();
-        if let Some(cpu) = usage.cpu_seconds {
-            w.family(
+        // The standard process metrics, each where the system gives it.
+        let process: [(&str, &str, &str, Option<f64>); 4] = [
+            (
                 "process_cpu_seconds_total",
                 "counter",
                 "Total user and system CPU time spent in seconds.",
-            );
-            w.sample("process_cpu_seconds_total", &[], cpu);
-        }
-        if let Some(rss) = usage.resident_bytes {
-            w.family(
+                cpu_seconds(),
+            ),
+            (
                 "process_resident_memory_bytes",
                 "gauge",
                 "Resident memory size in bytes.",
-            );
-            w.sample("process_resident_memory_bytes", &[], rss);
-        }
-        if let Some(n) = open_fds() {
-            w.family(
+                resident_bytes().map(|b| b as f64),
+            ),
+            (
                 "process_open_fds",
                 "gauge",
                 "Number of open file descriptors.",
-            );
-            w.sample("process_open_fds", &[], n);
-        }
-        if let Some(n) = max_fds() {
-            w.family(
+                open_fds().map(|n| n as f64),
+            ),
+            (
                 "process_max_fds",
                 "gauge",
                 "Maximum number of open file descriptors (soft RLIMIT_NOFILE).",
-            );
-            w.sample("process_max_fds", &[], n);
+                max_fds().map(|n| n as f64),
+            ),
+        ];
+        for (name, kind, help, value) in process {
+            if let Some(v) = value {
+                w.family(name, kind, help);
+                w.sample(name, &[], v);
+            }
         }
     }
 }
@@ -806,36 +806,25 @@ pub fn open_fds() -> Option<u64> {
     Some(n.saturating_sub(1))
 }
 
-/// What the process uses, as the standard `process_*` metrics show it.
-struct ProcessUsage {
-    /// User + system CPU time of every thread.
-    cpu_seconds: Option<f64>,
-    /// Resident set size.
-    resident_bytes: Option<u64>,
+/// User + system CPU time of every thread of the process.
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: rusage is plain integers, for which all zeroes is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct we pass, which lives for the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    Some(t(ru.ru_utime) + t(ru.ru_stime))
 }
 
-fn process_usage() -> ProcessUsage {
-    // SAFETY: getrusage only writes the struct we pass, which lives for the call.
-    let cpu_seconds = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        (libc::getrusage(libc::RUSAGE_SELF, &mut ru) == 0).then(|| {
-            let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-            t(ru.ru_utime) + t(ru.ru_stime)
-        })
-    };
-    // statm: size resident shared text lib data dt, in pages.
-    let resident_bytes = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| {
-            // SAFETY: sysconf has no preconditions.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            pages * u64::try_from(page).unwrap_or(4096)
-        });
-    ProcessUsage {
-        cpu_seconds,
-        resident_bytes,
-    }
+/// The process's resident set size (`/proc/self/statm`'s second field, in pages).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
 }
 
 /// The soft limit on open file descriptors, when it is finite.
