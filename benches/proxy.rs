@@ -30,6 +30,9 @@
 //! - `TCPTAP_BENCH_TARGETS=direct,tcptap,...` and
 //!   `TCPTAP_BENCH_ONLY=bulk,rr,churn,idle,iperf3,redis,wrk` to select.
 //! - `TCPTAP_BENCH_BIN`: the tcptap binary to use instead of Cargo's.
+//! - `TCPTAP_BENCH_BASELINE`: another tcptap binary (an earlier build), measured in the same
+//!   rounds as the column `tcptap-baseline`, with the ratio `tcptap/tcptap-baseline`: the
+//!   before/after of a change, interleaved.
 //! - `TCPTAP_BENCH_OUT`: the name of the result files (default `latest`), so that a run of
 //!   some rows leaves the full suite's results alone.
 //! - `TCPTAP_BENCH_RUST_LOG`: RUST_LOG for tcptap (default
@@ -83,6 +86,9 @@ const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
     // Polling without sleeping for 50 µs after events, against haproxy's `busy-polling`.
     (BUSY, &["--busy-poll", "50us"]),
 ];
+
+/// The default variant run with `TCPTAP_BENCH_BASELINE`'s binary.
+const BASELINE: &str = "tcptap-baseline";
 
 /// The tcptap variant with two workers, compared with the two-thread peers.
 const TWO_WORKERS: &str = "tcptap-2w";
@@ -843,6 +849,29 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
             }
         }
     }
+    if let Some(bin) = std::env::var_os("TCPTAP_BENCH_BASELINE").filter(|_| cfg.target_on(BASELINE))
+    {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            eprintln!(
+                "error: TCPTAP_BENCH_BASELINE={} does not exist",
+                bin.display()
+            );
+            std::process::exit(2);
+        }
+        versions.push(format!(
+            "{} at {} (column {BASELINE})",
+            peers::version_line(&bin, &["--version"]),
+            bin.display()
+        ));
+        ts.push(Target {
+            name: BASELINE.into(),
+            kind: Kind::Tcptap {
+                bin,
+                args: Vec::new(),
+            },
+        });
+    }
     match peers::which("haproxy") {
         Some(bin) => {
             versions.push(peers::version_line(&bin, &["-v"]));
@@ -979,7 +1008,9 @@ fn ratio_columns(targets: &[Target]) -> Vec<(String, String)> {
         }
     }
     for t in targets {
-        if t.is_tcptap() && t.name != base {
+        if t.name == BASELINE {
+            cols.push((base.to_owned(), BASELINE.to_owned()));
+        } else if t.is_tcptap() && t.name != base {
             cols.push((t.name.clone(), base.to_owned()));
         }
     }
@@ -1035,7 +1066,9 @@ fn markdown_table(res: &Results, targets: &[Target]) -> String {
 fn spread_table(res: &Results, targets: &[Target]) -> String {
     let peers: Vec<(String, String)> = ratio_columns(targets)
         .into_iter()
-        .filter(|(_, b)| b != "direct" && targets.iter().any(|t| t.name == *b && !t.is_tcptap()))
+        .filter(|(_, b)| {
+            b == BASELINE || b != "direct" && targets.iter().any(|t| t.name == *b && !t.is_tcptap())
+        })
         .collect();
     if peers.is_empty() {
         return String::new();
