@@ -4,12 +4,19 @@
 //! serves both. Reserved tokens count down from `usize::MAX`: the waker, the signal pipe, then one per
 //! listener.
 //!
-//! Readiness is edge-triggered: each socket is registered once for READABLE|WRITABLE|PRIORITY and the
-//! pair keeps what the kernel reported in [`Readiness`] until an operation returns `WouldBlock`.
-//! PRIORITY (`EPOLLPRI`: TCP urgent data) is part of the one registration and costs no syscall; epoll
-//! wakes a socket for it anyway, with its data. Work per pair per wake-up is capped (`budget`); a
-//! pair that used its budget is driven again before the loop sleeps, so one busy pair cannot starve
-//! the others.
+//! Readiness is edge-triggered: the pair keeps what the kernel reported in [`Readiness`] until an
+//! operation returns `WouldBlock`. A connected socket is registered for READABLE|PRIORITY and
+//! taken as writable; the first write that would block adds WRITABLE (see
+//! [`Registered`](crate::pair::Registered)), so a socket that never fills its send buffer brings
+//! no writable events. PRIORITY (`EPOLLPRI`: TCP urgent data) is part of the registration and costs
+//! no syscall; epoll wakes a socket for it anyway, with its data. Work per pair per wake-up is
+//! capped (`budget`); a pair that used its budget is driven again before the loop sleeps, so one
+//! busy pair cannot starve the others.
+//!
+//! A connect to a loopback upstream completes within `connect(2)`: the pair is then driven at
+//! once, in the turn that accepted the client, and what the client already sent goes upstream
+//! before the client's socket is registered (so no event is left behind for bytes already read).
+//! The client's request then costs the loop no wake-up of its own.
 //!
 //! Pairs are closed only after the whole event batch was handled, and work items carry the
 //! connection id, so an event or work item can never land on a slab key that was reused.
@@ -42,7 +49,7 @@ use crate::net::{self, SetupError};
 use crate::notify;
 use crate::orig_dst;
 use crate::pair;
-use crate::pair::{CloseReason, Drive, Pair, PairTap, Phase};
+use crate::pair::{CloseReason, Drive, Pair, PairTap, Phase, Registered};
 use crate::pipe::{Pipe, Readiness};
 use crate::proxy_protocol::{self, Parsed};
 use crate::splice::PipePool;
@@ -54,6 +61,11 @@ use crate::upstream::{
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
+
+/// A pair's socket before any write of it would block (see [`Registered`]).
+const READ: Interest = Interest::READABLE.add(Interest::PRIORITY);
+/// A connecting upstream socket, or a socket whose write would block.
+const READ_WRITE: Interest = READ.add(Interest::WRITABLE);
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -895,7 +907,8 @@ impl Worker {
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if !self.again.is_empty() {
+        // Pairs started after this turn's work was done (accepts resumed) are driven next turn.
+        if !self.again.is_empty() || !self.work.is_empty() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -1531,16 +1544,23 @@ impl Worker {
         };
         let entry = self.pairs.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut downstream,
-            Token(key << 1),
-            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
-        ) {
-            warn!("#{id} {peer}: cannot register socket: {e}");
-            let _ = net::set_linger_zero(&downstream);
-            self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        // A client waiting for its upstream connect is registered after the connect started (see
+        // below); one that owes a PROXY header first, now.
+        let registered = if route.config.accept_proxy_protocol {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut downstream, Token(key << 1), READ)
+            {
+                warn!("#{id} {peer}: cannot register socket: {e}");
+                let _ = net::set_linger_zero(&downstream);
+                self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Registered::Read
+        } else {
+            Registered::No
+        };
         let meta = Arc::new(ConnMeta {
             id,
             route: route.name.clone(),
@@ -1585,7 +1605,15 @@ impl Worker {
                 p[1].zero_copy = zero_copy;
                 p
             },
-            ready: [Readiness::default(); 2],
+            ready: [
+                // Just accepted: its send buffer is empty.
+                Readiness {
+                    writable: true,
+                    ..Readiness::default()
+                },
+                Readiness::default(),
+            ],
+            interest: [registered, Registered::No],
             started: now,
             last_active: now,
             first_fin: None,
@@ -1607,8 +1635,27 @@ impl Worker {
         if let Phase::Connecting { .. } = phase {
             if let Some(reason) = self.begin_connect(key, None, now) {
                 self.closing.push((key, id, reason));
-            } else {
-                self.accept_backoff = MIN_ACCEPT_BACKOFF;
+                return;
+            }
+            self.accept_backoff = MIN_ACCEPT_BACKOFF;
+            let pair = &mut self.pairs[key];
+            if pair.ready[Side::Upstream.index()].connected {
+                // Connected already (loopback): pass on what the client sent meanwhile in this
+                // turn, then register the client's socket (see `update_interest`), so that it
+                // reports only later bytes: they would otherwise bring one more event.
+                pair.ready[Side::Downstream.index()].readable = true;
+                pair.scheduled = true;
+                self.work.push((key, id));
+                return;
+            }
+            let registry = self.poll.registry();
+            match registry.register(&mut pair.downstream, Token(key << 1), READ) {
+                Ok(()) => pair.interest[Side::Downstream.index()] = Registered::Read,
+                Err(e) => {
+                    warn!("#{id} {peer}: cannot register socket: {e}");
+                    let reason = CloseReason::Error(Side::Downstream, e);
+                    self.closing.push((key, id, reason));
+                }
             }
         }
     }
@@ -1692,6 +1739,7 @@ impl Worker {
             lock(&self.shared.own_upstreams).remove(&own);
         }
         pair.ready[Side::Upstream.index()] = Readiness::default();
+        pair.interest[Side::Upstream.index()] = Registered::No;
         let mut stream = match net::connect_upstream(dst, &self.shared.config.socket) {
             Ok(s) => s,
             Err(e) => {
@@ -1708,12 +1756,25 @@ impl Worker {
                 return Some(CloseReason::ConnectFailed(e));
             }
         };
-        if let Err(e) = registry.register(
-            &mut stream,
-            Token(key << 1 | 1),
-            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
-        ) {
+        // Over loopback the handshake runs within connect(2), unless the listener's queue is
+        // full: then no writable edge is needed to learn that it is done (one getpeername(2)
+        // instead). A remote upstream cannot have answered yet: not asked.
+        let connected = dst.ip().is_loopback() && stream.peer_addr().is_ok();
+        let (interest, registered) = if connected {
+            (READ, Registered::Read)
+        } else {
+            (READ_WRITE, Registered::ReadWrite)
+        };
+        if let Err(e) = registry.register(&mut stream, Token(key << 1 | 1), interest) {
             return Some(CloseReason::ConnectFailed(e));
+        }
+        pair.interest[Side::Upstream.index()] = registered;
+        if connected {
+            pair.ready[Side::Upstream.index()] = Readiness {
+                writable: true,
+                connected: true,
+                ..Readiness::default()
+            };
         }
         debug!(
             "#{} {}: connecting to {dst}",
@@ -1953,20 +2014,63 @@ impl Worker {
     }
 
     fn drive(&mut self, key: usize, now: Instant) -> Drive {
-        if let Phase::AwaitingHeader { .. } = self.pairs[key].phase {
-            return self.read_proxy_header(key, now);
+        if !matches!(self.pairs[key].phase, Phase::Established) {
+            if let Some(drive) = self.connect_phase(key, now) {
+                return drive;
+            }
         }
         let pair = &mut self.pairs[key];
-        if let Phase::Connecting { .. } = pair.phase {
+        let before = pair.offsets();
+        let buffered = pair.buffered();
+        let mut drive = pair.pump(&mut self.pool, &mut self.pipes, self.budget, now);
+        if let Drive::Idle = drive {
+            if let Some(reason) = pair.settle_errors() {
+                drive = Drive::Close(reason);
+            }
+        }
+        let m = self.shared.metrics.route(pair.metrics);
+        for dir in Direction::BOTH {
+            let moved = pair.pipes[dir.index()].read_total() - before[dir.index()];
+            if moved > 0 {
+                m.add_bytes(dir, moved);
+            }
+        }
+        let now_buffered = pair.buffered();
+        if now_buffered != buffered {
+            m.add_buffered(now_buffered as i64 - buffered as i64);
+        }
+        if pair.interest_due() && !matches!(drive, Drive::Close(_)) {
+            if let Some(reason) = self.update_interest(key) {
+                return Drive::Close(reason);
+            }
+        }
+        drive
+    }
+
+    /// The phases before bytes flow: the client's PROXY protocol header, then the upstream
+    /// connect. `None` once connected (the pumps run now), else what [`drive`](Self::drive)
+    /// returns. Out of line: a connection passes here once or twice.
+    #[inline(never)]
+    fn connect_phase(&mut self, key: usize, now: Instant) -> Option<Drive> {
+        if let Phase::AwaitingHeader { .. } = self.pairs[key].phase {
+            match self.read_proxy_header(key, now) {
+                // The header started a connect that completed at once (loopback): no event
+                // will say so.
+                Drive::Idle if self.pairs[key].ready[Side::Upstream.index()].connected => {}
+                drive => return Some(drive),
+            }
+        }
+        loop {
+            let pair = &mut self.pairs[key];
             let up = pair.ready[Side::Upstream.index()];
             if !up.writable && !up.readable {
-                return Drive::Idle;
+                return Some(Drive::Idle);
             }
             match pair.check_connected() {
                 Ok(false) => {
                     // Not yet: wait for the next writable edge.
                     pair.ready[Side::Upstream.index()] = Readiness::default();
-                    return Drive::Idle;
+                    return Some(Drive::Idle);
                 }
                 Ok(true) => {
                     debug!(
@@ -1990,40 +2094,67 @@ impl Worker {
                             self.timers.push(Reverse((t, key, pair.meta.id)));
                         }
                     }
+                    return None;
                 }
                 Err(e) => {
                     self.shared
                         .metrics
                         .route(pair.metrics)
                         .on_connect_failure(ConnectFailure::of_error(&e));
-                    return match self.retry_connect(key, CloseReason::ConnectFailed(e), now) {
-                        Some(reason) => Drive::Close(reason),
-                        None => Drive::Idle,
-                    };
+                    if let Some(reason) =
+                        self.retry_connect(key, CloseReason::ConnectFailed(e), now)
+                    {
+                        return Some(Drive::Close(reason));
+                    }
+                    // The next backend: connected at once (loopback), or wait for its event.
                 }
             }
         }
+    }
+
+    /// Registers a client's socket once its first bytes are passed on (see
+    /// [`start_pair`](Self::start_pair)), and adds the writable interest to the sockets
+    /// registered for reads only whose write would block (see [`Registered`]). Registering
+    /// polls the socket, so bytes or room that came meanwhile are reported. Once per socket at
+    /// most: out of line.
+    #[cold]
+    #[inline(never)]
+    fn update_interest(&mut self, key: usize) -> Option<CloseReason> {
         let pair = &mut self.pairs[key];
-        let before = pair.offsets();
-        let buffered = pair.buffered();
-        let mut drive = pair.pump(&mut self.pool, &mut self.pipes, self.budget, now);
-        if let Drive::Idle = drive {
-            if let Some(reason) = pair.settle_errors() {
-                drive = Drive::Close(reason);
+        let registry = self.poll.registry();
+        let down = Side::Downstream.index();
+        if pair.interest[down] == Registered::No {
+            let (interest, registered) = if pair.ready[down].writable {
+                (READ, Registered::Read)
+            } else {
+                (READ_WRITE, Registered::ReadWrite)
+            };
+            if let Err(e) = registry.register(&mut pair.downstream, Token(key << 1), interest) {
+                warn!(
+                    "#{} {}: cannot register socket: {e}",
+                    pair.meta.id, pair.meta.downstream
+                );
+                return Some(CloseReason::Error(Side::Downstream, e));
             }
+            pair.interest[down] = registered;
         }
-        let m = self.shared.metrics.route(pair.metrics);
-        for dir in Direction::BOTH {
-            let moved = pair.pipes[dir.index()].read_total() - before[dir.index()];
-            if moved > 0 {
-                m.add_bytes(dir, moved);
+        for side in [Side::Downstream, Side::Upstream] {
+            if !pair.write_blocked(side) {
+                continue;
             }
+            let token = Token(key << 1 | side.index());
+            let Some(stream) = (match side {
+                Side::Downstream => Some(&mut pair.downstream),
+                Side::Upstream => pair.upstream.as_mut(),
+            }) else {
+                continue;
+            };
+            if let Err(e) = registry.reregister(stream, token, READ_WRITE) {
+                return Some(CloseReason::Error(side, e));
+            }
+            pair.interest[side.index()] = Registered::ReadWrite;
         }
-        let now_buffered = pair.buffered();
-        if now_buffered != buffered {
-            m.add_buffered(now_buffered as i64 - buffered as i64);
-        }
-        drive
+        None
     }
 
     /// Whether the heap entry `(t, key, id)` is its pair's armed timer.
@@ -2054,7 +2185,17 @@ impl Worker {
                                 .route(pair.metrics)
                                 .on_connect_failure(ConnectFailure::Timeout);
                             // A backend that does not answer: try the next one.
-                            self.retry_connect(key, CloseReason::ConnectTimeout, now)
+                            let reason = self.retry_connect(key, CloseReason::ConnectTimeout, now);
+                            let pair = &mut self.pairs[key];
+                            if reason.is_none()
+                                && pair.ready[Side::Upstream.index()].connected
+                                && !pair.scheduled
+                            {
+                                // Connected already (loopback): no event will say so.
+                                pair.scheduled = true;
+                                self.again.push((key, id));
+                            }
+                            reason
                         }
                         Phase::Established => Some(CloseReason::IdleTimeout),
                     };

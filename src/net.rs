@@ -132,7 +132,8 @@ pub fn bind_listener(
 }
 
 /// Starts a non-blocking connect to `addr` with the options applied first.
-/// Completion is reported later by a writable event (see `Pair::check_connected`).
+/// Completion is reported later by a writable event (see `Pair::check_connected`); over loopback
+/// it is usually complete on return (see `Worker::connect_to`).
 pub fn connect_upstream(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpStream> {
     // Non-blocking from the start (SOCK_NONBLOCK): one syscall less per connection.
     let socket = Socket::new(

@@ -111,6 +111,22 @@ pub enum Phase {
     Established,
 }
 
+/// How a socket is registered with the poller. A connected socket starts with reads only: it is
+/// writable, so its first writable edge would come at once and cost a loop turn, for nothing
+/// unless a write is waiting. The first write that would block adds the writable interest, for
+/// the rest of the pair's life (see [`Pair::write_blocked`]). A connecting upstream socket has
+/// it from the start: its writable edge says that the connect completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// Not registered (yet).
+    No,
+    /// Readable and priority events only; `Readiness::writable` stays set until a write would
+    /// block.
+    Read,
+    /// Writable events too.
+    ReadWrite,
+}
+
 /// What a closed pair moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
@@ -186,6 +202,8 @@ pub struct Pair {
     pub pipes: [Pipe; 2],
     /// Kernel readiness of `[downstream, upstream]`.
     pub ready: [Readiness; 2],
+    /// How each socket `[downstream, upstream]` is registered with the poller.
+    pub interest: [Registered; 2],
     /// When it was accepted.
     pub started: Instant,
     /// When a byte was last read or written (idle timeout).
@@ -241,6 +259,20 @@ impl Pair {
             Phase::Connecting { deadline } | Phase::AwaitingHeader { deadline } => Some(deadline),
             Phase::Established => self.idle_timeout.map(|t| self.last_active + t),
         }
+    }
+
+    /// Whether `side` is registered for reads only and its last write would block: it needs
+    /// its writable events from now on.
+    pub fn write_blocked(&self, side: Side) -> bool {
+        self.interest[side.index()] == Registered::Read && !self.ready[side.index()].writable
+    }
+
+    /// Whether a socket's registration must change: the client's is still to be made, or a
+    /// write would block where only reads are watched.
+    pub fn interest_due(&self) -> bool {
+        self.interest[Side::Downstream.index()] == Registered::No
+            || self.write_blocked(Side::Downstream)
+            || self.write_blocked(Side::Upstream)
     }
 
     /// Checks a socket's pending error (`SO_ERROR`) after an error event. A reset on a socket whose

@@ -23,7 +23,8 @@ use tcptap::proxy_protocol::{
 };
 
 use common::{
-    PROMPT, Pattern, Proxy, TAP_FLUSH, TempDir, Upstream, connect, free_port, read_to_end,
+    PROMPT, Pattern, Proxy, TAP_FLUSH, TempDir, Upstream, assert_kept_open, connect, free_port,
+    read_to_end,
 };
 
 const REQUEST_LEN: usize = 100 * 1024;
@@ -346,6 +347,27 @@ fn accept_proxy_protocol_closes_a_silent_client_after_the_timeout() {
         );
     }
     proxy.wait_log("192.0.2.10:5000 -> ", PROMPT);
+}
+
+/// A header's connect to a loopback upstream completes within connect(2), and no event says so:
+/// the pair must go on at once, not sit until `connect_timeout` and fail.
+#[test]
+fn after_the_header_a_connect_that_completes_at_once_goes_on() {
+    let echo = Upstream::echo();
+    let proxy = Proxy::with_config(
+        &format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+             accept_proxy_protocol = true\nconnect_timeout = \"300ms\"\n",
+            echo.addr
+        ),
+        1,
+    );
+    let mut c = connect(proxy.addr());
+    c.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 5000 80\r\n")
+        .unwrap();
+    assert_kept_open(&mut c, Duration::from_secs(1), || proxy.logs());
+    drop(c);
+    proxy.wait_log("192.0.2.1:5000 -> ", PROMPT);
 }
 
 /// Two tcptap instances back to back: the first sends a header, the second accepts it and logs

@@ -841,6 +841,30 @@ impl Blackhole {
     }
 }
 
+/// Asserts that the proxy keeps the quiet connection `c` open for `quiet` (a read that times
+/// out, neither EOF nor a reset), then that a round trip through it to an echo upstream works.
+pub fn assert_kept_open(c: &mut TcpStream, quiet: Duration, logs: impl Fn() -> String) {
+    c.set_read_timeout(Some(quiet)).unwrap();
+    let mut b = [0u8; 16];
+    match c.read(&mut b) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!(
+            "the proxy ended a quiet connection within {quiet:?}: {other:?}\n{}",
+            logs()
+        ),
+    }
+    c.set_read_timeout(None).unwrap();
+    c.write_all(b"ping").unwrap();
+    match read_n(c, 4, PROMPT) {
+        Ok(got) => assert_eq!(got, b"ping", "{}", logs()),
+        Err(e) => panic!("no echo after the quiet time: {e}\n{}", logs()),
+    }
+}
+
 /// A minimal config for one route.
 pub fn one_route(listen: &str, upstream: SocketAddr, extra: &str) -> String {
     format!("{extra}\n[[route]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n")
