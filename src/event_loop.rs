@@ -1777,8 +1777,14 @@ impl Worker {
             };
         }
         debug!(
-            "#{} {}: connecting to {dst}",
-            pair.meta.id, pair.meta.downstream
+            "#{} {}: {} to {dst}",
+            pair.meta.id,
+            pair.meta.downstream,
+            if connected {
+                "connected within connect(2)"
+            } else {
+                "connecting"
+            }
         );
         if route.original_destination {
             // connect(2) has bound the socket: its local address is known now.
@@ -2115,9 +2121,8 @@ impl Worker {
     /// Registers a client's socket once its first bytes are passed on (see
     /// [`start_pair`](Self::start_pair)), and adds the writable interest to the sockets
     /// registered for reads only whose write would block (see [`Registered`]). Registering
-    /// polls the socket, so bytes or room that came meanwhile are reported. Once per socket at
-    /// most: out of line.
-    #[cold]
+    /// polls the socket, so bytes or room that came meanwhile are reported. Once or twice per
+    /// connection at most: out of line.
     #[inline(never)]
     fn update_interest(&mut self, key: usize) -> Option<CloseReason> {
         let pair = &mut self.pairs[key];

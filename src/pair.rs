@@ -446,8 +446,10 @@ impl Pair {
                     if dir == Direction::DownToUp && matches!(reason, CloseReason::Reset(_)) {
                         // The upstream reset: what it sent before, still queued in its socket,
                         // goes to the client first (the other direction reads it, then the
-                        // reset, as a direct connection would show them).
+                        // reset, as a direct connection would show them), even if no event
+                        // said so yet (a connect that completed at once had none).
                         failed = Some(reason);
+                        self.ready[Side::Upstream.index()].readable = true;
                         continue;
                     }
                     return Drive::Close(reason);

@@ -55,7 +55,10 @@ impl ShutdownWrite for &mio::net::TcpStream {
 
 /// What the kernel last told us about one socket. A flag is set by an event and cleared when an
 /// operation returns `WouldBlock` (edge-triggered readiness must be drained), or, for `readable`,
-/// by a short read: see [`Pipe::pump`].
+/// by a short read: see [`Pipe::pump`]. Some are known without an event: a socket just accepted
+/// or connected at once is `writable` (it is registered for writable events only once a write
+/// would block, see `pair::Registered`), and a client whose upstream connected at once is read
+/// once as `readable`, before its socket is registered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Readiness {
     /// A read may make progress.

@@ -533,6 +533,78 @@ fn max_connections_queues_in_backlog() {
     assert_eq!(read_n(&mut c, 1, PROMPT).unwrap(), b"y");
 }
 
+/// Clients that leave together free room for a waiting one, which is accepted after the loop's
+/// work for that turn is done, with no limit left to retry on. Its upstream connects at once
+/// (loopback), and its request, sent while it waited, is passed on by the next turn: nothing
+/// else would wake the loop for it before the 30 s connect timeout.
+#[test]
+fn a_client_accepted_when_others_leave_is_served_at_once() {
+    let echo = Upstream::echo();
+    let config = one_route(
+        "127.0.0.1:0",
+        echo.addr,
+        "max_connections = 2\nconnect_timeout = \"30s\"",
+    );
+    let proxy = Proxy::with_config(&config, 1);
+    for round in 0..5 {
+        let mut a = connect(proxy.addr());
+        let mut b = connect(proxy.addr());
+        for s in [&mut a, &mut b] {
+            s.write_all(b"x").unwrap();
+            assert_eq!(read_n(s, 1, PROMPT).unwrap(), b"x", "round {round}");
+        }
+        let mut c = connect(proxy.addr());
+        c.write_all(b"y").unwrap();
+        let held = read_n(&mut c, 1, Duration::from_millis(200));
+        assert_eq!(
+            held.unwrap_err().kind(),
+            ErrorKind::TimedOut,
+            "round {round}"
+        );
+        // Both reset at once: the proxy usually sees them in one batch of events.
+        reset(a);
+        reset(b);
+        match read_n(&mut c, 1, Duration::from_secs(3)) {
+            Ok(got) => assert_eq!(got, b"y", "round {round}"),
+            Err(e) => panic!(
+                "round {round}: the waiting client was not served: {e}\n{}",
+                proxy.logs()
+            ),
+        }
+    }
+}
+
+/// Over loopback the handshake completes within connect(2): the proxy learns it at once
+/// (getpeername) and moves the first bytes without waiting for a writable event. Over IPv4 and
+/// IPv6; at least one connection in ten (a kernel may defer the handshake to a softirq thread
+/// now and then; on Linux 6.x on loopback it does not).
+#[test]
+fn a_loopback_upstream_is_known_connected_within_connect() {
+    for (listen, bind) in [("127.0.0.1:0", "127.0.0.1:0"), ("[::1]:0", "[::1]:0")] {
+        let echo = Upstream::start_on(bind, |mut s| {
+            let mut b = [0u8; 4];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        });
+        let config = one_route(listen, echo.addr, "");
+        let proxy = Proxy::with_config_in(&config, 1, |cmd| {
+            cmd.env("RUST_LOG", "debug");
+        });
+        for _ in 0..10 {
+            let mut c = connect(proxy.addr());
+            c.write_all(b"ping").unwrap();
+            assert_eq!(read_n(&mut c, 4, PROMPT).unwrap(), b"ping");
+        }
+        let fast = proxy.count_log(&format!("connected within connect(2) to {}", echo.addr));
+        assert!(
+            fast >= 1,
+            "{listen}: no connect completed at once\n{}",
+            proxy.logs()
+        );
+    }
+}
+
 #[test]
 fn ipv6_and_hostname_upstream() {
     // [::1] on both sides.
