@@ -431,6 +431,9 @@ pub struct Config {
     /// How long an event loop that just had events polls again without sleeping before it
     /// waits in the kernel (default off).
     pub busy_poll: Option<Duration>,
+    /// Keys the file sets to something other than a command-line flag that overrides them:
+    /// `(key, flag)`. Said at startup, and at each reload (which keeps the flags).
+    pub overridden: Vec<(&'static str, &'static str)>,
     /// Move bulk data with `splice(2)` through a kernel pipe (default on).
     pub splice: bool,
     /// Capacity of each direction's kernel pipe on the splice path (default 1 MiB).
@@ -1194,16 +1197,53 @@ impl Config {
         if listen_backlog <= 0 {
             return Err(file_ctx.invalid("listen_backlog", "must be at least 1"));
         }
+        // What the flags hide of the file (a file value that does not parse differs too).
+        let mut overridden = Vec::new();
         let workers = match (&ov.workers, &raw.workers) {
-            (Some(w), _) => workers(&cli_ctx, "--workers", &Workers::Text(w.clone()))?,
+            (Some(w), file) => {
+                let n = workers(&cli_ctx, "--workers", &Workers::Text(w.clone()))?;
+                if file
+                    .as_ref()
+                    .is_some_and(|f| workers(&file_ctx, "workers", f).ok() != Some(n))
+                {
+                    overridden.push(("workers", "--workers"));
+                }
+                n
+            }
             (None, Some(w)) => workers(&file_ctx, "workers", w)?,
             (None, None) => NonZeroUsize::MIN,
         };
         let busy_poll = match (&ov.busy_poll, &raw.busy_poll) {
-            (Some(t), _) => busy_poll(&cli_ctx, "--busy-poll", t)?,
+            (Some(t), file) => {
+                let d = busy_poll(&cli_ctx, "--busy-poll", t)?;
+                if file
+                    .as_ref()
+                    .is_some_and(|f| busy_poll(&file_ctx, "busy_poll", f).ok() != Some(d))
+                {
+                    overridden.push(("busy_poll", "--busy-poll"));
+                }
+                d
+            }
             (None, Some(t)) => busy_poll(&file_ctx, "busy_poll", t)?,
             (None, None) => None,
         };
+        if let (Some(flag), Some(file)) =
+            (&ov.tap_log, raw.tap.as_ref().and_then(|t| t.log.as_ref()))
+        {
+            if flag != file {
+                overridden.push(("tap.log", "--tap-log"));
+            }
+        }
+        if let (Some(flag), Some(file)) =
+            (&ov.tap_pcap, raw.tap.as_ref().and_then(|t| t.pcap.as_ref()))
+        {
+            if flag != file {
+                overridden.push(("tap.pcap", "--tap-pcap"));
+            }
+        }
+        if ov.listen.is_some() && !raw.route.is_empty() {
+            overridden.push(("[[route]]", "--listen/--upstream"));
+        }
 
         let rs = raw.socket.take().unwrap_or_default();
         let keepalive = match &rs.keepalive {
@@ -1394,6 +1434,7 @@ impl Config {
             splice_memory_limit,
             workers,
             busy_poll,
+            overridden,
             socket,
             routes,
             admin,
@@ -1451,6 +1492,23 @@ impl Config {
             }
         }
         problems
+    }
+
+    /// The file's settings that command-line flags override with other values, if any: said
+    /// at startup and at each reload, since a reload keeps the flags.
+    pub fn overridden_note(&self) -> Option<String> {
+        if self.overridden.is_empty() {
+            return None;
+        }
+        let keys: Vec<String> = (self.overridden.iter())
+            .map(|(key, flag)| format!("`{key}` by {flag}"))
+            .collect();
+        Some(format!(
+            "{}: the command line overrides {} (a reload keeps the flags; restart without them \
+             to use the file's)",
+            self.origin,
+            keys.join(", ")
+        ))
     }
 
     /// A config made only of command-line flags (no file).
@@ -2039,6 +2097,50 @@ mod tests {
         assert!(r.listen.is_ipv6());
         assert!(!r.upstream.is_empty());
         assert_eq!(c.socket.keepalive.unwrap().idle, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn flags_that_override_other_file_values_are_noted() {
+        let file = format!(
+            "workers = 2\nbusy_poll = \"20us\"\n[tap]\nlog = \"file.log\"\npcap = \"same.pcap\"\n\
+             {MINIMAL}"
+        );
+        let flags = Overrides {
+            workers: Some("1".into()),
+            busy_poll: Some("20us".into()),
+            tap_log: Some("flag.log".into()),
+            tap_pcap: Some("same.pcap".into()),
+            ..Overrides::default()
+        };
+        let c = Config::from_toml_str(&file, "t.toml", &flags).unwrap();
+        // The same value from both is not worth a word.
+        assert_eq!(
+            c.overridden,
+            [("workers", "--workers"), ("tap.log", "--tap-log")]
+        );
+        assert_eq!(
+            c.overridden_note().unwrap(),
+            "t.toml: the command line overrides `workers` by --workers, `tap.log` by --tap-log \
+             (a reload keeps the flags; restart without them to use the file's)"
+        );
+        let routes = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: Some("127.0.0.1:9".into()),
+            busy_poll: Some("off".into()),
+            ..Overrides::default()
+        };
+        // A file value the flag hides need not parse: it differs.
+        let file = format!("busy_poll = \"often\"\n{MINIMAL}");
+        let c = Config::from_toml_str(&file, "t.toml", &routes).unwrap();
+        assert_eq!(
+            c.overridden,
+            [
+                ("busy_poll", "--busy-poll"),
+                ("[[route]]", "--listen/--upstream")
+            ]
+        );
+        let c = Config::from_toml_str(MINIMAL, "t.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.overridden_note(), None);
     }
 
     #[test]

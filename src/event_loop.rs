@@ -2482,6 +2482,9 @@ fn prepare_reload(
     overrides: &Overrides,
 ) -> Result<(), String> {
     let new = Config::load(path, overrides).map_err(|e| e.to_string())?;
+    if let Some(note) = new.overridden_note() {
+        warn!("reload: {note}");
+    }
     // The new limit applies now, to pipes of the size in force until the restart.
     let one_pipe = crate::splice::pipe_cost(shared.config.splice_pipe_size);
     if shared.config.splice && new.splice_memory_limit < one_pipe {

@@ -159,6 +159,9 @@ fn run(args: &Args) -> Result<ExitCode, (ExitCode, String)> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if let Some(note) = config.overridden_note() {
+        log::info!("{note}");
+    }
     if !config.own_taps_kept.is_empty() {
         log::warn!(
             "--tap-log / --tap-pcap set the [tap] table; route(s) {} keep their own [route.tap] \

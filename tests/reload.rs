@@ -274,6 +274,49 @@ fn sighup_warns_about_settings_that_wait_for_a_restart() {
     assert!(!log.exists(), "the access log opened before a restart");
 }
 
+/// Flags keep their values over the file's at a reload: a file that says otherwise is told
+/// about, at startup and at each reload, and only then.
+#[test]
+fn a_reload_says_which_file_settings_the_flags_override() {
+    let one = tagged(1);
+    let dir = TempDir::new("reload-flags");
+    let path = dir.path("proxy.toml");
+    let route = format!(
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        one.addr
+    );
+    let says = "the command line overrides";
+    write_file(&path, &format!("busy_poll = \"50us\"\n{route}"));
+    let proxy = Proxy::start(
+        &["--config", path.to_str().unwrap(), "--busy-poll", "off"],
+        1,
+    );
+    let line = proxy.wait_log(says, PROMPT);
+    assert!(
+        line.contains("INFO")
+            && line.contains(path.to_str().unwrap())
+            && line.contains("`busy_poll` by --busy-poll"),
+        "{line}"
+    );
+    // The file agrees with the flag now: nothing to say.
+    write_file(&path, &format!("busy_poll = \"off\"\n{route}"));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    assert_eq!(proxy.count_log(says), 1, "{}", proxy.logs());
+    write_file(&path, &format!("busy_poll = \"20us\"\n{route}"));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 3", PROMPT);
+    proxy.wait_count(says, 2, PROMPT);
+    let logs = proxy.logs();
+    let line = logs.lines().filter(|l| l.contains(says)).nth(1).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("reload: ") && line.contains("`busy_poll`"),
+        "{line}"
+    );
+    assert_eq!(proxy.count_log("busy_poll is now"), 0, "{logs}");
+    assert_eq!(ask(proxy.addr()), 1);
+}
+
 /// `splice_memory_limit` is one number for the whole process, changed by a reload at once.
 #[test]
 fn sighup_changes_the_splice_memory_limit() {
