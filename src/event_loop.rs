@@ -1756,9 +1756,9 @@ impl Worker {
                 return Some(CloseReason::ConnectFailed(e));
             }
         };
-        // Over loopback the handshake runs within connect(2), unless the listener's queue is
-        // full: then no writable edge is needed to learn that it is done (one getpeername(2)
-        // instead). A remote upstream cannot have answered yet: not asked.
+        // Over loopback the handshake runs within connect(2) (unless the listener's queue is
+        // full): one getpeername(2) tells, and no writable edge need say it. A remote upstream
+        // cannot have answered yet: not asked.
         let connected = dst.ip().is_loopback() && stream.peer_addr().is_ok();
         let (interest, registered) = if connected {
             (READ, Registered::Read)
