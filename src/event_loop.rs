@@ -16,7 +16,8 @@
 //! A connect to a loopback upstream completes within `connect(2)`: the pair is then driven at
 //! once, in the turn that accepted the client, and what the client already sent goes upstream
 //! before the client's socket is registered (so no event is left behind for bytes already read).
-//! The client's request then costs the loop no wake-up of its own.
+//! The client's request then costs the loop no wake-up of its own. A client's PROXY protocol
+//! header is looked at in that turn too.
 //!
 //! Pairs are closed only after the whole event batch was handled, and work items carry the
 //! connection id, so an event or work item can never land on a slab key that was reused.
@@ -1526,7 +1527,7 @@ impl Worker {
     fn start_pair(
         &mut self,
         route_idx: usize,
-        mut downstream: TcpStream,
+        downstream: TcpStream,
         peer: SocketAddr,
         now: Instant,
     ) {
@@ -1544,23 +1545,6 @@ impl Worker {
         };
         let entry = self.pairs.vacant_entry();
         let key = entry.key();
-        // A client waiting for its upstream connect is registered after the connect started (see
-        // below); one that owes a PROXY header first, now.
-        let registered = if route.config.accept_proxy_protocol {
-            if let Err(e) = self
-                .poll
-                .registry()
-                .register(&mut downstream, Token(key << 1), READ)
-            {
-                warn!("#{id} {peer}: cannot register socket: {e}");
-                let _ = net::set_linger_zero(&downstream);
-                self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Registered::Read
-        } else {
-            Registered::No
-        };
         let meta = Arc::new(ConnMeta {
             id,
             route: route.name.clone(),
@@ -1613,7 +1597,8 @@ impl Worker {
                 },
                 Readiness::default(),
             ],
-            interest: [registered, Registered::No],
+            // The client's socket is registered once its first bytes were looked at (below).
+            interest: [Registered::No, Registered::No],
             started: now,
             last_active: now,
             first_fin: None,
@@ -1639,25 +1624,28 @@ impl Worker {
             }
             self.accept_backoff = MIN_ACCEPT_BACKOFF;
             let pair = &mut self.pairs[key];
-            if pair.ready[Side::Upstream.index()].connected {
-                // Connected already (loopback): pass on what the client sent meanwhile in this
-                // turn, then register the client's socket (see `update_interest`), so that it
-                // reports only later bytes: they would otherwise bring one more event.
-                pair.ready[Side::Downstream.index()].readable = true;
-                pair.scheduled = true;
-                self.work.push((key, id));
+            if !pair.ready[Side::Upstream.index()].connected {
+                // The client's bytes wait in the kernel until the connect completes.
+                let registry = self.poll.registry();
+                match registry.register(&mut pair.downstream, Token(key << 1), READ) {
+                    Ok(()) => pair.interest[Side::Downstream.index()] = Registered::Read,
+                    Err(e) => {
+                        warn!("#{id} {peer}: cannot register socket: {e}");
+                        let reason = CloseReason::Error(Side::Downstream, e);
+                        self.closing.push((key, id, reason));
+                    }
+                }
                 return;
             }
-            let registry = self.poll.registry();
-            match registry.register(&mut pair.downstream, Token(key << 1), READ) {
-                Ok(()) => pair.interest[Side::Downstream.index()] = Registered::Read,
-                Err(e) => {
-                    warn!("#{id} {peer}: cannot register socket: {e}");
-                    let reason = CloseReason::Error(Side::Downstream, e);
-                    self.closing.push((key, id, reason));
-                }
-            }
         }
+        // A PROXY header to read, or an upstream connected already (loopback): what the client
+        // sent meanwhile is read in this turn, and its socket registered after that read (see
+        // `drive`), so that it reports only later bytes: they would otherwise bring one more
+        // event.
+        let pair = &mut self.pairs[key];
+        pair.ready[Side::Downstream.index()].readable = true;
+        pair.scheduled = true;
+        self.work.push((key, id));
     }
 
     /// Chooses the pair's destination (its original destination, or a backend picked by the
@@ -2022,6 +2010,14 @@ impl Worker {
     fn drive(&mut self, key: usize, now: Instant) -> Drive {
         if !matches!(self.pairs[key].phase, Phase::Established) {
             if let Some(drive) = self.connect_phase(key, now) {
+                // Still waiting (more of a PROXY header, or an upstream connect): a client read
+                // for the first time is registered now.
+                let first = self.pairs[key].interest[Side::Downstream.index()] == Registered::No;
+                if first && !matches!(drive, Drive::Close(_)) {
+                    if let Some(reason) = self.update_interest(key) {
+                        return Drive::Close(reason);
+                    }
+                }
                 return drive;
             }
         }
@@ -2118,8 +2114,8 @@ impl Worker {
         }
     }
 
-    /// Registers a client's socket once its first bytes are passed on (see
-    /// [`start_pair`](Self::start_pair)), and adds the writable interest to the sockets
+    /// Registers a client's socket once its first bytes were read, or its PROXY header looked at
+    /// (see [`start_pair`](Self::start_pair)), and adds the writable interest to the sockets
     /// registered for reads only whose write would block (see [`Registered`]). Registering
     /// polls the socket, so bytes or room that came meanwhile are reported. Once or twice per
     /// connection at most: out of line.

@@ -24,7 +24,7 @@ use tcptap::proxy_protocol::{
 
 use common::{
     PROMPT, Pattern, Proxy, TAP_FLUSH, TempDir, Upstream, assert_kept_open, connect, free_port,
-    read_to_end,
+    read_n, read_to_end,
 };
 
 const REQUEST_LEN: usize = 100 * 1024;
@@ -347,6 +347,30 @@ fn accept_proxy_protocol_closes_a_silent_client_after_the_timeout() {
         );
     }
     proxy.wait_log("192.0.2.10:5000 -> ", PROMPT);
+}
+
+/// A header that arrives in two parts: the proxy looks at what came first, and reads on when
+/// the rest comes (the client's socket is registered after that first look).
+#[test]
+fn a_header_in_two_parts_is_read_when_the_rest_comes() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("pp-two-parts");
+    let proxy = accepting_proxy(echo.addr, "5s", &dir.path("tap.log"));
+    for split in [0, 6, 20] {
+        let header = b"PROXY TCP4 192.0.2.7 192.0.2.8 5007 80\r\n";
+        let mut c = connect(proxy.addr());
+        c.write_all(&header[..split]).unwrap();
+        // Nothing comes back while the header is incomplete.
+        let early = read_n(&mut c, 1, Duration::from_millis(200));
+        assert_eq!(
+            early.unwrap_err().kind(),
+            io::ErrorKind::TimedOut,
+            "split {split}"
+        );
+        c.write_all(&header[split..]).unwrap();
+        assert_eq!(request(&mut c, b"after"), b"after", "split {split}");
+    }
+    proxy.wait_log("192.0.2.7:5007 -> ", PROMPT);
 }
 
 /// A header's connect to a loopback upstream completes within connect(2), and no event says so:
