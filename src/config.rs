@@ -1227,18 +1227,21 @@ impl Config {
             (None, Some(t)) => busy_poll(&file_ctx, "busy_poll", t)?,
             (None, None) => None,
         };
-        if let (Some(flag), Some(file)) =
-            (&ov.tap_log, raw.tap.as_ref().and_then(|t| t.log.as_ref()))
-        {
-            if flag != file {
-                overridden.push(("tap.log", "--tap-log"));
-            }
-        }
-        if let (Some(flag), Some(file)) =
-            (&ov.tap_pcap, raw.tap.as_ref().and_then(|t| t.pcap.as_ref()))
-        {
-            if flag != file {
-                overridden.push(("tap.pcap", "--tap-pcap"));
+        let file_tap = raw.tap.as_ref();
+        for (flag, file, names) in [
+            (
+                &ov.tap_log,
+                file_tap.and_then(|t| t.log.as_ref()),
+                ("tap.log", "--tap-log"),
+            ),
+            (
+                &ov.tap_pcap,
+                file_tap.and_then(|t| t.pcap.as_ref()),
+                ("tap.pcap", "--tap-pcap"),
+            ),
+        ] {
+            if flag.as_ref().is_some_and(|f| file.is_some_and(|v| v != f)) {
+                overridden.push(names);
             }
         }
         if ov.listen.is_some() && !raw.route.is_empty() {
