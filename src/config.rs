@@ -75,6 +75,7 @@ pub struct RawConfig {
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
+    defer_accept: Option<String>,
     drain_timeout: Option<String>,
     listen_backlog: Option<i32>,
     splice: Option<bool>,
@@ -142,6 +143,7 @@ struct RawRoute {
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
+    defer_accept: Option<String>,
     tap: Option<RawTap>,
     transparent: Option<bool>,
     allowed_destinations: Option<Vec<String>>,
@@ -232,6 +234,9 @@ pub struct Route {
     pub connect_timeout: Duration,
     /// Close a pair after this long without a byte in either direction (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// `TCP_DEFER_ACCEPT` on the listener: the kernel hands a connection over once its client
+    /// has sent something, or after about this long (whole seconds) when it sends nothing.
+    pub defer_accept: Option<Duration>,
     /// Tap for this route (its own `[route.tap]`, else the global `[tap]`), if any.
     pub tap: Option<TapConfig>,
     /// `upstream = "original-destination"`: connect to each connection's original destination
@@ -476,6 +481,9 @@ pub struct Overrides {
 /// The longest duration any setting takes.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// The longest `defer_accept`: a client that sends nothing waits this long to be accepted.
+pub const MAX_DEFER_ACCEPT: Duration = Duration::from_secs(3600);
+
 struct Ctx<'a> {
     origin: &'a str,
 }
@@ -518,6 +526,27 @@ impl Ctx<'_> {
         }
         let d = self.duration(key, text)?;
         Ok((!d.is_zero()).then_some(d))
+    }
+
+    /// `defer_accept`: `"off"` or `"0s"` disables; otherwise whole seconds (rounded up), at
+    /// most [`MAX_DEFER_ACCEPT`].
+    fn defer_accept(&self, key: &str, text: &str) -> Result<Option<Duration>, ConfigError> {
+        let Some(d) = self.optional_duration(key, text)? else {
+            return Ok(None);
+        };
+        if d > MAX_DEFER_ACCEPT {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "{text:?} is longer than {}",
+                    humantime::format_duration(MAX_DEFER_ACCEPT)
+                ),
+            ));
+        }
+        // The kernel counts whole seconds: say what it will do.
+        Ok(Some(Duration::from_secs(
+            d.as_secs() + u64::from(d.subsec_nanos() > 0),
+        )))
     }
 
     fn size(&self, key: &str, size: &Size) -> Result<u64, ConfigError> {
@@ -1189,6 +1218,10 @@ impl Config {
             Some(t) => file_ctx.optional_duration("idle_timeout", t)?,
             None => Some(Duration::from_secs(600)),
         };
+        let defer_accept = match &raw.defer_accept {
+            Some(t) => file_ctx.defer_accept("defer_accept", t)?,
+            None => None,
+        };
         let drain_timeout = match &raw.drain_timeout {
             Some(t) => file_ctx.duration("drain_timeout", t)?,
             None => Duration::from_secs(30),
@@ -1322,6 +1355,7 @@ impl Config {
                     max_connections,
                     connect_timeout,
                     idle_timeout,
+                    defer_accept,
                     tap: global_tap.clone(),
                     original_destination: orig,
                     transparent: modes.transparent,
@@ -1379,6 +1413,10 @@ impl Config {
                         idle_timeout: match &r.idle_timeout {
                             Some(t) => file_ctx.optional_duration(&key("idle_timeout"), t)?,
                             None => idle_timeout,
+                        },
+                        defer_accept: match &r.defer_accept {
+                            Some(t) => file_ctx.defer_accept(&key("defer_accept"), t)?,
+                            None => defer_accept,
                         },
                         tap: route_tap,
                     });
@@ -1549,7 +1587,9 @@ fn type_error_message(key: &str, message: String) -> String {
             &format!("expected a whole number from {min} to {max}"),
         )
     });
-    let duration = last.ends_with("timeout") || last.ends_with("interval") || last == "keepalive";
+    let duration = last.ends_with("timeout")
+        || last.ends_with("interval")
+        || ["keepalive", "busy_poll", "defer_accept"].contains(&last);
     if duration && message.contains("expected a string") {
         message.push_str(" (a duration such as \"5s\", \"500ms\" or \"2m\")");
     }
@@ -1915,6 +1955,39 @@ mod tests {
             "[tap]\nlog = \"-\"\npcap_rotate_size = \"off\"\n{MINIMAL}"
         ))
         .unwrap();
+    }
+
+    /// `defer_accept`: off by default; whole seconds, rounded up, since the kernel counts
+    /// seconds; a route's own value (`"off"` too) overrides the global one; at most an hour.
+    #[test]
+    fn defer_accept_rounds_up_to_seconds_and_routes_override_it() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.routes[0].defer_accept, None);
+        let c = parse(&format!(
+            "defer_accept = \"1500ms\"\n{MINIMAL}{MINIMAL}defer_accept = \"off\"\n\
+             {MINIMAL}defer_accept = \"0s\"\n{MINIMAL}defer_accept = \"1ms\"\n"
+        ))
+        .unwrap();
+        let got: Vec<_> = c.routes.iter().map(|r| r.defer_accept).collect();
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(got, [secs(2), None, None, secs(1)]);
+        assert_eq!(
+            parse(&format!("defer_accept = \"1h\"\n{MINIMAL}"))
+                .unwrap()
+                .routes[0]
+                .defer_accept,
+            secs(3600)
+        );
+        let e = err(&format!("{MINIMAL}defer_accept = \"61m\"\n"));
+        assert!(
+            e.contains("`route[0].defer_accept`") && e.contains("longer than 1h"),
+            "{e}"
+        );
+        let e = err(&format!("defer_accept = true\n{MINIMAL}"));
+        assert!(
+            e.contains("`defer_accept`") && e.contains("a duration such as"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -409,6 +409,7 @@ impl Server {
                     shared.config.listen_backlog,
                     n > 1,
                     route.transparent,
+                    route.defer_accept,
                     &shared.config.socket,
                 )?;
                 let local = socket.local_addr().map_err(|source| SetupError::Bind {
@@ -582,11 +583,12 @@ impl Server {
         let n = self.workers.len();
         for (i, r) in self.shared.config.routes.iter().enumerate() {
             info!(
-                "route `{}`: listening on {} -> {}{}",
+                "route `{}`: listening on {} -> {}{}{}",
                 r.name,
                 self.workers[0].listeners[i].local,
                 upstream_desc(r),
-                workers_note(n)
+                workers_note(n),
+                defer_note(r)
             );
         }
         // Where each tap writes, and for which routes.
@@ -1154,6 +1156,9 @@ impl Worker {
                     if *self.routes[index].name != *route.name {
                         self.routes[index].name = Arc::from(route.name.as_str());
                     }
+                    if route.defer_accept != self.routes[index].config.defer_accept {
+                        self.set_defer_accept(index, route.defer_accept);
+                    }
                     self.routes[index].config = route;
                 }
                 RouteChange::Add {
@@ -1167,10 +1172,11 @@ impl Worker {
                     if self.index == 0 {
                         let n = self.shared.config.workers.get();
                         info!(
-                            "route `{}`: listening on {local} -> {}{}",
+                            "route `{}`: listening on {local} -> {}{}{}",
                             route.name,
                             upstream_desc(&route),
-                            workers_note(n)
+                            workers_note(n),
+                            defer_note(&route)
                         );
                     }
                     let registered = self.poll.registry().register(
@@ -1360,6 +1366,24 @@ impl Worker {
                 None
             }
             _ => None,
+        }
+    }
+
+    /// A reload changed route `i`'s `defer_accept`: the listener it keeps takes the new value
+    /// for handshakes that complete from now on.
+    fn set_defer_accept(&mut self, i: usize, delay: Option<Duration>) {
+        let Some(l) = &self.listeners[i].socket else {
+            return;
+        };
+        let name = &self.routes[i].config.name;
+        let now = delay.map_or_else(
+            || "off".to_string(),
+            |d| humantime::format_duration(d).to_string(),
+        );
+        match net::set_defer_accept(l, delay) {
+            Ok(()) if self.index == 0 => info!("reload: route `{name}`: defer_accept is now {now}"),
+            Ok(()) => {}
+            Err(e) => warn!("reload: route `{name}`: cannot set defer_accept to {now}: {e}"),
         }
     }
 
@@ -2622,6 +2646,7 @@ fn prepare_reload(
                 shared.config.listen_backlog,
                 workers > 1,
                 r.transparent,
+                r.defer_accept,
                 &shared.config.socket,
             )
             .map_err(|e| e.to_string())?;
@@ -2778,6 +2803,13 @@ fn workers_note(n: usize) -> String {
     } else {
         String::new()
     }
+}
+
+/// ", defer_accept 1s" for a route whose listener defers accepting.
+fn defer_note(r: &Route) -> String {
+    r.defer_accept.map_or_else(String::new, |d| {
+        format!(", defer_accept {}", humantime::format_duration(d))
+    })
 }
 
 /// Waits until every worker has applied the generation in force (workers apply a plan at their

@@ -1,7 +1,8 @@
 //! Every socket option tcptap sets, in one place (socket2), and the setup errors they can raise.
 //!
 //! Listeners: `SO_REUSEADDR` (restart without waiting for TIME_WAIT), `IPV6_V6ONLY` on IPv6 listeners,
-//! optional `SO_REUSEPORT` (one listener per worker), non-blocking, a configurable backlog.
+//! optional `SO_REUSEPORT` (one listener per worker), optional `TCP_DEFER_ACCEPT`, non-blocking, a
+//! configurable backlog.
 //! Proxied sockets: `TCP_NODELAY`, optional keepalive and buffer sizes, set on the accepted socket and
 //! on the upstream socket before `connect(2)` (buffer sizes must be set before the handshake to take
 //! effect on the window scale).
@@ -82,13 +83,15 @@ pub enum SetupError {
 }
 
 /// Binds a non-blocking listener with `SO_REUSEADDR` (and `SO_REUSEPORT` when `reuse_port`,
-/// `IP_TRANSPARENT` when `transparent`) and the socket options its connections get.
+/// `IP_TRANSPARENT` when `transparent`, `TCP_DEFER_ACCEPT` when `defer_accept`) and the socket
+/// options its connections get.
 pub fn bind_listener(
     route: &str,
     addr: SocketAddr,
     backlog: i32,
     reuse_port: bool,
     transparent: bool,
+    defer_accept: Option<Duration>,
     opts: &SocketOptions,
 ) -> Result<TcpListener, SetupError> {
     let socket_err = |source| SetupError::Socket {
@@ -113,6 +116,9 @@ pub fn bind_listener(
     // Accepted sockets inherit these from the listener: no syscall per connection, and buffer
     // sizes set before listen(2) count in the window scale of the handshake.
     apply_options(&socket, opts).map_err(socket_err)?;
+    if defer_accept.is_some() {
+        set_defer_accept(&socket, defer_accept).map_err(socket_err)?;
+    }
     socket.set_nonblocking(true).map_err(socket_err)?;
     socket
         .bind(&addr.into())
@@ -129,6 +135,51 @@ pub fn bind_listener(
             source,
         })?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Sets `TCP_DEFER_ACCEPT` on a listener (`None` clears it): the kernel completes the handshake
+/// but queues the connection for accept(2) only once the client's first bytes are in, so the
+/// event that reports it also finds its request. A client that sends nothing is queued after
+/// about `delay` (whole seconds, rounded up; the kernel then retransmits its SYN-ACK and takes
+/// the client's ACK). Can be set on a listening socket at any time; it applies to handshakes
+/// that complete afterwards.
+pub fn set_defer_accept(listener: &impl AsRawFd, delay: Option<Duration>) -> io::Result<()> {
+    let secs = delay.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+    let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads a c_int of the given size from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `TCP_DEFER_ACCEPT` of a listener in seconds, as the kernel reports it (0: off).
+pub fn defer_accept(listener: &impl AsRawFd) -> io::Result<u32> {
+    let mut secs: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a live local c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw mut secs).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u32::try_from(secs).unwrap_or(0))
 }
 
 /// Starts a non-blocking connect to `addr` with the options applied first.
@@ -221,4 +272,22 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defer_accept_is_set_in_whole_seconds_and_cleared() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(defer_accept(&l).unwrap(), 0);
+        set_defer_accept(&l, Some(Duration::from_millis(200))).unwrap();
+        assert_eq!(defer_accept(&l).unwrap(), 1);
+        set_defer_accept(&l, Some(Duration::from_secs(7))).unwrap();
+        // The kernel keeps a count of SYN-ACK retransmissions: 1, 3, 7, 15 ... seconds.
+        assert_eq!(defer_accept(&l).unwrap(), 7);
+        set_defer_accept(&l, None).unwrap();
+        assert_eq!(defer_accept(&l).unwrap(), 0);
+    }
 }

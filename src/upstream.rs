@@ -1483,7 +1483,7 @@ mod tests {
             recv_buffer_size: None,
             send_buffer_size: None,
         };
-        crate::net::bind_listener("test", at, 64, false, false, &opts)
+        crate::net::bind_listener("test", at, 64, false, false, None, &opts)
             .expect("bind a loopback listener")
     }
 
