@@ -21,7 +21,9 @@
 //! workers), haproxy `mode tcp` with nbthread 1, nbthread 1 with forced splice,
 //! nbthread 2, and nbthread 1 with `busy-polling`, socat, nginx stream with 1 and 2 workers.
 //! Two-thread peers are compared with tcptap's two workers, haproxy's busy polling with
-//! tcptap's (`--busy-poll 50us`), the others with one event loop.
+//! tcptap's (`--busy-poll 50us`), the others with one event loop. Only when named in
+//! `TCPTAP_BENCH_TARGETS`: `tcptap-defer` (`defer_accept = "1s"`) and `haproxy-defer`
+//! (`bind ... defer-accept`), compared with each other.
 //!
 //! Run: `cargo bench --bench proxy`. Environment:
 //! - `TCPTAP_BENCH_QUICK=1`: one short round (under 30 s).
@@ -85,7 +87,12 @@ const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
     (TWO_WORKERS, &["--workers", "2"]),
     // Polling without sleeping for 50 µs after events, against haproxy's `busy-polling`.
     (BUSY, &["--busy-poll", "50us"]),
+    // Accepting a client only once its first bytes are in, against haproxy's `defer-accept`.
+    (DEFER, &["config:defer_accept = \"1s\"\n"]),
 ];
+
+/// Targets that run only when `TCPTAP_BENCH_TARGETS` names them.
+const OPT_IN: &[&str] = &[DEFER, "haproxy-defer"];
 
 /// The default variant run with `TCPTAP_BENCH_BASELINE`'s binary.
 const BASELINE: &str = "tcptap-baseline";
@@ -95,6 +102,9 @@ const TWO_WORKERS: &str = "tcptap-2w";
 
 /// The tcptap variant that busy-polls, compared with haproxy's `busy-polling`.
 const BUSY: &str = "tcptap-busy";
+
+/// The tcptap variant with `defer_accept`, compared with haproxy's `defer-accept`.
+const DEFER: &str = "tcptap-defer";
 
 /// File descriptors kept back from the idle-connection budget.
 const FD_RESERVE: usize = 512;
@@ -216,9 +226,10 @@ impl Config {
     }
 
     fn target_on(&self, t: &str) -> bool {
-        self.targets
-            .as_ref()
-            .is_none_or(|l| l.iter().any(|x| x == t))
+        match &self.targets {
+            Some(l) => l.iter().any(|x| x == t),
+            None => !OPT_IN.contains(&t),
+        }
     }
 }
 
@@ -877,12 +888,14 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
             versions.push(peers::version_line(&bin, &["-v"]));
             // nbthread 1 is the reference for one event loop; with forced splice, the same
             // zero-copy path as tcptap's default; nbthread 2 against tcptap's two workers;
-            // with busy-polling against tcptap's busy_poll.
-            for (name, threads, splice, busy) in [
-                ("haproxy", 1, false, false),
-                ("haproxy-splice", 1, true, false),
-                ("haproxy-2t", 2, false, false),
-                ("haproxy-busy", 1, false, true),
+            // with busy-polling against tcptap's busy_poll; with defer-accept against
+            // tcptap's defer_accept.
+            for (name, threads, splice, busy, defer) in [
+                ("haproxy", 1, false, false, false),
+                ("haproxy-splice", 1, true, false, false),
+                ("haproxy-2t", 2, false, false, false),
+                ("haproxy-busy", 1, false, true, false),
+                ("haproxy-defer", 1, false, false, true),
             ] {
                 ts.push(Target {
                     name: name.into(),
@@ -891,6 +904,7 @@ fn discover_targets(cfg: &Config, res: &mut Results, versions: &mut Vec<String>)
                         threads,
                         splice,
                         busy,
+                        defer,
                     },
                 });
             }
@@ -990,6 +1004,8 @@ fn tcptap_for(peer: &str) -> &'static str {
         TWO_WORKERS
     } else if peer.ends_with("-busy") {
         BUSY
+    } else if peer.ends_with("-defer") {
+        DEFER
     } else {
         TCPTAP_VARIANTS[0].0
     }

@@ -312,12 +312,14 @@ pub enum Kind {
     },
     /// haproxy `mode tcp` with `nbthread threads`; `splice` forces `option splice-request` and
     /// `option splice-response` (zero-copy, off by default in haproxy); `busy` sets
-    /// `busy-polling` (its threads never sleep in the poller).
+    /// `busy-polling` (its threads never sleep in the poller); `defer` binds with `defer-accept`
+    /// (`TCP_DEFER_ACCEPT`).
     Haproxy {
         bin: PathBuf,
         threads: u32,
         splice: bool,
         busy: bool,
+        defer: bool,
     },
     Socat {
         bin: PathBuf,
@@ -372,6 +374,8 @@ impl Target {
     pub fn idle_unsupported(&self) -> Option<&'static str> {
         match self.kind {
             Kind::Socat { .. } => Some("socat forks one process per connection"),
+            // Connections that send nothing wait in the kernel, not in the proxy.
+            _ if self.name.ends_with("-defer") => Some("idle clients are not accepted yet"),
             _ => None,
         }
     }
@@ -410,6 +414,7 @@ impl Target {
                 threads,
                 splice,
                 busy,
+                defer,
             } => {
                 // A few pipes are enough for the bulk rows; haproxy's default (maxconn / 4)
                 // would need more descriptors than RLIMIT_NOFILE allows with the idle row's
@@ -423,6 +428,7 @@ impl Target {
                     ("", "")
                 };
                 let busy = if *busy { "  busy-polling\n" } else { "" };
+                let defer = if *defer { " defer-accept" } else { "" };
                 let port = free_port()?;
                 let cfg = dir.0.join("haproxy.cfg");
                 fs::write(
@@ -430,7 +436,7 @@ impl Target {
                     format!(
                         "global\n  nbthread {threads}\n  maxconn {max_conns}\n{maxpipes}{busy}\n\
                          defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n{splice}\n\
-                         frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
+                         frontend fe\n  bind 127.0.0.1:{port}{defer}\n  default_backend be\n\n\
                          backend be\n  server up {upstream}\n"
                     ),
                 )?;
