@@ -481,8 +481,9 @@ pub struct Overrides {
 /// The longest duration any setting takes.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The longest `defer_accept`: a client that sends nothing waits this long to be accepted.
-pub const MAX_DEFER_ACCEPT: Duration = Duration::from_secs(3600);
+/// The longest `defer_accept`. A deferred client holds an entry of the listener's SYN queue
+/// (bounded by `listen_backlog`) until it sends or the delay ends; nginx and haproxy use 1 s.
+pub const MAX_DEFER_ACCEPT: Duration = Duration::from_secs(60);
 
 struct Ctx<'a> {
     origin: &'a str,
@@ -1958,7 +1959,7 @@ mod tests {
     }
 
     /// `defer_accept`: off by default; whole seconds, rounded up, since the kernel counts
-    /// seconds; a route's own value (`"off"` too) overrides the global one; at most an hour.
+    /// seconds; a route's own value (`"off"` too) overrides the global one; at most a minute.
     #[test]
     fn defer_accept_rounds_up_to_seconds_and_routes_override_it() {
         let c = parse(MINIMAL).unwrap();
@@ -1972,22 +1973,24 @@ mod tests {
         let secs = |n| Some(Duration::from_secs(n));
         assert_eq!(got, [secs(2), None, None, secs(1)]);
         assert_eq!(
-            parse(&format!("defer_accept = \"1h\"\n{MINIMAL}"))
+            parse(&format!("defer_accept = \"1m\"\n{MINIMAL}"))
                 .unwrap()
                 .routes[0]
                 .defer_accept,
-            secs(3600)
+            secs(60)
         );
-        let e = err(&format!("{MINIMAL}defer_accept = \"61m\"\n"));
+        let e = err(&format!("{MINIMAL}defer_accept = \"61s\"\n"));
         assert!(
-            e.contains("`route[0].defer_accept`") && e.contains("longer than 1h"),
+            e.contains("`route[0].defer_accept`") && e.contains("longer than 1m"),
             "{e}"
         );
-        let e = err(&format!("defer_accept = true\n{MINIMAL}"));
-        assert!(
-            e.contains("`defer_accept`") && e.contains("a duration such as"),
-            "{e}"
-        );
+        for key in ["defer_accept", "busy_poll"] {
+            let e = err(&format!("{key} = true\n{MINIMAL}"));
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains("a duration such as"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -1156,8 +1156,11 @@ impl Worker {
                     if *self.routes[index].name != *route.name {
                         self.routes[index].name = Arc::from(route.name.as_str());
                     }
-                    if route.defer_accept != self.routes[index].config.defer_accept {
-                        self.set_defer_accept(index, route.defer_accept);
+                    let mut route = route;
+                    let was = self.routes[index].config.defer_accept;
+                    if route.defer_accept != was && !self.set_defer_accept(index, &route) {
+                        // Still in force on the listener: a later reload tries again.
+                        route.defer_accept = was;
                     }
                     self.routes[index].config = route;
                 }
@@ -1369,21 +1372,34 @@ impl Worker {
         }
     }
 
-    /// A reload changed route `i`'s `defer_accept`: the listener it keeps takes the new value
-    /// for handshakes that complete from now on.
-    fn set_defer_accept(&mut self, i: usize, delay: Option<Duration>) {
+    /// A reload changed the `defer_accept` of route `i` (now `route`): the listener it keeps
+    /// takes the new value, for the handshakes still pending too. False when it could not.
+    fn set_defer_accept(&mut self, i: usize, route: &Route) -> bool {
         let Some(l) = &self.listeners[i].socket else {
-            return;
+            return true;
         };
-        let name = &self.routes[i].config.name;
-        let now = delay.map_or_else(
-            || "off".to_string(),
-            |d| humantime::format_duration(d).to_string(),
+        let show = |d: Option<Duration>| {
+            d.map_or_else(
+                || "off".to_string(),
+                |d| humantime::format_duration(d).to_string(),
+            )
+        };
+        let (now, was) = (
+            show(route.defer_accept),
+            show(self.routes[i].config.defer_accept),
         );
-        match net::set_defer_accept(l, delay) {
-            Ok(()) if self.index == 0 => info!("reload: route `{name}`: defer_accept is now {now}"),
-            Ok(()) => {}
-            Err(e) => warn!("reload: route `{name}`: cannot set defer_accept to {now}: {e}"),
+        let name = &route.name;
+        match net::set_defer_accept(l, route.defer_accept) {
+            Ok(()) => {
+                if self.index == 0 {
+                    info!("reload: route `{name}`: defer_accept is now {now} (was {was})");
+                }
+                true
+            }
+            Err(e) => {
+                warn!("reload: route `{name}`: cannot set defer_accept to {now}, {was} stays: {e}");
+                false
+            }
         }
     }
 

@@ -139,10 +139,12 @@ pub fn bind_listener(
 
 /// Sets `TCP_DEFER_ACCEPT` on a listener (`None` clears it): the kernel completes the handshake
 /// but queues the connection for accept(2) only once the client's first bytes are in, so the
-/// event that reports it also finds its request. A client that sends nothing is queued after
-/// about `delay` (whole seconds, rounded up; the kernel then retransmits its SYN-ACK and takes
-/// the client's ACK). Can be set on a listening socket at any time; it applies to handshakes
-/// that complete afterwards.
+/// event that reports it also finds its request. Meanwhile the client holds an entry of the
+/// SYN queue. A client that sends nothing is queued at the first retransmission of its SYN-ACK
+/// at or past `delay` (1, 3, 7, 15 ... s; whole seconds, rounded up), when its ACK of that
+/// SYN-ACK is taken. Can be set on a listening socket at any time: the kernel reads it again at
+/// each retransmission and ACK of the handshakes pending too, so a lower value releases
+/// clients already waiting at their next retransmission.
 pub fn set_defer_accept(listener: &impl AsRawFd, delay: Option<Duration>) -> io::Result<()> {
     let secs = delay.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
     let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
@@ -284,9 +286,12 @@ mod tests {
         assert_eq!(defer_accept(&l).unwrap(), 0);
         set_defer_accept(&l, Some(Duration::from_millis(200))).unwrap();
         assert_eq!(defer_accept(&l).unwrap(), 1);
-        set_defer_accept(&l, Some(Duration::from_secs(7))).unwrap();
-        // The kernel keeps a count of SYN-ACK retransmissions: 1, 3, 7, 15 ... seconds.
-        assert_eq!(defer_accept(&l).unwrap(), 7);
+        // The kernel keeps a count of SYN-ACK retransmissions, 1, 3, 7, 15 ... seconds after
+        // the first, and reports the time of the last one counted.
+        for (asked, kept) in [(2, 3), (7, 7), (8, 15), (60, 63)] {
+            set_defer_accept(&l, Some(Duration::from_secs(asked))).unwrap();
+            assert_eq!(defer_accept(&l).unwrap(), kept, "{asked} s");
+        }
         set_defer_accept(&l, None).unwrap();
         assert_eq!(defer_accept(&l).unwrap(), 0);
     }

@@ -18,11 +18,15 @@ const SIGHUP: i32 = 1;
 /// accepts at once connects upstream within milliseconds.
 const QUIET: Duration = Duration::from_millis(500);
 
-/// True when `up` sees a connection within `within`.
-fn upstream_connected(up: &Upstream, before: u64, within: Duration) -> bool {
+/// Clients per check: enough that, with two workers, both listeners (`SO_REUSEPORT` spreads
+/// clients by their addresses) get some.
+const CLIENTS: u64 = 16;
+
+/// True when `up` has seen `n` more connections than `before` within `within`.
+fn upstream_connected(up: &Upstream, before: u64, n: u64, within: Duration) -> bool {
     let end = Instant::now() + within;
     loop {
-        if up.accepted.load(Ordering::SeqCst) > before {
+        if up.accepted.load(Ordering::SeqCst) >= before + n {
             return true;
         }
         if Instant::now() >= end {
@@ -32,21 +36,33 @@ fn upstream_connected(up: &Upstream, before: u64, within: Duration) -> bool {
     }
 }
 
-/// A client connects and stays quiet: with `deferred`, the upstream sees nothing until the
-/// client speaks; without, it sees a connection at once. Either way the request is echoed.
+/// Clients connect and stay quiet: with `deferred`, the upstream sees none of them until they
+/// speak; without, it sees them all at once. Either way each request is echoed.
 fn check_client(proxy: &impl Target, echo: &Upstream, deferred: bool, what: &str) {
     let before = echo.accepted.load(Ordering::SeqCst);
-    let mut c = connect(proxy.addr());
-    let early = upstream_connected(echo, before, if deferred { QUIET } else { PROMPT });
-    assert_eq!(
-        early,
-        !deferred,
-        "{what}: upstream connected while the client was quiet: {early}\n{}",
-        proxy.logs()
-    );
-    c.write_all(b"hello").unwrap();
-    assert_eq!(read_n(&mut c, 5, PROMPT).unwrap(), b"hello", "{what}");
-    assert!(upstream_connected(echo, before, PROMPT), "{what}");
+    let mut clients: Vec<_> = (0..CLIENTS).map(|_| connect(proxy.addr())).collect();
+    if deferred {
+        assert!(
+            !upstream_connected(echo, before, 1, QUIET),
+            "{what}: the upstream saw a connection while the clients were quiet\n{}",
+            proxy.logs()
+        );
+    } else {
+        assert!(
+            upstream_connected(echo, before, CLIENTS, PROMPT),
+            "{what}: the upstream did not see the quiet clients\n{}",
+            proxy.logs()
+        );
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.write_all(b"hello").unwrap();
+        assert_eq!(
+            read_n(c, 5, PROMPT).unwrap(),
+            b"hello",
+            "{what}: client {i}"
+        );
+    }
+    assert!(upstream_connected(echo, before, CLIENTS, PROMPT), "{what}");
 }
 
 fn a_deferred_route_connects_upstream_once_the_client_speaks() {
@@ -101,6 +117,7 @@ fn a_deferred_client_that_sends_nothing_is_served_after_the_delay() {
 also_with_two_workers!(
     a_deferred_route_connects_upstream_once_the_client_speaks,
     a_deferred_client_that_sends_nothing_is_served_after_the_delay,
+    a_reload_turns_deferring_on_and_off_on_the_same_listener,
 );
 
 #[test]
@@ -183,43 +200,76 @@ impl Target for RouteOf<'_> {
     }
 }
 
-/// A reload turns deferring on and off on the listener the route keeps (same address, so
-/// clients keep connecting where they did).
-#[test]
+/// The address a route listens on, from its log line (the last one, after a reload).
+fn route_addr(proxy: &Proxy, name: &str) -> SocketAddr {
+    let line = proxy.wait_log(&format!("route `{name}`: listening on "), PROMPT);
+    let rest = &line[line.find("listening on ").unwrap() + 13..];
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// A reload turns deferring on and off on the listener a route keeps (same address, so
+/// clients keep connecting where they did), and a route it adds defers from the start.
 fn a_reload_turns_deferring_on_and_off_on_the_same_listener() {
     let echo = Upstream::echo();
     let dir = TempDir::new("defer-reload");
     let path = dir.path("proxy.toml");
-    let config = |defer: &str| {
+    let route = |name: &str, defer: &str| {
         format!(
-            "{defer}[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n{defer}",
             echo.addr
         )
     };
-    write_file(&path, &config(""));
-    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    write_file(&path, &route("r", ""));
+    // Each worker says when it has applied a reload (a debug line).
+    let proxy = Proxy::start_in(&["--config", path.to_str().unwrap()], 1, None, |cmd| {
+        cmd.env("RUST_LOG", "info,tcptap::event_loop=debug");
+    });
+    let applied = |generation: u64| {
+        proxy.wait_count(
+            &format!("configuration generation {generation} applied"),
+            workers(),
+            PROMPT,
+        );
+    };
     let addr = proxy.addr();
     check_client(&proxy, &echo, false, "before any reload");
-    write_file(&path, &config("defer_accept = \"30s\"\n"));
+    write_file(&path, &route("r", "defer_accept = \"30s\"\n"));
     proxy.signal(SIGHUP);
-    proxy.wait_log("route `r`: defer_accept is now 30s", PROMPT);
-    proxy.wait_log("configuration generation 2", PROMPT);
-    assert_eq!(proxy.addr(), addr);
+    proxy.wait_log("route `r`: defer_accept is now 30s (was off)", PROMPT);
+    applied(2);
     check_client(&proxy, &echo, true, "after the reload that sets 30s");
-    write_file(&path, &config("defer_accept = \"off\"\n"));
+    // Off again, and a new route that defers.
+    write_file(
+        &path,
+        &format!(
+            "{}{}",
+            route("r", "defer_accept = \"off\"\n"),
+            route("n", "defer_accept = \"30s\"\n")
+        ),
+    );
     proxy.signal(SIGHUP);
-    proxy.wait_log("route `r`: defer_accept is now off", PROMPT);
-    proxy.wait_log("configuration generation 3", PROMPT);
+    proxy.wait_log("route `r`: defer_accept is now off (was 30s)", PROMPT);
+    applied(3);
+    let line = proxy.wait_log("route `n`: listening on", PROMPT);
+    assert!(line.contains("defer_accept 30s"), "{line}");
+    assert_eq!(proxy.addr(), addr);
     check_client(&proxy, &echo, false, "after the reload that sets off");
-    // A value the kernel cannot take whole is rejected with the key named, and nothing changes.
-    write_file(&path, &config("defer_accept = \"2h\"\n"));
+    let added = RouteOf(&proxy, route_addr(&proxy, "n"));
+    check_client(&added, &echo, true, "a route added by a reload");
+    // A value past the limit is rejected with the key named, and nothing changes.
+    write_file(&path, &route("r", "defer_accept = \"2m\"\n"));
     proxy.signal(SIGHUP);
     let line = proxy.wait_log("reload rejected", PROMPT);
     assert!(
-        line.contains("defer_accept") && line.contains("1h"),
+        line.contains("defer_accept") && line.contains("longer than 1m"),
         "{line}"
     );
     check_client(&proxy, &echo, false, "after a rejected reload");
+}
+
+#[test]
+fn reload_turns_deferring_on_and_off_on_the_same_listener() {
+    a_reload_turns_deferring_on_and_off_on_the_same_listener();
 }
 
 /// A bad value at startup: the file, the key and the problem, and a non-zero exit.
@@ -228,7 +278,7 @@ fn a_bad_value_names_the_file_and_the_key() {
     let dir = TempDir::new("defer-bad");
     for (text, says) in [
         ("defer_accept = \"soon\"", "is not a duration"),
-        ("defer_accept = \"2h\"", "is longer than 1h"),
+        ("defer_accept = \"2m\"", "is longer than 1m"),
         ("defer_accept = 5", "a duration such as"),
     ] {
         let path = dir.path("proxy.toml");
