@@ -407,25 +407,50 @@ fn secs(d: Duration) -> f64 {
 }
 
 /// For a tcptap with a tap: stops it gracefully and reads the share of the proxied bytes its tap
-/// wrote from the shutdown summary (`tap: R records (B bytes) written, R records (B bytes)
-/// dropped, ...`). None for anything else.
-fn tap_captured_share(r: &mut peers::Running) -> Option<f64> {
-    let g = r.proc.take()?;
+/// wrote from the shutdown summary. None for anything else. With `required` (a tap that
+/// writes somewhere), a log without that summary is an error: the share must not vanish from
+/// the results unnoticed when the line changes.
+fn tap_captured_share(r: &mut peers::Running, required: bool) -> Result<Option<f64>, String> {
+    let Some(g) = r.proc.take() else {
+        return Ok(None);
+    };
     let log = g.log.clone();
-    g.terminate(Duration::from_secs(10))?;
-    let text = std::fs::read_to_string(log).ok()?;
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("tap: ") && l.contains("dropped"))?;
-    let nums: Vec<f64> = line
+    if g.terminate(Duration::from_secs(10)).is_none() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(log).map_err(|e| e.to_string())?;
+    match text.lines().rev().find_map(tap_summary_bytes) {
+        Some((written, dropped)) => {
+            Ok((written + dropped > 0).then(|| written as f64 / (written + dropped) as f64))
+        }
+        None if required => Err("no tap summary in the proxy's log at exit".into()),
+        None => Ok(None),
+    }
+}
+
+/// (bytes written, bytes dropped) from the line tcptap logs per tap at exit:
+/// `tap (pcap /dir/tap.pcap): R records (B bytes) written, R records (B bytes) dropped, E write
+/// errors`. The numbers are read after the tap's description, which may hold digits.
+fn tap_summary_bytes(line: &str) -> Option<(u64, u64)> {
+    if !line.contains("tap (") || !line.ends_with(" write errors") {
+        return None;
+    }
+    let at = line.rfind("): ")? + 3;
+    let nums: Vec<u64> = line[at..]
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|n| n.parse().ok())
         .collect();
-    let [.., written, _, dropped, _errors] = nums[..] else {
+    let [_, written, _, dropped, _] = nums[..] else {
         return None;
     };
-    (written + dropped > 0.0).then(|| written / (written + dropped))
+    Some((written, dropped))
+}
+
+fn tap_summary_self_check() {
+    let line = "2026-11-29T19:00:00Z INFO  tcptap::event_loop] tap (pcap /tmp/b-7 (2)/tap.pcap): \
+                12 records (3400 bytes) written, 5 records (600 bytes) dropped, 0 write errors";
+    assert_eq!(tap_summary_bytes(line), Some((3400, 600)));
+    assert_eq!(tap_summary_bytes("tap (log -): 1 records dropped"), None);
 }
 
 fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Measured, String> {
@@ -464,7 +489,7 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             }
             // A tap that cannot keep up drops (and counts) what it cannot take: throughput
             // alone would hide that, so report the share of the bytes the tap captured.
-            if let Some(share) = tap_captured_share(&mut r) {
+            if let Some(share) = tap_captured_share(&mut r, t.taps_to_a_file())? {
                 out.push((format!("tap captured {}", label), PERCENT, share * 100.0));
             }
         }
@@ -1303,6 +1328,7 @@ fn main() {
         wrk_parse_self_check();
         redis_parse_self_check();
         spread_self_check();
+        tap_summary_self_check();
     }
     let mut res = Results::default();
     let mut versions = Vec::new();

@@ -371,11 +371,21 @@ impl Target {
     }
 
     /// Why this target cannot hold `n` idle connections, if it cannot.
+    /// A tcptap whose tap writes to a file (not to a FIFO nobody reads): it logs what the tap
+    /// wrote and dropped when it exits.
+    pub fn taps_to_a_file(&self) -> bool {
+        match &self.kind {
+            Kind::Tcptap { args, .. } => {
+                args.iter().any(|a| a == "--tap-pcap" || a == "--tap-log")
+                    && !args.iter().any(|a| a == "{fifo}")
+            }
+            _ => false,
+        }
+    }
+
     pub fn idle_unsupported(&self) -> Option<&'static str> {
         match self.kind {
             Kind::Socat { .. } => Some("socat forks one process per connection"),
-            // Connections that send nothing wait in the kernel, not in the proxy.
-            _ if self.name.ends_with("-defer") => Some("idle clients are not accepted yet"),
             _ => None,
         }
     }
