@@ -200,13 +200,6 @@ impl Target for RouteOf<'_> {
     }
 }
 
-/// The address a route listens on, from its log line (the last one, after a reload).
-fn route_addr(proxy: &Proxy, name: &str) -> SocketAddr {
-    let line = proxy.wait_log(&format!("route `{name}`: listening on "), PROMPT);
-    let rest = &line[line.find("listening on ").unwrap() + 13..];
-    rest.split(' ').next().unwrap().parse().unwrap()
-}
-
 /// A reload turns deferring on and off on the listener a route keeps (same address, so
 /// clients keep connecting where they did), and a route it adds defers from the start.
 fn a_reload_turns_deferring_on_and_off_on_the_same_listener() {
@@ -254,7 +247,7 @@ fn a_reload_turns_deferring_on_and_off_on_the_same_listener() {
     assert!(line.contains("defer_accept 30s"), "{line}");
     assert_eq!(proxy.addr(), addr);
     check_client(&proxy, &echo, false, "after the reload that sets off");
-    let added = RouteOf(&proxy, route_addr(&proxy, "n"));
+    let added = RouteOf(&proxy, proxy.route_addr("n"));
     check_client(&added, &echo, true, "a route added by a reload");
     // A value past the limit is rejected with the key named, and nothing changes.
     write_file(&path, &route("r", "defer_accept = \"2m\"\n"));

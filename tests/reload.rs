@@ -27,13 +27,6 @@ fn ask(addr: SocketAddr) -> u8 {
     read_to_end(&mut c, PROMPT).unwrap()[0]
 }
 
-/// The address a route listens on, from its log line (the last one, after a reload).
-fn route_addr(proxy: &Proxy, name: &str) -> SocketAddr {
-    let line = proxy.wait_log(&format!("route `{name}`: listening on "), PROMPT);
-    let rest = &line[line.find("listening on ").unwrap() + 13..];
-    rest.split(' ').next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
     let one = tagged(1);
@@ -83,7 +76,7 @@ fn sighup_adds_changes_and_removes_routes_without_dropping_live_connections() {
     );
     proxy.signal(SIGHUP);
     proxy.wait_log("configuration generation 2", PROMPT);
-    let b_addr = route_addr(&proxy, "b");
+    let b_addr = proxy.route_addr("b");
     assert_eq!(ask(b_addr), 1, "the added route serves");
     assert_eq!(
         ask(x_addr),

@@ -1027,13 +1027,6 @@ fn open_fifo_reader(path: &Path) -> std::fs::File {
         .unwrap()
 }
 
-/// The address route `name` listens on, from its (last) log line.
-fn listening_on(proxy: &Proxy, name: &str) -> SocketAddr {
-    let line = proxy.wait_log(&format!("route `{name}`: listening on "), PROMPT);
-    let rest = &line[line.find("listening on ").unwrap() + 13..];
-    rest.split(' ').next().unwrap().parse().unwrap()
-}
-
 /// The client → proxy bytes of `client`'s conversation in a capture.
 fn captured_request(
     flows: &BTreeMap<(SocketAddr, SocketAddr), Flow>,
@@ -1094,7 +1087,7 @@ fn reloads_keep_the_one_writer_of_a_capture_file() {
     );
     proxy.signal(SIGHUP);
     proxy.wait_log("configuration generation 2", PROMPT);
-    let b = listening_on(&proxy, "b");
+    let b = proxy.route_addr("b");
     for (addr, msg) in [(a, &b"a after reload 1"[..]), (b, b"b after reload 1")] {
         sent.push((echo_once(addr, msg), msg.to_vec()));
     }
@@ -1114,7 +1107,7 @@ fn reloads_keep_the_one_writer_of_a_capture_file() {
     proxy.signal(SIGHUP);
     proxy.wait_log("configuration generation 3", PROMPT);
     proxy.wait_log("is written by a running tap with other settings", PROMPT);
-    let c = listening_on(&proxy, "c");
+    let c = proxy.route_addr("c");
     for (addr, msg) in [(a, &b"a after reload 2"[..]), (b, b"b after reload 2")] {
         sent.push((echo_once(addr, msg), msg.to_vec()));
     }

@@ -303,6 +303,13 @@ impl Proxy {
         self.addrs[0]
     }
 
+    /// The address route `name` listens on, from its log line (the last one, after a reload).
+    pub fn route_addr(&self, name: &str) -> SocketAddr {
+        let line = self.wait_log(&format!("route `{name}`: listening on "), PROMPT);
+        let rest = &line[line.find("listening on ").unwrap() + 13..];
+        rest.split(' ').next().unwrap().parse().unwrap()
+    }
+
     /// The admin endpoint's address, from its startup log line.
     pub fn admin_addr(&self) -> SocketAddr {
         let line = self.wait_log("admin endpoint listening on http://", PROMPT);
