@@ -82,7 +82,12 @@ const TCPTAP_VARIANTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("tcptap+log", &["--tap-log", "/dev/null"]),
-    ("tcptap+blocked", &["--tap-log", "{fifo}"]),
+    // At exit, a writer stuck on the FIFO is waited for drain_timeout (at least 2 s): with
+    // the default 30 s, the harness would wait its 10 s and kill the proxy after every row.
+    (
+        "tcptap+blocked",
+        &["--tap-log", "{fifo}", "config:drain_timeout = \"0s\"\n"],
+    ),
     // Two event loops.
     (TWO_WORKERS, &["--workers", "2"]),
     // Polling without sleeping for 50 µs after events, against haproxy's `busy-polling`.
