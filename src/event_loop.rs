@@ -1131,7 +1131,7 @@ impl Worker {
                 }
                 RouteChange::Update {
                     index,
-                    route,
+                    mut route,
                     tap,
                     upstreams_changed,
                     metrics_slot,
@@ -1156,7 +1156,6 @@ impl Worker {
                     if *self.routes[index].name != *route.name {
                         self.routes[index].name = Arc::from(route.name.as_str());
                     }
-                    let mut route = route;
                     let was = self.routes[index].config.defer_accept;
                     if route.defer_accept != was && !self.set_defer_accept(index, &route) {
                         // Still in force on the listener: a later reload tries again.
@@ -1663,17 +1662,10 @@ impl Worker {
                 return;
             }
             self.accept_backoff = MIN_ACCEPT_BACKOFF;
-            let pair = &mut self.pairs[key];
-            if !pair.ready[Side::Upstream.index()].connected {
+            if !self.pairs[key].ready[Side::Upstream.index()].connected {
                 // The client's bytes wait in the kernel until the connect completes.
-                let registry = self.poll.registry();
-                match registry.register(&mut pair.downstream, Token(key << 1), READ) {
-                    Ok(()) => pair.interest[Side::Downstream.index()] = Registered::Read,
-                    Err(e) => {
-                        warn!("#{id} {peer}: cannot register socket: {e}");
-                        let reason = CloseReason::Error(Side::Downstream, e);
-                        self.closing.push((key, id, reason));
-                    }
+                if let Some(reason) = self.update_interest(key) {
+                    self.closing.push((key, id, reason));
                 }
                 return;
             }

@@ -164,26 +164,6 @@ pub fn set_defer_accept(listener: &impl AsRawFd, delay: Option<Duration>) -> io:
     Ok(())
 }
 
-/// `TCP_DEFER_ACCEPT` of a listener in seconds, as the kernel reports it (0: off).
-pub fn defer_accept(listener: &impl AsRawFd) -> io::Result<u32> {
-    let mut secs: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a live local c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&raw mut secs).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u32::try_from(secs).unwrap_or(0))
-}
-
 /// Starts a non-blocking connect to `addr` with the options applied first.
 /// Completion is reported later by a writable event (see `Pair::check_connected`); over loopback
 /// it is usually complete on return (see `Worker::connect_to`).
@@ -279,6 +259,26 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `TCP_DEFER_ACCEPT` of a listener in seconds, as the kernel reports it (0: off).
+    fn defer_accept(listener: &impl AsRawFd) -> io::Result<u32> {
+        let mut secs: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into a live local c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&raw mut secs).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(u32::try_from(secs).unwrap_or(0))
+    }
 
     #[test]
     fn defer_accept_is_set_in_whole_seconds_and_cleared() {

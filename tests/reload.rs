@@ -274,10 +274,7 @@ fn a_reload_says_which_file_settings_the_flags_override() {
     let one = tagged(1);
     let dir = TempDir::new("reload-flags");
     let path = dir.path("proxy.toml");
-    let route = format!(
-        "[[route]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-        one.addr
-    );
+    let route = one_route("127.0.0.1:0", one.addr, "");
     let says = "the command line overrides";
     write_file(&path, &format!("busy_poll = \"50us\"\n{route}"));
     let proxy = Proxy::start(
