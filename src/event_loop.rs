@@ -1093,7 +1093,9 @@ impl Worker {
         true
     }
 
-    /// Applies this worker's part of a reload.
+    /// Applies this worker's part of a reload. Cold: it runs once per reload, and inlined into
+    /// the loop it made every request cost about 60 instructions more (callgrind).
+    #[cold]
     fn apply_reload(&mut self, plan: ReloadPlan, now: Instant) {
         if plan.busy_poll != self.busy_poll {
             if self.index == 0 {
