@@ -12,7 +12,7 @@
 //! Rows: bulk throughput (1 and 8 connections; d→u, u→d, both), 64-byte
 //! request/response (1 and 64 connections; req/s, p50, p99), connection churn,
 //! idle memory per connection, proxy CPU per GiB, per request and per
-//! connection, the share of the bytes a tap
+//! connection (and the kernel's part of the latter), the share of the bytes a tap
 //! captured, and iperf3 / redis-benchmark (keep-alive SET/GET, and PING with a
 //! new connection per request) / wrk through each target when those are
 //! installed.
@@ -271,6 +271,8 @@ const KIB_CONN: Unit = less("KiB/conn");
 const MS_GIB: Unit = less("CPU ms/GiB");
 const US_CPU_REQ: Unit = less("CPU µs/req");
 const US_CPU_CONN: Unit = less("CPU µs/conn");
+/// The kernel's part of [`US_CPU_CONN`] (stime): the TCP work both proxies share.
+const US_KERNEL_CONN: Unit = less("kernel CPU µs/conn");
 
 #[derive(Default)]
 struct Results {
@@ -523,10 +525,10 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
         }
         Scenario::Churn { clients } => {
             let mut r = t.start(env.echo.addr, env.max_conns).map_err(e)?;
-            let cpu0 = r.pid().map(peers::cpu_ms_tree);
+            let cpu0 = r.pid().map(peers::cpu_split_ms_tree);
             let res = loadgen::churn(r.addr, clients, cfg.warmup, cfg.window, cfg.churn_max)
                 .map_err(e)?;
-            let cpu1 = r.pid().map(peers::cpu_ms_tree);
+            let cpu1 = r.pid().map(peers::cpu_split_ms_tree);
             r.check_alive().map_err(e)?;
             if res.errors > 0 {
                 println!(
@@ -539,8 +541,7 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             }
             out.push((sc.label(), CONNS, res.conns as f64 / secs(res.elapsed)));
             if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
-                let per = (c1 - c0) * 1000.0 / res.total_conns.max(1) as f64;
-                out.push((format!("cpu {}", sc.label()), US_CPU_CONN, per));
+                push_conn_cpu(&mut out, &sc.label(), c0, c1, res.total_conns.max(1) as f64);
             }
         }
         Scenario::Idle => {
@@ -628,7 +629,7 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
             let mut r = t
                 .start(SocketAddr::from(([127, 0, 0, 1], *port)), env.max_conns)
                 .map_err(e)?;
-            let cpu0 = r.pid().map(peers::cpu_ms_tree);
+            let cpu0 = r.pid().map(peers::cpu_split_ms_tree);
             let mut cmd = Command::new(bench);
             cmd.args(["-h", "127.0.0.1", "-p"])
                 .arg(r.addr.port().to_string())
@@ -641,15 +642,14 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
                 Duration::from_secs(120),
             )
             .map_err(e)?;
-            let cpu1 = r.pid().map(peers::cpu_ms_tree);
+            let cpu1 = r.pid().map(peers::cpu_split_ms_tree);
             r.check_alive().map_err(e)?;
             let rate = parse_redis_csv(&csv, "PING_INLINE")
                 .ok_or_else(|| format!("redis-benchmark: no PING_INLINE row in {csv:?}"))?;
             let label = "redis PING -k 0 -c 50";
             out.push((label.into(), CONNS, rate));
             if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
-                let per = (c1 - c0) * 1000.0 / cfg.redis_churn_n as f64;
-                out.push((format!("cpu {label}"), US_CPU_CONN, per));
+                push_conn_cpu(&mut out, label, c0, c1, cfg.redis_churn_n as f64);
             }
         }
         Scenario::Wrk { conns } => {
@@ -681,6 +681,22 @@ fn run_scenario(cfg: &Config, env: &Env, sc: Scenario, t: &Target) -> Result<Mea
         }
     }
     Ok(out)
+}
+
+/// The proxy's CPU per connection of a churn row, and the kernel's part of it: a proxy's own
+/// code can only shrink the difference, so the kernel row shows how far its lead can go.
+fn push_conn_cpu(out: &mut Measured, label: &str, c0: (f64, f64), c1: (f64, f64), conns: f64) {
+    let (user, kernel) = (c1.0 - c0.0, c1.1 - c0.1);
+    out.push((
+        format!("cpu {label}"),
+        US_CPU_CONN,
+        (user + kernel) * 1000.0 / conns,
+    ));
+    out.push((
+        format!("kernel cpu {label}"),
+        US_KERNEL_CONN,
+        kernel * 1000.0 / conns,
+    ));
 }
 
 /// What `wrk --latency` reports: requests in total and per second, and latency percentiles.

@@ -226,20 +226,23 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 /// CPU time of `pid` and its descendants in milliseconds: utime+stime of each live process,
 /// plus cutime+cstime, the children it has already reaped (socat's per-connection forks).
 pub fn cpu_ms_tree(pid: u32) -> f64 {
+    let (user, kernel) = cpu_split_ms_tree(pid);
+    user + kernel
+}
+
+/// [`cpu_ms_tree`] split into (user, kernel) milliseconds: utime+cutime and stime+cstime.
+pub fn cpu_split_ms_tree(pid: u32) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks: u64 = process_tree(pid)
+    let field =
+        |f: &[String], i: usize| -> u64 { f.get(i).and_then(|s| s.parse().ok()).unwrap_or(0) };
+    let (user, kernel) = process_tree(pid)
         .into_iter()
         .filter_map(stat_fields)
-        .map(|f| {
-            let ut: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let st: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let cut: u64 = f.get(13).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let cst: u64 = f.get(14).and_then(|s| s.parse().ok()).unwrap_or(0);
-            ut + st + cut + cst
-        })
-        .sum();
-    ticks as f64 * 1000.0 / hz
+        .map(|f| (field(&f, 11) + field(&f, 13), field(&f, 12) + field(&f, 14)))
+        .fold((0, 0), |(u, k), (du, dk)| (u + du, k + dk));
+    let ms = |ticks: u64| ticks as f64 * 1000.0 / hz;
+    (ms(user), ms(kernel))
 }
 
 fn kib_field(text: &str, key: &str) -> Option<u64> {
