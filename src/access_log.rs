@@ -309,7 +309,8 @@ impl AccessLogGuard {
             }
             Flushed::TimedOut => {
                 warn!(
-                    "access log: the writer did not finish within {timeout:?}; queued lines may be lost"
+                    "access log: the writer did not finish within the shutdown wait; queued lines \
+                     may be lost"
                 );
                 self.thread.take();
             }
@@ -321,7 +322,10 @@ impl AccessLogGuard {
         self.shared.stats()
     }
 
-    fn request_stop(&self) {
+    /// Tells the writer to stop once it has written what is queued, without waiting for it (so
+    /// that it drains while other writers are waited for). [`AccessLogGuard::shutdown`] does it
+    /// too.
+    pub fn request_stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         // When the queue is full the writer sees the flag after its current batch.
         let _ = self.tx.try_send(Msg::Stop);

@@ -663,7 +663,13 @@ impl Server {
         // stops waiting for them, as one during the drain stops the drain.
         let shared = Arc::clone(&self.shared);
         let interrupted = move || shared.interrupted_now();
-        for (tap, s) in self.shared.taps.shutdown(timeout, &interrupted) {
+        // One wait for all writers: each drains while the others are waited for, so writers
+        // stuck in their sinks hold the exit for `timeout` in all, not each.
+        let deadline = Instant::now() + timeout;
+        if let Some(guard) = &self.access_guard {
+            guard.request_stop();
+        }
+        for (tap, s) in self.shared.taps.shutdown(deadline, &interrupted) {
             info!(
                 "tap ({}): {} records ({} bytes) written, {} records ({} bytes) dropped, {} write errors",
                 tap.describe(),
@@ -683,7 +689,8 @@ impl Server {
             r.stop();
         }
         if let Some(guard) = self.access_guard.take() {
-            let s = guard.shutdown_unless(timeout, &interrupted);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let s = guard.shutdown_unless(left, &interrupted);
             info!(
                 "access log: {} lines written, {} dropped, {} write errors",
                 s.written, s.dropped, s.write_errors

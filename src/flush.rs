@@ -3,7 +3,7 @@
 //! so that a sink that takes nothing (a FIFO nobody reads) neither holds the process silently
 //! nor ignores the user's second Ctrl-C.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 /// How long a writer may take before the wait is announced.
@@ -38,7 +38,13 @@ pub fn wait(
     loop {
         let now = Instant::now();
         if now >= deadline {
-            return Flushed::TimedOut;
+            // No time left (or none given, when several writers share one deadline): a writer
+            // that has already finished still counts as done.
+            return match done.try_recv() {
+                Ok(()) => Flushed::Done,
+                Err(TryRecvError::Disconnected) => Flushed::Panicked,
+                Err(TryRecvError::Empty) => Flushed::TimedOut,
+            };
         }
         if !announced && now >= start + SLOW {
             announced = true;
@@ -71,6 +77,25 @@ mod tests {
         drop(tx);
         assert_eq!(
             wait(&rx, Duration::from_secs(5), &|| false, &mut |_| {}),
+            Flushed::Panicked
+        );
+    }
+
+    #[test]
+    fn with_no_time_left_a_finished_writer_is_still_done() {
+        let (tx, rx) = mpsc::channel();
+        assert_eq!(
+            wait(&rx, Duration::ZERO, &|| false, &mut |_| {}),
+            Flushed::TimedOut
+        );
+        tx.send(()).unwrap();
+        assert_eq!(
+            wait(&rx, Duration::ZERO, &|| false, &mut |_| {}),
+            Flushed::Done
+        );
+        drop(tx);
+        assert_eq!(
+            wait(&rx, Duration::ZERO, &|| false, &mut |_| {}),
             Flushed::Panicked
         );
     }

@@ -2359,3 +2359,57 @@ fn a_timed_out_connect_shows_its_syn_when_it_was_sent() {
         "SYN to RST in the capture: {waited:?}, the connect waited 400ms: {seen:?}"
     );
 }
+
+/// Tap writers stuck in their outputs (FIFOs whose readers never read) hold the exit for one
+/// shutdown wait in all, not one each: every writer, and the access log's, is told to stop at
+/// once and all share the wait. The access log, not stuck, still writes every line.
+#[test]
+fn stuck_tap_writers_share_one_shutdown_wait() {
+    let dir = TempDir::new("fifo-two");
+    let (fifo_a, fifo_b) = (dir.path("stuck-a"), dir.path("stuck-b"));
+    mkfifo(&fifo_a);
+    mkfifo(&fifo_b);
+    let (_reader_a, _reader_b) = (open_fifo_reader(&fifo_a), open_fifo_reader(&fifo_b));
+    let access = dir.path("access.log");
+    let up = Upstream::echo();
+    let route = |name: &str, fifo: &Path| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+             [route.tap]\nlog = \"{}\"\n",
+            up.addr,
+            fifo.display()
+        )
+    };
+    let config = format!(
+        "drain_timeout = \"3s\"\n[access_log]\npath = \"{}\"\n{}{}",
+        access.display(),
+        route("a", &fifo_a),
+        route("b", &fifo_b)
+    );
+    let mut proxy = Proxy::with_config(&config, 2);
+    // A log of 512 KiB of payload is many times what a FIFO holds (64 KiB): both writers block.
+    let bulk = Pattern::bytes(5, 512 << 10);
+    for name in ["a", "b"] {
+        echo_once(proxy.route_addr(name), &bulk);
+    }
+    let start = Instant::now();
+    proxy.signal(SIGTERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    let took = start.elapsed();
+    // One wait is 3 s; one each would be 6 s.
+    assert!(took < Duration::from_millis(4500), "exit took {took:?}");
+    for stuck in ["stuck-a", "stuck-b"] {
+        let line = proxy.wait_log(&format!("{stuck}): "), PROMPT);
+        assert!(
+            line.contains("records (") && !line.contains(", 0 records ("),
+            "{line}"
+        );
+    }
+    let logs = proxy.logs();
+    assert!(
+        !logs.contains("access log: the writer did not finish"),
+        "{logs}"
+    );
+    let lines = std::fs::read_to_string(&access).unwrap();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+}

@@ -310,6 +310,15 @@ impl TapGuard {
         }
     }
 
+    /// Tells the writer to stop once it has written what is queued, without waiting for it:
+    /// several writers then drain at once, within one shutdown wait. Records offered after this
+    /// are refused. [`TapGuard::shutdown`] does it too.
+    pub fn request_stop(&self) {
+        if let Some(inner) = &self.inner {
+            inner.request_stop();
+        }
+    }
+
     /// Totals so far.
     pub fn stats(&self) -> TapStats {
         self.inner
@@ -349,9 +358,14 @@ impl Drop for TapGuard {
 
 impl GuardInner {
     /// With `interrupted`, a wait of more than a second is announced (with how to cut it short).
+    fn request_stop(&self) {
+        if !self.shared.closed.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.send(Msg::Stop);
+        }
+    }
+
     fn shutdown(self, timeout: Duration, interrupted: Option<&dyn Fn() -> bool>) -> TapStats {
-        self.shared.closed.store(true, Ordering::Release);
-        let _ = self.tx.send(Msg::Stop);
+        self.request_stop();
         let label = || self.shared.label.get().map_or("?", String::as_str);
         let done = if self.finished {
             Flushed::Done
@@ -389,8 +403,10 @@ impl GuardInner {
             Flushed::TimedOut => {
                 let (records, bytes) = self.shared.abandon();
                 warn!(
-                    "tap writer did not finish within {timeout:?} (blocked sink?); {records} \
-                     queued records ({bytes} payload bytes) abandoned, counted as dropped"
+                    "tap {}: the writer did not finish within the shutdown wait (blocked \
+                     sink?); {records} queued records ({bytes} payload bytes) abandoned, \
+                     counted as dropped",
+                    label()
                 );
             }
             Flushed::Interrupted => {

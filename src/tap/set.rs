@@ -154,14 +154,15 @@ impl TapSet {
         total
     }
 
-    /// Stops every writer (see [`TapGuard::shutdown`]; each is given `timeout`) and returns the
-    /// final totals of each one that had not reported its end already (a writer that ended
-    /// because nothing used it any more logged its totals then).
-    /// No writer starts after this ([`TapError::Closed`]). `interrupted` cuts the waits short
-    /// (see [`TapGuard::shutdown_unless`]).
+    /// Stops every writer (see [`TapGuard::shutdown`]) and returns the final totals of each one
+    /// that had not reported its end already (a writer that ended because nothing used it any
+    /// more logged its totals then). All are told to stop first, so they drain at once, and
+    /// waited for until `deadline`, all together: blocked writers hold the exit that long, not
+    /// that long each. No writer starts after this ([`TapError::Closed`]). `interrupted` cuts
+    /// the waits short (see [`TapGuard::shutdown_unless`]).
     pub fn shutdown(
         &self,
-        timeout: Duration,
+        deadline: Instant,
         interrupted: &dyn Fn() -> bool,
     ) -> Vec<(TapConfig, TapStats)> {
         let mut inner = self.lock();
@@ -170,12 +171,16 @@ impl TapSet {
             .filter_map(|e| Some((e.guard.take()?, Arc::clone(&e.shared), e.config.clone())))
             .collect();
         drop(inner);
-        // Outside the lock: the writers may take up to `timeout` each, and the totals stay
+        for (guard, _, _) in &guards {
+            guard.request_stop();
+        }
+        // Outside the lock: the writers may take until `deadline`, and the totals stay
         // readable meanwhile.
         guards
             .into_iter()
             .filter_map(|(guard, shared, config)| {
-                let stats = guard.shutdown_unless(timeout, interrupted);
+                let left = deadline.saturating_duration_since(Instant::now());
+                let stats = guard.shutdown_unless(left, interrupted);
                 (!shared.retired.load(Ordering::Acquire)).then_some((config, stats))
             })
             .collect()
@@ -243,7 +248,10 @@ mod tests {
         let stats = set.stats();
         assert_eq!((stats.records_written, stats.bytes_written), (3, 21));
         // Nothing left to shut down at exit.
-        assert!(set.shutdown(Duration::from_secs(1), &|| false).is_empty());
+        assert!(
+            set.shutdown(Instant::now() + Duration::from_secs(1), &|| false)
+                .is_empty()
+        );
         assert_eq!(set.stats(), stats);
     }
 
@@ -252,7 +260,11 @@ mod tests {
         let dir = TempDir::new("set-closed");
         let set = TapSet::new();
         let running = set.start(&log_config(&dir.path().join("a.log")), Duration::ZERO);
-        assert_eq!(set.shutdown(Duration::from_secs(5), &|| false).len(), 1);
+        assert_eq!(
+            set.shutdown(Instant::now() + Duration::from_secs(5), &|| false)
+                .len(),
+            1
+        );
         drop(running);
         // A reload that was preparing a tap meanwhile: refused, and nothing was opened.
         let late = dir.path().join("b.log");
