@@ -447,9 +447,12 @@ impl Pair {
                         // The upstream reset: what it sent before, still queued in its socket,
                         // goes to the client first (the other direction reads it, then the
                         // reset, as a direct connection would show them), even if no event
-                        // said so yet (a connect that completed at once had none).
+                        // said so yet (a connect that completed at once had none). This write
+                        // took the socket's error, so that read then ends as at a FIN: not
+                        // passed on, the reset follows.
                         failed = Some(reason);
                         self.ready[Side::Upstream.index()].readable = true;
+                        self.pipes[Direction::UpToDown.index()].hold_fin();
                         continue;
                     }
                     return Drive::Close(reason);

@@ -174,6 +174,8 @@ pub struct Pipe {
     /// response) are cheaper to copy: one read and one write, where splice needs a third call to
     /// learn that the socket is drained.
     bulk: bool,
+    /// The source's end is not passed on as a FIN (see [`hold_fin`](Pipe::hold_fin)).
+    fin_held: bool,
     /// Bytes read from the source (the tap offset of the next read).
     read_total: u64,
     /// Bytes written to the destination (a [`prefix`](Pipe::prefix) included).
@@ -193,10 +195,20 @@ impl Pipe {
             zero_copy: false,
             pipe_refused: None,
             bulk: false,
+            fin_held: false,
             read_total: 0,
             written_total: 0,
             prefix_len: 0,
         }
+    }
+
+    /// From now on, an end of the source is not passed on: the buffered bytes still are, but no
+    /// `shutdown(Write)` follows them (the pipe stays READ-CLOSED). For a pair about to be reset
+    /// because the source's peer reset: a write in the other direction that met the reset took
+    /// the socket's error with it, so the source then reads as ended, and passing that on as a
+    /// FIN would make a stream cut short look complete.
+    pub fn hold_fin(&mut self) {
+        self.fin_held = true;
     }
 
     /// Current state.
@@ -326,6 +338,9 @@ impl Pipe {
                 }
             }
             if self.state == PipeState::ReadClosed && self.buffered() == 0 {
+                if self.fin_held {
+                    break PumpStatus::Blocked;
+                }
                 let mut d = dst;
                 d.shutdown_write().map_err(PumpError::Write)?;
                 self.set_state(PipeState::WriteShut);
@@ -462,6 +477,9 @@ impl Pipe {
             }
 
             if self.state == PipeState::ReadClosed && self.buffered() == 0 {
+                if self.fin_held {
+                    break PumpStatus::Blocked;
+                }
                 // Every byte before the EOF is written: now pass the EOF on.
                 dst.shutdown_write().map_err(PumpError::Write)?;
                 self.set_state(PipeState::WriteShut);
@@ -779,6 +797,19 @@ mod tests {
         r.pump(&mut src, &mut dst, 1 << 20).unwrap();
         assert_eq!(dst.shut, 1);
         assert_eq!(r.pool.lent(), 0);
+    }
+
+    #[test]
+    fn test_a_held_fin_passes_the_bytes_but_not_the_end() {
+        let mut r = rig(4);
+        r.pipe.hold_fin();
+        let mut src = FakeSrc::new(vec![Ok(b"reply".to_vec()), Ok(Vec::new())]);
+        let mut dst = FakeDst::new(usize::MAX, usize::MAX);
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        r.pump(&mut src, &mut dst, 1 << 20).unwrap();
+        assert_eq!(dst.got, b"reply");
+        assert_eq!(dst.shut, 0, "no FIN");
+        assert_eq!(r.pipe.state(), PipeState::ReadClosed);
     }
 
     #[test]

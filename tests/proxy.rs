@@ -15,6 +15,7 @@ also_with_two_workers!(
     half_close_client_first_reply_after_eof,
     half_close_upstream_first_client_keeps_sending,
     upstream_reset_resets_client,
+    an_upstream_reset_met_by_a_write_is_not_passed_on_as_a_fin,
     client_reset_resets_upstream,
     upstream_refused_closes_client_and_keeps_serving,
     connect_timeout_closes_client,
@@ -189,6 +190,56 @@ fn upstream_reset_resets_client() {
     assert_eq!(got, b"partial", "what the upstream sent before its reset");
     let line = proxy.wait_log("reset by upstream", PROMPT);
     assert!(line.contains("reset by upstream"), "{line}");
+}
+
+/// The upstream answers and resets while the client is still sending, all before the proxy
+/// looks (it is stopped meanwhile): the proxy's write of the client's bytes meets the reset
+/// first, and takes the socket's error with it, so the upstream's socket then reads as ended.
+/// The answer must still reach the client, then the reset: never a FIN, which would make a
+/// reply cut short by a crash look complete. With splice on (the default) and off.
+#[test]
+fn an_upstream_reset_met_by_a_write_is_not_passed_on_as_a_fin() {
+    for extra in ["", "splice = false"] {
+        let (tx, rx) = mpsc::channel::<TcpStream>();
+        let up = Upstream::start(move |mut s| {
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).unwrap();
+            tx.send(s).unwrap();
+        });
+        let proxy = Proxy::with_config(&one_route("127.0.0.1:0", up.addr, extra), 1);
+        let mut c = connect(proxy.addr());
+        c.write_all(b"hello").unwrap();
+        let s = rx
+            .recv_timeout(PROMPT)
+            .expect("the upstream got the request");
+        while_stopped(&proxy, || {
+            (&s).write_all(b"reply").unwrap();
+            reset(s);
+            c.write_all(b"more upload").unwrap();
+        });
+        let got = read_until_error_or_eof(&mut c);
+        assert_eq!(
+            got,
+            (b"reply".to_vec(), Some(ErrorKind::ConnectionReset)),
+            "{extra:?}: the answer, then the reset (None: a clean EOF)"
+        );
+        let line = proxy.wait_log("reset by upstream", PROMPT);
+        assert!(line.contains("reset by upstream"), "{line}");
+    }
+}
+
+/// Reads until an error (`Some(kind)`) or a clean EOF (`None`).
+fn read_until_error_or_eof(s: &mut TcpStream) -> (Vec<u8>, Option<ErrorKind>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(PROMPT)).unwrap();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, None),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Some(e.kind())),
+        }
+    }
 }
 
 /// Reads until an error; a clean EOF is a failure (a reset must not become a FIN).

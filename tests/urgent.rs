@@ -9,9 +9,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{PROMPT, Pattern, Proxy, TempDir, Upstream, connect, read_to_end};
+use common::{PROMPT, Pattern, Proxy, TempDir, Upstream, connect, read_to_end, while_stopped};
 
 /// What the upstream saw: each chunk read, then how the stream ended.
 enum Seen {
@@ -175,35 +175,6 @@ fn urgent_byte_last_before_fin_closes_cleanly() {
     c.shutdown(Shutdown::Write).unwrap();
     expect_eof(&rx, "urgent byte then FIN");
     expect_clean_close(&proxy, &mut c);
-}
-
-/// The state letter of every thread of `pid` (`/proc/PID/task/*/stat`).
-fn thread_states(pid: u32) -> Vec<char> {
-    let mut states = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
-        if let Some(c) = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.trim().chars().next())
-        {
-            states.push(c);
-        }
-    }
-    states
-}
-
-/// Runs `f` while the proxy is stopped (SIGSTOP), so that what `f` sends is all queued at the
-/// proxy's socket before it sees any of it.
-fn while_stopped(proxy: &Proxy, f: impl FnOnce()) {
-    proxy.signal(libc::SIGSTOP);
-    let deadline = Instant::now() + PROMPT;
-    while !thread_states(proxy.pid()).iter().all(|&s| s == 'T') {
-        assert!(Instant::now() < deadline, "proxy did not stop");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    f();
-    proxy.signal(libc::SIGCONT);
 }
 
 #[test]

@@ -880,3 +880,32 @@ pub fn one_route(listen: &str, upstream: SocketAddr, extra: &str) -> String {
 pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
 }
+
+/// The state letter of every thread of `pid` (`/proc/PID/task/*/stat`).
+pub fn thread_states(pid: u32) -> Vec<char> {
+    let mut states = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+        if let Some(c) = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.trim().chars().next())
+        {
+            states.push(c);
+        }
+    }
+    states
+}
+
+/// Runs `f` while the proxy is stopped (SIGSTOP), so that what `f` sends is all queued at the
+/// proxy's socket before it sees any of it.
+pub fn while_stopped(proxy: &Proxy, f: impl FnOnce()) {
+    proxy.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + PROMPT;
+    while !thread_states(proxy.pid()).iter().all(|&s| s == 'T') {
+        assert!(Instant::now() < deadline, "proxy did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f();
+    proxy.signal(libc::SIGCONT);
+}
