@@ -197,7 +197,7 @@ pub struct ConnSummary {
 pub struct AccessLogStats {
     /// Lines written.
     pub written: u64,
-    /// Entries dropped because the queue was full (or the writer had stopped).
+    /// Entries dropped: the queue was full, the writer had stopped, or a failed write lost them.
     pub dropped: u64,
     /// Failed writes (each loses one batch).
     pub write_errors: u64,
@@ -358,8 +358,17 @@ fn open_append(path: &Path) -> io::Result<File> {
 }
 
 impl Sink for FileSink {
+    /// A batch that fails part-way (disk full, file size limit) is cut off a regular file again,
+    /// so that the next line does not continue a torn one.
     fn write_batch(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)
+        let before = (self.file.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        let written = self.file.write_all(bytes);
+        if let (Err(_), Some(len)) = (&written, before) {
+            let _ = self.file.set_len(len);
+        }
+        written
     }
 
     fn reopen(&mut self) -> io::Result<()> {
@@ -433,6 +442,7 @@ fn start_sink(
                     shared,
                     batch: Vec::with_capacity(MAX_BATCH_BYTES + 1024),
                     entries: 0,
+                    reported: 0,
                     last_warned: None,
                 }
                 .run(&rx, drain_limit);
@@ -461,6 +471,8 @@ struct Writer<S> {
     batch: Vec<u8>,
     /// Entries in `batch` (drop reports not included).
     entries: u64,
+    /// Drops that the report in `batch` tells of: reported again if the batch is lost.
+    reported: u64,
     last_warned: Option<Instant>,
 }
 
@@ -527,6 +539,7 @@ impl<S: Sink> Writer<S> {
         let n = self.shared.unreported_drops.swap(0, Ordering::Relaxed);
         if n > 0 {
             format_drops(n, self.format, &mut self.batch);
+            self.reported += n;
         }
     }
 
@@ -541,10 +554,16 @@ impl<S: Sink> Writer<S> {
                     .fetch_add(self.entries, Ordering::Relaxed);
             }
             Err(e) => {
+                // The lines lost are drops like any other, and reported in the file with the
+                // ones this batch's report told of, once a write goes through.
                 let errors = self.shared.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                (self.shared.dropped).fetch_add(self.entries, Ordering::Relaxed);
+                (self.shared.unreported_drops)
+                    .fetch_add(self.entries + self.reported, Ordering::Relaxed);
                 if self.should_warn() {
                     warn!(
-                        "access log: write failed, {} lines lost ({errors} write errors so far): {e}",
+                        "access log: write failed, {} lines lost, counted as dropped ({errors} \
+                         write errors so far): {e}",
                         self.entries
                     );
                 }
@@ -552,6 +571,7 @@ impl<S: Sink> Writer<S> {
         }
         self.batch.clear();
         self.entries = 0;
+        self.reported = 0;
     }
 
     fn reopen(&mut self) {
@@ -909,6 +929,66 @@ mod tests {
         fn reopen(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A sink whose first `fail` writes fail, and that says when a write was tried.
+    struct FailingSink {
+        fail: usize,
+        tried: mpsc::Sender<()>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Sink for FailingSink {
+        fn write_batch(&mut self, bytes: &[u8]) -> io::Result<()> {
+            let failed = self.fail > 0;
+            self.fail = self.fail.saturating_sub(1);
+            if !failed {
+                (self.out.lock().unwrap()).extend_from_slice(bytes);
+            }
+            let _ = self.tried.send(());
+            if failed {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+
+        fn reopen(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Lines a failed write lost are drops: counted, and told of in the file by the next batch
+    /// that goes through, along with the drops the lost batch itself told of.
+    #[test]
+    fn test_lines_a_failed_write_lost_count_as_dropped_and_are_reported() {
+        let (tried_tx, tried) = mpsc::channel();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = FailingSink {
+            fail: 2,
+            tried: tried_tx,
+            out: out.clone(),
+        };
+        let (log, guard) = start_sink(sink, Format::Json, 16).expect("start");
+        // Entry 1 is lost with the first batch; a drop then rides in the second, lost too.
+        assert!(log.log(&summary(1)));
+        tried.recv_timeout(TIMEOUT).expect("first write");
+        log.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        log.shared.unreported_drops.fetch_add(1, Ordering::Relaxed);
+        assert!(log.log(&summary(2)));
+        tried.recv_timeout(TIMEOUT).expect("second write");
+        assert!(log.log(&summary(3)));
+        tried.recv_timeout(TIMEOUT).expect("third write");
+        let stats = guard.shutdown(TIMEOUT);
+        assert_eq!(
+            (stats.written, stats.dropped, stats.write_errors),
+            (1, 3, 2),
+            "{stats:?}"
+        );
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("\"id\":3"), "{text}");
+        assert_eq!(lines[1], "{\"dropped\":3}", "{text}");
     }
 
     /// A writer over a [`GatedSink`] and the test's ends of it.

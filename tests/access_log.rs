@@ -353,3 +353,60 @@ fn tap_drops_per_connection_add_up_to_the_total() {
         "{last:?}"
     );
 }
+
+/// An access log at the file size limit (`ulimit -f`, as on a full disk): a batch that fails
+/// part-way is cut off the file again, so that once there is room the file goes on with whole
+/// lines (not a torn line that the next one continues), and every connection is either a line
+/// written or a drop counted, in the file (`{"dropped":N}`) and in the exit line.
+#[test]
+fn an_access_log_at_the_file_size_limit_keeps_whole_lines_and_counts_what_it_lost() {
+    const LIMIT: u64 = 3000;
+    let dir = TempDir::new("access-fsize");
+    let up = Upstream::echo();
+    let mut proxy = Proxy::with_config(&config(&dir, "json", "", up.addr), 1);
+    common::set_fsize(proxy.pid(), LIMIT);
+    let mut conns = 0;
+    let mut echo_one = || {
+        let mut c = common::connect(proxy.addr());
+        c.write_all(b"ping").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(common::read_to_end(&mut c, PROMPT).unwrap(), b"ping");
+        conns += 1;
+    };
+    // Until a write has failed, then a few more that fail too.
+    let deadline = Instant::now() + PROMPT;
+    while proxy.count_log("access log: write failed") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed write: {}",
+            proxy.logs()
+        );
+        echo_one();
+    }
+    for _ in 0..3 {
+        echo_one();
+    }
+    common::set_fsize(proxy.pid(), libc::RLIM_INFINITY);
+    for _ in 0..3 {
+        echo_one();
+    }
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(proxy.wait_exit(PROMPT).code(), Some(0));
+    let text = std::fs::read_to_string(dir.path("access.log")).unwrap();
+    let (mut lines, mut dropped) = (0, 0);
+    for line in text.lines() {
+        let entry = parse_entry(line);
+        match entry.get("dropped") {
+            Some(n) => dropped += n.parse::<u64>().unwrap(),
+            None => lines += 1,
+        }
+    }
+    assert!(dropped > 0 && lines > 3, "{text}");
+    assert_eq!(lines + dropped, conns, "{text}");
+    let exit = proxy.wait_log(" lines written, ", PROMPT);
+    let exit = exit.split("access log: ").nth(1).unwrap();
+    assert!(
+        exit.starts_with(&format!("{lines} lines written, {dropped} dropped, ")),
+        "{exit}"
+    );
+}

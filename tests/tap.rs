@@ -1472,17 +1472,6 @@ fn stop_for_tap_totals(proxy: &mut Proxy) -> String {
     proxy.wait_log("write errors", PROMPT)
 }
 
-/// Sets process `pid`'s file size limit (`ulimit -f`, in bytes); it can be raised again.
-fn set_fsize(pid: u32, limit: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit on our own child with a valid pointer.
-    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
-
 /// A tap log that reaches the file size limit (`ulimit -f`): the kernel's SIGXFSZ used to kill
 /// the proxy and every connection with it. Proxying goes on, the failed writes are counted, and
 /// the log is not left with a torn last line.

@@ -909,3 +909,14 @@ pub fn while_stopped(proxy: &Proxy, f: impl FnOnce()) {
     f();
     proxy.signal(libc::SIGCONT);
 }
+
+/// Sets process `pid`'s file size limit (`ulimit -f`, in bytes); it can be raised again.
+pub fn set_fsize(pid: u32, limit: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit on our own child with a valid pointer.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
