@@ -42,6 +42,7 @@ mod rotate;
 mod set;
 mod text;
 mod throttle;
+mod tracked;
 mod writer;
 
 pub(crate) use text::outside_rfc3339;

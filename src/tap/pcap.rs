@@ -28,7 +28,6 @@
 //! - Timestamps are the record times, except the SYN of a failed connect: the Close time less
 //!   how long the connect went on, so the capture shows the wait.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,6 +36,7 @@ use super::PcapTarget;
 use super::queue::Teed;
 use super::record::{CloseKind, ConnMeta, Direction, Side, TapEvent, TapRecord};
 use super::rotate::{GLOBAL_HEADER_LEN, RotatingFile};
+use super::tracked::Tracked;
 use super::writer::Entry;
 use crate::splice::TeePipe;
 
@@ -198,7 +198,7 @@ impl Segment<'static> {
 /// Writes records as packets into a (rotating) pcap file.
 pub(crate) struct PcapSink {
     file: RotatingFile,
-    flows: HashMap<u64, Flow>,
+    flows: Tracked<Flow>,
     /// For each teed record whose pipe held fewer bytes than it named: how many were missing
     /// (the writer counts them as dropped).
     missing: Vec<usize>,
@@ -209,7 +209,7 @@ impl PcapSink {
     pub(crate) fn open(target: &PcapTarget) -> io::Result<PcapSink> {
         Ok(PcapSink {
             file: RotatingFile::open(target, global_header())?,
-            flows: HashMap::new(),
+            flows: Tracked::new(),
             missing: Vec::new(),
         })
     }
@@ -261,7 +261,7 @@ impl PcapSink {
     /// The state of a connection, starting it with a handshake if it has none, or finishing the
     /// handshake whose SYN went out at its Connect record.
     fn flow_for(&mut self, conn: &ConnMeta, time: SystemTime) -> Flow {
-        match self.flows.remove(&conn.id) {
+        match self.flows.remove(conn.id) {
             Some(mut flow) if flow.syn_only => {
                 flow.syn_only = false;
                 self.answer(time, &mut flow);
@@ -284,7 +284,7 @@ impl PcapSink {
         match &record.event {
             TapEvent::Connect => {
                 // An earlier attempt of this connection, to another address, failed.
-                if let Some(mut earlier) = self.flows.remove(&id) {
+                if let Some(mut earlier) = self.flows.remove(id) {
                     self.unanswered(time, &mut earlier, CloseKind::ConnectFailed);
                 }
                 let mut flow = Flow::new(&record.conn);
@@ -294,7 +294,7 @@ impl PcapSink {
                 return;
             }
             TapEvent::Close { kind, offsets, .. } => {
-                match self.flows.remove(&id) {
+                match self.flows.remove(id) {
                     Some(mut flow) if flow.syn_only => self.unanswered(time, &mut flow, *kind),
                     Some(mut flow) => self.close(time, &mut flow, *kind, *offsets),
                     // Its Connect record was lost: the SYN is shown now, in file order.
@@ -312,8 +312,8 @@ impl PcapSink {
                 return;
             }
             // The client left, or the upstream refused, before the handshake ended.
-            TapEvent::Reset { side, .. } if self.flows.get(&id).is_some_and(|f| f.syn_only) => {
-                let mut flow = self.flows.remove(&id).expect("checked above");
+            TapEvent::Reset { side, .. } if self.flows.get(id).is_some_and(|f| f.syn_only) => {
+                let mut flow = self.flows.remove(id).expect("checked above");
                 self.unanswered(time, &mut flow, CloseKind::Reset(*side));
                 self.flows.insert(id, flow);
                 return;
@@ -1224,6 +1224,33 @@ mod tests {
             }
         }
         Some((follows, text))
+    }
+
+    /// Connections whose Close record was dropped (a full queue) leave their flows behind:
+    /// past the limit the least recently heard of are forgotten, so the writer's memory stays
+    /// bounded; a connection heard of again starts over, and a complete one after them still
+    /// reassembles and leaves nothing behind.
+    #[test]
+    fn flows_whose_close_was_lost_are_forgotten_past_the_limit() {
+        let dir = TempDir::new("pcap-lost-close");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, None, 1);
+        s.flows = Tracked::with_limit(64);
+        for id in 1..=1000u64 {
+            let c = conn(id, "10.0.0.1:50000", "10.0.0.2:80");
+            let batch = [
+                record(&c, id * 10, TapEvent::Open),
+                record(&c, id * 10 + 1, data(C2U, 0, b"request")),
+            ];
+            s.write_batch(&batch, false).expect("write batch");
+            assert!(s.flows.len() <= 64);
+        }
+        assert_eq!(s.flows.forgotten() + s.flows.len() as u64, 1000);
+        assert!(s.flows.get(1000).is_some(), "the most recent is kept");
+        let (_, records, _) = complete(5000, "10.0.0.3:40000", "10.0.0.4:38000", 20_000);
+        s.write_batch(&records, false).expect("write batch");
+        assert!(s.flows.get(5000).is_none(), "state is forgotten at Close");
+        assert!(read(&path).len() > 3 * 1000);
     }
 
     #[test]

@@ -41,11 +41,11 @@
 //!   escapes and the timestamp are written from lookup tables, and the part of the line start
 //!   that names the connection is rendered once per connection.
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::record::{ConnMeta, Direction, TapEvent, TapRecord};
+use super::tracked::Tracked;
 
 /// Payloads whose share of non-text bytes is at most 1/`TEXT_BAD_RATIO` are shown as text.
 const TEXT_BAD_RATIO: usize = 32;
@@ -123,7 +123,7 @@ pub(crate) struct TextSink {
     /// (text the sink checked or built), and appending bytes spares a validation per piece.
     buf: Vec<u8>,
     /// Per connection id.
-    conns: HashMap<u64, ConnText>,
+    conns: Tracked<ConnText>,
     /// The timestamp up to the seconds (`2024-05-01T12:00:00`) of the last record's second.
     second: Option<(u64, String)>,
     /// The payload line lead (`  > `, coloured or not) per direction.
@@ -151,7 +151,7 @@ impl TextSink {
             palette,
             snaplen,
             buf: Vec::new(),
-            conns: HashMap::new(),
+            conns: Tracked::new(),
             second: None,
             leads,
             joined: Vec::new(),
@@ -324,7 +324,7 @@ impl TextSink {
                     );
                 }
                 self.header(record);
-                self.conns.remove(&id);
+                self.conns.remove(id);
                 let p = self.palette;
                 let _ = writeln!(
                     self.buf,
@@ -346,7 +346,7 @@ impl TextSink {
         // Connections with data have their name rendered once; other records (an Open, or a
         // Close whose connection sent nothing) format it here and leave no state behind, so a
         // lost Close leaks nothing for them.
-        match self.conns.get(&record.conn.id) {
+        match self.conns.get(record.conn.id) {
             Some(known) => self.buf.extend_from_slice(known.name.as_bytes()),
             None => {
                 let _ = write!(self.buf, "{}", conn_name(&record.conn));
@@ -391,7 +391,7 @@ impl TextSink {
     /// Takes the bytes held back for `dir` if a chunk at `offset` continues them (it starts
     /// where they end); otherwise leaves them to [`TextSink::catch_up`].
     fn take_held(&mut self, record: &TapRecord, dir: Direction, offset: u64) -> Held {
-        match self.conns.get_mut(&record.conn.id) {
+        match self.conns.get_mut(record.conn.id) {
             Some(conn) if conn.next[dir.index()] == offset => {
                 std::mem::take(&mut conn.held[dir.index()])
             }
@@ -406,7 +406,7 @@ impl TextSink {
         self.flush_held(record, dir);
         let expected = self
             .conns
-            .get(&record.conn.id)
+            .get(record.conn.id)
             .map_or(0, |c| c.next[dir.index()]);
         if offset <= expected {
             return;
@@ -446,7 +446,7 @@ impl TextSink {
     /// own: what comes next in that direction does not continue them, and they are shown before
     /// it, in stream order.
     fn flush_held(&mut self, record: &TapRecord, dir: Direction) {
-        let Some(conn) = self.conns.get_mut(&record.conn.id) else {
+        let Some(conn) = self.conns.get_mut(record.conn.id) else {
             return;
         };
         let held = std::mem::take(&mut conn.held[dir.index()]);
@@ -479,8 +479,8 @@ impl TextSink {
 
 /// The state of the record's connection, made on its first data (or gap). The name is taken
 /// from that record: a connection's `ConnMeta` does not change once it is proxying.
-fn conn_text<'a>(conns: &'a mut HashMap<u64, ConnText>, record: &TapRecord) -> &'a mut ConnText {
-    conns.entry(record.conn.id).or_insert_with(|| ConnText {
+fn conn_text<'a>(conns: &'a mut Tracked<ConnText>, record: &TapRecord) -> &'a mut ConnText {
+    conns.get_or_insert_with(record.conn.id, || ConnText {
         next: [0; 2],
         held: [Held::default(); 2],
         name: conn_name(&record.conn),
@@ -907,6 +907,30 @@ mod tests {
 
     const HEAD: &str = "2024-05-01T12:00:00.123456Z #7 10.0.0.1:50000 -> [2001:db8::2]:80 ";
 
+    /// Connections whose Close record was dropped leave their state behind: past the limit the
+    /// least recently heard of are forgotten, so the writer's memory stays bounded.
+    #[test]
+    fn connections_whose_close_was_lost_are_forgotten_past_the_limit() {
+        let mut s = sink(None);
+        s.conns = Tracked::with_limit(64);
+        for id in 1..=1000u64 {
+            let c = crate::tap::testutil::conn(id, "10.0.0.1:50000", "10.0.0.2:80");
+            let r = crate::tap::testutil::record(
+                &c,
+                id,
+                TapEvent::Data {
+                    dir: Direction::DownToUp,
+                    offset: 0,
+                    bytes: b"request\n".to_vec(),
+                },
+            );
+            s.write_batch(&[r]).expect("write");
+            assert!(s.conns.len() <= 64);
+        }
+        assert_eq!(s.conns.forgotten() + s.conns.len() as u64, 1000);
+        assert!(s.conns.get(1000).is_some(), "the most recent is kept");
+    }
+
     #[test]
     fn printable_payload_is_shown_line_by_line() {
         let mut s = sink(None);
@@ -1256,7 +1280,14 @@ mod tests {
                     }
                     assert_eq!(*out, expected, "{c} cut {cuts:b}, chunk {i}");
                 }
-                assert!(s.conns[&7].held.iter().all(|held| held.len == 0));
+                assert!(
+                    s.conns
+                        .get(7)
+                        .unwrap()
+                        .held
+                        .iter()
+                        .all(|held| held.len == 0)
+                );
             }
         }
     }
@@ -1404,7 +1435,7 @@ mod tests {
                  captured ...]\n"
             )
         );
-        assert_eq!(s.conns[&7].held[0].len, 0);
+        assert_eq!(s.conns.get(7).unwrap().held[0].len, 0);
         // Below snaplen it waits for the rest.
         let mut s = sink(Some(5));
         let outs = render_chunks(&mut s, &[b"ab\xe3\x82", b"\xb9"]);
