@@ -48,6 +48,12 @@ const SNAPLEN: u32 = 262_144;
 pub(crate) const MAX_SEGMENT: usize = 65_000;
 /// Unacknowledged bytes after which the receiver sends a pure ACK.
 const ACK_EVERY: u64 = 256 * 1024;
+/// A gap in a direction this long or longer is crossed in steps (see [`PcapSink::bridge`]): the
+/// window the SYNs offer (`WINDOW << WSCALE`, 1 GiB), well short of the 2^31 that sequence
+/// numbers can jump forward.
+const GAP_MAX: u64 = 1 << 30;
+/// The step crossing a long gap.
+const GAP_STEP: u64 = 1 << 29;
 /// Window scale shift offered in the SYNs.
 const WSCALE: u8 = 14;
 /// Options of both SYNs: MSS 65495, NOP, window scale 14.
@@ -389,6 +395,7 @@ impl PcapSink {
         offset: u64,
         payload: Payload<'_>,
     ) -> usize {
+        self.bridge(time, flow, dir, offset);
         let back = reverse(dir);
         let len = payload.len();
         let mut done = 0;
@@ -427,6 +434,24 @@ impl PcapSink {
         done
     }
 
+    /// Crosses a gap in `dir` (bytes not captured: beyond `snaplen`, or dropped) up to stream
+    /// offset `to` in steps Wireshark can follow. Sequence numbers are 32 bits, and it reads a
+    /// jump of 2^31 or more as going backwards (a retransmission, not a gap), so a gap of
+    /// [`GAP_MAX`] or more is crossed [`GAP_STEP`] at a time: at each step an empty segment at
+    /// the sequence number past it, and the other side's ACK.
+    fn bridge(&mut self, time: SystemTime, flow: &mut Flow, dir: Direction, to: u64) {
+        if flow.fin[dir.index()] {
+            return;
+        }
+        while to.saturating_sub(flow.next[dir.index()]) >= GAP_MAX {
+            flow.next[dir.index()] += GAP_STEP;
+            let back = reverse(dir);
+            let seg = Segment::control(dir, ACK, flow.snd_nxt(dir), flow.snd_nxt(back));
+            self.emit(time, flow, seg);
+            self.ack(time, flow, dir);
+        }
+    }
+
     /// The receiver of `dir` acknowledges everything written in `dir`.
     fn ack(&mut self, time: SystemTime, flow: &mut Flow, dir: Direction) {
         let back = reverse(dir);
@@ -439,6 +464,7 @@ impl PcapSink {
         if flow.fin[dir.index()] || flow.reset {
             return;
         }
+        self.bridge(time, flow, dir, offset);
         let next = &mut flow.next[dir.index()];
         *next = (*next).max(offset);
         let back = reverse(dir);
@@ -453,6 +479,7 @@ impl PcapSink {
             return;
         }
         let dir = side.outgoing();
+        self.bridge(time, flow, dir, offsets[dir.index()]);
         let next = &mut flow.next[dir.index()];
         *next = (*next).max(offsets[dir.index()]);
         let back = reverse(dir);
@@ -467,6 +494,7 @@ impl PcapSink {
     /// the other.
     fn abort(&mut self, time: SystemTime, flow: &mut Flow, offsets: [u64; 2]) {
         for dir in Direction::BOTH {
+            self.bridge(time, flow, dir, offsets[dir.index()]);
             let next = &mut flow.next[dir.index()];
             *next = (*next).max(offsets[dir.index()]);
         }
@@ -1251,6 +1279,70 @@ mod tests {
         s.write_batch(&records, false).expect("write batch");
         assert!(s.flows.get(5000).is_none(), "state is forgotten at Close");
         assert!(read(&path).len() > 3 * 1000);
+    }
+
+    /// A gap of 2 GiB or more in a direction (beyond `snaplen`, or dropped) would make the
+    /// sequence numbers jump by 2^31 or more, which Wireshark reads as going backwards (a
+    /// retransmission): it is crossed in steps, so tshark reports uncaptured segments and no
+    /// retransmission. (Its "Follow TCP Stream" measures a gap between data segments in 32
+    /// bits, so it still cannot show the bytes after a gap of 2 GiB or more.)
+    #[test]
+    fn a_gap_of_gigabytes_reads_as_a_gap() {
+        const GIB: u64 = 1 << 30;
+        let dir = TempDir::new("pcap-big-gap");
+        let path = dir.path().join("cap.pcap");
+        let mut s = sink(&path, None, 1);
+        let c = conn(1, "10.0.0.1:50000", "10.0.0.2:80");
+        let records = [
+            record(&c, 0, TapEvent::Open),
+            record(&c, 1, data(C2U, 0, b"GET /big\r\n")),
+            record(&c, 2, data(U2C, 0, &[b'a'; 1000])),
+            // 3 GiB not captured, then the tail, then 2.5 GiB more and the end.
+            record(&c, 3, data(U2C, 3 * GIB, b"tail")),
+            record(
+                &c,
+                4,
+                TapEvent::Fin {
+                    dir: U2C,
+                    offset: 5 * GIB + GIB / 2,
+                },
+            ),
+            record(
+                &c,
+                5,
+                TapEvent::Fin {
+                    dir: C2U,
+                    offset: 10,
+                },
+            ),
+            record(
+                &c,
+                6,
+                TapEvent::Close {
+                    kind: CloseKind::Normal,
+                    offsets: [10, 5 * GIB + GIB / 2],
+                    dropped_records: 0,
+                    dropped_bytes: 0,
+                },
+            ),
+        ];
+        s.write_batch(&records, false).expect("write batch");
+        // Each direction's sequence numbers only move forward, by less than 2^31 at a time.
+        let pkts = read(&path);
+        let mut last: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+        for p in &pkts {
+            if let Some(prev) = last.insert(p.src, p.seq) {
+                let step = p.seq.wrapping_sub(prev);
+                assert!(step < 1 << 31, "{} jumps by {step}", p.src);
+            }
+        }
+        let Some((follows, text)) = tshark(&path, 1) else {
+            return;
+        };
+        let expert = text.to_lowercase();
+        assert!(!expert.contains("retransmission"), "{text}");
+        assert!(expert.contains("not captured"), "{text}");
+        assert!(follows[0].2.starts_with(&[b'a'; 1000]), "{text}");
     }
 
     #[test]
