@@ -41,6 +41,8 @@
 //!   escapes and the timestamp are written from lookup tables, and the part of the line start
 //!   that names the connection is rendered once per connection.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -114,6 +116,9 @@ struct ConnText {
     name: String,
 }
 
+/// Where a connection's log stands: [`ConnText::next`] and [`ConnText::held`].
+type Position = ([u64; 2], [Held; 2]);
+
 /// Renders records into text and writes each batch with one `write_all`.
 pub(crate) struct TextSink {
     out: Box<dyn Write + Send>,
@@ -133,6 +138,9 @@ pub(crate) struct TextSink {
     /// When this process opened the log file, until the line saying so is written (see
     /// [`TextSink::opening_line`]).
     opened: Option<SystemTime>,
+    /// For each connection of the batch being written, its state before the batch (none for a
+    /// connection the batch starts): what a failed write puts back.
+    before: HashMap<u64, Option<Position>>,
 }
 
 impl TextSink {
@@ -156,6 +164,7 @@ impl TextSink {
             leads,
             joined: Vec::new(),
             opened: None,
+            before: HashMap::new(),
         }
     }
 
@@ -185,7 +194,12 @@ impl TextSink {
                 std::process::id()
             );
         }
+        self.before.clear();
         for record in batch {
+            let id = record.conn.id;
+            if let Entry::Vacant(slot) = self.before.entry(id) {
+                slot.insert(self.conns.get(id).map(|c| (c.next, c.held)));
+            }
             self.render(record);
         }
         let result = self
@@ -194,11 +208,33 @@ impl TextSink {
             .and_then(|()| self.out.flush());
         if result.is_ok() {
             self.opened = None;
+        } else {
+            self.undo_batch();
         }
         if self.buf.capacity() > 16 << 20 {
             self.buf = Vec::new();
         }
         result
+    }
+
+    /// After a failed write (the file is cut back to before the batch): each connection's
+    /// offsets go back to where they were, so that its next record shows the bytes the batch
+    /// held as not captured, rather than going on as if they had been written. A connection the
+    /// batch started is forgotten (its next record shows the gap from the start); one the batch
+    /// closed stays closed.
+    fn undo_batch(&mut self) {
+        for (id, saved) in self.before.drain() {
+            match saved {
+                Some((next, held)) => {
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        (conn.next, conn.held) = (next, held);
+                    }
+                }
+                None => {
+                    self.conns.remove(id);
+                }
+            }
+        }
     }
 
     /// Appends the text of one record to the buffer.
@@ -906,6 +942,73 @@ mod tests {
     }
 
     const HEAD: &str = "2024-05-01T12:00:00.123456Z #7 10.0.0.1:50000 -> [2001:db8::2]:80 ";
+
+    /// An output whose writes fail while `fail` is set, keeping what it was given otherwise.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The bytes of a batch whose write failed (a full disk: the file is cut back to before it)
+    /// are shown as not captured at the connection's next record, not skipped over as if they
+    /// had been written; a connection the failed batch started shows them from its start.
+    #[test]
+    fn a_failed_write_leaves_a_gap_marker_not_a_silent_jump() {
+        let flaky = Flaky::default();
+        let mut s = TextSink::new(Box::new(flaky.clone()), false, None);
+        let c = crate::tap::testutil::conn(7, "10.0.0.1:50000", "[2001:db8::2]:80");
+        let d = crate::tap::testutil::conn(8, "10.0.0.1:50001", "[2001:db8::2]:80");
+        let data = |c, t, offset, bytes: &[u8]| {
+            let event = TapEvent::Data {
+                dir: Direction::DownToUp,
+                offset,
+                bytes: bytes.to_vec(),
+            };
+            crate::tap::testutil::record(c, t, event)
+        };
+        s.write_batch(&[data(&c, 1, 0, b"first\n")]).unwrap();
+        flaky.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lost = [data(&c, 2, 6, b"second...\n"), data(&d, 3, 0, b"new one\n")];
+        assert!(s.write_batch(&lost).is_err());
+        flaky
+            .fail
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        s.write_batch(&[data(&c, 4, 16, b"third\n"), data(&d, 5, 8, b"more\n")])
+            .unwrap();
+        let text = String::from_utf8(flaky.out.lock().unwrap().clone()).unwrap();
+        assert!(
+            !text.contains("second") && !text.contains("new one"),
+            "{text}"
+        );
+        let gaps: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("not captured"))
+            .collect();
+        assert_eq!(gaps.len(), 2, "{text}");
+        assert!(
+            gaps[0].contains("#7 ") && gaps[0].contains("[... 10 bytes"),
+            "{text}"
+        );
+        assert!(
+            gaps[1].contains("#8 ") && gaps[1].contains("[... 8 bytes"),
+            "{text}"
+        );
+    }
 
     /// Connections whose Close record was dropped leave their state behind: past the limit the
     /// least recently heard of are forgotten, so the writer's memory stays bounded.
