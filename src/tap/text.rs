@@ -41,13 +41,12 @@
 //!   escapes and the timestamp are written from lookup tables, and the part of the line start
 //!   that names the connection is rendered once per connection.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::record::{ConnMeta, Direction, TapEvent, TapRecord};
-use super::tracked::Tracked;
+use super::tracked::{IdMap, Tracked};
 
 /// Payloads whose share of non-text bytes is at most 1/`TEXT_BAD_RATIO` are shown as text.
 const TEXT_BAD_RATIO: usize = 32;
@@ -140,7 +139,7 @@ pub(crate) struct TextSink {
     opened: Option<SystemTime>,
     /// For each connection of the batch being written, its state before the batch (none for a
     /// connection the batch starts): what a failed write puts back.
-    before: HashMap<u64, Option<Position>>,
+    before: IdMap<Option<Position>>,
 }
 
 impl TextSink {
@@ -164,7 +163,7 @@ impl TextSink {
             leads,
             joined: Vec::new(),
             opened: None,
-            before: HashMap::new(),
+            before: IdMap::default(),
         }
     }
 
