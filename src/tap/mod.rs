@@ -397,9 +397,15 @@ impl GuardInner {
                 }
             }
             Flushed::Panicked => {
-                // The thread ended without signalling: it panicked.
+                // The thread ended without signalling: it panicked, leaving what was queued
+                // unwritten.
                 let _ = self.thread.join();
-                warn!("tap writer thread panicked; the capture may be incomplete");
+                let (records, bytes) = self.shared.abandon();
+                warn!(
+                    "tap {}: the writer thread panicked; {records} queued records ({bytes} \
+                     payload bytes) abandoned, counted as dropped",
+                    label()
+                );
             }
             Flushed::TimedOut => {
                 let (records, bytes) = self.shared.abandon();
@@ -588,6 +594,30 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::testutil::{TempDir, conn};
+
+    /// A writer that died (panicked) with records queued: they count as dropped, as they do
+    /// when a stuck writer is given up on, so queued = written + dropped still holds.
+    #[test]
+    fn records_a_panicked_writer_left_count_as_dropped() {
+        let shared = Arc::new(Shared::new(1 << 20, false));
+        shared.records_queued.store(5, Ordering::Relaxed);
+        shared.bytes_queued.store(300, Ordering::Relaxed);
+        let (tx, _rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _done = done_tx;
+            panic!("a writer bug (expected by this test)");
+        });
+        let inner = GuardInner {
+            tx,
+            shared: Arc::clone(&shared),
+            done,
+            finished: false,
+            thread,
+        };
+        let stats = inner.shutdown(Duration::from_secs(5), None);
+        assert_eq!((stats.dropped_records, stats.dropped_bytes), (5, 300));
+    }
     use super::*;
     use std::ffi::CString;
     use std::fs::OpenOptions;
