@@ -182,6 +182,12 @@ impl Shared {
         self.count_drops(1, payload as u64);
     }
 
+    /// Counts `payload` bytes of a record that is written all the same (a teed record whose
+    /// pipe came up short): the record itself counts as written, once.
+    pub(crate) fn count_missing(&self, payload: usize) {
+        self.count_drops(0, payload as u64);
+    }
+
     /// The writer is done with admitted records (written or counted as dropped).
     pub(crate) fn settle(&self, records: u64, payload: u64) {
         self.settled_records.fetch_add(records, Ordering::Relaxed);
@@ -708,6 +714,18 @@ mod tests {
 
     fn conn() -> Arc<ConnMeta> {
         crate::tap::testutil::conn(7, "127.0.0.1:1", "127.0.0.1:2")
+    }
+
+    /// A teed record whose pipe came up short is written (shorter): its missing bytes count as
+    /// dropped, the record itself only as written, so records written + dropped still equal
+    /// records queued.
+    #[test]
+    fn bytes_missing_from_a_written_record_count_but_the_record_does_not() {
+        let shared = Shared::new(1 << 20, false);
+        shared.count_missing(6);
+        shared.count_drop(10);
+        let s = shared.stats();
+        assert_eq!((s.dropped_records, s.dropped_bytes), (1, 16));
     }
 
     #[test]

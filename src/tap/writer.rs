@@ -211,7 +211,7 @@ impl Writer {
                         admitted += teed.len as u64;
                         let (record, missing) = teed.into_record();
                         if missing > 0 {
-                            self.shared.count_drop(missing);
+                            self.shared.count_missing(missing);
                         }
                         batch.push(Entry::Record(record));
                         cost += c;
@@ -323,7 +323,7 @@ impl Writer {
         if let Some(pcap) = &mut self.pcap {
             let result = pcap.write_entries(batch, more_queued);
             for lost in pcap.take_missing() {
-                self.shared.count_drop(lost);
+                self.shared.count_missing(lost);
                 missing += lost as u64;
             }
             if let Err(err) = result {
