@@ -1716,6 +1716,10 @@ impl Worker {
             let pair = &mut self.pairs[key];
             pair.backend = Some(idx);
             pair.tried.push(idx);
+            // The set the backend was counted in: a reload may have replaced the route's set
+            // since this client was accepted (while its PROXY header was awaited), and its
+            // close must be counted in the set its open was.
+            pair.set_epoch = self.routes[route_idx].set_epoch;
             addr
         };
         let route = &self.routes[route_idx].config;

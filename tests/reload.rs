@@ -659,3 +659,54 @@ also_with_two_workers!(
     a_reload_renames_routes_and_swaps_their_addresses,
     a_reload_keeps_the_health_of_upstreams_it_does_not_change,
 );
+
+/// A client accepted before a reload replaced its route's upstreams, whose connect waits for its
+/// PROXY header until after the reload, is counted in the set its backend was picked from: once
+/// it is done, least-connections balancing goes on over both upstreams (its close used to be
+/// counted against the old set, leaving its backend one connection busier for good).
+#[test]
+fn a_client_that_connects_after_a_reload_is_counted_in_the_new_set() {
+    let (one, two) = (tagged(1), tagged(2));
+    let dir = TempDir::new("reload-epoch");
+    let path = dir.path("proxy.toml");
+    let config = |ups: [SocketAddr; 2]| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n\
+             upstreams = [\"{}\", \"{}\"]\npolicy = \"least_connections\"\n\
+             accept_proxy_protocol = true\n",
+            ups[0], ups[1]
+        )
+    };
+    let header = b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 80\r\n";
+    let ask_with_header = |addr: SocketAddr| {
+        let mut c = connect(addr);
+        c.write_all(header).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        read_to_end(&mut c, PROMPT).unwrap()[0]
+    };
+    write_file(&path, &config([one.addr, two.addr]));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let admin = proxy.admin_addr();
+    // A client that has not sent its header yet, once the proxy holds it.
+    let mut pending = connect(proxy.addr());
+    let port = format!(":{}\"", pending.local_addr().unwrap().port());
+    let deadline = std::time::Instant::now() + PROMPT;
+    while !http_get(admin, "/connections").1.contains(&port) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client was not accepted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Same upstreams, another order: a new set.
+    write_file(&path, &config([two.addr, one.addr]));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    pending.write_all(header).unwrap();
+    pending.shutdown(Shutdown::Write).unwrap();
+    let tag = read_to_end(&mut pending, PROMPT).unwrap()[0];
+    assert!(tag == 1 || tag == 2);
+    drop(pending);
+    let tags: Vec<u8> = (0..8).map(|_| ask_with_header(proxy.addr())).collect();
+    assert!(tags.contains(&1) && tags.contains(&2), "{tags:?}");
+}
