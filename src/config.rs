@@ -1288,12 +1288,20 @@ impl Config {
             Some(Toggle::Flag(true)) => Some(Duration::from_secs(60)),
             Some(Toggle::Text(t)) => file_ctx.optional_duration("socket.keepalive", t)?,
         };
-        // Linux takes TCP_KEEPIDLE and TCP_KEEPINTVL in whole seconds up to 32767.
+        // Linux takes TCP_KEEPIDLE and TCP_KEEPINTVL in whole seconds, from 1 up to 32767: a
+        // fraction is rounded up (as `defer_accept` is), and under a second is an error here
+        // rather than an EINVAL when the first socket is made.
         let keepalive_secs = |key: &str, d: Duration| {
-            if d > Duration::from_secs(32_767) {
+            let whole = Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0));
+            if d < Duration::from_secs(1) {
+                Err(file_ctx.invalid(
+                    key,
+                    "must be at least 1s (the kernel counts it in whole seconds)",
+                ))
+            } else if whole > Duration::from_secs(32_767) {
                 Err(file_ctx.invalid(key, "must be at most 32767s (about 9 hours)"))
             } else {
-                Ok(d)
+                Ok(whole)
             }
         };
         let keepalive = match keepalive {
@@ -1791,6 +1799,29 @@ mod tests {
         assert!(
             e.contains("socket.keepalive_interval") && e.contains("32767"),
             "{e}"
+        );
+        // Under a second the kernel refuses (it counts whole seconds): said here, by key.
+        let e = err(&with("keepalive = \"500ms\"\n"));
+        assert!(
+            e.contains("socket.keepalive") && e.contains("at least 1s"),
+            "{e}"
+        );
+        let e = err(&with(
+            "keepalive = \"60s\"\nkeepalive_interval = \"100ms\"\n",
+        ));
+        assert!(
+            e.contains("socket.keepalive_interval") && e.contains("at least 1s"),
+            "{e}"
+        );
+        // A fraction is rounded up.
+        let c = parse(&with(
+            "keepalive = \"1500ms\"\nkeepalive_interval = \"2.5s\"\n",
+        ))
+        .unwrap();
+        let k = c.socket.keepalive.unwrap();
+        assert_eq!(
+            (k.idle, k.interval),
+            (Duration::from_secs(2), Duration::from_secs(3))
         );
     }
 
