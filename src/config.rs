@@ -230,6 +230,9 @@ pub struct Route {
     pub upstream_set: UpstreamSpec,
     /// Connections this route may hold at once (default: the global limit).
     pub max_connections: usize,
+    /// The route sets `max_connections` itself; else it follows the global limit, which a
+    /// reload does not change.
+    pub own_max_connections: bool,
     /// Time allowed for the upstream connect.
     pub connect_timeout: Duration,
     /// Close a pair after this long without a byte in either direction (`None`: never).
@@ -1362,6 +1365,7 @@ impl Config {
                     upstream: upstream_set.addresses(),
                     upstream_set,
                     max_connections,
+                    own_max_connections: false,
                     connect_timeout,
                     idle_timeout,
                     defer_accept,
@@ -1415,6 +1419,7 @@ impl Config {
                         accept_proxy_protocol: modes.accept_proxy_protocol,
                         proxy_protocol_timeout: modes.proxy_protocol_timeout,
                         max_connections: route_max,
+                        own_max_connections: r.max_connections.is_some(),
                         connect_timeout: match &r.connect_timeout {
                             Some(t) => file_ctx.positive_duration(&key("connect_timeout"), t)?,
                             None => connect_timeout,

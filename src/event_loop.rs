@@ -2522,9 +2522,14 @@ fn prepare_reload(
     path: &std::path::Path,
     overrides: &Overrides,
 ) -> Result<(), String> {
-    let new = Config::load(path, overrides).map_err(|e| e.to_string())?;
+    let mut new = Config::load(path, overrides).map_err(|e| e.to_string())?;
     if let Some(note) = new.overridden_note() {
         warn!("reload: {note}");
+    }
+    // The global `max_connections` changes at the next restart (said below), so a route without
+    // a limit of its own keeps following the one in force, not the file's new one.
+    for r in new.routes.iter_mut().filter(|r| !r.own_max_connections) {
+        r.max_connections = shared.config.max_connections;
     }
     // The new limit applies now, to pipes of the size in force until the restart.
     let one_pipe = crate::splice::pipe_cost(shared.config.splice_pipe_size);

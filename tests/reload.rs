@@ -710,3 +710,37 @@ fn a_client_that_connects_after_a_reload_is_counted_in_the_new_set() {
     let tags: Vec<u8> = (0..8).map(|_| ask_with_header(proxy.addr())).collect();
     assert!(tags.contains(&1) && tags.contains(&2), "{tags:?}");
 }
+
+/// The global `max_connections` changes at the next restart, as the reload's warning says:
+/// also for a route without a limit of its own, which follows the global one (a reload used to
+/// give such a route the file's new global value at once).
+#[test]
+fn a_reload_keeps_the_global_connection_limit_for_routes_without_their_own() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("reload-limit");
+    let path = dir.path("proxy.toml");
+    let config = |max: usize| {
+        format!(
+            "max_connections = {max}\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"{}\"\n",
+            echo.addr
+        )
+    };
+    let echoes = |c: &mut TcpStream, msg: &[u8]| {
+        c.write_all(msg).unwrap();
+        assert_eq!(read_n(c, msg.len(), PROMPT).unwrap(), msg);
+    };
+    write_file(&path, &config(2));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let mut first = connect(proxy.addr());
+    echoes(&mut first, b"one");
+    write_file(&path, &config(1));
+    proxy.signal(SIGHUP);
+    let line = proxy.wait_log("`max_connections` changes from 2 to 1", PROMPT);
+    assert!(line.contains("at the next restart"), "{line}");
+    proxy.wait_log("configuration generation 2", PROMPT);
+    // Two connections at once are still allowed.
+    let mut second = connect(proxy.addr());
+    echoes(&mut second, b"two");
+    assert_eq!(proxy.count_log("accepting paused"), 0, "{}", proxy.logs());
+}
