@@ -57,7 +57,7 @@ use crate::splice::PipePool;
 use crate::stats::Stats;
 use crate::tap::{ConnMeta, Direction, Side, TapConfig, TapHandle, TapSet, TapStats};
 use crate::upstream::{
-    AddressUpdate, Health, Prober, ResolveTarget, Resolver, Subscriber, UpstreamSet,
+    AddressUpdate, Health, HealthBoard, Prober, ResolveTarget, Resolver, Subscriber, UpstreamSet,
 };
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
@@ -115,7 +115,12 @@ struct Shared {
     /// appends).
     route_names: Arc<RwLock<Vec<String>>>,
     /// The routes in force, indexed like the workers' routes; `None` once removed by a reload.
+    /// A reload holds it while it prepares, which can take a while (a new tap may wait for a
+    /// writer still flushing): `/metrics` reads `health_boards` instead.
     current_routes: Mutex<Vec<Option<Route>>>,
+    /// The health boards of the routes in force that have health checks, by route name, for
+    /// `/metrics`: replaced, not held, by a reload.
+    health_boards: Mutex<Vec<(String, HealthBoard)>>,
     /// Where a reload reads the config from (none for a command-line-only config).
     reload_source: Mutex<Option<(PathBuf, Overrides)>>,
     /// Set while a reload is being prepared (one at a time).
@@ -355,6 +360,7 @@ impl Server {
                 config.routes.iter().map(|r| r.name.clone()).collect(),
             )),
             current_routes: Mutex::new(config.routes.iter().cloned().map(Some).collect()),
+            health_boards: Mutex::new(health_boards(config.routes.iter())),
             reload_source: Mutex::new(None),
             reloading: AtomicBool::new(false),
             reload_pending: AtomicBool::new(false),
@@ -510,7 +516,7 @@ impl Server {
                     extra: Box::new(move || extra_gauges(taps.stats(), access.as_ref())),
                     upstreams: {
                         let shared = shared.clone();
-                        Box::new(move || upstream_health(&lock(&shared.current_routes)))
+                        Box::new(move || upstream_health(&lock(&shared.health_boards)))
                     },
                     loops,
                     snapshot_timeout: admin::DEFAULT_SNAPSHOT_TIMEOUT,
@@ -2784,6 +2790,7 @@ fn prepare_reload(
         }
     }
     refit_fd_budget(&shared.config, &current, shared.max_connections);
+    *lock(&shared.health_boards) = health_boards(current.iter().flatten());
     let memory = &shared.metrics.splice_memory;
     if memory.limit() != new.splice_memory_limit {
         info!(
@@ -2890,13 +2897,20 @@ fn lock_write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 /// The health of every backend of the routes in force that have health checks, as their
 /// probing loop last published it.
-fn upstream_health(routes: &[Option<Route>]) -> Vec<UpstreamUp> {
-    let checked = routes.iter().flatten();
-    let checked = checked.filter(|r| r.upstream_set.health_check.is_some());
-    checked
-        .flat_map(|r| {
-            (r.upstream_set.board.entries().into_iter()).map(|e| UpstreamUp {
-                route: r.name.clone(),
+/// The health boards of `routes` that have health checks, by route name.
+fn health_boards<'a>(routes: impl Iterator<Item = &'a Route>) -> Vec<(String, HealthBoard)> {
+    routes
+        .filter(|r| r.upstream_set.health_check.is_some())
+        .map(|r| (r.name.clone(), r.upstream_set.board.clone()))
+        .collect()
+}
+
+fn upstream_health(boards: &[(String, HealthBoard)]) -> Vec<UpstreamUp> {
+    boards
+        .iter()
+        .flat_map(|(route, board)| {
+            board.entries().into_iter().map(|e| UpstreamUp {
+                route: route.clone(),
                 upstream: e.name,
                 address: e.addr.to_string(),
                 up: e.health == Health::Up,

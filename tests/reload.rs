@@ -744,3 +744,60 @@ fn a_reload_keeps_the_global_connection_limit_for_routes_without_their_own() {
     echoes(&mut second, b"two");
     assert_eq!(proxy.count_log("accepting paused"), 0, "{}", proxy.logs());
 }
+
+/// A reload that opens again the file of a tap writer still stuck in it (a FIFO whose reader
+/// stopped reading) waits for that writer, up to `drain_timeout`. `/metrics` answers meanwhile:
+/// the reload used to hold the lock that `/metrics` read the routes' upstream health under.
+#[test]
+fn metrics_answer_while_a_reload_waits_for_a_stuck_tap_writer() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("reload-stuck-tap");
+    let fifo = dir.path("stuck");
+    mkfifo(&fifo);
+    let _reader = open_fifo_reader(&fifo);
+    let path = dir.path("proxy.toml");
+    let config = |tap: &str| {
+        format!(
+            "drain_timeout = \"4s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nname = \"r\"\n\
+             listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n{tap}",
+            echo.addr
+        )
+    };
+    let tap = |queue: &str| {
+        format!(
+            "[route.tap]\nlog = \"{}\"\nqueue_size = \"{queue}\"\n",
+            fifo.display()
+        )
+    };
+    write_file(&path, &config(&tap("1 MiB")));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    let admin = proxy.admin_addr();
+    // A log of 512 KiB is many times what the FIFO holds: the writer blocks in it.
+    let bulk = Pattern::bytes(3, 512 << 10);
+    let mut c = connect(proxy.addr());
+    c.write_all(&bulk).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), bulk);
+    // The tap off: its writer, still stuck, is no longer used.
+    write_file(&path, &config(""));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    // Back on the same FIFO with other settings: the reload waits for the stuck writer.
+    write_file(&path, &config(&tap("2 MiB")));
+    proxy.signal(SIGHUP);
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        let t = std::time::Instant::now();
+        let (status, body) = http_get(admin, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "/metrics took {:?} during the reload",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The writer is still stuck when the wait ends: the reload is rejected, naming the file.
+    let line = proxy.wait_log("reload rejected", Duration::from_secs(10));
+    assert!(line.contains("stuck"), "{line}");
+}

@@ -456,12 +456,6 @@ fn logging_to(upstream: SocketAddr, log: &Path) -> Proxy {
     )
 }
 
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-}
-
 /// Time to push `len` bytes through `addr` into a discarding upstream.
 fn transfer_time(addr: SocketAddr, len: usize) -> Duration {
     let mut c = connect(addr);
@@ -1015,16 +1009,6 @@ fn echo_until_logged(proxy: &Proxy, needle: &str, msg: &[u8], max: usize) -> usi
         echo_once(proxy.addr(), msg);
     }
     unreachable!()
-}
-
-/// Opens the FIFO `path` for reading without waiting for a writer.
-fn open_fifo_reader(path: &Path) -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .unwrap()
 }
 
 /// The client → proxy bytes of `client`'s conversation in a capture.
