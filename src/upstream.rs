@@ -101,12 +101,21 @@ impl Default for HealthCheck {
 }
 
 /// One entry of `upstreams` (or the single `upstream`): the text as written and what it resolved to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub struct UpstreamTarget {
     /// `host:port` or `ip:port` as written; the resolver looks it up again by this name.
     pub name: String,
     /// The addresses it resolved to at startup, in resolver order.
     pub addrs: Vec<SocketAddr>,
+}
+
+/// The same name resolving to the same addresses, in any order: DNS servers rotate their
+/// answers, and a reload that finds them in another order keeps the route's upstreams (and
+/// their health) as they are.
+impl PartialEq for UpstreamTarget {
+    fn eq(&self, other: &UpstreamTarget) -> bool {
+        self.name == other.name && same_set(&self.addrs, &other.addrs)
+    }
 }
 
 impl UpstreamTarget {
@@ -1342,6 +1351,25 @@ mod tests {
         assert_eq!(set.pick(), Some(0));
         assert_eq!(set.next_after_failure(&[0]), Some(2));
         assert_eq!(set.next_after_failure(&[0, 2]), Some(1));
+    }
+
+    #[test]
+    fn targets_resolving_to_the_same_addresses_in_another_order_are_equal() {
+        let t = |name: &str, addrs: &[u16]| UpstreamTarget {
+            name: name.into(),
+            addrs: addrs.iter().map(|&p| addr(p)).collect(),
+        };
+        assert_eq!(t("a:80", &[1, 2, 3]), t("a:80", &[3, 1, 2]));
+        assert_ne!(t("a:80", &[1, 2, 3]), t("a:80", &[1, 2]));
+        assert_ne!(t("a:80", &[1, 2]), t("b:80", &[1, 2]));
+        let spec = |targets| UpstreamSpec {
+            targets,
+            ..UpstreamSpec::default()
+        };
+        assert_eq!(
+            spec(vec![t("a:80", &[1, 2]), t("b:80", &[3])]),
+            spec(vec![t("a:80", &[2, 1]), t("b:80", &[3])])
+        );
     }
 
     #[test]
