@@ -411,6 +411,9 @@ pub struct UpstreamSet {
     check: Option<HealthCheck>,
     /// Target names in config order: the first element of a backend's `rank`.
     names: Vec<String>,
+    /// What each name resolves to now, indexed like `names`: an address two names share
+    /// stays while either still resolves to it.
+    resolved: Vec<Vec<SocketAddr>>,
     backends: Vec<Backend>,
     /// Round-robin position: the next index to consider.
     cursor: usize,
@@ -436,6 +439,7 @@ impl UpstreamSet {
             attempts: spec.connect_attempts.map(|n| n.max(1)),
             check: spec.health_check,
             names: spec.targets.iter().map(|t| t.name.clone()).collect(),
+            resolved: spec.targets.iter().map(|t| t.addrs.clone()).collect(),
             backends,
             cursor: 0,
             board: spec.board.clone(),
@@ -609,11 +613,25 @@ impl UpstreamSet {
             );
             return false;
         }
+        self.resolved[pos] = addrs.to_vec();
         let mut removed = Vec::new();
         for b in self.backends.iter_mut() {
             if b.live && b.name == name && !addrs.contains(&b.addr) {
-                b.live = false;
-                removed.push(b.addr);
+                // Another name that still resolves to it keeps it (the first such, in config
+                // order), with its health and counts.
+                let other = (self.resolved.iter().enumerate())
+                    .filter(|&(k, _)| k != pos)
+                    .find_map(|(k, list)| Some((k, list.iter().position(|&a| a == b.addr)?)));
+                match other {
+                    Some((k, j)) => {
+                        b.name = self.names[k].clone();
+                        b.rank = (k, j);
+                    }
+                    None => {
+                        b.live = false;
+                        removed.push(b.addr);
+                    }
+                }
             }
         }
         let mut added = Vec::new();
@@ -1370,6 +1388,43 @@ mod tests {
             spec(vec![t("a:80", &[1, 2]), t("b:80", &[3])]),
             spec(vec![t("a:80", &[2, 1]), t("b:80", &[3])])
         );
+    }
+
+    /// Two names resolving to one address share one backend, kept while either still resolves
+    /// to it: when the name it was filed under moves, the other keeps it, health and counts.
+    #[test]
+    fn an_address_two_names_share_stays_while_either_resolves_to_it() {
+        let t = |name: &str, addrs: Vec<SocketAddr>| UpstreamTarget {
+            name: name.into(),
+            addrs,
+        };
+        let s = UpstreamSpec {
+            targets: vec![t("a.test:80", vec![addr(1)]), t("b.test:80", vec![addr(1)])],
+            ..UpstreamSpec::default()
+        };
+        let mut set = UpstreamSet::new("r", &s);
+        assert_eq!(set.backends().count(), 1);
+        set.on_open(0);
+        // `a` moves; `b` still resolves to addr(1).
+        assert!(set.replace_addresses("a.test:80", &[addr(2)]));
+        let live: Vec<SocketAddr> = (set.backends())
+            .filter(|(_, b)| b.is_live())
+            .map(|(_, b)| b.addr())
+            .collect();
+        assert_eq!(live.len(), 2, "{live:?}");
+        assert!(
+            live.contains(&addr(1)) && live.contains(&addr(2)),
+            "{live:?}"
+        );
+        let kept = set.backend(0).unwrap();
+        assert_eq!(
+            (kept.addr(), kept.active()),
+            (addr(1), 1),
+            "the same backend"
+        );
+        // Now `b` moves too: addr(1) goes.
+        assert!(set.replace_addresses("b.test:80", &[addr(3)]));
+        assert!(!set.backend(0).unwrap().is_live());
     }
 
     #[test]
