@@ -2603,6 +2603,22 @@ fn prepare_reload(
         }
     }
     let key = |r: &Route| (r.name.clone(), r.listen);
+    // `transparent` is a property of the listener (`IP_TRANSPARENT`, set when it is bound), and
+    // it decides how the original destination is read: a route this reload keeps, with its
+    // listener, keeps it too until the next restart.
+    for r in new.routes.iter_mut() {
+        let Some(o) = current.iter().flatten().find(|o| key(o) == key(r)) else {
+            continue;
+        };
+        if o.transparent != r.transparent {
+            warn!(
+                "reload: route `{}`: `transparent` changes from {} to {} at the next restart, \
+                 not now (its listener stays as it was bound)",
+                r.name, o.transparent, r.transparent
+            );
+            r.transparent = o.transparent;
+        }
+    }
     let mut changes: Vec<Vec<RouteChange>> = (0..workers).map(|_| Vec::new()).collect();
     let mut summary = (0, 0, 0);
     // Writers in use (by a route, or by open connections of a removed route: they still hold

@@ -801,3 +801,34 @@ fn metrics_answer_while_a_reload_waits_for_a_stuck_tap_writer() {
     let line = proxy.wait_log("reload rejected", Duration::from_secs(10));
     assert!(line.contains("stuck"), "{line}");
 }
+
+/// `transparent` is a property of a route's listener (`IP_TRANSPARENT`, set when it is bound):
+/// a reload that flips it on a route it keeps says it changes at the next restart, and the route
+/// goes on as it was (it used to switch how the original destination is read, under a listener
+/// bound the other way).
+#[test]
+fn a_reload_that_flips_transparent_on_a_kept_route_waits_for_the_restart() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("reload-transparent");
+    let path = dir.path("proxy.toml");
+    let config = |transparent: bool| {
+        format!(
+            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+             transparent = {transparent}\n",
+            echo.addr
+        )
+    };
+    write_file(&path, &config(false));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
+    write_file(&path, &config(true));
+    proxy.signal(SIGHUP);
+    let line = proxy.wait_log("`transparent` changes from false to true", PROMPT);
+    assert!(
+        line.contains("route `r`") && line.contains("next restart"),
+        "{line}"
+    );
+    proxy.wait_log("configuration generation 2", PROMPT);
+    let mut c = connect(proxy.addr());
+    c.write_all(b"still proxied").unwrap();
+    assert_eq!(read_n(&mut c, 13, PROMPT).unwrap(), b"still proxied");
+}
