@@ -2720,6 +2720,16 @@ fn prepare_reload(
             }
         }
     }
+    // So is every file a writer still finishing writes (see `TapSet::start`): waited for, all
+    // within one wait, and one still stuck then rejects the reload before any tap has started.
+    let free_by = Instant::now() + finish_wait;
+    for r in &new.routes {
+        let Some(tc) = &r.tap else { continue };
+        if shared.taps.find(tc).is_some() || shared.taps.find_on_file(tc).is_some() {
+            continue; // a running writer is used: nothing is opened again
+        }
+        (shared.taps.wait_free(tc, free_by)).map_err(|e| format!("route `{}`: {e}", r.name))?;
+    }
     // Removed and updated routes.
     for (index, slot) in current.iter().enumerate() {
         let Some(old) = slot else { continue };

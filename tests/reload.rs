@@ -832,3 +832,49 @@ fn a_reload_that_flips_transparent_on_a_kept_route_waits_for_the_restart() {
     c.write_all(b"still proxied").unwrap();
     assert_eq!(read_n(&mut c, 13, PROMPT).unwrap(), b"still proxied");
 }
+
+/// A reload that would start a tap on the file of a writer still stuck in it is rejected once
+/// the wait for that writer ends, and before any of its taps has started: the pcap another
+/// route of the same reload was to write is left as it was (starting it truncates it).
+#[test]
+fn a_reload_rejected_for_a_stuck_tap_writer_truncates_no_other_tap_file() {
+    let echo = Upstream::echo();
+    let dir = TempDir::new("reload-stuck-first");
+    let fifo = dir.path("stuck");
+    mkfifo(&fifo);
+    let _reader = open_fifo_reader(&fifo);
+    let pcap = dir.path("a.pcap");
+    let path = dir.path("proxy.toml");
+    let config = |a_tap: &str, b_tap: &str| {
+        format!(
+            "drain_timeout = \"2s\"\n\
+             [[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{a_tap}\
+             [[route]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{b_tap}",
+            up = echo.addr
+        )
+    };
+    let b_tap = |queue: &str| {
+        format!(
+            "[route.tap]\nlog = \"{}\"\nqueue_size = \"{queue}\"\n",
+            fifo.display()
+        )
+    };
+    write_file(&path, &config("", &b_tap("1 MiB")));
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 2);
+    let bulk = Pattern::bytes(4, 512 << 10);
+    let mut c = connect(proxy.route_addr("b"));
+    c.write_all(&bulk).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), bulk);
+    write_file(&path, &config("", ""));
+    proxy.signal(SIGHUP);
+    proxy.wait_log("configuration generation 2", PROMPT);
+    // An earlier capture that route `a`'s new tap would start over.
+    std::fs::write(&pcap, b"an earlier capture").unwrap();
+    let a_tap = format!("[route.tap]\npcap = \"{}\"\n", pcap.display());
+    write_file(&path, &config(&a_tap, &b_tap("2 MiB")));
+    proxy.signal(SIGHUP);
+    let line = proxy.wait_log("reload rejected", Duration::from_secs(10));
+    assert!(line.contains("stuck"), "{line}");
+    assert_eq!(std::fs::read(&pcap).unwrap(), b"an earlier capture");
+}

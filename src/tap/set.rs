@@ -90,23 +90,7 @@ impl TapSet {
     /// waited for, up to `wait`; [`TapError::Busy`] if it has not finished by then. Call
     /// [`TapSet::find_on_file`] first: a writer in use does not finish.
     pub fn start(&self, cfg: &TapConfig, wait: Duration) -> Result<TapHandle, TapError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let inner = self.lock();
-            if inner.closed {
-                return Err(TapError::Closed);
-            }
-            let busy = inner.writers.iter().find_map(|e| {
-                let (_, _, path) = cfg.shared_file(&e.config)?;
-                (!e.shared.finished.load(Ordering::Acquire)).then(|| path.to_path_buf())
-            });
-            drop(inner);
-            match busy {
-                None => break,
-                Some(path) if Instant::now() >= deadline => return Err(TapError::Busy { path }),
-                Some(_) => std::thread::sleep(FINISH_POLL),
-            }
-        }
+        self.wait_free(cfg, Instant::now() + wait)?;
         let (handle, guard) = super::start(cfg)?;
         let mut inner = self.lock();
         if inner.closed {
@@ -122,6 +106,29 @@ impl TapSet {
             guard: Some(guard),
         });
         Ok(handle)
+    }
+
+    /// Waits until no writer that is finishing (see [`TapSet::start`]) still writes one of
+    /// `cfg`'s files, until `deadline`; [`TapError::Busy`] then. Opens nothing: a reload asks
+    /// this of every tap it will start before it starts any, so that a writer still stuck
+    /// rejects it before another tap has truncated its pcap.
+    pub fn wait_free(&self, cfg: &TapConfig, deadline: Instant) -> Result<(), TapError> {
+        loop {
+            let inner = self.lock();
+            if inner.closed {
+                return Err(TapError::Closed);
+            }
+            let busy = inner.writers.iter().find_map(|e| {
+                let (_, _, path) = cfg.shared_file(&e.config)?;
+                (!e.shared.finished.load(Ordering::Acquire)).then(|| path.to_path_buf())
+            });
+            drop(inner);
+            match busy {
+                None => return Ok(()),
+                Some(path) if Instant::now() >= deadline => return Err(TapError::Busy { path }),
+                Some(_) => std::thread::sleep(FINISH_POLL),
+            }
+        }
     }
 
     /// Joins the writers that ended because nothing used them any more; their totals stay.
