@@ -304,6 +304,9 @@ impl Server {
     /// Binds every route's listener (once per worker) and starts the taps. Nothing is accepted
     /// until [`run`](Server::run).
     pub fn bind(config: Config) -> Result<Server, SetupError> {
+        // A tap output forgets connections past a limit (their close records may be lost): never
+        // fewer than the proxy may hold, with room for the workers' overshoot.
+        crate::tap::track_at_least(config.max_connections.saturating_mul(2));
         // Routes with the same tap config share one writer (and one output file).
         let taps = Arc::new(TapSet::new());
         let mut route_taps = Vec::new();
@@ -665,8 +668,8 @@ impl Server {
         } else {
             Duration::from_secs(1)
         };
-        // The writers may take up to `timeout` each (a FIFO nobody reads): an interrupt now
-        // stops waiting for them, as one during the drain stops the drain.
+        // The writers may take up to `timeout` (a FIFO nobody reads): an interrupt now stops
+        // waiting for them, as one during the drain stops the drain.
         let shared = Arc::clone(&self.shared);
         let interrupted = move || shared.interrupted_now();
         // One wait for all writers: each drains while the others are waited for, so writers
@@ -2921,8 +2924,6 @@ fn lock_write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The health of every backend of the routes in force that have health checks, as their
-/// probing loop last published it.
 /// The health boards of `routes` that have health checks, by route name.
 fn health_boards<'a>(routes: impl Iterator<Item = &'a Route>) -> Vec<(String, HealthBoard)> {
     routes
@@ -2931,6 +2932,8 @@ fn health_boards<'a>(routes: impl Iterator<Item = &'a Route>) -> Vec<(String, He
         .collect()
 }
 
+/// The health of every backend of the routes in force that have health checks, as their
+/// probing loop last published it.
 fn upstream_health(boards: &[(String, HealthBoard)]) -> Vec<UpstreamUp> {
     boards
         .iter()

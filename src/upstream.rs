@@ -615,6 +615,7 @@ impl UpstreamSet {
         }
         self.resolved[pos] = addrs.to_vec();
         let mut removed = Vec::new();
+        let mut moved = false;
         for b in self.backends.iter_mut() {
             if b.live && b.name == name && !addrs.contains(&b.addr) {
                 // Another name that still resolves to it keeps it (the first such, in config
@@ -626,6 +627,7 @@ impl UpstreamSet {
                     Some((k, j)) => {
                         b.name = self.names[k].clone();
                         b.rank = (k, j);
+                        moved = true;
                     }
                     None => {
                         b.live = false;
@@ -655,7 +657,8 @@ impl UpstreamSet {
                 None => self.backends.push(fresh),
             }
         }
-        let changed = !added.is_empty() || !removed.is_empty();
+        // An address passed to another name is published too: `/metrics` labels it by name.
+        let changed = !added.is_empty() || !removed.is_empty() || moved;
         if changed {
             self.publish();
             debug!(
@@ -1400,6 +1403,7 @@ mod tests {
         };
         let s = UpstreamSpec {
             targets: vec![t("a.test:80", vec![addr(1)]), t("b.test:80", vec![addr(1)])],
+            health_check: Some(CHECK),
             ..UpstreamSpec::default()
         };
         let mut set = UpstreamSet::new("r", &s);
@@ -1422,9 +1426,40 @@ mod tests {
             (addr(1), 1),
             "the same backend"
         );
+        // Published under the name that keeps it (`/metrics` labels it so).
+        let named: Vec<(String, SocketAddr)> = (s.board.entries().into_iter())
+            .map(|e| (e.name, e.addr))
+            .collect();
+        assert!(named.contains(&("b.test:80".into(), addr(1))), "{named:?}");
         // Now `b` moves too: addr(1) goes.
         assert!(set.replace_addresses("b.test:80", &[addr(3)]));
         assert!(!set.backend(0).unwrap().is_live());
+    }
+
+    /// An address that passes to another name, with nothing else changing, is published under
+    /// that name (`/metrics` labels backends by the name they were resolved from).
+    #[test]
+    fn an_address_passed_to_another_name_is_published_under_it() {
+        let t = |name: &str, addrs: Vec<SocketAddr>| UpstreamTarget {
+            name: name.into(),
+            addrs,
+        };
+        let s = UpstreamSpec {
+            targets: vec![
+                t("a.test:80", vec![addr(1)]),
+                t("b.test:80", vec![addr(1), addr(2)]),
+            ],
+            health_check: Some(CHECK),
+            ..UpstreamSpec::default()
+        };
+        let mut set = UpstreamSet::new("r", &s);
+        // `a` now resolves to addr(2) only, which `b` owns; `b` still resolves to addr(1).
+        assert!(set.replace_addresses("a.test:80", &[addr(2)]));
+        let named: Vec<(String, SocketAddr)> = (s.board.entries().into_iter())
+            .map(|e| (e.name, e.addr))
+            .collect();
+        assert!(named.contains(&("b.test:80".into(), addr(1))), "{named:?}");
+        assert!(!named.iter().any(|(n, _)| n == "a.test:80"), "{named:?}");
     }
 
     #[test]

@@ -802,20 +802,20 @@ fn metrics_answer_while_a_reload_waits_for_a_stuck_tap_writer() {
     assert!(line.contains("stuck"), "{line}");
 }
 
-/// `transparent` is a property of a route's listener (`IP_TRANSPARENT`, set when it is bound):
-/// a reload that flips it on a route it keeps says it changes at the next restart, and the route
-/// goes on as it was (it used to switch how the original destination is read, under a listener
-/// bound the other way).
+/// `transparent` is a property of a route's listener (`IP_TRANSPARENT`, set when it is bound),
+/// and it decides how an `original-destination` route reads where a connection was going: the
+/// local address under TPROXY, `SO_ORIGINAL_DST` after a REDIRECT. A reload that flips it on a
+/// route it keeps says it changes at the next restart, and the route goes on reading as before:
+/// a connection that was not redirected is refused as such, not taken (as the local address
+/// would have it) for one to the proxy's own listener.
 #[test]
 fn a_reload_that_flips_transparent_on_a_kept_route_waits_for_the_restart() {
-    let echo = Upstream::echo();
     let dir = TempDir::new("reload-transparent");
     let path = dir.path("proxy.toml");
     let config = |transparent: bool| {
         format!(
-            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
-             transparent = {transparent}\n",
-            echo.addr
+            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"original-destination\"\n\
+             transparent = {transparent}\n"
         )
     };
     write_file(&path, &config(false));
@@ -828,9 +828,14 @@ fn a_reload_that_flips_transparent_on_a_kept_route_waits_for_the_restart() {
         "{line}"
     );
     proxy.wait_log("configuration generation 2", PROMPT);
+    // Not redirected: refused as such, as before the reload.
     let mut c = connect(proxy.addr());
-    c.write_all(b"still proxied").unwrap();
-    assert_eq!(read_n(&mut c, 13, PROMPT).unwrap(), b"still proxied");
+    let _ = read_to_end(&mut c, PROMPT);
+    let line = proxy.wait_log("refused", PROMPT);
+    assert!(
+        line.contains("redirected") && !line.contains("own listener"),
+        "{line}"
+    );
 }
 
 /// A reload that would start a tap on the file of a writer still stuck in it is rejected once

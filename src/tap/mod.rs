@@ -43,6 +43,8 @@ mod set;
 mod text;
 mod throttle;
 mod tracked;
+
+pub(crate) use tracked::track_at_least;
 mod writer;
 
 pub(crate) use text::outside_rfc3339;
@@ -358,13 +360,14 @@ impl Drop for TapGuard {
 }
 
 impl GuardInner {
-    /// With `interrupted`, a wait of more than a second is announced (with how to cut it short).
+    /// Tells the writer to stop (once).
     fn request_stop(&self) {
         if !self.shared.closed.swap(true, Ordering::AcqRel) {
             let _ = self.tx.send(Msg::Stop);
         }
     }
 
+    /// With `interrupted`, a wait of more than a second is announced (with how to cut it short).
     fn shutdown(self, timeout: Duration, interrupted: Option<&dyn Fn() -> bool>) -> TapStats {
         self.request_stop();
         let label = || self.shared.label.get().map_or("?", String::as_str);
@@ -594,6 +597,15 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::testutil::{TempDir, conn};
+    use super::*;
+    use std::ffi::CString;
+    use std::fs::OpenOptions;
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::Receiver;
+    use std::time::Instant;
 
     /// A writer that died (panicked) with records queued: they count as dropped, as they do
     /// when a stuck writer is given up on, so queued = written + dropped still holds.
@@ -618,15 +630,6 @@ mod tests {
         let stats = inner.shutdown(Duration::from_secs(5), None);
         assert_eq!((stats.dropped_records, stats.dropped_bytes), (5, 300));
     }
-    use super::*;
-    use std::ffi::CString;
-    use std::fs::OpenOptions;
-    use std::io::Write;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::mpsc::Receiver;
-    use std::time::Instant;
 
     fn config(queue_bytes: usize) -> TapConfig {
         TapConfig {

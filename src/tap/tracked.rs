@@ -4,21 +4,24 @@
 //! A Close record can be dropped like any other when the tap queue is full (a slow disk under
 //! connection churn), and then nothing would ever remove the state of its connection: the
 //! writer's memory would grow for as long as the proxy runs. So the map holds at most
-//! [`MAX_TRACKED`] connections; past that, it forgets the half it has heard of least recently.
-//! The proxy holds far fewer connections at once (`max_connections`, 10,000 by default), so those
-//! forgotten are, all but certainly, connections whose Close was lost. One still open would be
-//! shown as new at its next record.
+//! [`MAX_TRACKED`] connections, or twice `max_connections` if that is more (see
+//! [`track_at_least`]); past that, it forgets the half it has heard of least recently. The proxy
+//! holds no more than `max_connections` at once, so those forgotten are, all but certainly,
+//! connections whose Close was lost. One still open would be shown as new at its next record.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A map keyed by connection id. The ids are the proxy's own sequence numbers, not chosen by a
 /// peer, so a multiplication spreads them well enough, at a fraction of SipHash's cost: the
 /// writer looks one up for every record.
 pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
-/// Hashes one `u64` by a multiplication with an odd constant (Fibonacci hashing): the high bits,
-/// which the map's table uses, depend on every bit of the id.
+/// Hashes one `u64` by a multiplication with an odd constant (Fibonacci hashing). The table
+/// takes a bucket from the low bits, which the multiplication maps one to one for ids that
+/// differ only there (consecutive ids land in distinct buckets), and a tag from the top bits,
+/// which depend on every bit of the id.
 #[derive(Default)]
 pub(crate) struct IdHasher(u64);
 
@@ -38,8 +41,18 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Connections tracked at most by one output of one tap.
+/// Connections tracked at most by one output of one tap, unless [`track_at_least`] asks more.
 pub(crate) const MAX_TRACKED: usize = 1 << 17;
+
+/// The limit of maps made from now on, at least [`MAX_TRACKED`].
+static LIMIT: AtomicUsize = AtomicUsize::new(MAX_TRACKED);
+
+/// Makes the maps made from now on hold at least `n` connections: the proxy sets twice its
+/// `max_connections` at startup (the global limit changes only at a restart), so that live
+/// connections are never the ones forgotten.
+pub(crate) fn track_at_least(n: usize) {
+    LIMIT.fetch_max(n, Ordering::Relaxed);
+}
 
 /// A map from connection id to state that forgets the connections heard of least recently once
 /// it holds more than its limit.
@@ -54,7 +67,7 @@ pub(crate) struct Tracked<V> {
 
 impl<V> Tracked<V> {
     pub(crate) fn new() -> Tracked<V> {
-        Tracked::with_limit(MAX_TRACKED)
+        Tracked::with_limit(LIMIT.load(Ordering::Relaxed))
     }
 
     pub(crate) fn with_limit(limit: usize) -> Tracked<V> {
@@ -162,6 +175,18 @@ mod tests {
         assert_eq!((t.get(0), t.get(1)), (Some(&1), Some(&11)));
         assert_eq!(t.remove(8), Some(80));
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn the_limit_follows_the_connections_the_proxy_may_hold() {
+        track_at_least(10);
+        assert_eq!(
+            Tracked::<()>::new().limit,
+            MAX_TRACKED,
+            "never below MAX_TRACKED"
+        );
+        track_at_least(4 * MAX_TRACKED);
+        assert_eq!(Tracked::<()>::new().limit, 4 * MAX_TRACKED);
     }
 
     #[test]
