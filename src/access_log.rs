@@ -17,7 +17,7 @@
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -361,14 +361,7 @@ impl Sink for FileSink {
     /// A batch that fails part-way (disk full, file size limit) is cut off a regular file again,
     /// so that the next line does not continue a torn one.
     fn write_batch(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let before = (self.file.metadata().ok())
-            .filter(|m| m.is_file())
-            .map(|m| m.len());
-        let written = self.file.write_all(bytes);
-        if let (Err(_), Some(len)) = (&written, before) {
-            let _ = self.file.set_len(len);
-        }
-        written
+        crate::batch_file::write_whole(&mut self.file, bytes)
     }
 
     fn reopen(&mut self) -> io::Result<()> {

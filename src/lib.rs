@@ -29,6 +29,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod batch_file;
 pub mod buffer;
 pub mod config;
 pub mod event_loop;

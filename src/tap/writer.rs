@@ -548,17 +548,7 @@ impl Write for LogFile {
     /// A batch that fails part-way (disk full, file size limit) is cut off the file again, so
     /// the next batch does not continue a torn line.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let file = self.file()?;
-        let before = file
-            .metadata()
-            .ok()
-            .filter(|m| m.file_type().is_file())
-            .map(|m| m.len());
-        let result = file.write_all(buf);
-        if let (Err(_), Some(len)) = (&result, before) {
-            let _ = file.set_len(len);
-        }
-        result
+        crate::batch_file::write_whole(self.file()?, buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
