@@ -728,6 +728,44 @@ mod tests {
         assert_eq!((s.dropped_records, s.dropped_bytes), (1, 16));
     }
 
+    /// The writer itself: a teed record whose pipe lost 6 of its 16 bytes before the writer
+    /// read them is written, and counted once, as written; the 6 bytes as dropped.
+    #[test]
+    fn the_writer_counts_a_short_teed_record_once() {
+        use crate::tap::text::TextSink;
+        use crate::tap::writer::{NamedText, Writer};
+        let (h, rx) = worker_handle(1 << 20, None);
+        let shared = Arc::clone(&h.feed().shared);
+        let mut tee = tee_pipe(&h, 0, 4096);
+        let p = filled_pipe(b"sixteen bytes!!!");
+        let lost = h.tee(
+            &mut tee,
+            &conn(),
+            Direction::UpToDown,
+            0,
+            p.read_fd(),
+            p.len,
+        );
+        assert_eq!(lost, 0);
+        // Six bytes leave the tee pipe behind the writer's back.
+        let mut taken = Vec::new();
+        assert_eq!(tee.read_into(&mut taken, 6), 6);
+        drop((h, tee));
+        let text = NamedText {
+            name: "test".into(),
+            stdout: false,
+            sink: TextSink::new(Box::new(std::io::sink()), false, None),
+        };
+        let (done, _) = std::sync::mpsc::channel();
+        Writer::new(rx, Arc::clone(&shared), Some(text), None).run(done);
+        let s = shared.stats();
+        assert_eq!(
+            (s.records_queued, s.records_written, s.dropped_records),
+            (1, 1, 0)
+        );
+        assert_eq!((s.bytes_written, s.dropped_bytes), (10, 6));
+    }
+
     #[test]
     fn tee_queues_the_spliced_bytes_without_consuming_them() {
         let (h, rx) = worker_handle(1 << 20, None);
