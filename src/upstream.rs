@@ -1374,12 +1374,16 @@ mod tests {
         assert_eq!(set.next_after_failure(&[0, 2]), Some(1));
     }
 
+    /// Target `name` resolving to `addr(p)` for each of `ports`, in that order.
+    fn t(name: &str, ports: &[u16]) -> UpstreamTarget {
+        UpstreamTarget {
+            name: name.into(),
+            addrs: ports.iter().map(|&p| addr(p)).collect(),
+        }
+    }
+
     #[test]
     fn targets_resolving_to_the_same_addresses_in_another_order_are_equal() {
-        let t = |name: &str, addrs: &[u16]| UpstreamTarget {
-            name: name.into(),
-            addrs: addrs.iter().map(|&p| addr(p)).collect(),
-        };
         assert_eq!(t("a:80", &[1, 2, 3]), t("a:80", &[3, 1, 2]));
         assert_ne!(t("a:80", &[1, 2, 3]), t("a:80", &[1, 2]));
         assert_ne!(t("a:80", &[1, 2]), t("b:80", &[1, 2]));
@@ -1397,12 +1401,8 @@ mod tests {
     /// to it: when the name it was filed under moves, the other keeps it, health and counts.
     #[test]
     fn an_address_two_names_share_stays_while_either_resolves_to_it() {
-        let t = |name: &str, addrs: Vec<SocketAddr>| UpstreamTarget {
-            name: name.into(),
-            addrs,
-        };
         let s = UpstreamSpec {
-            targets: vec![t("a.test:80", vec![addr(1)]), t("b.test:80", vec![addr(1)])],
+            targets: vec![t("a.test:80", &[1]), t("b.test:80", &[1])],
             health_check: Some(CHECK),
             ..UpstreamSpec::default()
         };
@@ -1440,15 +1440,8 @@ mod tests {
     /// that name (`/metrics` labels backends by the name they were resolved from).
     #[test]
     fn an_address_passed_to_another_name_is_published_under_it() {
-        let t = |name: &str, addrs: Vec<SocketAddr>| UpstreamTarget {
-            name: name.into(),
-            addrs,
-        };
         let s = UpstreamSpec {
-            targets: vec![
-                t("a.test:80", vec![addr(1)]),
-                t("b.test:80", vec![addr(1), addr(2)]),
-            ],
+            targets: vec![t("a.test:80", &[1]), t("b.test:80", &[1, 2])],
             health_check: Some(CHECK),
             ..UpstreamSpec::default()
         };

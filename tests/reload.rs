@@ -748,6 +748,16 @@ fn a_reload_keeps_the_global_connection_limit_for_routes_without_their_own() {
     assert_eq!(proxy.count_log("accepting paused"), 0, "{}", proxy.logs());
 }
 
+/// Echoes 512 KiB through `addr`: a log of it is many times what a FIFO holds (64 KiB), so a
+/// tap writing to a FIFO nobody reads blocks in it.
+fn echo_to_a_stuck_log(addr: SocketAddr) {
+    let bulk = Pattern::bytes(3, 512 << 10);
+    let mut c = connect(addr);
+    c.write_all(&bulk).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), bulk);
+}
+
 /// A reload that opens again the file of a tap writer still stuck in it (a FIFO whose reader
 /// stopped reading) waits for that writer, up to `drain_timeout`. `/metrics` answers meanwhile:
 /// the reload used to hold the lock that `/metrics` read the routes' upstream health under.
@@ -775,12 +785,7 @@ fn metrics_answer_while_a_reload_waits_for_a_stuck_tap_writer() {
     write_file(&path, &config(&tap("1 MiB")));
     let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 1);
     let admin = proxy.admin_addr();
-    // A log of 512 KiB is many times what the FIFO holds: the writer blocks in it.
-    let bulk = Pattern::bytes(3, 512 << 10);
-    let mut c = connect(proxy.addr());
-    c.write_all(&bulk).unwrap();
-    c.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), bulk);
+    echo_to_a_stuck_log(proxy.addr());
     // The tap off: its writer, still stuck, is no longer used.
     write_file(&path, &config(""));
     proxy.signal(SIGHUP);
@@ -871,11 +876,7 @@ fn a_reload_rejected_for_a_stuck_tap_writer_truncates_no_other_tap_file() {
     };
     write_file(&path, &config("", &b_tap("1 MiB")));
     let proxy = Proxy::start(&["--config", path.to_str().unwrap()], 2);
-    let bulk = Pattern::bytes(4, 512 << 10);
-    let mut c = connect(proxy.route_addr("b"));
-    c.write_all(&bulk).unwrap();
-    c.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(read_to_end(&mut c, PROMPT).unwrap(), bulk);
+    echo_to_a_stuck_log(proxy.route_addr("b"));
     write_file(&path, &config("", ""));
     proxy.signal(SIGHUP);
     proxy.wait_log("configuration generation 2", PROMPT);
